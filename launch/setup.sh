@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Creates .venv in the repository root and installs the project into it.
+#   bash launch/setup.sh          runtime only
+#   bash launch/setup.sh --dev    plus the test tools
+# On a machine without an NVIDIA GPU the pinned CPU build of torch is installed first, so that no
+# CUDA packages are pulled by anything that depends on torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extra=""
+[ "${1:-}" = "--dev" ] && extra="[dev]"
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip=(.venv/bin/python -m pip install --quiet)
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+if .venv/bin/python -c "import torch" 2>/dev/null; then
+    :  # keep whatever torch is there (CPU or CUDA build)
+elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    "${pip[@]}" "torch==${TORCH_VERSION}"
+else
+    "${pip[@]}" "torch==${TORCH_VERSION}"   # resolves to the local CPU wheel on CPU-only machines
+    .venv/bin/python -c "import torch, sys; sys.exit(0 if '+cpu' in torch.__version__ or not torch.version.cuda else 1)" \
+        || echo "warning: installed torch is a CUDA build on a machine without a GPU" >&2
+fi
+"${pip[@]}" -e ".${extra}"
+echo "setup done: $(.venv/bin/python -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)' 2>/dev/null)"
