@@ -1,0 +1,239 @@
+"""Restore users' images with any member of the DyNet family from one weights file.
+
+``load_model`` turns a checkpoint (DeepSpeed folder, exported .pt/.safetensors) into a DyNet in eval
+mode; the variant (S, L, or any reuse tuple) is chosen per call. ``restore_paths`` maps a file or a
+folder of PNG/JPEG images to outputs, processing large images in overlapping tiles so that the
+activations stay within a memory budget, optionally after a Gray-World colour balance (for hazy
+photos). Runs on the GPU when there is one, on the CPU otherwise.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+MIN_TILE = 64
+
+
+# --------------------------------------------------------------------------------- loading
+def dynet_config_from_dict(model_cfg: dict[str, Any]):
+    """A DyNetConfig from either a ``cfg.model`` section (dyntrain.config.ModelConfig) or a
+    ``DyNetConfig.to_dict()``, whichever the checkpoint stored."""
+    from dynet import DyNetConfig
+
+    from .model_factory import dynet_config
+
+    if "checkpoint_blocks" in model_cfg or "default_variant" in model_cfg or "in_channels" in model_cfg:
+        d = dict(model_cfg)
+        d["checkpoint_blocks"] = False
+        return DyNetConfig(**d)
+    section = {k: v for k, v in model_cfg.items() if k not in ("activation_checkpointing", "compile")}
+    return dynet_config(Config.from_dict({"model": section}))
+
+
+def load_checkpoint_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Optional[dict[str, Any]]]:
+    """(state_dict, model config dict or None) of a checkpoint folder or weights file."""
+    try:
+        from .checkpoint import load_weights
+    except ImportError:  # TEMPORARY until dyntrain.checkpoint lands: plain .pt files only
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        if isinstance(obj, dict) and "state_dict" in obj:
+            return obj["state_dict"], obj.get("model_config")
+        return obj, None
+    return load_weights(str(path))
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu", cfg: Optional[Config] = None,
+               strict: bool = True) -> torch.nn.Module:
+    """The DyNet stored at ``path``, in eval mode on ``device``. The architecture comes from the
+    checkpoint; ``cfg.model`` is used only when the checkpoint carries none."""
+    from dynet import DyNet
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    state, model_cfg = load_checkpoint_weights(path)
+    if model_cfg:
+        dyncfg = dynet_config_from_dict(model_cfg)
+    elif cfg is not None:
+        from .model_factory import dynet_config
+        dyncfg = dynet_config(cfg)
+    else:
+        raise ConfigError(f"checkpoint {path} carries no model config; pass --config with a model section")
+    dyncfg.checkpoint_blocks = False
+    model = DyNet(dyncfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if strict and (missing or unexpected):
+        raise ValueError(f"checkpoint {path} does not fit the model: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    return model.to(device).eval()
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device")
+    return torch.device(name)
+
+
+# ------------------------------------------------------------------------ memory and tiles
+def estimate_bytes_per_pixel(model: torch.nn.Module) -> float:
+    """Peak activation bytes per input pixel of an inference forward pass (float32).
+
+    The peak sits in the full-resolution decoder/refinement block (width 2*dim): its residual stream,
+    the layer-norm output and the feed-forward's 2*hidden projection and depthwise output, plus the
+    gated product — about 40*dim floats per pixel with hidden = 2.66*2*dim — and the skip e1.
+    S and L share this figure: a shared block applied again reuses freed memory.
+    """
+    dim = model.config.dim
+    hidden = int(2 * dim * model.config.ffn_expansion)
+    floats = 2 * dim * 3 + 4 * hidden + hidden + dim + 12  # residual, LN, skip; GDFN in+dw; gate; images
+    return 4.0 * floats * 1.25  # allocator slack
+
+
+@torch.no_grad()
+def measure_bytes_per_pixel(model: torch.nn.Module, device: torch.device, variant: str | None = None,
+                            side: int = 128) -> Optional[float]:
+    """Measured peak CUDA bytes per pixel on a probe image (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    model(torch.rand(1, 3, side, side, device=device), variant=variant)
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / (side * side)
+
+
+def tile_for_budget(bytes_per_pixel: float, budget_bytes: float, height: int, width: int,
+                    overlap: int, multiple: int = 8) -> Optional[int]:
+    """None when the whole image fits the budget, else the largest tile side (a multiple of
+    ``multiple``, at least MIN_TILE and more than twice the overlap) that does."""
+    if height * width * bytes_per_pixel <= budget_bytes:
+        return None
+    side = int(math.sqrt(budget_bytes / bytes_per_pixel)) // multiple * multiple
+    floor = max(MIN_TILE, (2 * overlap // multiple + 1) * multiple)
+    return max(side, floor)
+
+
+# ------------------------------------------------------------------------------- file I/O
+def read_image(path: str | Path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except OSError as exc:
+        raise OSError(f"cannot read image {path}: {exc}") from exc
+
+
+def write_image(img: np.ndarray, path: str | Path, jpeg_quality: int = 95) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        Image.fromarray(img).save(path, quality=jpeg_quality, subsampling=0)
+    else:
+        Image.fromarray(img).save(path)
+
+
+def to_tensor(img: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(img.copy()).permute(2, 0, 1)[None].to(device).float().div_(255.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    return (x[0].clamp(0, 1) * 255.0).round_().byte().permute(1, 2, 0).cpu().numpy()
+
+
+@dataclass
+class RestoreOptions:
+    """Args:
+    variant: family member to run ("S", "L", ... from the checkpoint's variants table).
+    tile: tile side (multiple of 8); 0 = never tile; None = choose from ``max_memory_mb``.
+    overlap: pixels shared by neighbouring tiles.
+    max_memory_mb: activation budget used to choose the tile when ``tile`` is None.
+    gray_world: Gray-World colour balance of the input before restoration (hazy photos).
+    """
+    variant: str = "L"
+    tile: Optional[int] = None
+    overlap: int = 32
+    max_memory_mb: float = 4096.0
+    gray_world: bool = False
+
+
+class Restorer:
+    """Restores uint8 images with one model; picks tiles per image from the memory budget."""
+
+    def __init__(self, model: torch.nn.Module, options: RestoreOptions, device: torch.device) -> None:
+        if options.variant not in model.variants:
+            raise ValueError(f"unknown variant {options.variant!r}; the checkpoint has {sorted(model.variants)}")
+        self.model, self.options, self.device = model, options, device
+        measured = measure_bytes_per_pixel(model, device, options.variant)
+        self.bytes_per_pixel = measured * 1.1 if measured else estimate_bytes_per_pixel(model)
+
+    def tile_for(self, height: int, width: int) -> Optional[int]:
+        opt = self.options
+        if opt.tile is not None:
+            return opt.tile or None
+        return tile_for_budget(self.bytes_per_pixel, opt.max_memory_mb * 2 ** 20, height, width, opt.overlap)
+
+    @torch.no_grad()
+    def __call__(self, img: np.ndarray) -> tuple[np.ndarray, Optional[int]]:
+        from dynet.inference import gray_world, restore_image
+
+        x = to_tensor(img, self.device)
+        if self.options.gray_world:
+            x = gray_world(x)
+        tile = self.tile_for(*img.shape[:2])
+        overlap = min(self.options.overlap, tile - 8) if tile else self.options.overlap
+        y = restore_image(self.model, x, variant=self.options.variant, tile=tile, overlap=overlap)
+        return to_uint8(y), tile
+
+
+def plan_outputs(src: str | Path, dst: str | Path) -> list[tuple[Path, Path]]:
+    """(input, output) file pairs: file -> file (or into an existing folder), folder -> folder
+    (relative paths kept; outputs keep the input's extension)."""
+    src, dst = Path(src), Path(dst)
+    if src.is_file():
+        if dst.is_dir() or str(dst).endswith(("/", "\\")):
+            return [(src, dst / src.name)]
+        if dst.suffix.lower() not in IMAGE_EXTS:
+            raise ValueError(f"output {dst}: use a .png/.jpg/.jpeg file name or an existing folder")
+        return [(src, dst)]
+    if src.is_dir():
+        files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        if not files:
+            raise ValueError(f"input folder {src} holds no PNG/JPEG images")
+        if dst.exists() and not dst.is_dir():
+            raise ValueError(f"output {dst} must be a folder when the input {src} is a folder")
+        return [(p, dst / p.relative_to(src)) for p in files]
+    raise FileNotFoundError(f"input {src} does not exist")
+
+
+def restore_paths(model: torch.nn.Module, src: str | Path, dst: str | Path, options: RestoreOptions,
+                  device: torch.device, printer=print) -> list[dict[str, Any]]:
+    """Restore every image of ``src`` into ``dst``; prints one line per image, returns the records."""
+    restorer = Restorer(model, options, device)
+    records = []
+    for inp, out in plan_outputs(src, dst):
+        img = read_image(inp)
+        start = time.perf_counter()
+        restored, tile = restorer(img)
+        seconds = time.perf_counter() - start
+        write_image(restored, out)
+        rec = {"input": str(inp), "output": str(out), "height": img.shape[0], "width": img.shape[1],
+               "tile": tile, "seconds": seconds}
+        records.append(rec)
+        printer(f"{inp} -> {out}  {img.shape[1]}x{img.shape[0]}  DyNet-{options.variant}  "
+                f"{'tiles ' + str(tile) if tile else 'whole image'}  {seconds:.2f}s")
+    return records

@@ -1,0 +1,45 @@
+"""Restore your own images with DyNet-S or DyNet-L from one weights file.
+
+    python launch/restore.py --checkpoint PATH --variant S|L INPUT OUTPUT
+        [--tile N | --max-memory-mb MB] [--overlap 32] [--gray-world] [--device auto|cpu|cuda]
+
+INPUT/OUTPUT: an image file and an output file (.png/.jpg), or a folder and an output folder.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dyntrain.config import load_config
+from dyntrain.restore import RestoreOptions, load_model, pick_device, restore_paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder or exported weights file")
+    parser.add_argument("--variant", default="L", help="family member to run (S, L, ...); default L")
+    parser.add_argument("--tile", type=int, default=None,
+                        help="tile side in pixels (multiple of 8); 0 = never tile; default: from --max-memory-mb")
+    parser.add_argument("--overlap", type=int, default=32, help="overlap between tiles in pixels")
+    parser.add_argument("--max-memory-mb", type=float, default=4096.0,
+                        help="activation memory budget that decides the tile size (default 4096)")
+    parser.add_argument("--gray-world", action="store_true", help="Gray-World colour balance first (hazy photos)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--config", default=None, help="YAML whose model section describes the network, "
+                        "only needed when the checkpoint carries no model config")
+    parser.add_argument("input")
+    parser.add_argument("output")
+    args = parser.parse_args(argv)
+
+    device = pick_device(args.device)
+    cfg = load_config(args.config) if args.config else None
+    model = load_model(args.checkpoint, device, cfg)
+    options = RestoreOptions(variant=args.variant, tile=args.tile, overlap=args.overlap,
+                             max_memory_mb=args.max_memory_mb, gray_world=args.gray_world)
+    records = restore_paths(model, args.input, args.output, options, device)
+    print(f"restored {len(records)} image(s) with DyNet-{args.variant} on {device}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
