@@ -1,0 +1,106 @@
+"""Print the DyNet family's parameters and FLOPs, like the paper's Table 5.
+
+    python -m dynet.summary [--size 224] [--height H --width W] [--variants S L 3,4,4,6]
+                            [--dim 48] [--json PATH]
+
+A variant is a name from the config's variants table or an explicit reuse tuple "f1,f2,f3,f4".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from .blocks import PromptBlock
+from .config import DyNetConfig
+from .flops import count_flops, count_parameters
+from .model import DyNet
+
+
+def _parse_variant(model: DyNet, spec: str) -> tuple[str, tuple[int, ...]]:
+    """A variant name, or "f1,f2,f3,f4" -> (label, reuse tuple)."""
+    if "," in spec:
+        try:
+            reuse = tuple(int(v) for v in spec.split(","))
+        except ValueError:
+            raise ValueError(f"cannot parse reuse tuple {spec!r}; expected e.g. 3,4,4,6") from None
+        return spec, model.resolve_reuse(reuse=reuse)
+    return spec, model.resolve_reuse(variant=spec)
+
+
+def summarize(config: DyNetConfig, height: int, width: int,
+              variants: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parameter and FLOP figures of each requested variant of one weight-shared model."""
+    model = DyNet(config)
+    params = count_parameters(model)
+    prompt_params = count_parameters(model, PromptBlock)
+    rows = []
+    for spec in variants or list(model.variants):
+        label, reuse = _parse_variant(model, spec)
+        flops = count_flops(model, height, width, reuse=reuse)
+        rows.append({
+            "variant": label,
+            "reuse": list(reuse),
+            "params": params,
+            "gflops_conv_linear": flops.conv_linear / 1e9,
+            "gflops_paper": flops.paper / 1e9,
+            "gflops_attention": flops.attention / 1e9,
+            "gflops_total": flops.total / 1e9,
+        })
+    return {"height": height, "width": width, "dim": config.dim, "params": params,
+            "prompt_params": prompt_params, "prompt_share": prompt_params / params,
+            "variants": rows}
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """Plain-text aligned table of a summarize() result."""
+    header = ["variant", "reuse", "params (M)", "GFLOPs conv+lin", "+GELU (paper)",
+              "+attention"]
+    body = [[r["variant"], "(" + ", ".join(map(str, r["reuse"])) + ")",
+             f"{r['params'] / 1e6:.3f}", f"{r['gflops_conv_linear']:.2f}",
+             f"{r['gflops_paper']:.2f}", f"{r['gflops_total']:.2f}"]
+            for r in summary["variants"]]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
+    lines = [f"DyNet (dim {summary['dim']}) at 1x3x{summary['height']}x{summary['width']}",
+             line(header), line(["-" * w for w in widths]), *map(line, body), "",
+             f"parameters: {summary['params']:,} shared by every variant; prompt path "
+             f"{summary['prompt_params']:,} ({100 * summary['prompt_share']:.1f}%)",
+             "GFLOPs = 2 x MACs of the conv and linear layers.",
+             "'+GELU (paper)' adds 1 FLOP per GELU element: the paper's Table 5 convention.",
+             "'+attention' adds the channel-attention products q k^T and attn v to conv+lin:",
+             "the figure to use for FLOP utilisation."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dynet.summary", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=224, help="square input side (default 224)")
+    parser.add_argument("--height", type=int, help="input height (overrides --size)")
+    parser.add_argument("--width", type=int, help="input width (overrides --size)")
+    parser.add_argument("--variants", nargs="+", help="variant names or f1,f2,f3,f4 tuples "
+                        "(default: every named variant)")
+    parser.add_argument("--dim", type=int, default=48, help="level-1 width (default 48)")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    args = parser.parse_args(argv)
+
+    height = args.height or args.size
+    width = args.width or args.size
+    try:
+        summary = summarize(DyNetConfig(dim=args.dim), height, width, args.variants)
+    except ValueError as err:
+        parser.error(str(err))
+    print(format_table(summary))
+    if args.json is not None:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
