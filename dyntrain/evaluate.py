@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -275,3 +276,85 @@ class PeriodicEvaluator:
         if self.tracker is not None:
             self.tracker.log_metrics(metrics_dict(results), step=step)
         return results
+
+
+# ------------------------------------------------------------------------------ MLflow + CLI
+def flops_metrics(model: torch.nn.Module, variants: Sequence[str], size: int = 224) -> dict[str, float]:
+    """model/<variant>/gflops_224: the paper's FLOP figure (conv + linear + GELU) at 224x224."""
+    from dynet.flops import count_flops
+
+    return {f"model/{v}/gflops_{size}": count_flops(model, size, size, variant=v).paper / 1e9 for v in variants}
+
+
+def log_to_mlflow(metrics: dict[str, float], tracking_uri: str, experiment: str, run_id: Optional[str] = None,
+                  child: bool = False, step: int = 0, run_name: str = "evaluation",
+                  tags: Optional[dict[str, str]] = None, texts: Optional[dict[str, str]] = None) -> str:
+    """Log ``metrics`` (at ``step``) to run ``run_id``, to a new child run of it (``child``), or — with
+    no run id — to a new run in ``experiment``. Returns the id of the run written to."""
+    import mlflow
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    all_tags = {"dyntrain.stage": "evaluation", **(tags or {})}
+    created = False
+    if run_id is not None:
+        try:
+            parent = client.get_run(run_id)
+        except mlflow.exceptions.MlflowException as exc:
+            raise ValueError(f"MLflow run {run_id} not found at {tracking_uri}: {exc}") from None
+        if child:
+            run = client.create_run(parent.info.experiment_id, run_name=run_name,
+                                    tags={"mlflow.parentRunId": run_id, **all_tags})
+            target, created = run.info.run_id, True
+        else:
+            target = run_id
+    else:
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+        target, created = client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id, True
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    for i in range(0, len(batch), 500):
+        client.log_batch(target, metrics=batch[i:i + 500])
+    if not created:
+        client.set_tag(target, "dyntrain.evaluated", "true")
+    for name, text in (texts or {}).items():
+        client.log_text(target, text, name)
+    if created:
+        client.set_terminated(target, "FINISHED")
+    return target
+
+
+def run_evaluation(checkpoint: str, cfg: Any, variants: Sequence[str] | str = "all", device: str = "auto",
+                   run_id: Optional[str] = None, child: bool = False, step: Optional[int] = None,
+                   printer: Callable[[str], None] = print) -> dict[str, Any]:
+    """``launch/evaluate.py``: load ``checkpoint``, evaluate ``cfg.eval.sets``, print Table 1, log to MLflow.
+
+    The MLflow run is ``run_id`` when given, else the training run recorded in the checkpoint (when
+    it records one), else a new run in ``cfg.tracking.experiment``; ``child`` writes to a child run.
+    """
+    from .restore import load_model, pick_device, read_checkpoint_info
+
+    dev = pick_device(device)
+    model = load_model(checkpoint, dev, cfg)
+    names = resolve_variants(variants, list(model.variants))
+    pairs = load_test_sets(dict(cfg.eval.sets), cfg.eval.noise_seed, cfg.eval.max_images)
+    start = time.perf_counter()
+    results = evaluate_model(model, pairs, names, dev)
+    table = format_table(results)
+    printer(f"checkpoint {checkpoint}: {len({(p.task, p.key) for p in pairs})} test images, "
+            f"{time.perf_counter() - start:.1f}s on {dev}")
+    printer(table)
+    out: dict[str, Any] = {"results": results, "table": table, "run_id": None}
+    if cfg.tracking.enabled:
+        info = read_checkpoint_info(checkpoint)
+        target = run_id or info.get("mlflow_run_id")
+        metrics = {**metrics_dict(results), **flops_metrics(model, names)}
+        out["run_id"] = log_to_mlflow(
+            metrics, cfg.tracking.uri, cfg.tracking.experiment, target, child=child,
+            step=step if step is not None else int(info.get("step") or 0),
+            run_name=f"eval-{Path(checkpoint).name}", tags={"dyntrain.checkpoint": str(checkpoint)},
+            texts={"evaluation/table.txt": table + "\n"})
+        printer(f"logged {len(metrics)} metrics to MLflow run {out['run_id']} ({cfg.tracking.uri})")
+    return out

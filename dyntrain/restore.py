@@ -55,6 +55,11 @@ def load_checkpoint_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], 
     return load_weights(str(path))
 
 
+def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
+    """What a checkpoint says about its run: {"step": int, "mlflow_run_id": str} where known, else {}."""
+    return {}
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu", cfg: Optional[Config] = None,
                strict: bool = True) -> torch.nn.Module:
     """The DyNet stored at ``path``, in eval mode on ``device``. The architecture comes from the
