@@ -295,6 +295,8 @@ def log_to_mlflow(metrics: dict[str, float], tracking_uri: str, experiment: str,
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
+    from .tracking import default_artifact_location
+
     client = MlflowClient(tracking_uri)
     all_tags = {"dyntrain.stage": "evaluation", **(tags or {})}
     created = False
@@ -311,7 +313,8 @@ def log_to_mlflow(metrics: dict[str, float], tracking_uri: str, experiment: str,
             target = run_id
     else:
         exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+        exp_id = exp.experiment_id if exp is not None else client.create_experiment(
+            experiment, artifact_location=default_artifact_location(tracking_uri))
         target, created = client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id, True
     now = int(time.time() * 1000)
     batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]

@@ -1,0 +1,242 @@
+"""Compare MLflow runs: dynamic vs fixed-variant pre-training, and fine-tuned PSNR/SSIM per variant.
+
+``collect_runs`` reads runs with ``mlflow.search_runs`` and sorts them into
+  - pre-training runs (``data.source`` "shards"): mode (dynamic, or fixed:<variant> for the
+    separate-training baselines), steps, GPU hours, ``gpu_hours_separate``, ``gpu_hours_saved_frac``;
+  - result runs (any run with ``eval/<variant>/<task>/psnr`` metrics: fine-tuning runs evaluated
+    periodically, or evaluation runs): PSNR/SSIM per variant and task and the variant's GFLOPs
+    (``model/<variant>/gflops_224``).
+``format_tables`` prints them; ``plot`` draws PSNR vs GFLOPs per variant and the GPU hours of dynamic
+vs separate pre-training into one PNG; ``log_comparison`` stores PNG and tables in a "comparison" run.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+EVAL_METRIC = re.compile(r"^eval/(?P<variant>[^/]+)/(?P<task>[^/]+)/(?P<name>psnr|ssim)$")
+TASK_ORDER = ["sots", "rain100l", "bsd68_s15", "bsd68_s25", "bsd68_s50", "average"]
+
+
+@dataclass
+class PretrainRun:
+    run_id: str
+    name: str
+    experiment: str
+    mode: str  # "dynamic" or "fixed:<variant>"
+    status: str
+    metrics: dict[str, float]
+
+    @property
+    def steps(self) -> float:
+        return sum(v for k, v in self.metrics.items() if k.startswith("steps_") and k != "steps_s")
+
+
+@dataclass
+class ResultRun:
+    run_id: str
+    name: str
+    experiment: str
+    stage: str
+    results: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # variant -> task -> psnr/ssim
+    gflops: dict[str, float] = field(default_factory=dict)
+
+
+def _experiments(client, names: Optional[Sequence[str]]) -> list:
+    if names:
+        out = []
+        for name in names:
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                known = [e.name for e in client.search_experiments()]
+                raise ValueError(f"MLflow experiment {name!r} not found (known: {known})")
+            out.append(exp)
+        return out
+    return list(client.search_experiments())
+
+
+def collect_runs(tracking_uri: str, experiments: Optional[Sequence[str]] = None
+                 ) -> tuple[list[PretrainRun], list[ResultRun]]:
+    """Pre-training and result runs of the given experiments (all experiments when None)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    exps = _experiments(MlflowClient(tracking_uri), experiments)
+    if not exps:
+        return [], []
+    names = {e.experiment_id: e.name for e in exps}
+    runs = mlflow.search_runs(experiment_ids=list(names), output_format="list", max_results=50000,
+                              order_by=["attributes.start_time ASC"])
+    pretrain, results = [], []
+    for run in runs:
+        params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+        stage = tags.get("dyntrain.stage") or _stage_from_params(params)
+        if stage == "comparison":
+            continue
+        name = tags.get("mlflow.runName") or run.info.run_name or run.info.run_id[:8]
+        exp = names.get(run.info.experiment_id, run.info.experiment_id)
+        if stage == "pretrain":
+            mode = params.get("schedule.mode", "dynamic")
+            if mode == "fixed":
+                mode = f"fixed:{params.get('schedule.fixed_variant', '?')}"
+            pretrain.append(PretrainRun(run.info.run_id, name, exp, mode, run.info.status, dict(metrics)))
+        rr = ResultRun(run.info.run_id, name, exp, stage)
+        for key, value in metrics.items():
+            m = EVAL_METRIC.match(key)
+            if m:
+                rr.results.setdefault(m["variant"], {}).setdefault(m["task"], {})[m["name"]] = value
+            elif key.startswith("model/") and key.endswith("/gflops_224"):
+                rr.gflops[key.split("/")[1]] = value
+        if rr.results:
+            results.append(rr)
+    return pretrain, results
+
+
+def _stage_from_params(params: dict[str, str]) -> str:
+    source = params.get("data.source")
+    if source == "shards":
+        return "pretrain"
+    if source in ("paired", "paired_shards"):
+        return "finetune"
+    return "other"
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [headers] + rows) for i in range(len(headers))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def format_tables(pretrain: list[PretrainRun], results: list[ResultRun]) -> str:
+    parts = []
+    if pretrain:
+        rows = [[r.name, r.mode, r.status, f"{r.steps:.0f}", _fmt(r.metrics.get("gpu_hours"), ".4f"),
+                 _fmt(r.metrics.get("gpu_hours_separate"), ".4f"),
+                 _fmt(r.metrics.get("gpu_hours_saved_frac"), ".3f"), _fmt(r.metrics.get("loss"), ".4f")]
+                for r in pretrain]
+        parts.append("Pre-training runs\n" + _table(
+            ["run", "mode", "status", "steps", "gpu_hours", "gpu_hours_separate", "saved_frac", "loss"], rows))
+        saving = separate_vs_dynamic(pretrain)
+        if saving:
+            parts.append(f"dynamic run {saving['dynamic']}: {saving['dynamic_gpu_hours']:.4f} GPU h for "
+                         f"{saving['steps']:.0f} steps; fixed-variant baselines "
+                         f"({', '.join(saving['baselines'])}) at the same step count: "
+                         f"{saving['separate_gpu_hours']:.4f} GPU h -> saved {saving['saved_frac']:.1%}")
+    else:
+        parts.append("Pre-training runs: none found")
+    if results:
+        tasks = [t for t in TASK_ORDER if any(t in v for r in results for v in r.results.values())]
+        rows = []
+        for r in results:
+            for variant, per_task in sorted(r.results.items()):
+                rows.append([r.name, r.stage, variant, _fmt(r.gflops.get(variant), ".2f")] + [
+                    (f"{per_task[t].get('psnr', float('nan')):.2f}/{per_task[t].get('ssim', float('nan')):.4f}"
+                     if t in per_task else "-") for t in tasks])
+        parts.append("Evaluated runs (PSNR/SSIM)\n" + _table(["run", "stage", "variant", "GFLOPs"] + tasks, rows))
+    else:
+        parts.append("Evaluated runs: none found")
+    return "\n\n".join(parts)
+
+
+def separate_vs_dynamic(pretrain: list[PretrainRun]) -> Optional[dict[str, Any]]:
+    """Measured saving of the newest dynamic run against fixed-variant baseline runs (one per variant,
+    the newest), their GPU hours scaled to the dynamic run's step count."""
+    dynamic = [r for r in pretrain if r.mode == "dynamic" and r.metrics.get("gpu_hours") and r.steps]
+    baselines: dict[str, PretrainRun] = {}
+    for r in pretrain:
+        if r.mode.startswith("fixed:") and r.metrics.get("gpu_hours") and r.steps:
+            baselines[r.mode[6:]] = r
+    if not dynamic or len(baselines) < 2:
+        return None
+    d = dynamic[-1]
+    separate = sum(b.metrics["gpu_hours"] / b.steps * d.steps for b in baselines.values())
+    return {"dynamic": d.name, "steps": d.steps, "dynamic_gpu_hours": d.metrics["gpu_hours"],
+            "baselines": sorted(b.name for b in baselines.values()), "separate_gpu_hours": separate,
+            "saved_frac": 1.0 - d.metrics["gpu_hours"] / separate}
+
+
+def plot(pretrain: list[PretrainRun], results: list[ResultRun], path: str | Path) -> Path:
+    """Two panels: average PSNR vs GFLOPs per variant; GPU hours of dynamic vs separate pre-training."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in results:
+        pts = sorted((r.gflops[v], r.results[v]["average"]["psnr"], v) for v in r.results
+                     if v in r.gflops and "psnr" in r.results[v].get("average", {}))
+        if not pts:
+            continue
+        ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=r.name)
+        for x, y, v in pts:
+            ax1.annotate(f"DyNet-{v}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax1.set_xlabel("GFLOPs at 224x224")
+    ax1.set_ylabel("average PSNR (dB)")
+    ax1.set_title("Fine-tuned PSNR vs compute per variant")
+    if ax1.lines:
+        ax1.legend(fontsize=8)
+    else:
+        ax1.text(0.5, 0.5, "no evaluated runs", ha="center", va="center", transform=ax1.transAxes)
+
+    labels, values, colors = [], [], []
+    for r in pretrain:
+        if r.metrics.get("gpu_hours") is None:
+            continue
+        labels.append(f"{r.name}\n({r.mode})")
+        values.append(r.metrics["gpu_hours"])
+        colors.append("tab:green" if r.mode == "dynamic" else "tab:gray")
+        if r.mode == "dynamic" and r.metrics.get("gpu_hours_separate"):
+            labels.append(f"{r.name}\nS+L separately\n(estimated)")
+            values.append(r.metrics["gpu_hours_separate"])
+            colors.append("tab:orange")
+    saving = separate_vs_dynamic(pretrain)
+    if saving:
+        labels.append("fixed S + fixed L\n(measured, same steps)")
+        values.append(saving["separate_gpu_hours"])
+        colors.append("tab:red")
+    if values:
+        ax2.bar(range(len(values)), values, color=colors)
+        ax2.set_xticks(range(len(values)))
+        ax2.set_xticklabels(labels, fontsize=7)
+    else:
+        ax2.text(0.5, 0.5, "no pre-training runs", ha="center", va="center", transform=ax2.transAxes)
+    ax2.set_ylabel("GPU hours")
+    ax2.set_title("Pre-training: dynamic vs separate" + (f" (saved {saving['saved_frac']:.0%})" if saving else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def log_comparison(tracking_uri: str, experiment: str, png: Path, text: str,
+                   compared: Sequence[str]) -> str:
+    """A run in ``experiment`` tagged dyntrain.stage=comparison holding the plot and the tables."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import default_artifact_location
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(
+        experiment, artifact_location=default_artifact_location(tracking_uri))
+    run = client.create_run(exp_id, run_name="comparison",
+                            tags={"dyntrain.stage": "comparison", "dyntrain.compared_runs": ",".join(compared)[:5000]})
+    try:
+        client.log_artifact(run.info.run_id, str(png))
+        client.log_text(run.info.run_id, text + "\n", "comparison.txt")
+    except Exception:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")
+    mlflow.set_tracking_uri(tracking_uri)
+    return run.info.run_id

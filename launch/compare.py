@@ -1,0 +1,45 @@
+"""Compare MLflow runs: pre-training GPU hours (dynamic vs fixed-variant baselines) and fine-tuned
+PSNR/SSIM per variant and task. Prints the tables, writes a PNG and logs both to a "comparison" run.
+
+    python launch/compare.py [--experiment NAME ...] [--tracking-uri URI | --config X.yaml]
+                             [--out runs/comparison.png] [--log-experiment dynet-comparison] [--no-log]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from dyntrain.compare import collect_runs, format_tables, log_comparison, plot
+from dyntrain.config import load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", action="append", default=None,
+                        help="experiment to read (repeatable; default: every experiment)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow URI (default: --config's tracking.uri, $MLFLOW_TRACKING_URI, sqlite:///mlflow.db)")
+    parser.add_argument("--config", default=None, help="a run's YAML, for its tracking.uri")
+    parser.add_argument("--out", default="runs/comparison.png", help="where to write the plot")
+    parser.add_argument("--log-experiment", default="dynet-comparison",
+                        help="experiment of the comparison run that stores plot and tables")
+    parser.add_argument("--no-log", action="store_true", help="do not log the comparison to MLflow")
+    args = parser.parse_args(argv)
+
+    uri = (args.tracking_uri or (load_config(args.config).tracking.uri if args.config else None)
+           or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+    pretrain, results = collect_runs(uri, args.experiment)
+    text = format_tables(pretrain, results)
+    print(text)
+    png = plot(pretrain, results, args.out)
+    print(f"plot written to {png}")
+    if not args.no_log:
+        run_id = log_comparison(uri, args.log_experiment, png, text,
+                                [r.run_id for r in pretrain] + [r.run_id for r in results])
+        print(f"logged to MLflow run {run_id} (experiment {args.log_experiment}, {uri})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
