@@ -135,16 +135,22 @@ class ScheduleConfig:
         (the separate-training baselines the paper compares against).
     variant_probs: variant name -> probability (normalised); every name must be in model.variants.
     verify_every: every N steps all ranks all-gather their draw and fail fast on disagreement (0 = off).
+    verify_timeout_s: seconds the check waits for every rank before failing (it never hangs).
     """
     mode: Literal["dynamic", "fixed"] = "dynamic"
     variant_probs: dict[str, float] = field(default_factory=lambda: {"S": 0.5, "L": 0.5})
     fixed_variant: str = "L"
     verify_every: int = 0
+    verify_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if any(p < 0 for p in self.variant_probs.values()) or sum(self.variant_probs.values()) <= 0:
             raise ConfigError(f"schedule.variant_probs: need non-negative weights with a positive sum, "
                               f"got {self.variant_probs}")
+        if self.verify_every < 0:
+            raise ConfigError(f"schedule.verify_every: must be >= 0, got {self.verify_every}")
+        if self.verify_timeout_s <= 0:
+            raise ConfigError(f"schedule.verify_timeout_s: must be positive, got {self.verify_timeout_s}")
 
 
 @dataclass
@@ -199,11 +205,14 @@ class TrackingConfig:
     experiment: MLflow experiment name.
     enabled: False turns MLflow off (progress lines still print).
     system_metrics: log MLflow system metrics (CPU/GPU utilisation) when available.
+    artifact_location: artifact root of a newly created experiment (None = next to a sqlite
+        database, or the server's default).
     """
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "dynet-pretrain"
     enabled: bool = True
     system_metrics: bool = False
+    artifact_location: Optional[str] = None
 
 
 @dataclass

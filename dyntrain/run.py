@@ -1,0 +1,136 @@
+"""Build and run one training job: what ``launch/pretrain.py`` (and fine-tuning) call.
+
+Order: distributed start-up (launcher or single process) -> model (init from ``run.seed``) ->
+DeepSpeed engine -> loader (``loader_factory(cfg, rank, world_size, device)``) -> schedule ->
+checkpoint manager and resume -> MLflow run (the checkpoint's run id when resuming) -> ``train()``.
+The MLflow run ends FINISHED, KILLED (stopped early on request, to be resumed) or FAILED (any
+exception, re-raised).
+"""
+from __future__ import annotations
+
+import json
+import signal
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+from .config import Config
+from .engine import ZERO3_NOTE, build_engine, init_distributed
+from .model_factory import build_model
+from .schedule import VariantSchedule, corrupt_for_test, new_verify_group, splitmix64
+from .tracking import make_tracker
+from .trainer import Trainer, TrainResult
+
+LoaderFactory = Callable[[Config, int, int, torch.device], Any]
+
+
+def default_checkpoint_manager(cfg: Config, engine, rank: int, world_size: int):
+    """``dyntrain.checkpoint.CheckpointManager`` when ``checkpoint.dir`` is set, else None."""
+    if not cfg.checkpoint.dir:
+        return None
+    from .checkpoint import CheckpointManager
+
+    return CheckpointManager(cfg.checkpoint, engine, rank, world_size)
+
+
+def run_training(cfg: Config, loader_factory: LoaderFactory, *, mode: str = "pretrain",
+                 model_builder: Callable[[Config], torch.nn.Module] = build_model,
+                 checkpoint_factory=default_checkpoint_manager,
+                 trainer_hook: Optional[Callable[[Trainer], None]] = None) -> TrainResult:
+    """Train ``cfg`` end to end on this rank; returns the trainer's result.
+
+    Args:
+        loader_factory: ``(cfg, rank, world_size, device) -> loader`` (data contract).
+        mode: "pretrain" or "finetune" (an MLflow tag).
+        model_builder: builds the (initialised) model; fine-tuning loads ``init.checkpoint`` here.
+        checkpoint_factory: ``(cfg, engine, rank, world_size) -> manager | None``.
+        trainer_hook: called with the trainer before training (e.g. to add callbacks).
+    """
+    t_start = time.perf_counter()
+    info = init_distributed(cfg)
+    rank, world = info.rank, info.world_size
+    # the global torch/numpy streams are seeded from (seed, rank); the model init forks its own
+    torch.manual_seed(splitmix64(cfg.run.seed * 1_000_003 + rank) & 0x7FFF_FFFF_FFFF_FFFF)
+    if cfg.run.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    model = model_builder(cfg)
+    engine, ds_config = build_engine(cfg, model, info)
+    loader = loader_factory(cfg, rank, world, info.device)
+    tracker = None
+    status = "FAILED"
+    try:
+        schedule = corrupt_for_test(VariantSchedule.from_config(cfg), rank)
+        verify_group = (new_verify_group(cfg.schedule.verify_timeout_s)
+                        if cfg.schedule.verify_every and world > 1 else None)
+        manager = checkpoint_factory(cfg, engine, rank, world)
+        trainer = Trainer(cfg, engine, loader, schedule, None, rank, world,
+                          checkpoint_manager=manager, verify_group=verify_group, device=info.device)
+        resumed_from = trainer.resume()
+        tracker = make_tracker(cfg, rank, run_id=trainer.mlflow_run_id)
+        trainer.attach_tracker(tracker)
+        _describe_run(tracker, cfg, ds_config, schedule, info, mode, resumed_from,
+                      startup_s=time.perf_counter() - t_start, step=trainer.step)
+        if trainer_hook is not None:
+            trainer_hook(trainer)
+        previous = _install_signal_handlers(trainer)
+        try:
+            result = trainer.train()
+        finally:
+            _restore_signal_handlers(previous)
+        status = "KILLED" if result.stopped_early else "FINISHED"
+        return result
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if tracker is not None:
+            tracker.finish(status)
+        if hasattr(loader, "close"):
+            loader.close()
+
+
+def _describe_run(tracker, cfg: Config, ds_config: dict, schedule: VariantSchedule, info, mode: str,
+                  resumed_from: Optional[str], startup_s: float, step: int) -> None:
+    """Params, tags and artifacts of the MLflow run (rank 0; no-ops on a NullTracker)."""
+    variants = schedule.active
+    tags = {
+        "mode": mode,
+        "schedule": "dynamic" if schedule.mode == "dynamic" else f"fixed:{schedule.fixed_variant}",
+        "variants": ",".join(variants),
+        "variant_probs": json.dumps({n: round(p, 6) for n, p in schedule.probs.items() if p > 0}),
+        "world_size": str(info.world_size),
+        "device": info.device.type,
+        "zero_stage": str(cfg.deepspeed.zero_stage),
+        "bf16": str(ds_config["bf16"]["enabled"]),
+    }
+    if cfg.deepspeed.zero_stage == 3:
+        tags["zero3_note"] = ZERO3_NOTE[:5000]
+    if resumed_from:
+        tags["resumed_from"] = resumed_from
+        tracker.log_text(cfg.to_yaml(), f"config_resume_step{step:08d}.yaml")
+    else:
+        tracker.log_params(cfg.flatten())
+        tracker.log_params({"derived.global_batch": ds_config["train_batch_size"],
+                            "derived.world_size": info.world_size})
+        tracker.log_text(cfg.to_yaml(), "config.yaml")
+    tracker.log_text(json.dumps(ds_config, indent=2, default=str), "deepspeed_config.json")
+    tracker.set_tags(tags)
+    tracker.log_metrics({"startup_s": startup_s}, step=step)
+
+
+def _install_signal_handlers(trainer: Trainer) -> dict:
+    """SIGUSR1 / SIGTERM ask for a checkpoint and a clean stop at the next step boundary."""
+    previous = {}
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, lambda signum, frame: trainer.request_checkpoint())
+        except ValueError:  # not the main thread
+            pass
+    return previous
+
+
+def _restore_signal_handlers(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)

@@ -1,0 +1,304 @@
+"""Experiment tracking (MLflow, rank 0 only) and the GPU-hour account.
+
+Tracker
+-------
+``make_tracker(cfg, rank, run_id=None)`` returns an ``MLflowTracker`` on rank 0 when
+``tracking.enabled`` (``tracking.uri`` defaults to ``sqlite:///mlflow.db``; any MLflow server URI
+works), and a ``NullTracker`` with the same methods everywhere else. A new run gets the flattened
+config as params (credentials never: URL user-info and secret-looking keys are redacted); a resumed
+run (``run_id`` from the checkpoint) is reopened and logs on. ``finish("FAILED")`` marks a crash.
+
+GPU-hour account
+----------------
+Let N be the optimizer steps trained, n_v of them with variant v, t_v the measured mean step time of
+v (wall clock of the step: data wait + forward + backward + optimizer; on CUDA synchronised at the
+step's end), W the wall time of the training loop (everything between the first step's start and the
+last step's end: steps, logging, checkpoint saves, checks; summed over resumed segments; start-up
+before the first step is reported separately as ``startup_s``) and A the number of accelerators (GPUs,
+or CPU processes on a machine without GPU):
+
+    gpu_hours                     = W * A / 3600
+    gpu_hours_separate            = N * sum_v t_v * A / 3600       (v over the variants the run trains)
+    gpu_hours_saved_frac          = 1 - gpu_hours / gpu_hours_separate
+    gpu_hours_saved_frac_expected = 1 - sum_v n_v t_v / (N * sum_v t_v)
+    overhead_frac                 = 1 - sum_v n_v t_v / W           (time outside the steps)
+    switch_penalty_s              = mean over steps that switched variant of (t - t_v of a
+                                    non-switching step of the same variant)
+
+"Separate" is what the paper compares against: training each variant alone for the same N
+iterations, at the per-variant step time measured in this run. With two variants at p = 0.5,
+sum_v n_v t_v ~ N (t_S + t_L) / 2, so the expected saving is ~50% whatever t_S and t_L are. The
+measured saving falls short of the expected one only by the time spent outside steps
+(``overhead_frac`` / 2 for two equiprobable variants); a switching cost would show in
+``switch_penalty_s``. In fixed-variant mode (the baselines) the run trains one variant, so
+``gpu_hours_separate`` is that variant's own cost and the saving is ~0 (slightly negative: overhead).
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional
+from urllib.parse import urlsplit, urlunsplit
+
+_SECRET_KEY = re.compile(r"(password|passwd|secret|token|credential|api_?key|access_?key)", re.I)
+_MAX_PARAM_LEN = 6000
+
+
+# ----------------------------------------------------------------------------------- GPU hours
+class GPUHourAccount:
+    """Per-variant step counts and times plus the training loop's wall time (see module docstring).
+
+    Args:
+        accelerators: GPUs, or CPU processes, the run occupies (the world size).
+        variants: the variants the run trains (probability > 0); ``gpu_hours_separate`` sums over them.
+    """
+
+    def __init__(self, accelerators: int, variants: Iterable[str]) -> None:
+        self.accelerators = int(accelerators)
+        self.variants = list(variants)
+        self.count = {v: 0 for v in self.variants}
+        self.seconds = {v: 0.0 for v in self.variants}
+        # steps that follow a step of the same variant vs. a switch (first step of a segment: neither)
+        self.same = {v: [0, 0.0] for v in self.variants}
+        self.switched = {v: [0, 0.0] for v in self.variants}
+        self.prior_wall_s = 0.0
+        self._segment_start: Optional[float] = None
+        self._segment_wall_s = 0.0
+        self._previous: Optional[str] = None
+
+    # --------------------------------------------------------------------------------- timing
+    def start(self) -> None:
+        """Start (or restart, after a resume) the wall clock of the training loop."""
+        self._segment_start = time.perf_counter()
+        self._previous = None
+
+    def stop(self) -> None:
+        if self._segment_start is not None:
+            self._segment_wall_s += time.perf_counter() - self._segment_start
+            self._segment_start = None
+
+    @property
+    def wall_s(self) -> float:
+        running = time.perf_counter() - self._segment_start if self._segment_start is not None else 0.0
+        return self.prior_wall_s + self._segment_wall_s + running
+
+    def record(self, variant: str, seconds: float) -> None:
+        """One optimizer step of ``variant`` took ``seconds``."""
+        if variant not in self.count:  # e.g. a variant outside the planned set
+            self.variants.append(variant)
+            self.count[variant], self.seconds[variant] = 0, 0.0
+            self.same[variant], self.switched[variant] = [0, 0.0], [0, 0.0]
+        self.count[variant] += 1
+        self.seconds[variant] += seconds
+        if self._previous is not None:
+            bucket = self.same if self._previous == variant else self.switched
+            bucket[variant][0] += 1
+            bucket[variant][1] += seconds
+        self._previous = variant
+
+    # -------------------------------------------------------------------------------- figures
+    @property
+    def steps(self) -> int:
+        return sum(self.count.values())
+
+    def mean_step_s(self, variant: str) -> Optional[float]:
+        n = self.count.get(variant, 0)
+        return self.seconds[variant] / n if n else None
+
+    def metrics(self) -> dict[str, float]:
+        """The account as MLflow metrics (the gpu_hours_separate family only once every trained
+        variant has been measured)."""
+        a, n_steps, wall = self.accelerators, self.steps, self.wall_s
+        step_sum = sum(self.seconds.values())
+        out: dict[str, float] = {"gpu_hours": wall * a / 3600.0, "train_wall_s": wall,
+                                 "steps_s": step_sum}
+        if wall > 0:
+            out["overhead_frac"] = 1.0 - step_sum / wall
+        for v in self.variants:
+            mean = self.mean_step_s(v)
+            if mean is not None:
+                out[f"step_time_mean_{v}"] = mean
+                out[f"gpu_hours_{v}"] = self.seconds[v] * a / 3600.0
+                out[f"steps_{v}"] = float(self.count[v])
+        means = [self.mean_step_s(v) for v in self.variants]
+        if n_steps and all(m is not None for m in means):
+            per_iter_separate = sum(means)  # type: ignore[arg-type]
+            separate = n_steps * per_iter_separate * a / 3600.0
+            out["gpu_hours_separate"] = separate
+            out["gpu_hours_saved_frac"] = 1.0 - out["gpu_hours"] / separate
+            out["gpu_hours_saved_frac_expected"] = 1.0 - step_sum / (n_steps * per_iter_separate)
+        penalties = []
+        for v in self.variants:
+            (n_same, s_same), (n_sw, s_sw) = self.same[v], self.switched[v]
+            if n_same and n_sw:
+                penalties.append((n_sw, s_sw / n_sw - s_same / n_same))
+        if penalties:
+            total = sum(n for n, _ in penalties)
+            out["switch_penalty_s"] = sum(n * p for n, p in penalties) / total
+        return out
+
+    # ------------------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {"accelerators": self.accelerators, "variants": list(self.variants),
+                "count": dict(self.count), "seconds": dict(self.seconds),
+                "same": {k: list(v) for k, v in self.same.items()},
+                "switched": {k: list(v) for k, v in self.switched.items()},
+                "wall_s": self.wall_s}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for v in state["variants"]:
+            if v not in self.variants:
+                self.variants.append(v)
+        for name in ("count", "seconds"):
+            getattr(self, name).update(state[name])
+        for name in ("same", "switched"):
+            getattr(self, name).update({k: list(v) for k, v in state[name].items()})
+        for v in self.variants:
+            self.count.setdefault(v, 0)
+            self.seconds.setdefault(v, 0.0)
+            self.same.setdefault(v, [0, 0.0])
+            self.switched.setdefault(v, [0, 0.0])
+        # a resumed run may use a different number of accelerators: convert its past wall time
+        # into accelerator-seconds at the new count so gpu_hours stays the sum of both segments
+        self.prior_wall_s = float(state["wall_s"]) * state["accelerators"] / self.accelerators
+        self._segment_wall_s = 0.0
+        self._segment_start = None
+
+
+# ----------------------------------------------------------------------------------- trackers
+class NullTracker:
+    """The tracker of ranks != 0 and of runs with tracking.enabled=False: does nothing."""
+    run_id: Optional[str] = None
+
+    def log_params(self, params: dict) -> None: ...
+    def log_metrics(self, metrics: dict, step: Optional[int] = None) -> None: ...
+    def set_tags(self, tags: dict) -> None: ...
+    def log_artifact(self, path: str) -> None: ...
+    def log_text(self, text: str, name: str) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+def redact(key: str, value: Any) -> Any:
+    """Hide credentials: secret-looking keys, and user:password@ in URLs."""
+    if _SECRET_KEY.search(key):
+        return "***"
+    if isinstance(value, str):
+        return _redact_url(value)
+    if isinstance(value, list):
+        return [_redact_url(v) if isinstance(v, str) else v for v in value]
+    if isinstance(value, dict):
+        return {k: redact(f"{key}.{k}", v) for k, v in value.items()}
+    return value
+
+
+def _redact_url(text: str) -> str:
+    if "://" not in text or "@" not in text:
+        return text
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return text
+    if parts.password is None and parts.username is None:
+        return text
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def metric_key(name: str) -> str:
+    """MLflow allows letters, digits, _ - . / and spaces in metric names."""
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
+
+
+def default_artifact_location(uri: str) -> Optional[str]:
+    """For ``sqlite:///path/x.db`` keep artifacts next to the database (``path/mlartifacts``)."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        return (db.parent.resolve() / "mlartifacts").as_uri()
+    return None
+
+
+class MLflowTracker:
+    """MLflow run of this training job (rank 0). Args as ``make_tracker``."""
+
+    def __init__(self, cfg, run_id: Optional[str] = None) -> None:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        t = cfg.tracking
+        self._mlflow = mlflow
+        mlflow.set_tracking_uri(t.uri)
+        self.client = MlflowClient(tracking_uri=t.uri)
+        self.resumed = run_id is not None
+        if run_id is None:
+            experiment_id = self._experiment_id(t.experiment, t.artifact_location
+                                                or default_artifact_location(t.uri))
+            kwargs: dict[str, Any] = {"experiment_id": experiment_id, "run_name": cfg.run.name}
+        else:
+            kwargs = {"run_id": run_id}
+        if t.system_metrics and _system_metrics_available():
+            kwargs["log_system_metrics"] = True
+        if mlflow.active_run() is not None:  # never nest into a run someone else left open
+            mlflow.end_run()
+        self.run = mlflow.start_run(**kwargs)
+        self.run_id: Optional[str] = self.run.info.run_id
+        self._finished = False
+
+    def _experiment_id(self, name: str, artifact_location: Optional[str]) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_location)
+        except Exception:  # created concurrently by another run: use theirs
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def log_params(self, params: dict) -> None:
+        clean = {}
+        for k, v in params.items():
+            text = str(redact(k, v))
+            clean[k] = text if len(text) <= _MAX_PARAM_LEN else text[:_MAX_PARAM_LEN - 3] + "..."
+        items = list(clean.items())
+        for i in range(0, len(items), 100):  # MLflow's batch limit
+            self._mlflow.log_params(dict(items[i:i + 100]))
+
+    def log_metrics(self, metrics: dict, step: Optional[int] = None) -> None:
+        clean = {metric_key(k): float(v) for k, v in metrics.items()
+                 if v is not None and isinstance(v, (int, float)) and math.isfinite(float(v))}
+        if clean:
+            self._mlflow.log_metrics(clean, step=step)
+
+    def set_tags(self, tags: dict) -> None:
+        self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_artifact(self, path: str) -> None:
+        self._mlflow.log_artifact(str(path))
+
+    def log_text(self, text: str, name: str) -> None:
+        self._mlflow.log_text(text, name)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if not self._finished:
+            self._finished = True
+            self._mlflow.end_run(status=status)
+
+
+def _system_metrics_available() -> bool:
+    try:
+        import psutil  # noqa: F401  (MLflow's system-metrics monitor needs it)
+    except ImportError:
+        return False
+    return True
+
+
+def make_tracker(cfg, rank: int, run_id: Optional[str] = None):
+    """MLflow on rank 0 when ``tracking.enabled``; a ``NullTracker`` otherwise."""
+    if rank != 0 or not cfg.tracking.enabled:
+        return NullTracker()
+    return MLflowTracker(cfg, run_id=run_id)
