@@ -169,7 +169,7 @@ def load_test_sets(sets: dict[str, str], noise_seed: int = 0, max_images: int = 
 
 
 def _to_tensor(img: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].to(device).float().div_(255.0)
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].to(device).float().div_(255.0)
 
 
 @torch.no_grad()
@@ -186,6 +186,7 @@ def evaluate_model(model: torch.nn.Module, pairs: Sequence[TestPair], variants: 
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
+    param_dtype = next(model.parameters()).dtype  # bf16 under a DeepSpeed bf16 engine
     was_training = model.training
     model.eval()
     try:
@@ -196,7 +197,7 @@ def evaluate_model(model: torch.nn.Module, pairs: Sequence[TestPair], variants: 
                 x, y = _to_tensor(pair.input, device), _to_tensor(pair.target, device)
                 with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                       else contextlib.nullcontext()):
-                    out = restore(model, x, variant=variant)
+                    out = restore(model, x.to(param_dtype), variant=variant)
                 out = out.float().clamp(0.0, 1.0)
                 acc = sums.setdefault(pair.task, [0.0, 0.0, 0])
                 acc[0] += psnr(out, y).item()

@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from dyntrain.compare import collect_runs, format_tables, log_comparison, plot
-from dyntrain.config import load_config
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from dyntrain.compare import collect_runs, format_tables, log_comparison, plot  # noqa: E402
+from dyntrain.config import load_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

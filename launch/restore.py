@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from dyntrain.config import load_config
-from dyntrain.restore import RestoreOptions, load_model, pick_device, restore_paths
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from dyntrain.config import load_config  # noqa: E402
+from dyntrain.restore import RestoreOptions, load_model, pick_device, restore_paths  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

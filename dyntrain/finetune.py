@@ -1,0 +1,130 @@
+"""All-in-one fine-tuning through the pre-training machinery: same config tree, ``run_training``,
+DeepSpeed engine, trainer, checkpoints and MLflow tracking — only the loader (paired data), the
+starting weights (``init.checkpoint``) and an optional periodic evaluation differ.
+
+Starting point:
+  - ``init.checkpoint`` = a pre-training checkpoint folder (DeepSpeed) or an exported weights file:
+    its module weights only (no optimizer state, no step, no schedule) initialise the model. When
+    the checkpoint records its architecture, that architecture is used (``model.dim``, heads, prompt
+    sizes ...; the variants table and training switches stay the config's) and a note is printed if
+    the YAML said otherwise.
+  - ``init.checkpoint: null`` = from scratch (the no-pre-training ablation).
+A fine-tuning run that is resumed from its own ``checkpoint.dir`` continues from there (the trainer's
+resume overrides the initial weights).
+
+Periodic evaluation: with ``eval.every > 0`` and ``eval.sets`` given, rank 0 evaluates every variant
+of ``eval.variants`` every ``eval.every`` steps and at the last step, and logs
+``eval/<variant>/<task>/psnr|ssim`` into the fine-tuning run (test sets are read once, at start-up,
+so a wrong folder fails before training starts).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from .config import Config
+from .model_factory import build_model
+
+ARCH_KEYS = ("dim", "heads", "ffn_expansion", "num_refinement", "prompt_len", "prompt_dims", "prompt_sizes")
+
+
+class InitCheckpointError(ValueError):
+    """``init.checkpoint`` is missing or does not fit the model."""
+
+
+def read_init_weights(cfg: Config) -> tuple[Optional[dict[str, torch.Tensor]], Optional[dict[str, Any]]]:
+    """(state_dict, model config dict) of ``init.checkpoint``; (None, None) when training from scratch."""
+    from pathlib import Path
+
+    from .restore import load_checkpoint_weights
+
+    path = cfg.init.checkpoint
+    if not path:
+        return None, None
+    if not Path(path).exists():
+        raise InitCheckpointError(f"init.checkpoint: {path} does not exist")
+    return load_checkpoint_weights(path)
+
+
+def adopt_architecture(cfg: Config, model_cfg: Optional[dict[str, Any]]) -> list[str]:
+    """Copy the checkpoint's architecture fields into ``cfg.model``; returns the keys that changed."""
+    if not model_cfg:
+        return []
+    changed = []
+    for key in ARCH_KEYS:
+        if key in model_cfg:
+            value = model_cfg[key]
+            value = list(value) if isinstance(value, (list, tuple)) else value
+            if getattr(cfg.model, key) != value:
+                changed.append(f"{key}: {getattr(cfg.model, key)} -> {value}")
+                setattr(cfg.model, key, value)
+    return changed
+
+
+def make_model_builder(cfg: Config, state: Optional[dict[str, torch.Tensor]]):
+    """``model_builder`` for ``run_training``: the config's DyNet, then the init weights loaded."""
+
+    def builder(c: Config) -> torch.nn.Module:
+        model = build_model(c)
+        if state is None:
+            return model
+        own = model.state_dict()
+        shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if c.init.strict and (shapes or missing or unexpected):
+            raise InitCheckpointError(
+                f"init.checkpoint {c.init.checkpoint} does not fit the model (checkpoint vs model): "
+                f"shape mismatches {shapes[:3]}{' ...' if len(shapes) > 3 else ''}, missing {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                f"{' ...' if len(unexpected) > 5 else ''} (init.strict=false loads what fits)")
+        fitting = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+        model.load_state_dict(fitting, strict=False)
+        return model
+
+    return builder
+
+
+def make_eval_hook(cfg: Config):
+    """``trainer_hook`` for ``run_training``: registers the periodic evaluation callback."""
+    from .evaluate import PeriodicEvaluator, load_test_sets
+
+    def hook(trainer) -> None:
+        trainer.tracker.set_tags({"init_checkpoint": str(cfg.init.checkpoint or "none (from scratch)")})
+        if cfg.eval.every <= 0 or not cfg.eval.sets:
+            return
+        evaluator = PeriodicEvaluator(cfg, trainer.tracker, trainer.rank,
+                                      printer=lambda s: print(f"[{cfg.run.name}] {s}", flush=True))
+        if trainer.rank == 0:
+            evaluator.pairs = load_test_sets(dict(cfg.eval.sets), cfg.eval.noise_seed, cfg.eval.max_images)
+        zero3 = cfg.deepspeed.zero_stage == 3
+
+        def callback(tr, step: int, metrics: dict) -> None:
+            if not (evaluator.due(step) or step == cfg.run.max_steps):
+                return
+            module = tr.engine.module
+            if zero3:  # every rank takes part in gathering the partitioned weights
+                import deepspeed
+                with deepspeed.zero.GatheredParameters(list(module.parameters())):
+                    evaluator(module, step)
+            else:
+                evaluator(module, step)
+
+        trainer.add_callback(callback)
+
+    return hook
+
+
+def run_finetune(cfg: Config, loader_factory=None):
+    """``launch/finetune.py``: fine-tune ``cfg`` on this rank; returns the trainer's result."""
+    from .data.paired import build_finetune_loader
+    from .run import run_training
+
+    state, model_cfg = read_init_weights(cfg)
+    changed = adopt_architecture(cfg, model_cfg)
+    if changed:
+        print(f"[{cfg.run.name}] model architecture taken from init.checkpoint ({'; '.join(changed)})", flush=True)
+    return run_training(cfg, loader_factory or build_finetune_loader, mode="finetune",
+                        model_builder=make_model_builder(cfg, state), trainer_hook=make_eval_hook(cfg))
