@@ -1,0 +1,106 @@
+"""launch/restore.py: one weights file serves S and L; odd image sizes; tiles within a memory budget."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dyntrain.data.paired import synthetic_clean, synthetic_haze
+from dyntrain.metrics import psnr
+from dyntrain.restore import (RestoreOptions, Restorer, estimate_bytes_per_pixel, load_model, plan_outputs,
+                              tile_for_budget)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.dim=8", "model.prompt_dims=[8,8,16]", "model.prompt_sizes=[16,8,4]", "model.num_refinement=1"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A tiny DyNet whose residual branch is small, as in a trained restorer (output = input + small
+    correction), saved as one weights file with its model config."""
+    from dyntrain.config import load_config
+    from dyntrain.model_factory import build_model
+
+    cfg = load_config(None, TINY + ["run.seed=3"])
+    model = build_model(cfg)
+    with torch.no_grad():
+        model.output.weight.mul_(0.1)
+    path = tmp_path_factory.mktemp("w") / "tiny.pt"
+    torch.save({"state_dict": model.state_dict(), "model_config": cfg.to_dict()["model"]}, path)
+    return path
+
+
+def _t(img):
+    return torch.from_numpy(img.copy()).permute(2, 0, 1).float() / 255
+
+
+def test_both_variants_from_one_file_odd_sizes_tiled_and_untiled(weights):
+    model = load_model(weights)
+    img = synthetic_clean(np.random.default_rng(0), 101, 75)  # neither side a multiple of 8
+    out = {}
+    for variant in ("S", "L"):
+        whole, tile = Restorer(model, RestoreOptions(variant=variant, tile=0), torch.device("cpu"))(img)
+        assert tile is None and whole.shape == img.shape and whole.dtype == np.uint8
+        tiled, tile = Restorer(model, RestoreOptions(variant=variant, tile=64, overlap=16),
+                               torch.device("cpu"))(img)
+        assert tile == 64 and tiled.shape == img.shape
+        agreement = psnr(_t(tiled), _t(whole)).item()
+        print(f"{variant}: tiled vs untiled {agreement:.1f} dB")
+        assert agreement > 35.0, f"{variant}: tiled vs untiled only {agreement:.1f} dB"
+        out[variant] = whole
+    assert not np.array_equal(out["S"], out["L"])  # the variant really changes the computation
+    with pytest.raises(ValueError, match="unknown variant 'XL'"):
+        Restorer(model, RestoreOptions(variant="XL"), torch.device("cpu"))
+
+
+def test_tile_size_follows_the_memory_budget(weights):
+    model = load_model(weights)
+    bpp = estimate_bytes_per_pixel(model)
+    assert tile_for_budget(bpp, 100 * 100 * bpp, 90, 90, overlap=16) is None
+    tile = tile_for_budget(bpp, 64 * 64 * bpp + 1, 300, 200, overlap=16)
+    assert tile == 64
+    assert tile_for_budget(bpp, 1.0, 300, 200, overlap=32) == 72  # never below 2 x overlap + 8
+    opts = RestoreOptions(variant="S", tile=None, max_memory_mb=80 * 80 * bpp / 2 ** 20)
+    assert Restorer(model, opts, torch.device("cpu")).tile_for(120, 90) == 80
+
+
+def test_cli_files_and_folders_png_and_jpeg_gray_world(weights, tmp_path):
+    rng = np.random.default_rng(1)
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    hazy = synthetic_haze(synthetic_clean(rng, 45, 61), 0.9, 0.8)
+    Image.fromarray(hazy).save(src / "a.png")
+    Image.fromarray(synthetic_clean(rng, 50, 37)).save(src / "sub" / "b.jpg", quality=95)
+
+    def run(*args):
+        proc = subprocess.run([sys.executable, str(ROOT / "launch" / "restore.py"), "--checkpoint", str(weights),
+                               *args], capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    text = run("--variant", "S", "--max-memory-mb", "2", str(src), str(tmp_path / "out"))
+    assert "restored 2 image(s) with DyNet-S" in text and "tiles" in text
+    a = np.asarray(Image.open(tmp_path / "out" / "a.png"))
+    b = Image.open(tmp_path / "out" / "sub" / "b.jpg")
+    assert a.shape == (45, 61, 3) and b.size == (37, 50) and b.format == "JPEG"
+    run("--variant", "L", "--tile", "0", str(src / "a.png"), str(tmp_path / "aL.png"))
+    run("--variant", "L", "--tile", "0", "--gray-world", str(src / "a.png"), str(tmp_path / "aLg.png"))
+    a_l, a_lg = np.asarray(Image.open(tmp_path / "aL.png")), np.asarray(Image.open(tmp_path / "aLg.png"))
+    assert not np.array_equal(a_l, a) and not np.array_equal(a_l, a_lg)
+    means = a_lg.reshape(-1, 3).mean(0)  # Gray-World then a near-identity restorer: balanced channels
+    assert means.max() - means.min() < 0.5 * np.ptp(hazy.reshape(-1, 3).mean(0)) + 2
+    with pytest.raises(ValueError, match="output"):
+        plan_outputs(src / "a.png", tmp_path / "x.txt")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        plan_outputs(tmp_path / "nowhere", tmp_path / "o")
