@@ -222,10 +222,14 @@ class DeepSpeedConfig:
     bf16: true/false, or "auto" = on when training on a GPU with bf16 support.
     gradient_accumulation_steps: micro-batches per optimizer step (all with one variant).
     offload_optimizer: ZeRO-Offload of optimizer states to CPU (stage >= 1).
+    global_batch_size: samples per optimizer step over all ranks; when set, the gradient
+        accumulation is derived from it (global / (micro-batch x world size)) at launch, and
+        gradient_accumulation_steps must stay 1. None = micro-batch x accumulation x world size.
     """
     zero_stage: int = 2
     bf16: Union[bool, Literal["auto"]] = "auto"
     gradient_accumulation_steps: int = 1
+    global_batch_size: Optional[int] = None
     offload_optimizer: bool = False
     overlap_comm: bool = True
     steps_per_print: int = 0
@@ -234,6 +238,11 @@ class DeepSpeedConfig:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         _positive("deepspeed.gradient_accumulation_steps", self.gradient_accumulation_steps)
+        if self.global_batch_size is not None:
+            _positive("deepspeed.global_batch_size", self.global_batch_size)
+            if self.gradient_accumulation_steps != 1:
+                raise ConfigError("deepspeed.global_batch_size derives the gradient accumulation: leave "
+                                  "deepspeed.gradient_accumulation_steps at 1 (or unset the global size)")
 
 
 @dataclass

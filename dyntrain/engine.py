@@ -10,7 +10,8 @@ compiled ops are needed) and the LR schedule:
     cosine    WarmupCosineLR  linear warm-up, then cosine from lr to optim.min_lr at total_steps
     linear    WarmupDecayLR   linear warm-up, then linear decay to 0 at total_steps
 
-(DeepSpeed's warm-up schedulers apply their first value before the first step and treat a warm-up
+(DeepSpeed's schedulers run optimizer step k at their value for iteration k - 1 — step 0 at the warm-up
+start — and treat a warm-up
 shorter than 2 steps as 2; with ``warmup_steps: 0`` the constant schedule is exactly lr throughout.)
 
 The same code path serves ``deepspeed launch/pretrain.py`` and ``python launch/pretrain.py``: for a
@@ -122,6 +123,14 @@ def build_ds_config(cfg: Config, world_size: int, device: torch.device | str = "
     ds, opt = cfg.deepspeed, cfg.optim
     micro = cfg.data.micro_batch_size
     accum = ds.gradient_accumulation_steps
+    if ds.global_batch_size is not None:
+        per_pass = micro * world_size
+        if ds.global_batch_size % per_pass:
+            raise ConfigError(
+                f"deepspeed.global_batch_size={ds.global_batch_size} is not a multiple of "
+                f"data.micro_batch_size ({micro}) x world size ({world_size}); choose "
+                f"data.micro_batch_size so that it divides {ds.global_batch_size // world_size or 1}")
+        accum = ds.global_batch_size // per_pass
     total_steps = opt.total_steps if opt.total_steps is not None else cfg.run.max_steps
     warmup = opt.warmup_steps
 

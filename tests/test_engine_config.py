@@ -1,0 +1,91 @@
+"""The DeepSpeed JSON generated from the typed config."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dyntrain.config import ConfigError, load_config
+from dyntrain.engine import build_ds_config, resolve_bf16
+
+
+def ds(overrides, world=1, device="cpu"):
+    return build_ds_config(load_config(None, overrides), world, device)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stages(stage):
+    c = ds([f"deepspeed.zero_stage={stage}"])
+    assert c["zero_optimization"]["stage"] == stage
+    if stage == 3:
+        z = c["zero_optimization"]
+        assert z["stage3_max_reuse_distance"] > 0 and "stage3_prefetch_bucket_size" in z
+
+
+def test_batch_accumulation_clipping_and_optimizer():
+    c = ds(["data.micro_batch_size=4", "deepspeed.gradient_accumulation_steps=3",
+            "optim.grad_clip=0.5", "optim.name=adamw", "optim.weight_decay=0.01"], world=2)
+    assert (c["train_batch_size"], c["train_micro_batch_size_per_gpu"],
+            c["gradient_accumulation_steps"]) == (24, 4, 3)
+    assert c["gradient_clipping"] == 0.5
+    assert c["optimizer"]["type"] == "AdamW"
+    assert c["optimizer"]["params"]["adam_w_mode"] is True
+    assert c["optimizer"]["params"]["torch_adam"] is True
+    plain = ds([])
+    assert plain["gradient_clipping"] == 0.0  # explicit even when off
+    assert plain["optimizer"]["type"] == "Adam" and plain["optimizer"]["params"]["adam_w_mode"] is False
+    assert plain["optimizer"]["params"]["betas"] == [0.9, 0.999]
+
+
+def test_global_batch_size_derives_accumulation():
+    over = ["deepspeed.global_batch_size=32", "data.micro_batch_size=8"]
+    assert ds(over, world=1)["gradient_accumulation_steps"] == 4
+    assert ds(over, world=4)["gradient_accumulation_steps"] == 1
+    with pytest.raises(ConfigError, match="deepspeed.global_batch_size"):
+        ds(over, world=8)
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
+        load_config(None, over + ["deepspeed.gradient_accumulation_steps=2"])
+
+
+def test_bf16_auto_is_off_on_cpu_and_explicit_values_win():
+    assert ds([])["bf16"]["enabled"] is False  # auto on CPU
+    assert ds(["deepspeed.bf16=true"])["bf16"]["enabled"] is True
+    cfg = load_config(None, ["deepspeed.bf16=false"])
+    assert resolve_bf16(cfg, torch.device("cuda", 0)) is False
+
+
+def test_offload_needs_zero():
+    with pytest.raises(ConfigError, match="offload_optimizer"):
+        ds(["deepspeed.offload_optimizer=true", "deepspeed.zero_stage=0"])
+    assert ds(["deepspeed.offload_optimizer=true"])["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+def _lrs(c, steps):
+    """Run DeepSpeed's own scheduler class from the generated JSON on a dummy optimizer."""
+    from deepspeed.runtime import lr_schedules
+
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=c["optimizer"]["params"]["lr"])
+    sched = getattr(lr_schedules, c["scheduler"]["type"])(opt, **c["scheduler"]["params"])
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])  # the lr the next optimizer step uses
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_lr_schedules_constant_warmup_and_cosine():
+    const = _lrs(ds(["optim.lr=1e-4"]), 5)
+    assert const == pytest.approx([1e-4] * 5)
+    # DeepSpeed's schedulers: optimizer step k runs at the schedule's value for iteration k - 1
+    # (step 0 at the warm-up start)
+    cos = _lrs(ds(["optim.lr=1e-3", "optim.lr_schedule=cosine", "optim.warmup_steps=10",
+                   "optim.min_lr=1e-5", "run.max_steps=110"]), 112)
+    assert cos[0] == 0.0 and cos[6] == pytest.approx(5e-4) and cos[11] == pytest.approx(1e-3, rel=1e-3)
+    assert all(b <= a + 1e-15 for a, b in zip(cos[11:], cos[12:]))  # decays after warm-up
+    assert cos[61] == pytest.approx(1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * 51 / 100)) / 2, rel=1e-6)
+    assert cos[111] == pytest.approx(1e-5)
+    lin = _lrs(ds(["optim.lr=1e-3", "optim.lr_schedule=linear", "optim.warmup_steps=4",
+                   "optim.total_steps=20"]), 22)
+    assert lin[5] == pytest.approx(1e-3) and lin[21] == pytest.approx(0.0, abs=1e-12)

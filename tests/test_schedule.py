@@ -1,0 +1,95 @@
+"""The variant draw: a pure, stable function of (seed, step, probs)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from dyntrain.config import load_config
+from dyntrain.schedule import (VariantSchedule, corrupt_for_test, splitmix64, uniform_at,
+                               verify_draw)
+
+SL = {"S": (2, 3, 3, 4), "L": (4, 6, 6, 8)}
+
+
+def test_splitmix64_reference_values():
+    # SplitMix64 seeded with 0: the first outputs of the reference generator (state += golden gamma)
+    assert splitmix64(0) == 0xE220A8397B1DCDAF
+    assert splitmix64(0x9E3779B97F4A7C15) == 0x6E789E6AA1B965F4
+
+
+def test_draw_is_a_pure_function_of_seed_and_step():
+    a = VariantSchedule(7, SL, {"S": 0.5, "L": 0.5})
+    b = VariantSchedule(7, SL, {"L": 1.0, "S": 1.0})  # same after normalisation, other order
+    seq = a.sequence(0, 500)
+    assert seq == b.sequence(0, 500)
+    # random access equals the sequence: a resumed run at step 300 draws what the original drew
+    assert [a.variant_at(t) for t in range(300, 500)] == seq[300:]
+    assert a.reuse_at(3) == SL[a.variant_at(3)]
+    assert VariantSchedule(8, SL, {"S": 0.5, "L": 0.5}).sequence(0, 500) != seq
+
+
+def test_draw_is_stable_across_processes():
+    """No salted hash(): a fresh interpreter with another PYTHONHASHSEED draws the same."""
+    code = ("from dyntrain.schedule import VariantSchedule as V;"
+            "print(''.join(V(3, {'S': (1,1,1,1), 'L': (2,2,2,2)}, {'S': .5, 'L': .5}).sequence(0, 64)))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env=dict(os.environ, PYTHONHASHSEED=str(h))).stdout for h in (1, 2)}
+    assert len(outs) == 1
+    here = "".join(VariantSchedule(3, {"S": (1, 1, 1, 1), "L": (2, 2, 2, 2)},
+                                   {"S": .5, "L": .5}).sequence(0, 64))
+    assert outs == {here + "\n"}
+
+
+@pytest.mark.parametrize("probs", [{"S": 0.5, "L": 0.5}, {"S": 0.2, "M": 0.3, "L": 0.5},
+                                   {"A": 1, "B": 1, "C": 1, "D": 1, "E": 4}])
+def test_frequencies_follow_the_probabilities(probs):
+    variants = {n: (1, 1, 1, 1) for n in probs}
+    s = VariantSchedule(0, variants, probs)
+    n = 20000
+    counts = Counter(s.sequence(0, n))
+    total = sum(probs.values())
+    for name, p in probs.items():
+        assert counts[name] / n == pytest.approx(p / total, abs=0.015)
+
+
+def test_zero_probability_and_fixed_mode():
+    three = {"S": (1, 1, 1, 1), "M": (2, 2, 2, 2), "L": (3, 3, 3, 3)}
+    s = VariantSchedule(1, three, {"S": 0.5, "L": 0.5})  # M not listed: never drawn
+    assert set(s.sequence(0, 2000)) == {"S", "L"} and s.active == ["L", "S"]
+    s0 = VariantSchedule(1, three, {"S": 0.5, "M": 0.0, "L": 0.5})
+    assert s0.sequence(0, 2000) == s.sequence(0, 2000)
+    fixed = VariantSchedule(1, three, {"S": 0.5, "L": 0.5}, mode="fixed", fixed_variant="M")
+    assert set(fixed.sequence(0, 100)) == {"M"} and fixed.active == ["M"]
+    with pytest.raises(ValueError, match="fixed_variant"):
+        VariantSchedule(1, three, mode="fixed", fixed_variant="XL")
+    with pytest.raises(ValueError, match="variant_probs.XL"):
+        VariantSchedule(1, three, {"XL": 1.0})
+
+
+def test_uniform_is_in_unit_interval_and_roughly_flat():
+    us = [uniform_at(5, t) for t in range(10000)]
+    assert all(0.0 <= u < 1.0 for u in us)
+    assert sum(us) / len(us) == pytest.approx(0.5, abs=0.01)
+
+
+def test_from_config_and_test_hook(monkeypatch):
+    cfg = load_config(None, ["run.seed=4", "schedule.variant_probs={S: 0.7, L: 0.3}"])
+    s = VariantSchedule.from_config(cfg)
+    assert s.seed == 4 and s.probs == pytest.approx({"L": 0.3, "S": 0.7})
+    monkeypatch.delenv("DYNTRAIN_TEST_CORRUPT_DRAW_RANK", raising=False)
+    assert corrupt_for_test(s, 1) is s
+    monkeypatch.setenv("DYNTRAIN_TEST_CORRUPT_DRAW_RANK", "1")
+    monkeypatch.setenv("DYNTRAIN_TEST_CORRUPT_DRAW_FROM", "5")
+    assert corrupt_for_test(s, 0) is s
+    bad = corrupt_for_test(s, 1)
+    assert bad.sequence(0, 5) == s.sequence(0, 5)
+    assert all(a != b for a, b in zip(bad.sequence(5, 50), s.sequence(5, 50)))
+
+
+def test_verify_draw_is_a_no_op_for_one_rank():
+    s = VariantSchedule(0, SL)
+    verify_draw(0, "S", s, None, 0, 1, 1.0)
