@@ -5,7 +5,7 @@ DyNet-L are one module with one state_dict.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -82,6 +82,32 @@ class DyNet(nn.Module):
                              f"{sorted(self.variants)} (or pass reuse=(f1, f2, f3, f4))")
         return self.variants[name]
 
+    def compile_blocks(self, **compile_kwargs: Any) -> "DyNet":
+        """``torch.compile`` every TransformerBlock in place; returns ``self``.
+
+        A block's forward is identical for each of its f applications and for every reuse tuple,
+        so the compiled graphs depend on the block's input shape only: DyNet-S, DyNet-L and any
+        other tuple share them, and a variant switch never recompiles. The Python loop over f
+        stays outside the graphs. Blocks of equal shape share one graph (dynamo lifts the weights
+        to graph inputs). Compiling in place (``nn.Module.compile``) keeps the state_dict keys,
+        so checkpoints stay interchangeable with the uncompiled model.
+
+        Args:
+            compile_kwargs: passed to ``torch.compile``; default ``dynamic=False`` (one static
+                graph per block shape, the fastest kernels for fixed-size training crops).
+
+        New input sizes (e.g. evaluation on full images) compile new graphs; run such passes
+        under ``torch.compiler.set_stance("force_eager")`` to skip compiling them.
+        """
+        compile_kwargs.setdefault("dynamic", False)
+        blocks = [m for m in self.modules() if isinstance(m, TransformerBlock)]
+        # all blocks run one code object (TransformerBlock.forward), whose graph cache needs
+        # room for each distinct shape under train/eval, grad/no-grad and autocast on/off
+        _raise_recompile_limit(8 * len(blocks))
+        for block in blocks:
+            block.compile(**compile_kwargs)
+        return self
+
     def _repeat(self, block: nn.Module, x: torch.Tensor, times: int) -> torch.Tensor:
         """Apply one shared block `times` times in series; gradients accumulate in its weights."""
         use_ckpt = self.config.checkpoint_blocks and torch.is_grad_enabled()
@@ -118,3 +144,12 @@ class DyNet(nn.Module):
         out = self.output(d1) + inp  # global residual; not clamped
         return out[..., :height, :width]
 
+
+
+def _raise_recompile_limit(limit: int) -> None:
+    """Let dynamo keep at least `limit` graphs per code object (the default 8 can be too few)."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), limit))

@@ -1,0 +1,149 @@
+"""Performance work: the model's training optimisations stay exact, and every benchmark runs (small,
+on the CPU) and writes a sane JSON report whose headline is its last line.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dynet import DyNet, DyNetConfig
+from dynet.blocks import TransformerBlock
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADLINE = re.compile(r"^([A-Za-z0-9_]+)=(-?[0-9.eE+-]+|nan)$")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(seed: int = 0, **overrides) -> DyNet:
+    torch.manual_seed(seed)
+    return DyNet(DyNetConfig.tiny(**overrides))
+
+
+def graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def train_pass(model: DyNet, x: torch.Tensor, target: torch.Tensor, variant: str) -> torch.Tensor:
+    out = model(x, variant=variant)
+    (out - target).abs().mean().backward()
+    return out.detach()
+
+
+# ------------------------------------------------------------------------ model optimisations
+def test_compiled_blocks_never_recompile_on_variant_switch():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    plain = tiny()
+    compiled = copy.deepcopy(plain).compile_blocks(backend="aot_eager")
+    x, target = torch.rand(2, 3, 24, 16), torch.rand(2, 3, 24, 16)
+    start = graphs()
+    torch.testing.assert_close(train_pass(compiled, x, target, "S"),
+                               train_pass(plain, x, target, "S"), rtol=1e-5, atol=1e-5)
+    after_s = graphs() - start
+    # one graph per distinct block shape (blocks of equal shape share it), at most 8 in DyNet
+    assert 1 <= after_s <= 8
+    for variant in ("L", "S", "L", "S"):
+        out = train_pass(compiled, x, target, variant)
+        ref = train_pass(plain, x, target, variant)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert graphs() - start == after_s, "a variant switch recompiled a block"
+    # gradients (accumulated over all passes) are the uncompiled model's
+    for (name, p), q in zip(plain.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_compile_blocks_keeps_state_dict_and_raises_the_graph_cache():
+    import torch._dynamo
+
+    plain = tiny()
+    compiled = copy.deepcopy(plain).compile_blocks(backend="eager")
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+    compiled.load_state_dict(plain.state_dict())  # checkpoints interchange
+    n_blocks = sum(isinstance(m, TransformerBlock) for m in compiled.modules())
+    assert n_blocks == 11  # 7 shared, 3 inside prompt blocks, 1 refinement
+    assert all(m._compiled_call_impl is not None for m in compiled.modules()
+               if isinstance(m, TransformerBlock))
+    config = torch._dynamo.config
+    limit = getattr(config, "recompile_limit", None) or config.cache_size_limit
+    assert limit >= 8 * n_blocks
+
+
+def test_channels_last_matches_contiguous():
+    plain = tiny()
+    fast = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    x, target = torch.rand(2, 3, 32, 24), torch.rand(2, 3, 32, 24)
+    for variant in ("S", "L"):
+        ref = train_pass(plain, x, target, variant)
+        out = train_pass(fast, x.contiguous(memory_format=torch.channels_last), target, variant)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ------------------------------------------------------------------------------- benchmarks
+def run_bench(script: str, tmp_path: Path, *args: str, timeout: int = 240) -> tuple[dict, str]:
+    out = tmp_path / f"{Path(script).stem}.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+           "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--device", "cpu",
+                           "--json", str(out), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    last = proc.stdout.strip().splitlines()[-1]
+    match = HEADLINE.match(last)
+    assert match, f"{script}: last line is not name=value: {last!r}"
+    return json.loads(out.read_text()), last
+
+
+def test_train_step_bench_cpu(tmp_path):
+    result, last = run_bench("train_step.py", tmp_path, "--dim", "8", "--crop", "32", "--batch",
+                             "2", "--steps", "2", "--warmup", "1", "--compile", "aot_eager")
+    assert last.startswith("train_step_speedup_L=")
+    assert result["benchmark"] == "train_step" and result["device_type"] == "cpu"
+    assert (result["dim"], result["crop"], result["batch"]) == (8, 32, 2)
+    flops = result["flops_per_step"]
+    assert flops["L"] > flops["S"] > 0  # more block applications, more FLOPs
+    for recipe in ("baseline", "optimised"):
+        rows = result["results"][recipe]["variants"]
+        for v in ("S", "L"):
+            r = rows[v]
+            assert r["step_s"] > 0 and r["n"] == 2 and r["patches_per_s"] > 0
+            assert r["patches_per_s"] == pytest.approx(2 / r["step_s"])
+            assert r["mfu"] is None  # no peak on a CPU
+            assert r["peak_mb"] >= 0 and r["loss"] == r["loss"]
+    opt = result["results"]["optimised"]
+    assert opt["recipe"]["compile"] == "aot_eager" and opt["recipe"]["bf16_autocast"]
+    assert opt["graphs_compiled"] >= 1 and opt["graphs_compiled_by_switching"] == 0
+    assert result["results"]["baseline"]["graphs_compiled"] == 0
+    speedup = result["speedup"]["L"]
+    base, fast = (result["results"][r]["variants"]["L"]["step_s"] for r in ("baseline", "optimised"))
+    assert speedup == pytest.approx(base / fast)
+    assert float(last.split("=")[1]) == pytest.approx(speedup, rel=1e-3)
+
+
+def test_train_step_bench_mfu_with_a_given_peak(tmp_path):
+    result, _ = run_bench("train_step.py", tmp_path, "--dim", "8", "--crop", "16", "--batch", "1",
+                          "--steps", "1", "--warmup", "0", "--variants", "S", "--compile", "none",
+                          "--peak-tflops", "1.0")
+    r = result["results"]["optimised"]["variants"]["S"]
+    assert 0 < r["mfu"] <= 1
+    assert r["mfu"] == pytest.approx(r["train_flops_per_step"] / r["step_s"] / 1e12)
