@@ -1,0 +1,16 @@
+"""Build WebDataset shards (+ DALI indices + manifest.json) from folders of photographs.
+
+    python launch/make_shards.py --src DIR [--src DIR ...] --out DIR_OR_S3_URL \
+        [--patch-size 512] [--shard-samples N]
+
+All options: ``python launch/make_shards.py --help``; the logic lives in ``dyntrain.data.shards``.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dyntrain.data.shards import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
