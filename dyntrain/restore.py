@@ -45,19 +45,19 @@ def dynet_config_from_dict(model_cfg: dict[str, Any]):
 
 def load_checkpoint_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Optional[dict[str, Any]]]:
     """(state_dict, model config dict or None) of a checkpoint folder or weights file."""
-    try:
-        from .checkpoint import load_weights
-    except ImportError:  # TEMPORARY until dyntrain.checkpoint lands: plain .pt files only
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        if isinstance(obj, dict) and "state_dict" in obj:
-            return obj["state_dict"], obj.get("model_config")
-        return obj, None
-    return load_weights(str(path))
+    from .checkpoint import load_weights
+
+    return load_weights(path)
 
 
 def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
-    """What a checkpoint says about its run: {"step": int, "mlflow_run_id": str} where known, else {}."""
-    return {}
+    """What a checkpoint says about its run: {"step", "mlflow_run_id", ...} where known, else {}."""
+    from .checkpoint import checkpoint_info
+
+    try:
+        return checkpoint_info(path)
+    except Exception:  # a plain state_dict file records nothing
+        return {}
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", cfg: Optional[Config] = None,

@@ -45,13 +45,14 @@ def demo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A tiny 'pre-trained' DyNet exported as weights + model config."""
+    from dyntrain.checkpoint import save_weights
     from dyntrain.config import load_config
     from dyntrain.model_factory import build_model
 
     cfg = load_config(None, [o for o in TINY if o.startswith("model.")] + ["run.seed=7"])
     model = build_model(cfg)
     path = tmp_path_factory.mktemp("pre") / "tiny_pretrained.pt"
-    torch.save({"state_dict": model.state_dict(), "model_config": cfg.to_dict()["model"]}, path)
+    save_weights(path, model.state_dict(), cfg.to_dict()["model"])  # the exported-weights format
     return path, model
 
 
@@ -66,15 +67,11 @@ def _common(tmp_path, demo, init):
 pytestmark = pytest.mark.slow
 
 
-def test_two_ranks_finetune_from_a_pretraining_checkpoint(tmp_path, demo, pretrained):
-    from mlflow.tracking import MlflowClient
-
-    from dyntrain.config import load_config
-    from dyntrain.data.paired import build_finetune_loader
-    from dyntrain.schedule import VariantSchedule
-    from dyntrain.trainer import restoration_loss
-
-    init_path, init_model = pretrained
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, demo, pretrained):
+    """One 2-rank fine-tuning run (ZeRO-2, 4 steps, evaluation every 2 steps) shared by the tests."""
+    tmp_path = tmp_path_factory.mktemp("ft")
+    init_path, _ = pretrained
     args = _common(tmp_path, demo, init_path) + ["run.max_steps=4", "eval.every=2", "deepspeed.zero_stage=2",
                                                  "run.name=ft-2ranks"]
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
@@ -83,6 +80,19 @@ def test_two_ranks_finetune_from_a_pretraining_checkpoint(tmp_path, demo, pretra
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, _tail(proc)
     print(f"2-rank fine-tune took {time.monotonic() - t0:.1f}s")
+    return tmp_path, proc, args
+
+
+def test_two_ranks_finetune_from_a_pretraining_checkpoint(finetuned, pretrained):
+    from mlflow.tracking import MlflowClient
+
+    from dyntrain.config import load_config
+    from dyntrain.data.paired import build_finetune_loader
+    from dyntrain.schedule import VariantSchedule
+    from dyntrain.trainer import restoration_loss
+
+    tmp_path, proc, args = finetuned
+    init_path, init_model = pretrained
     assert "evaluation at step 2" in proc.stdout and "evaluation at step 4" in proc.stdout
 
     traces = [json.loads((tmp_path / "trace" / f"trace_rank{r}.json").read_text()) for r in range(2)]
@@ -106,14 +116,45 @@ def test_two_ranks_finetune_from_a_pretraining_checkpoint(tmp_path, demo, pretra
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("ft-test")
-    (run,) = client.search_runs([exp.experiment_id])
-    assert run.data.tags["mode"] == "finetune" and run.data.params["data.source"] == "paired"
+    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.mode = 'finetune'")
+    assert run.data.params["data.source"] == "paired"
     assert run.data.tags["init_checkpoint"] == str(init_path)
     hist = client.get_metric_history(run.info.run_id, "eval/L/average/psnr")
-    assert [m.step for m in hist] == [2, 4]
+    assert [m.step for m in hist][:2] == [2, 4]
     for name in ("eval/S/sots/psnr", "eval/S/rain100l/ssim", "eval/L/bsd68_s50/psnr", "loss"):
         assert name in run.data.metrics
+    assert (tmp_path / "ckpt" / "step_00000004" / "COMPLETE").is_file()
 
+
+def test_evaluate_cli_on_the_checkpoint_matches_the_in_training_evaluation(finetuned, demo):
+    from mlflow.tracking import MlflowClient
+
+    tmp_path, _, args = finetuned
+    _, sets = demo
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = [sys.executable, str(ROOT / "launch" / "evaluate.py"), "--checkpoint", str(tmp_path / "ckpt"),
+           "--variant", "all", f"tracking.uri={uri}", "tracking.experiment=ft-test", "eval.max_images=1",
+           "eval.sets=" + json.dumps(sets)]
+    proc = subprocess.run(cmd + ["--child"], cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, _tail(proc)
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("variant"))
+    assert lines[header].split()[1:4] == ["SOTS", "Rain100L", "BSD68"]
+    assert lines[header + 2].startswith("DyNet-S") and lines[header + 3].startswith("DyNet-L")
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("ft-test")
+    (ft,) = client.search_runs([exp.experiment_id], filter_string="tags.mode = 'finetune'")
+    (child,) = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{ft.info.run_id}'")
+    assert child.data.tags["dyntrain.stage"] == "evaluation"
+    for key, value in child.data.metrics.items():
+        if key.startswith("eval/"):  # same weights, same images: same numbers as during training
+            assert value == pytest.approx(ft.data.metrics[key], abs=1e-4), key
+    assert child.data.metrics["model/L/gflops_224"] > child.data.metrics["model/S/gflops_224"] > 0
+    assert f"{child.data.metrics['eval/L/sots/psnr']:.2f}" in lines[header + 3]
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "eval/S/average/psnr")] == [4]
 
 
 def test_single_task_fixed_variant_from_scratch(tmp_path, demo):

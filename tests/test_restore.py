@@ -29,6 +29,7 @@ def _one_thread():
 def weights(tmp_path_factory):
     """A tiny DyNet whose residual branch is small, as in a trained restorer (output = input + small
     correction), saved as one weights file with its model config."""
+    from dyntrain.checkpoint import save_weights
     from dyntrain.config import load_config
     from dyntrain.model_factory import build_model
 
@@ -36,8 +37,8 @@ def weights(tmp_path_factory):
     model = build_model(cfg)
     with torch.no_grad():
         model.output.weight.mul_(0.1)
-    path = tmp_path_factory.mktemp("w") / "tiny.pt"
-    torch.save({"state_dict": model.state_dict(), "model_config": cfg.to_dict()["model"]}, path)
+    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
+    save_weights(path, model.state_dict(), cfg.to_dict()["model"])  # the exported-weights format
     return path
 
 

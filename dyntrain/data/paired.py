@@ -498,3 +498,27 @@ def make_demo_data(out: str | Path, train_images: int = 6, test_images: int = 3,
         _save(clean, test / "sots" / "outdoor" / "gt" / f"{n}.png")
         _save(synthetic_haze(clean, 0.8, 0.4), test / "sots" / "outdoor" / "hazy" / f"{n}_0.8_0.4.jpg")
     return {name: str(test / name) for name in ("bsd68", "rain100l", "sots")}
+
+
+# ----------------------------------------------------------------------------------- CLI
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dyntrain.data.paired",
+                                     description="Paired fine-tuning data: generate demo data, pack shards.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="write small generated data in every layout (train + test sets)")
+    demo.add_argument("--out", required=True)
+    demo.add_argument("--train-images", type=int, default=12)
+    demo.add_argument("--test-images", type=int, default=4)
+    demo.add_argument("--height", type=int, default=64)
+    demo.add_argument("--width", type=int, default=56)
+    demo.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        sets = make_demo_data(args.out, args.train_images, args.test_images, args.height, args.width, args.seed)
+        print(f"data.root={Path(args.out) / 'train'}")
+        print("eval.sets=" + json.dumps(sets))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
