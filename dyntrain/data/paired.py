@@ -35,6 +35,7 @@ import io
 import json
 import logging
 import sys
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -500,6 +501,89 @@ def make_demo_data(out: str | Path, train_images: int = 6, test_images: int = 3,
     return {name: str(test / name) for name in ("bsd68", "rain100l", "sots")}
 
 
+# --------------------------------------------------------------------------- paired shards
+PAIRED_MANIFEST = "manifest.json"
+PAIRED_FORMAT = "dyntrain-paired-shards/1"
+PAIRED_EXTS = ("png", "jpg")
+
+
+def _encoded(path: str) -> tuple[bytes, str]:
+    """The file's own bytes when it is a PNG/JPEG that decodes, else a PNG re-encoding; (bytes, ext)."""
+    raw = Path(path).read_bytes()
+    with Image.open(io.BytesIO(raw)) as img:
+        fmt = img.format
+        img.load()
+        if fmt in ("PNG", "JPEG") and img.mode == "RGB":
+            return raw, "png" if fmt == "PNG" else "jpg"
+        rgb = img.convert("RGB")
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG")
+    return buf.getvalue(), "png"
+
+
+def _rel(path: str, root: Path) -> str:
+    return Path(path).relative_to(root).as_posix()
+
+
+def _write_paired_tar(path: Path, samples: list[tuple[str, bytes, str, bytes, str, dict]]) -> None:
+    """A deterministic WebDataset tar: key.input.<ext>, key.target.<ext>, key.json per sample."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for key, inp, inp_ext, tgt, tgt_ext, meta in samples:
+            for name, payload in ((f"{key}.input.{inp_ext}", inp), (f"{key}.target.{tgt_ext}", tgt),
+                                  (f"{key}.json", json.dumps(meta, sort_keys=True).encode())):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(payload), 0, 0o644
+                tf.addfile(info, io.BytesIO(payload))
+
+
+def pack_paired_shards(root: str | Path, out: str, tasks: Sequence[str] = TASKS, shard_samples: int = 500,
+                       printer=print) -> dict[str, Any]:
+    """Pack the task folders under ``root`` into paired WebDataset shards in ``out`` (folder or s3://).
+
+    One sample per pair: ``<key>.input.png|jpg`` (degraded; for denoising the clean image — noise is
+    added at training time), ``<key>.target.png|jpg`` (clean) and ``<key>.json`` (task, original key,
+    source files). PNG/JPEG files are stored as they are (after checking they decode), other formats
+    as PNG. Shards are per task (``<task>-000000.tar`` + DALI index ``.idx``), so the loader can apply
+    ``data.tasks`` repetition by listing a task's shards several times; ``manifest.json`` (written
+    last) lists the shards and counts. Repetition is not applied here.
+    """
+    from .shards import _Output, make_index
+
+    root = Path(root)
+    per_task = scan_tasks(root, {t: 1 for t in tasks}, sigmas=[0])
+    output = _Output(out)
+    manifest: dict[str, Any] = {"format": PAIRED_FORMAT, "root": str(root), "tasks": {}}
+    try:
+        for task, entries in per_task.items():
+            shards: list[dict[str, Any]] = []
+            for start in range(0, len(entries), shard_samples):
+                samples = []
+                for n, entry in enumerate(entries[start:start + shard_samples], start):
+                    try:
+                        inp, inp_ext = _encoded(entry.input_path)
+                        tgt, tgt_ext = (inp, inp_ext) if entry.target_path == entry.input_path else _encoded(entry.target_path)
+                    except OSError as exc:
+                        raise PairedDataError(f"pack: cannot read {entry.input_path} / {entry.target_path}: {exc}") from exc
+                    key = entry.key if task != "denoise" else entry.key.rsplit("/s", 1)[0]
+                    samples.append((f"{task}_{n:07d}", inp, inp_ext, tgt, tgt_ext,
+                                    {"task": task, "key": key, "input": _rel(entry.input_path, root),
+                                     "target": _rel(entry.target_path, root)}))
+                name = f"{task}-{start // shard_samples:06d}"
+                staged = output.staging(f"{name}.tar")
+                _write_paired_tar(staged, samples)
+                index = make_index(staged)
+                size = staged.stat().st_size
+                output.publish(staged, f"{name}.tar")
+                output.write_text(f"{name}.idx", index)
+                shards.append({"name": f"{name}.tar", "samples": len(samples), "bytes": size})
+                printer(f"pack: {output.url_of(name + '.tar')}  {len(samples)} {task} pairs")
+            manifest["tasks"][task] = {"samples": len(entries), "shards": shards}
+        output.write_text(PAIRED_MANIFEST, json.dumps(manifest, indent=1))
+    finally:
+        output.close()
+    return manifest
+
+
 # ----------------------------------------------------------------------------------- CLI
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dyntrain.data.paired",
@@ -512,8 +596,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     demo.add_argument("--height", type=int, default=64)
     demo.add_argument("--width", type=int, default=56)
     demo.add_argument("--seed", type=int, default=0)
+    pk = sub.add_parser("pack", help="pack the task folders into paired WebDataset shards")
+    pk.add_argument("--root", required=True, help="folder holding Denoise/, Derain/, Dehaze/")
+    pk.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
+    pk.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    pk.add_argument("--shard-samples", type=int, default=500)
     args = parser.parse_args(argv)
-    if args.command == "demo":
+    if args.command == "pack":
+        manifest = pack_paired_shards(args.root, args.out, args.tasks, args.shard_samples)
+        counts = ", ".join(f"{t} {v['samples']}" for t, v in manifest["tasks"].items())
+        print(f"packed {counts} pairs; use data.source=paired_shards data.train_urls=[{args.out}]")
+    elif args.command == "demo":
         sets = make_demo_data(args.out, args.train_images, args.test_images, args.height, args.width, args.seed)
         print(f"data.root={Path(args.out) / 'train'}")
         print("eval.sets=" + json.dumps(sets))
