@@ -29,6 +29,7 @@ class DyNet(nn.Module):
     def __init__(self, config: DyNetConfig | None = None) -> None:
         super().__init__()
         self.config = cfg = config if config is not None else DyNetConfig()
+        self._blocks_compiled = False  # set by compile_blocks
         w1, w2, w3, w4 = cfg.widths
         h1, h2, h3, h4 = cfg.heads
         gamma = cfg.ffn_expansion
@@ -96,10 +97,11 @@ class DyNet(nn.Module):
             compile_kwargs: passed to ``torch.compile``; default ``dynamic=False`` (one static
                 graph per block shape, the fastest kernels for fixed-size training crops).
 
-        New input sizes (e.g. evaluation on full images) compile new graphs; run such passes
-        under ``torch.compiler.set_stance("force_eager")`` to skip compiling them.
+        In eval mode the blocks run eagerly (``torch.compiler.set_stance("force_eager")``):
+        evaluation on full images of ever-new sizes would otherwise compile graphs per size.
         """
         compile_kwargs.setdefault("dynamic", False)
+        self._blocks_compiled = True
         blocks = [m for m in self.modules() if isinstance(m, TransformerBlock)]
         # all blocks run one code object (TransformerBlock.forward), whose graph cache needs
         # room for each distinct shape under train/eval, grad/no-grad and autocast on/off
@@ -117,6 +119,13 @@ class DyNet(nn.Module):
 
     def forward(self, x: torch.Tensor, reuse: Sequence[int] | None = None,
                 variant: str | None = None) -> torch.Tensor:
+        if self._blocks_compiled and not self.training and not torch.compiler.is_compiling():
+            with torch.compiler.set_stance("force_eager"):  # see compile_blocks
+                return self._forward(x, reuse, variant)
+        return self._forward(x, reuse, variant)
+
+    def _forward(self, x: torch.Tensor, reuse: Sequence[int] | None,
+                 variant: str | None) -> torch.Tensor:
         f1, f2, f3, f4 = self.resolve_reuse(reuse, variant)
         inp, (height, width) = pad_to_multiple(x, 8)  # (B, 3, H, W), H and W multiples of 8
 

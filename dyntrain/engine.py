@@ -203,6 +203,6 @@ def build_engine(cfg: Config, model: torch.nn.Module, dist_info: DistInfo):
     ds_config = build_ds_config(cfg, dist_info.world_size, dist_info.device)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=ds_config)
-    if cfg.model.compile:
-        engine.compile()
+    if cfg.model.compile and cfg.deepspeed.zero_stage == 3:
+        engine.compile()  # below stage 3 build_model compiled the blocks (DyNet.compile_blocks)
     return engine, ds_config

@@ -86,6 +86,18 @@ def test_compile_blocks_keeps_state_dict_and_raises_the_graph_cache():
     assert limit >= 8 * n_blocks
 
 
+def test_compiled_model_evaluates_eagerly_at_any_size():
+    import torch._dynamo
+
+    compiled = tiny().compile_blocks(backend="eager").eval()
+    start = graphs()
+    with torch.no_grad():
+        for size in ((16, 16), (24, 40), (33, 17)):
+            x = torch.rand(1, 3, *size)
+            assert compiled(x, variant="L").shape == x.shape
+    assert graphs() == start, "evaluation compiled graphs"
+
+
 def test_channels_last_matches_contiguous():
     plain = tiny()
     fast = copy.deepcopy(plain).to(memory_format=torch.channels_last)
