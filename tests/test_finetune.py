@@ -157,10 +157,15 @@ def test_evaluate_cli_on_the_checkpoint_matches_the_in_training_evaluation(finet
     assert [m.step for m in client.get_metric_history(child.info.run_id, "eval/S/average/psnr")] == [4]
 
 
-def test_single_task_fixed_variant_from_scratch(tmp_path, demo):
+def test_single_task_fixed_variant_from_scratch_on_paired_shards(tmp_path, demo):
+    """Single-task mode, fixed-variant mode and no pre-training, reading packed shards through DALI."""
+    from dyntrain.data.paired import pack_paired_shards
+
+    pack_paired_shards(demo[0] / "train", str(tmp_path / "shards"), shard_samples=3, printer=lambda s: None)
     args = _common(tmp_path, demo, "null") + [
         "run.max_steps=3", "data.tasks={denoise: 0, derain: 2, dehaze: 0}", "schedule.mode=fixed",
-        "schedule.fixed_variant=S", "eval.every=0", "deepspeed.zero_stage=0", "tracking.enabled=false"]
+        "schedule.fixed_variant=S", "eval.every=0", "deepspeed.zero_stage=0", "tracking.enabled=false",
+        "data.source=paired_shards", f"data.train_urls=[{tmp_path / 'shards'}]", "data.shuffle_buffer=4"]
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "finetune.py"), *args], cwd=tmp_path,
                           env=_env(tmp_path), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, _tail(proc)

@@ -420,8 +420,7 @@ def build_finetune_loader(cfg, rank: int, world_size: int, device) -> PairedLoad
         return PairedFolderLoader(entries, data.crop_size, data.micro_batch_size, cfg.run.seed, rank,
                                   world_size, device, num_workers=data.num_threads, prefetch=data.prefetch)
     if data.source == "paired_shards":
-        from .paired_dali import PairedShardLoader  # DALI is imported only when used
-        return PairedShardLoader(cfg, rank, world_size, device)
+        return PairedShardLoader(cfg, rank, world_size, device)  # DALI is imported only when used
     from ..config import ConfigError
     raise ConfigError(f"data.source: fine-tuning reads 'paired' or 'paired_shards', got {data.source!r}")
 
@@ -582,6 +581,166 @@ def pack_paired_shards(root: str | Path, out: str, tasks: Sequence[str] = TASKS,
     finally:
         output.close()
     return manifest
+
+
+def read_paired_manifest(base: str) -> dict[str, Any]:
+    """The manifest.json of a packed paired-shard folder or s3:// prefix."""
+    from . import s3
+
+    url = s3.join_url(base.rstrip("/"), PAIRED_MANIFEST) if s3.is_s3(base) else str(Path(base) / PAIRED_MANIFEST)
+    try:
+        text = s3.read_bytes(url).decode() if s3.is_s3(url) else Path(url).read_text()
+    except (OSError, s3.DataSourceError) as exc:
+        raise PairedDataError(f"paired shards: cannot read {url} ({exc}); pack the task folders first with "
+                              f"python -m dyntrain.data.paired pack --root DIR --out {base}") from exc
+    manifest = json.loads(text)
+    if manifest.get("format") != PAIRED_FORMAT:
+        raise PairedDataError(f"paired shards: {url} is not a {PAIRED_FORMAT} manifest")
+    return manifest
+
+
+def paired_shard_list(base: str, manifest: dict[str, Any], tasks: dict[str, int],
+                      sigmas: Sequence[float], seed: int = 0) -> tuple[list[str], int]:
+    """Shard URLs with each task's shards listed ``repetition`` times (denoising also once per sigma,
+    matching the folder source's one entry per (image, sigma)), in an order shuffled by ``seed`` (the
+    same on every rank) so that every rank's contiguous part of the list mixes the tasks; returns
+    (urls, samples per epoch)."""
+    from . import s3
+
+    urls: list[str] = []
+    total = 0
+    for task in TASKS:
+        rep = int(tasks.get(task, 0)) * (len(sigmas) if task == "denoise" else 1)
+        if rep <= 0:
+            continue
+        if task not in manifest["tasks"]:
+            raise PairedDataError(f"data.tasks.{task}: the packed shards at {base} hold no {task} pairs "
+                                  f"(packed: {sorted(manifest['tasks'])})")
+        info = manifest["tasks"][task]
+        names = [sh["name"] for sh in info["shards"]]
+        join = (lambda n: s3.join_url(base.rstrip("/"), n)) if s3.is_s3(base) else (lambda n: str(Path(base) / n))
+        urls += [join(n) for n in names] * rep
+        total += info["samples"] * rep
+    if not urls:
+        raise PairedDataError(f"data.tasks: no task has a positive repetition factor ({tasks})")
+    order = np.random.default_rng([seed, 0x5A4D]).permutation(len(urls))
+    return [urls[i] for i in order], total
+
+
+class PairedShardLoader(PairedLoaderBase):
+    """Fine-tuning loader over paired WebDataset shards (``data.source: paired_shards``): a DALI
+    pipeline per rank reads (local or s3://) shards, decodes input and target (nvJPEG on a GPU),
+    and cuts the same random crop from both; the flip/rotation and the denoising noise follow on the
+    device in torch. ``data.train_urls[0]`` is the packed folder or s3:// prefix (its manifest lists
+    the shards). The reader state is a DALI checkpoint, so resume is exact.
+    """
+
+    kind = "paired_shards"
+
+    def __init__(self, cfg, rank: int, world_size: int, device) -> None:
+        from .urls import index_url
+
+        data = cfg.data
+        if len(data.train_urls) != 1:
+            raise PairedDataError("data.train_urls: give exactly one packed paired-shard folder or s3:// prefix "
+                                  f"for data.source=paired_shards, got {data.train_urls}")
+        self.base = str(data.train_urls[0])
+        self.manifest = read_paired_manifest(self.base)
+        self.urls, total = paired_shard_list(self.base, self.manifest, data.tasks, data.sigmas,
+                                               cfg.run.seed)
+        self.index = [index_url(u) for u in self.urls]
+        super().__init__(cfg.run.seed, rank, world_size, data.micro_batch_size, torch.device(device), total)
+        self.crop, self.sigmas = data.crop_size, [float(s) for s in data.sigmas]
+        self.num_threads, self.prefetch = max(1, data.num_threads), max(1, data.prefetch)
+        self.shuffle_buffer, self.decode = data.shuffle_buffer, data.decode
+        self.per_rank = max(1, total // world_size)
+        self._pipe = None
+        self._checkpoint: Optional[str] = None
+
+    def _build(self) -> None:
+        from nvidia.dali import fn, pipeline_def
+
+        gpu = self.device.type == "cuda"
+        decode_device = "mixed" if (gpu and self.decode in ("auto", "mixed")) else "cpu"
+        exts = ["input." + ";input.".join(PAIRED_EXTS + ("jpeg",)),
+                "target." + ";target.".join(PAIRED_EXTS + ("jpeg",)), "json"]
+
+        @pipeline_def(enable_checkpointing=True)
+        def pipeline():
+            inp, tgt, meta = fn.readers.webdataset(
+                paths=self.urls, index_paths=self.index, ext=exts, shard_id=self.rank,
+                num_shards=self.world_size, random_shuffle=self.shuffle_buffer > 0,
+                initial_fill=max(1, self.shuffle_buffer), seed=_mix_seed(self.seed, 0x5A4D) & 0x7FFFFFFF,
+                missing_component_behavior="error", name="paired_reader")
+            inp = fn.decoders.image(inp, device=decode_device)
+            tgt = fn.decoders.image(tgt, device=decode_device)
+            pos_x = fn.random.uniform(range=[0.0, 1.0])
+            pos_y = fn.random.uniform(range=[0.0, 1.0])  # one position for both images
+            inp = fn.crop(inp, crop=(self.crop, self.crop), crop_pos_x=pos_x, crop_pos_y=pos_y,
+                          out_of_bounds_policy="pad")
+            tgt = fn.crop(tgt, crop=(self.crop, self.crop), crop_pos_x=pos_x, crop_pos_y=pos_y,
+                          out_of_bounds_policy="pad")
+            return inp, tgt, meta
+
+        device_id = (self.device.index or 0) if gpu else None
+        self._pipe = pipeline(batch_size=self.batch_size, num_threads=self.num_threads, device_id=device_id,
+                              seed=_mix_seed(self.seed, self.rank, 0xDA11) & 0x7FFFFFFF,
+                              prefetch_queue_depth=self.prefetch, checkpoint=self._checkpoint)
+        self._pipe.build()
+
+    def __next__(self) -> dict[str, Any]:
+        if self._pipe is None:
+            self._build()
+        assert self._pipe is not None
+        inp, tgt, meta = self._pipe.run()
+        metas = [json.loads(bytes(np.array(meta.at(i))).decode()) for i in range(len(meta))]
+        x, y = _dali_to_torch(inp, self.device), _dali_to_torch(tgt, self.device)  # (B, H, W, 3) uint8
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(_mix_seed(self.seed, self.rank, self.batches, 0xF11))
+        ops = torch.randint(0, 8, (len(metas),), generator=gen).tolist()
+        pick = torch.randint(0, len(self.sigmas), (len(metas),), generator=gen).tolist()
+        x = torch.stack([_dihedral_t(x[i], op) for i, op in enumerate(ops)]).permute(0, 3, 1, 2)
+        y = torch.stack([_dihedral_t(y[i], op) for i, op in enumerate(ops)]).permute(0, 3, 1, 2)
+        sigma = torch.tensor([self.sigmas[p] if m["task"] == "denoise" else 0.0 for m, p in zip(metas, pick)])
+        keys = [m["key"] + (f"/s{self.sigmas[p]:g}" if m["task"] == "denoise" else "") for m, p in zip(metas, pick)]
+        raw = {"input": x, "target": y, "sigma": sigma, "keys": keys, "tasks": [m["task"] for m in metas],
+               "epoch": ((self.batches + 1) * self.batch_size - 1) // self.per_rank, "skipped": 0}
+        return self._finish(raw)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["dali_checkpoint"] = self._pipe.checkpoint() if self._pipe is not None else self._checkpoint
+        state["urls"] = len(self.urls)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._check_state(state)
+        self.close()
+        self._restore_counters(state)
+        self._checkpoint = state.get("dali_checkpoint")
+
+    def close(self) -> None:
+        self._pipe = None
+
+
+def _dihedral_t(img: torch.Tensor, op: int) -> torch.Tensor:
+    """``dihedral`` on an (H, W, C) tensor."""
+    out = torch.rot90(img, k=op % 4, dims=(0, 1))
+    return out.flip(1) if op >= 4 else out
+
+
+def _dali_to_torch(batch, device: torch.device) -> torch.Tensor:
+    """A DALI TensorList of equal-shape uint8 images -> a (B, H, W, C) torch tensor on ``device``."""
+    if hasattr(batch, "as_cpu") and device.type == "cuda":
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        dense = batch.as_tensor()
+        out = torch.empty(tuple(dense.shape()), dtype=torch.uint8, device=device)
+        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
+        return out
+    if hasattr(batch, "as_cpu"):
+        batch = batch.as_cpu()
+    return torch.from_numpy(np.array(batch.as_tensor())).to(device)
 
 
 # ----------------------------------------------------------------------------------- CLI
