@@ -632,12 +632,16 @@ class PairedShardLoader(PairedLoaderBase):
     pipeline per rank reads (local or s3://) shards, decodes input and target (nvJPEG on a GPU),
     and cuts the same random crop from both; the flip/rotation and the denoising noise follow on the
     device in torch. ``data.train_urls[0]`` is the packed folder or s3:// prefix (its manifest lists
-    the shards). The reader state is a DALI checkpoint, so resume is exact.
+    the shards). Like the pre-training reader, a rank always reads the same share of the samples
+    (``stick_to_shard``), shuffled through a buffer of ``data.shuffle_buffer``. The reader state is a
+    DALI checkpoint, so resume is exact. ``pack_paired_shards`` decoded every image before writing it,
+    so a DALI failure here is an I/O problem and raises ``DataSourceError`` naming the shards.
     """
 
     kind = "paired_shards"
 
     def __init__(self, cfg, rank: int, world_size: int, device) -> None:
+        from .pipeline import share_size
         from .urls import index_url
 
         data = cfg.data
@@ -653,12 +657,16 @@ class PairedShardLoader(PairedLoaderBase):
         self.crop, self.sigmas = data.crop_size, [float(s) for s in data.sigmas]
         self.num_threads, self.prefetch = max(1, data.num_threads), max(1, data.prefetch)
         self.shuffle_buffer, self.decode = data.shuffle_buffer, data.decode
-        self.per_rank = max(1, total // world_size)
+        self.share = share_size(total, rank, world_size)  # DALI's split of the sample list
+        if self.share < 1:
+            raise PairedDataError(f"rank {rank}: no paired samples in its share ({total} for {world_size} ranks)")
         self._pipe = None
         self._checkpoint: Optional[str] = None
 
     def _build(self) -> None:
         from nvidia.dali import fn, pipeline_def
+
+        from .s3 import DataSourceError
 
         gpu = self.device.type == "cuda"
         decode_device = "mixed" if (gpu and self.decode in ("auto", "mixed")) else "cpu"
@@ -669,8 +677,9 @@ class PairedShardLoader(PairedLoaderBase):
         def pipeline():
             inp, tgt, meta = fn.readers.webdataset(
                 paths=self.urls, index_paths=self.index, ext=exts, shard_id=self.rank,
-                num_shards=self.world_size, random_shuffle=self.shuffle_buffer > 0,
-                initial_fill=max(1, self.shuffle_buffer), seed=_mix_seed(self.seed, 0x5A4D) & 0x7FFFFFFF,
+                num_shards=self.world_size, stick_to_shard=True, pad_last_batch=False,
+                random_shuffle=self.shuffle_buffer > 0, initial_fill=max(1, self.shuffle_buffer),
+                seed=_mix_seed(self.seed, self.rank, 0x5A4D) & 0x7FFFFFFF,
                 missing_component_behavior="error", name="paired_reader")
             inp = fn.decoders.image(inp, device=decode_device)
             tgt = fn.decoders.image(tgt, device=decode_device)
@@ -683,16 +692,27 @@ class PairedShardLoader(PairedLoaderBase):
             return inp, tgt, meta
 
         device_id = (self.device.index or 0) if gpu else None
-        self._pipe = pipeline(batch_size=self.batch_size, num_threads=self.num_threads, device_id=device_id,
-                              seed=_mix_seed(self.seed, self.rank, 0xDA11) & 0x7FFFFFFF,
-                              prefetch_queue_depth=self.prefetch, checkpoint=self._checkpoint)
-        self._pipe.build()
+        pipe = pipeline(batch_size=self.batch_size, num_threads=self.num_threads, device_id=device_id,
+                        seed=_mix_seed(self.seed, self.rank, 0xDA11) & 0x7FFFFFFF,
+                        prefetch_queue_depth=self.prefetch, checkpoint=self._checkpoint)
+        try:
+            pipe.build()
+        except RuntimeError as exc:
+            raise DataSourceError(f"rank {self.rank}: DALI cannot open the paired shards under {self.base} "
+                                  f"({len(set(self.urls))} shard(s), first {self.urls[0]}): {exc}") from exc
+        self._pipe = pipe
 
     def __next__(self) -> dict[str, Any]:
+        from .s3 import DataSourceError
+
         if self._pipe is None:
             self._build()
         assert self._pipe is not None
-        inp, tgt, meta = self._pipe.run()
+        try:
+            inp, tgt, meta = self._pipe.run()
+        except RuntimeError as exc:  # pack decoded every image, so this is I/O (a shard gone, S3 down)
+            raise DataSourceError(f"rank {self.rank}: reading the paired shards under {self.base} failed "
+                                  f"at batch {self.batches}: {exc}") from exc
         metas = [json.loads(bytes(np.array(meta.at(i))).decode()) for i in range(len(meta))]
         x, y = _dali_to_torch(inp, self.device), _dali_to_torch(tgt, self.device)  # (B, H, W, 3) uint8
         gen = torch.Generator(device="cpu")
@@ -704,7 +724,7 @@ class PairedShardLoader(PairedLoaderBase):
         sigma = torch.tensor([self.sigmas[p] if m["task"] == "denoise" else 0.0 for m, p in zip(metas, pick)])
         keys = [m["key"] + (f"/s{self.sigmas[p]:g}" if m["task"] == "denoise" else "") for m, p in zip(metas, pick)]
         raw = {"input": x, "target": y, "sigma": sigma, "keys": keys, "tasks": [m["task"] for m in metas],
-               "epoch": ((self.batches + 1) * self.batch_size - 1) // self.per_rank, "skipped": 0}
+               "epoch": ((self.batches + 1) * self.batch_size - 1) // self.share, "skipped": 0}
         return self._finish(raw)
 
     def state_dict(self) -> dict[str, Any]:
