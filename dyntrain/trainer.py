@@ -113,6 +113,7 @@ class Trainer:
         self.accum = int(engine.gradient_accumulation_steps()) if hasattr(
             engine, "gradient_accumulation_steps") else cfg.deepspeed.gradient_accumulation_steps
         self.input_dtype = torch.bfloat16 if _bf16(engine) else torch.float32
+        self.channels_last = bool(cfg.model.channels_last)
         self.step = 0  # optimizer steps done == index of the next global iteration
         self.account = GPUHourAccount(world_size, schedule.active)
         self.mlflow_run_id: Optional[str] = None
@@ -155,6 +156,8 @@ class Trainer:
             batch = next(self._batches)
             data_wait += time.perf_counter() - td
             x = batch["input"].to(self.device, self.input_dtype, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             y = batch["target"].to(self.device, non_blocking=True)
             out = self.engine(x, reuse=reuse)
             loss = restoration_loss(out, y)

@@ -192,7 +192,11 @@ def test_zero3_with_switching_variants_matches_zero0(tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_variant_and_saves_nothing_after(tmp_path):
-    proc, _ = launch(tmp_path, ["run.max_steps=20", "checkpoint.every=2", "deepspeed.zero_stage=1"],
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc, _ = launch(tmp_path, ["run.max_steps=20", "checkpoint.every=2", "deepspeed.zero_stage=1",
+                                "tracking.enabled=true", f"tracking.uri={uri}", "tracking.experiment=nan"],
                      env_extra={"SYNTH_NAN_AT": "3"})  # batch 3 = step 3 (no accumulation)
     assert proc.returncode != 0, _tail(proc)
     out = proc.stdout + proc.stderr
@@ -201,6 +205,10 @@ def test_nan_loss_stops_with_step_and_variant_and_saves_nothing_after(tmp_path):
         saves = [json.loads(l)["step"] for l in
                  (tmp_path / "ckpt" / f"saves_rank{r}.jsonl").read_text().splitlines()]
         assert saves == [2]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("nan").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.metrics["loss"] > 0  # logged up to step 2
 
 
 if __name__ == "__main__":
