@@ -135,7 +135,7 @@ def format_tables(pretrain: list[PretrainRun], results: list[ResultRun]) -> str:
         tasks = [t for t in TASK_ORDER if any(t in v for r in results for v in r.results.values())]
         rows = []
         for r in results:
-            for variant, per_task in sorted(r.results.items()):
+            for variant, per_task in sorted(r.results.items(), key=lambda kv: (r.gflops.get(kv[0], 0.0), kv[0])):
                 rows.append([r.name, r.stage, variant, _fmt(r.gflops.get(variant), ".2f")] + [
                     (f"{per_task[t].get('psnr', float('nan')):.2f}/{per_task[t].get('ssim', float('nan')):.4f}"
                      if t in per_task else "-") for t in tasks])

@@ -262,6 +262,7 @@ class PeriodicEvaluator:
         self.pairs: Optional[list[TestPair]] = None
         self.sets, self.noise_seed, self.max_images = dict(cfg.eval.sets), cfg.eval.noise_seed, cfg.eval.max_images
         self.last: Optional[dict] = None
+        self.flops_logged = False
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step > 0 and step % self.every == 0 and bool(self.sets)
@@ -275,7 +276,11 @@ class PeriodicEvaluator:
         self.last = results
         self.printer(f"evaluation at step {step}:\n{format_table(results)}")
         if self.tracker is not None:
-            self.tracker.log_metrics(metrics_dict(results), step=step)
+            metrics = metrics_dict(results)
+            if not self.flops_logged:  # the compute of each variant, for PSNR-vs-GFLOPs comparisons
+                metrics.update(flops_metrics(model, self.variants))
+                self.flops_logged = True
+            self.tracker.log_metrics(metrics, step=step)
         return results
 
 
@@ -358,7 +363,7 @@ def run_evaluation(checkpoint: str, cfg: Any, variants: Sequence[str] | str = "a
         out["run_id"] = log_to_mlflow(
             metrics, cfg.tracking.uri, cfg.tracking.experiment, target, child=child,
             step=step if step is not None else int(info.get("step") or 0),
-            run_name=f"eval-{Path(checkpoint).name}", tags={"dyntrain.checkpoint": str(checkpoint)},
+            run_name=f"eval-{info.get('tag') or Path(checkpoint).stem}", tags={"dyntrain.checkpoint": str(checkpoint)},
             texts={"evaluation/table.txt": table + "\n"})
         printer(f"logged {len(metrics)} metrics to MLflow run {out['run_id']} ({cfg.tracking.uri})")
     return out

@@ -1,6 +1,8 @@
-"""Fine-tuning through the pre-training machinery: 2 CPU ranks under the deepspeed launcher, from a
-tiny pre-training checkpoint, with periodic evaluation into MLflow; single-task / fixed-variant /
-from-scratch modes; init-checkpoint errors."""
+"""The README's path after pre-training, in a fresh folder: a short real pre-training run (quickstart
+config, DALI shards, DeepSpeed checkpoint folder) -> generated all-in-one data -> fine-tuning on 2 CPU
+ranks under the deepspeed launcher with periodic evaluation -> launch/evaluate.py on the checkpoint ->
+export -> launch/restore.py with S and L from one file -> launch/compare.py over the real MLflow runs.
+Plus single-task / fixed-variant / from-scratch fine-tuning on packed shards, and init errors."""
 from __future__ import annotations
 
 import json
@@ -10,13 +12,30 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.dim=8", "model.prompt_dims=[8,8,16]", "model.prompt_sizes=[16,8,4]", "model.num_refinement=1",
-        "data.crop_size=32", "data.micro_batch_size=2", "data.num_threads=0", "run.log_every=2",
-        "deepspeed.bf16=false", "optim.warmup_steps=0", "optim.lr_schedule=constant"]
+PRETRAIN_CKPT = "runs/quickstart/checkpoints"
+FINETUNE_CKPT = "runs/quickstart-finetune/checkpoints"
+pytestmark = pytest.mark.slow
+
+
+def _env(work: Path) -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               DYNTRAIN_TRACE_DIR=str(work / "trace"))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _run(cmd, cwd: Path, timeout: float = 300, env=None) -> subprocess.CompletedProcess:
+    t0 = time.monotonic()
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env or _env(cwd), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + "\n---stderr---\n" + proc.stderr[-4000:]
+    print(f"{' '.join(str(c) for c in cmd[:3])}: {time.monotonic() - t0:.1f}s")
+    return proc
 
 
 def _free_port() -> int:
@@ -24,85 +43,61 @@ def _free_port() -> int:
     return free_port()
 
 
-def _env(tmp_path: Path) -> dict:
-    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-                DYNTRAIN_TRACE_DIR=str(tmp_path / "trace"))
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A fresh folder with the quickstart's pre-training checkpoint and the generated fine-tune data."""
+    from dyntrain.data.synthetic import write_synthetic_images
+
+    work = tmp_path_factory.mktemp("work")
+    write_synthetic_images(work / "data/quickstart/images", 3, size=(256, 256), seed=0)
+    _run([sys.executable, ROOT / "launch/make_shards.py", "--src", "data/quickstart/images",
+          "--out", "data/quickstart/shards", "--patch-size", "128", "--shard-samples", "6", "--quiet"], work)
+    _run([sys.executable, ROOT / "launch/pretrain.py", "--config", ROOT / "configs/quickstart.yaml",
+          "run.max_steps=2", "run.log_every=1", "schedule.verify_every=0"], work)
+    assert (work / PRETRAIN_CKPT / "step_00000002" / "COMPLETE").is_file()
+    _run([sys.executable, "-m", "dyntrain.data.paired", "demo", "--out", "data/finetune_demo",
+          "--train-images", "4", "--test-images", "1", "--height", "40", "--width", "48"], work)
+    return work
 
 
-def _tail(proc) -> str:
-    return proc.stdout[-4000:] + "\n---stderr---\n" + proc.stderr[-4000:]
+FT_ARGS = ["run.max_steps=4", "eval.every=2", "eval.max_images=1", "checkpoint.every=0", "run.log_every=2",
+           "data.tasks={denoise: 1, derain: 1, dehaze: 1}"]  # unique keys per epoch for the rank check
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from dyntrain.data.paired import make_demo_data
-
-    root = tmp_path_factory.mktemp("demo")
-    sets = make_demo_data(root, train_images=4, test_images=1, height=40, width=48)
-    return root, sets
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A tiny 'pre-trained' DyNet exported as weights + model config."""
-    from dyntrain.checkpoint import save_weights
-    from dyntrain.config import load_config
-    from dyntrain.model_factory import build_model
-
-    cfg = load_config(None, [o for o in TINY if o.startswith("model.")] + ["run.seed=7"])
-    model = build_model(cfg)
-    path = tmp_path_factory.mktemp("pre") / "tiny_pretrained.pt"
-    save_weights(path, model.state_dict(), cfg.to_dict()["model"])  # the exported-weights format
-    return path, model
+def finetuned(work):
+    """The README's fine-tuning command, shortened: 2 CPU ranks, ZeRO-2, 4 steps, evaluation every 2."""
+    proc = _run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                 _free_port(), ROOT / "launch/finetune.py", "--config", ROOT / "configs/finetune_quickstart.yaml",
+                 *FT_ARGS], work)
+    return proc
 
 
-def _common(tmp_path, demo, init):
-    root, sets = demo
-    return ["--config", str(ROOT / "configs" / "finetune_allinone.yaml"), *TINY,
-            f"data.root={root / 'train'}", f"init.checkpoint={init}", f"checkpoint.dir={tmp_path / 'ckpt'}",
-            "checkpoint.every=0", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "tracking.experiment=ft-test",
-            "eval.max_images=1", "eval.sets=" + json.dumps(sets), "data.tasks={denoise: 1, derain: 1, dehaze: 1}"]
-
-
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def finetuned(tmp_path_factory, demo, pretrained):
-    """One 2-rank fine-tuning run (ZeRO-2, 4 steps, evaluation every 2 steps) shared by the tests."""
-    tmp_path = tmp_path_factory.mktemp("ft")
-    init_path, _ = pretrained
-    args = _common(tmp_path, demo, init_path) + ["run.max_steps=4", "eval.every=2", "deepspeed.zero_stage=2",
-                                                 "run.name=ft-2ranks"]
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-           str(_free_port()), str(ROOT / "launch" / "finetune.py"), *args]
-    t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, _tail(proc)
-    print(f"2-rank fine-tune took {time.monotonic() - t0:.1f}s")
-    return tmp_path, proc, args
-
-
-def test_two_ranks_finetune_from_a_pretraining_checkpoint(finetuned, pretrained):
+def test_two_ranks_finetune_from_the_pretraining_checkpoint(work, finetuned):
     from mlflow.tracking import MlflowClient
 
+    from dyntrain.checkpoint import load_weights
     from dyntrain.config import load_config
     from dyntrain.data.paired import build_finetune_loader
+    from dyntrain.restore import dynet_config_from_dict
     from dyntrain.schedule import VariantSchedule
     from dyntrain.trainer import restoration_loss
+    from dynet import DyNet
 
-    tmp_path, proc, args = finetuned
-    init_path, init_model = pretrained
-    assert "evaluation at step 2" in proc.stdout and "evaluation at step 4" in proc.stdout
-
-    traces = [json.loads((tmp_path / "trace" / f"trace_rank{r}.json").read_text()) for r in range(2)]
+    assert "evaluation at step 2" in finetuned.stdout and "evaluation at step 4" in finetuned.stdout
+    assert "model architecture taken from init.checkpoint" in finetuned.stdout
+    traces = [json.loads((work / "trace" / f"trace_rank{r}.json").read_text()) for r in range(2)]
     assert traces[0]["weights_sha256"] == traces[1]["weights_sha256"]
     assert [s["variant"] for s in traces[0]["steps"]] == [s["variant"] for s in traces[1]["steps"]]
     for s0, s1 in zip(traces[0]["steps"], traces[1]["steps"]):
         assert not set(s0["keys"]) & set(s1["keys"])  # ranks read different samples
 
-    # the first step's loss is that of the init weights on the loaders' first batches
-    cfg = load_config(str(ROOT / "configs" / "finetune_allinone.yaml"), args[2:])
+    # the first step's loss is that of the pre-trained weights on the loaders' first batches
+    state, model_cfg = load_weights(work / PRETRAIN_CKPT)
+    init_model = DyNet(dynet_config_from_dict(model_cfg))
+    init_model.load_state_dict(state)
+    cfg = load_config(ROOT / "configs/finetune_quickstart.yaml",
+                      FT_ARGS + [f"data.root={work / 'data/finetune_demo/train'}"])  # it ran in work/
     reuse = VariantSchedule.from_config(cfg).reuse_at(0)
     losses = []
     with torch.no_grad():
@@ -114,83 +109,102 @@ def test_two_ranks_finetune_from_a_pretraining_checkpoint(finetuned, pretrained)
             loader.close()
     assert traces[0]["steps"][0]["loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)
 
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    exp = client.get_experiment_by_name("ft-test")
+    client = MlflowClient(f"sqlite:///{work}/mlflow.db")
+    exp = client.get_experiment_by_name("dynet-quickstart-finetune")
     (run,) = client.search_runs([exp.experiment_id], filter_string="tags.mode = 'finetune'")
-    assert run.data.params["data.source"] == "paired"
-    assert run.data.tags["init_checkpoint"] == str(init_path)
-    hist = client.get_metric_history(run.info.run_id, "eval/L/average/psnr")
-    assert [m.step for m in hist][:2] == [2, 4]
+    assert run.data.params["data.source"] == "paired" and run.data.params["model.dim"] == "8"
+    assert run.data.tags["init_checkpoint"] == PRETRAIN_CKPT
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/L/average/psnr")] == [2, 4]
     for name in ("eval/S/sots/psnr", "eval/S/rain100l/ssim", "eval/L/bsd68_s50/psnr", "loss"):
         assert name in run.data.metrics
-    assert (tmp_path / "ckpt" / "step_00000004" / "COMPLETE").is_file()
+    assert (work / FINETUNE_CKPT / "step_00000004" / "COMPLETE").is_file()
 
 
-def test_evaluate_cli_on_the_checkpoint_matches_the_in_training_evaluation(finetuned, demo):
+def test_evaluate_cli_on_the_checkpoint_matches_the_in_training_evaluation(work, finetuned):
     from mlflow.tracking import MlflowClient
 
-    tmp_path, _, args = finetuned
-    _, sets = demo
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cmd = [sys.executable, str(ROOT / "launch" / "evaluate.py"), "--checkpoint", str(tmp_path / "ckpt"),
-           "--variant", "all", f"tracking.uri={uri}", "tracking.experiment=ft-test", "eval.max_images=1",
-           "eval.sets=" + json.dumps(sets)]
-    proc = subprocess.run(cmd + ["--child"], cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, _tail(proc)
+    proc = _run([sys.executable, ROOT / "launch/evaluate.py", "--checkpoint", FINETUNE_CKPT, "--variant", "all",
+                 "--config", ROOT / "configs/finetune_quickstart.yaml", "--child", "eval.max_images=1"], work)
     lines = proc.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("variant"))
-    assert lines[header].split()[1:4] == ["SOTS", "Rain100L", "BSD68"]
+    assert lines[header].split()[1:4] == ["SOTS", "Rain100L", "BSD68"] and lines[header].endswith("average")
     assert lines[header + 2].startswith("DyNet-S") and lines[header + 3].startswith("DyNet-L")
 
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("ft-test")
+    client = MlflowClient(f"sqlite:///{work}/mlflow.db")
+    exp = client.get_experiment_by_name("dynet-quickstart-finetune")
     (ft,) = client.search_runs([exp.experiment_id], filter_string="tags.mode = 'finetune'")
-    (child,) = client.search_runs([exp.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{ft.info.run_id}'")
+    (child,) = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{ft.info.run_id}'")
     assert child.data.tags["dyntrain.stage"] == "evaluation"
-    for key, value in child.data.metrics.items():
-        if key.startswith("eval/"):  # same weights, same images: same numbers as during training
-            assert value == pytest.approx(ft.data.metrics[key], abs=1e-4), key
+    evals = {k: v for k, v in child.data.metrics.items() if k.startswith("eval/")}
+    assert len(evals) == 2 * 6 * 2  # 2 variants x (5 tasks + average) x (psnr, ssim)
+    for key, value in evals.items():  # same weights, same images: the numbers of the last in-training eval
+        assert value == pytest.approx(ft.data.metrics[key], abs=1e-4), key
     assert child.data.metrics["model/L/gflops_224"] > child.data.metrics["model/S/gflops_224"] > 0
     assert f"{child.data.metrics['eval/L/sots/psnr']:.2f}" in lines[header + 3]
     assert [m.step for m in client.get_metric_history(child.info.run_id, "eval/S/average/psnr")] == [4]
 
 
-def test_single_task_fixed_variant_from_scratch_on_paired_shards(tmp_path, demo):
+def test_export_restore_both_variants_and_compare(work, finetuned):
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    _run([sys.executable, ROOT / "launch/export.py", "--checkpoint", FINETUNE_CKPT,
+          "--out", "runs/quickstart-finetune/dynet.safetensors"], work)
+    hazy = work / "data/finetune_demo/test/sots/outdoor/hazy"
+    outs = {}
+    for variant in ("S", "L"):
+        proc = _run([sys.executable, ROOT / "launch/restore.py", "--checkpoint",
+                     "runs/quickstart-finetune/dynet.safetensors", "--variant", variant, "--gray-world",
+                     hazy, f"restored/{variant}"], work)
+        assert f"with DyNet-{variant}" in proc.stdout
+        (out,) = (work / "restored" / variant).glob("*.jpg")
+        outs[variant] = np.asarray(Image.open(out))
+        assert outs[variant].shape == np.asarray(Image.open(hazy / out.name)).shape
+    assert not np.array_equal(outs["S"], outs["L"])
+
+    proc = _run([sys.executable, ROOT / "launch/compare.py", "--out", "runs/comparison.png"], work)
+    text = proc.stdout
+    assert "quickstart" in text and "dynamic" in text  # the pre-training run and its GPU hours
+    assert "quickstart-finetune" in text and "evaluation" in text
+    assert (work / "runs/comparison.png").read_bytes()[:4] == b"\x89PNG"
+    client = MlflowClient(f"sqlite:///{work}/mlflow.db")
+    (cmp_run,) = client.search_runs([client.get_experiment_by_name("dynet-comparison").experiment_id])
+    assert "comparison.png" in {a.path for a in client.list_artifacts(cmp_run.info.run_id)}
+
+
+def test_single_task_fixed_variant_from_scratch_on_paired_shards(work, tmp_path):
     """Single-task mode, fixed-variant mode and no pre-training, reading packed shards through DALI."""
     from dyntrain.data.paired import pack_paired_shards
 
-    pack_paired_shards(demo[0] / "train", str(tmp_path / "shards"), shard_samples=3, printer=lambda s: None)
-    args = _common(tmp_path, demo, "null") + [
-        "run.max_steps=3", "data.tasks={denoise: 0, derain: 2, dehaze: 0}", "schedule.mode=fixed",
-        "schedule.fixed_variant=S", "eval.every=0", "deepspeed.zero_stage=0", "tracking.enabled=false",
-        "data.source=paired_shards", f"data.train_urls=[{tmp_path / 'shards'}]", "data.shuffle_buffer=4"]
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "finetune.py"), *args], cwd=tmp_path,
-                          env=_env(tmp_path), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, _tail(proc)
+    pack_paired_shards(work / "data/finetune_demo/train", str(tmp_path / "shards"), shard_samples=3,
+                       printer=lambda s: None)
+    _run([sys.executable, ROOT / "launch/finetune.py", "--config", ROOT / "configs/finetune_quickstart.yaml",
+          "init.checkpoint=null", "model.dim=8", "model.prompt_dims=[8,8,16]", "model.prompt_sizes=[16,8,4]",
+          "model.num_refinement=1", "run.max_steps=3", "data.tasks={denoise: 0, derain: 2, dehaze: 0}",
+          "schedule.mode=fixed", "schedule.fixed_variant=S", "eval.every=0", "deepspeed.zero_stage=0",
+          "tracking.enabled=false", f"checkpoint.dir={tmp_path / 'ckpt'}", "data.source=paired_shards",
+          f"data.train_urls=[{tmp_path / 'shards'}]", "data.shuffle_buffer=4"], tmp_path,
+         env=dict(_env(tmp_path), DYNTRAIN_TRACE_DIR=str(tmp_path / "trace")))
     (trace,) = [json.loads(p.read_text()) for p in (tmp_path / "trace").glob("trace_rank*.json")]
     assert {s["variant"] for s in trace["steps"]} == {"S"}
     assert all(k.startswith("derain/") for s in trace["steps"] for k in s["keys"])
 
 
-def test_init_checkpoint_errors(tmp_path, pretrained, capsys):
+def test_init_checkpoint_errors(work, tmp_path):
     from dyntrain.config import load_config
     from dyntrain.finetune import InitCheckpointError, adopt_architecture, make_model_builder, read_init_weights
 
-    init_path, _ = pretrained
     cfg = load_config(None, [f"init.checkpoint={tmp_path / 'missing.pt'}"])
     with pytest.raises(InitCheckpointError, match="missing.pt"):
         read_init_weights(cfg)
-    cfg = load_config(None, [f"init.checkpoint={init_path}"])
-    state, model_cfg = read_init_weights(cfg)
-    wrong = load_config(None, [f"init.checkpoint={init_path}", "model.dim=16"])
+    wrong = load_config(None, [f"init.checkpoint={work / PRETRAIN_CKPT}", "model.dim=16"])
+    state, model_cfg = read_init_weights(wrong)  # the DeepSpeed folder's consolidated weights
     with pytest.raises(InitCheckpointError, match="does not fit the model"):
         make_model_builder(wrong, state)(wrong)
     changed = adopt_architecture(wrong, model_cfg)
     assert any(c.startswith("dim: 16 -> 8") for c in changed)
     model = make_model_builder(wrong, state)(wrong)  # the checkpoint's architecture now fits
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
-    launcher = subprocess.run([sys.executable, str(ROOT / "launch" / "finetune.py"), "data.source=shards"],
+    launcher = subprocess.run([sys.executable, str(ROOT / "launch/finetune.py"), "data.source=shards"],
                               capture_output=True, text=True, timeout=60)
     assert launcher.returncode == 2 and "data.source" in launcher.stderr
