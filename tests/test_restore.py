@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dyntrain.data.paired import synthetic_clean, synthetic_haze
+from dyntrain.data.paired import synthetic_haze
+from dyntrain.data.synthetic import synthetic_image
 from dyntrain.metrics import psnr
 from dyntrain.restore import (RestoreOptions, Restorer, estimate_bytes_per_pixel, load_model, plan_outputs,
                               tile_for_budget)
@@ -48,7 +49,7 @@ def _t(img):
 
 def test_both_variants_from_one_file_odd_sizes_tiled_and_untiled(weights):
     model = load_model(weights)
-    img = synthetic_clean(np.random.default_rng(0), 101, 75)  # neither side a multiple of 8
+    img = synthetic_image(np.random.default_rng(0), 101, 75)  # neither side a multiple of 8
     out = {}
     for variant in ("S", "L"):
         whole, tile = Restorer(model, RestoreOptions(variant=variant, tile=0), torch.device("cpu"))(img)
@@ -80,9 +81,9 @@ def test_cli_files_and_folders_png_and_jpeg_gray_world(weights, tmp_path):
     rng = np.random.default_rng(1)
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)
-    hazy = synthetic_haze(synthetic_clean(rng, 45, 61), 0.9, 0.8)
+    hazy = synthetic_haze(synthetic_image(rng, 45, 61), 0.9, 0.8)
     Image.fromarray(hazy).save(src / "a.png")
-    Image.fromarray(synthetic_clean(rng, 50, 37)).save(src / "sub" / "b.jpg", quality=95)
+    Image.fromarray(synthetic_image(rng, 50, 37)).save(src / "sub" / "b.jpg", quality=95)
 
     def run(*args):
         proc = subprocess.run([sys.executable, str(ROOT / "launch" / "restore.py"), "--checkpoint", str(weights),

@@ -47,7 +47,6 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 TASKS = ("denoise", "derain", "dehaze")
-TASK_IDS = {name: i for i, name in enumerate(TASKS)}
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
@@ -426,32 +425,17 @@ def build_finetune_loader(cfg, rank: int, world_size: int, device) -> PairedLoad
 
 
 # ------------------------------------------------------------------------------ demo data
-def synthetic_clean(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """A clean-looking synthetic photo (smooth colour gradients, a few discs and bars), uint8 (H, W, 3)."""
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    img = np.empty((height, width, 3), np.float32)
-    for c in range(3):
-        a, b, phase = rng.uniform(-1, 1, 2), rng.uniform(0.5, 3), rng.uniform(0, 6.3)
-        img[..., c] = 0.5 + 0.35 * np.sin(b * (a[0] * xx / width + a[1] * yy / height) * np.pi + phase)
-    for _ in range(int(rng.integers(3, 7))):
-        cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(3, max(4, min(height, width) / 3))
-        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
-        img[disc] = rng.uniform(0, 1, 3)
-    top = int(rng.integers(0, height))
-    img[top:top + max(1, height // 10), :, :] *= 0.6
-    return (img.clip(0, 1) * 255).round().astype(np.uint8)
-
-
 def synthetic_rain(clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Bright slanted streaks over a clean uint8 image."""
+    """Bright slanted streaks (3-8 pixels long) over a clean uint8 image."""
     height, width = clean.shape[:2]
+    n = max(4, height * width // 60)
+    y, x = rng.integers(0, height, n)[:, None], rng.integers(0, width, n)[:, None]
+    length = rng.integers(3, 9, n)[:, None]
+    t = np.arange(8)[None, :]
+    yy, xx = y + t, x + t // 3  # (n, 8) streak pixels
+    keep = (t < length) & (yy < height) & (xx < width)
     streaks = np.zeros((height, width), np.float32)
-    for _ in range(max(4, height * width // 60)):
-        y, x, length = int(rng.integers(0, height)), int(rng.integers(0, width)), int(rng.integers(3, 9))
-        for t in range(length):
-            yy, xx = y + t, x + t // 3
-            if yy < height and xx < width:
-                streaks[yy, xx] = 0.5
+    streaks[yy[keep], xx[keep]] = 0.5
     out = clean.astype(np.float32) / 255 + streaks[..., None]
     return (out.clip(0, 1) * 255).round().astype(np.uint8)
 
@@ -475,26 +459,28 @@ def make_demo_data(out: str | Path, train_images: int = 6, test_images: int = 3,
     """Write small synthetic data in every layout: ``out/train`` (Denoise/, Derain/, Dehaze/ as
     ``data.root``) and ``out/test/{bsd68,rain100l,sots}`` (as ``eval.sets``). Returns the eval.sets map.
     Only for trying the pipeline end to end; it says nothing about real restoration quality."""
+    from .synthetic import synthetic_image
+
     out = Path(out)
     rng = np.random.default_rng(seed)
     train, test = out / "train", out / "test"
     for i in range(train_images):
         n = f"{i + 1:04d}"
-        _save(synthetic_clean(rng, height, width), train / "Denoise" / f"{n}.png")
-        clean = synthetic_clean(rng, height, width)
+        _save(synthetic_image(rng, height, width), train / "Denoise" / f"{n}.png")
+        clean = synthetic_image(rng, height, width)
         _save(clean, train / "Derain" / "gt" / f"norain-{i + 1}.png")
         _save(synthetic_rain(clean, rng), train / "Derain" / "rainy" / f"rain-{i + 1}.png")
-        clean = synthetic_clean(rng, height, width)
+        clean = synthetic_image(rng, height, width)
         _save(clean, train / "Dehaze" / "original" / f"{n}.jpg")
         for airlight, beta in ((0.8, 0.2), (0.9, 0.6)):
             _save(synthetic_haze(clean, airlight, beta), train / "Dehaze" / "synthetic" / "part1" / f"{n}_{airlight}_{beta}.jpg")
     for i in range(test_images):
         n = f"{i + 1:04d}"
-        _save(synthetic_clean(rng, height + 8, width + 8), test / "bsd68" / f"test{i + 1:03d}.png")
-        clean = synthetic_clean(rng, height + 8, width + 8)
+        _save(synthetic_image(rng, height + 8, width + 8), test / "bsd68" / f"test{i + 1:03d}.png")
+        clean = synthetic_image(rng, height + 8, width + 8)
         _save(clean, test / "rain100l" / "target" / f"{n}.png")
         _save(synthetic_rain(clean, rng), test / "rain100l" / "input" / f"{n}.png")
-        clean = synthetic_clean(rng, height + 8, width + 8)
+        clean = synthetic_image(rng, height + 8, width + 8)
         _save(clean, test / "sots" / "outdoor" / "gt" / f"{n}.png")
         _save(synthetic_haze(clean, 0.8, 0.4), test / "sots" / "outdoor" / "hazy" / f"{n}_0.8_0.4.jpg")
     return {name: str(test / name) for name in ("bsd68", "rain100l", "sots")}
