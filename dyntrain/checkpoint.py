@@ -732,3 +732,39 @@ def _ds_version() -> str:
         return deepspeed.__version__
     except Exception:  # pragma: no cover - deepspeed is part of the fixed stack
         return "unknown"
+
+
+# ------------------------------------------------------------------------------------ CLI
+def _progress(argv: list[str]) -> int:
+    """``progress --config C [overrides]``: where the run of that config stands, for job scripts:
+    ``step=<newest complete step or none> max_steps=<M> finished=<0|1> dir=<checkpoint.dir>``."""
+    from .config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(prog="python -m dyntrain.checkpoint progress")
+    parser.add_argument("--config", default=None)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    info = newest_complete(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
+    step = info.step if info else None
+    finished = int(step is not None and step >= cfg.run.max_steps)
+    print(f"step={step if step is not None else 'none'} max_steps={cfg.run.max_steps} "
+          f"finished={finished} dir={cfg.checkpoint.dir}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "progress":
+        print("usage: python -m dyntrain.checkpoint progress --config C [dotted.key=value ...]\n"
+              "(export and universal conversion: python launch/export.py --help)", file=sys.stderr)
+        return 2
+    return _progress(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
