@@ -23,6 +23,7 @@ ZeRO-3 works with DyNet's changing call pattern (see ``ZERO3_NOTE``).
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -100,6 +101,10 @@ def init_distributed(cfg: Config) -> DistInfo:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed  # after DS_ACCELERATOR is settled: the accelerator is chosen on first use
     from deepspeed.accelerator import get_accelerator
+    from deepspeed.utils import logger as ds_logger
+
+    if os.environ.get("DYNTRAIN_DS_VERBOSE") != "1":  # keep the progress lines readable
+        ds_logger.setLevel(logging.WARNING)
 
     backend = get_accelerator().communication_backend_name()
     if device.type == "cpu" and backend not in ("gloo", "ccl"):

@@ -70,10 +70,10 @@ def run_training(cfg: Config, loader_factory: LoaderFactory, *, mode: str = "pre
         resumed_from = trainer.resume()
         tracker = make_tracker(cfg, rank, run_id=trainer.mlflow_run_id)
         trainer.attach_tracker(tracker)
-        _describe_run(tracker, cfg, ds_config, schedule, info, mode, resumed_from,
-                      startup_s=time.perf_counter() - t_start, step=trainer.step)
+        _describe_run(tracker, cfg, ds_config, schedule, info, mode, resumed_from, step=trainer.step)
         if trainer_hook is not None:
             trainer_hook(trainer)
+        trainer.account.add_startup(time.perf_counter() - t_start)
         previous = _install_signal_handlers(trainer)
         try:
             result = trainer.train()
@@ -92,7 +92,7 @@ def run_training(cfg: Config, loader_factory: LoaderFactory, *, mode: str = "pre
 
 
 def _describe_run(tracker, cfg: Config, ds_config: dict, schedule: VariantSchedule, info, mode: str,
-                  resumed_from: Optional[str], startup_s: float, step: int) -> None:
+                  resumed_from: Optional[str], step: int) -> None:
     """Params, tags and artifacts of the MLflow run (rank 0; no-ops on a NullTracker)."""
     variants = schedule.active
     tags = {
@@ -117,7 +117,6 @@ def _describe_run(tracker, cfg: Config, ds_config: dict, schedule: VariantSchedu
         tracker.log_text(cfg.to_yaml(), "config.yaml")
     tracker.log_text(json.dumps(ds_config, indent=2, default=str), "deepspeed_config.json")
     tracker.set_tags(tags)
-    tracker.log_metrics({"startup_s": startup_s}, step=step)
 
 
 def _install_signal_handlers(trainer: Trainer) -> dict:

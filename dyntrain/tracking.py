@@ -14,8 +14,9 @@ Let N be the optimizer steps trained, n_v of them with variant v, t_v the measur
 v (wall clock of the step: data wait + forward + backward + optimizer; on CUDA synchronised at the
 step's end), W the wall time of the training loop (everything between the first step's start and the
 last step's end: steps, logging, checkpoint saves, checks; summed over resumed segments; start-up
-before the first step is reported separately as ``startup_s``) and A the number of accelerators (GPUs,
-or CPU processes on a machine without GPU):
+before the first step — process group, model, engine, loader, resume — is reported separately as
+``startup_s_total`` and included in ``gpu_hours_with_startup``) and A the number of accelerators
+(GPUs, or CPU processes on a machine without GPU):
 
     gpu_hours                     = W * A / 3600
     gpu_hours_separate            = N * sum_v t_v * A / 3600       (v over the variants the run trains)
@@ -64,6 +65,7 @@ class GPUHourAccount:
         self.same = {v: [0, 0.0] for v in self.variants}
         self.switched = {v: [0, 0.0] for v in self.variants}
         self.prior_wall_s = 0.0
+        self.startup_s = 0.0  # process start -> first step, summed over segments (not in gpu_hours)
         self._segment_start: Optional[float] = None
         self._segment_wall_s = 0.0
         self._previous: Optional[str] = None
@@ -83,6 +85,10 @@ class GPUHourAccount:
     def wall_s(self) -> float:
         running = time.perf_counter() - self._segment_start if self._segment_start is not None else 0.0
         return self.prior_wall_s + self._segment_wall_s + running
+
+    def add_startup(self, seconds: float) -> None:
+        """Start-up time of this segment (distributed init, model, engine, loader, resume)."""
+        self.startup_s += float(seconds)
 
     def record(self, variant: str, seconds: float) -> None:
         """One optimizer step of ``variant`` took ``seconds``."""
@@ -116,6 +122,9 @@ class GPUHourAccount:
                                  "steps_s": step_sum}
         if wall > 0:
             out["overhead_frac"] = 1.0 - step_sum / wall
+        if self.startup_s:
+            out["startup_s_total"] = self.startup_s
+            out["gpu_hours_with_startup"] = (wall + self.startup_s) * a / 3600.0
         for v in self.variants:
             mean = self.mean_step_s(v)
             if mean is not None:
@@ -145,7 +154,7 @@ class GPUHourAccount:
                 "count": dict(self.count), "seconds": dict(self.seconds),
                 "same": {k: list(v) for k, v in self.same.items()},
                 "switched": {k: list(v) for k, v in self.switched.items()},
-                "wall_s": self.wall_s}
+                "wall_s": self.wall_s, "startup_s": self.startup_s}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for v in state["variants"]:
@@ -163,6 +172,7 @@ class GPUHourAccount:
         # a resumed run may use a different number of accelerators: convert its past wall time
         # into accelerator-seconds at the new count so gpu_hours stays the sum of both segments
         self.prior_wall_s = float(state["wall_s"]) * state["accelerators"] / self.accelerators
+        self.startup_s = float(state.get("startup_s", 0.0)) * state["accelerators"] / self.accelerators
         self._segment_wall_s = 0.0
         self._segment_start = None
 

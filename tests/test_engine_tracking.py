@@ -33,6 +33,7 @@ def test_dynamic_account_matches_the_formulas(clock):
         acc.record(v, dt)
         previous = v
     clock.t += 2.0  # time outside steps (logging, a checkpoint)
+    acc.add_startup(5.0)  # before the first step: reported, not in gpu_hours
     m = acc.metrics()
     n = len(plan)
     step_sum = sum((1.0 if v == "S" else 3.0) for v in plan) + 0.5 * 5  # 5 switches
@@ -43,6 +44,7 @@ def test_dynamic_account_matches_the_formulas(clock):
     assert m["gpu_hours_saved_frac"] == pytest.approx(1 - wall / (n * (t_s + t_l)))
     assert m["gpu_hours_saved_frac_expected"] == pytest.approx(1 - step_sum / (n * (t_s + t_l)))
     assert m["overhead_frac"] == pytest.approx(2.0 / wall)
+    assert m["gpu_hours_with_startup"] == pytest.approx((wall + 5.0) * 4 / 3600)
     assert m["switch_penalty_s"] == pytest.approx(0.5)
     assert m["steps_S"] == 4 and m["steps_L"] == 4
     assert m["gpu_hours_S"] + m["gpu_hours_L"] == pytest.approx(step_sum * 4 / 3600)

@@ -1,0 +1,101 @@
+"""The quickstart end to end: launch/quickstart.sh builds shards from generated images, trains 2 CPU
+ranks under the deepspeed launcher through launch/pretrain.py on real DALI shards, and leaves an
+MLflow run with per-variant losses, the GPU-hour account and checkpoints. Plus the single-process
+path (``python launch/pretrain.py``) in fixed-variant mode."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _env():
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    for k in ("DYNTRAIN_TRACE_DIR", "DYNTRAIN_TEST_CORRUPT_DRAW_RANK", "MLFLOW_TRACKING_URI"):
+        env.pop(k, None)
+    return env
+
+
+def _run(cmd, cwd, timeout, env=None):
+    proc = subprocess.run(cmd, cwd=cwd, env=env or _env(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + "\n---stderr---\n" + proc.stderr[-4000:]
+    return proc
+
+
+def _only_run(uri, experiment):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment} in {uri}"
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_quickstart_script_end_to_end(tmp_path):
+    work = tmp_path / "qs"
+    env = dict(_env(), DYNTRAIN_QUICKSTART_DIR=str(work))
+    proc = _run(["bash", str(ROOT / "launch" / "quickstart.sh"), "run.max_steps=30", "run.log_every=10",
+                 "checkpoint.every=15", "schedule.verify_every=5"], cwd=tmp_path, timeout=600, env=env)
+    assert list((work / "data" / "quickstart" / "shards").glob("*.tar"))
+    assert "step 30/30" in proc.stdout and "patches/s" in proc.stdout
+
+    client, run = _only_run(f"sqlite:///{work / 'mlflow.db'}", "dynet-quickstart")
+    assert run.info.status == "FINISHED"
+    m, tags, params = run.data.metrics, run.data.tags, run.data.params
+    for key in ("loss", "loss_S", "loss_L", "lr", "patches_per_s", "step_time_S", "step_time_L",
+                "gpu_hours", "gpu_hours_separate", "gpu_hours_saved_frac",
+                "gpu_hours_saved_frac_expected", "overhead_frac"):
+        assert key in m, f"metric {key} missing from the MLflow run"
+    assert 0.2 < m["gpu_hours_saved_frac"] < 0.8  # ~50% for equiprobable S and L
+    assert m["steps_S"] + m["steps_L"] == 30
+    assert len(client.get_metric_history(run.info.run_id, "loss")) >= 3  # logged during the run
+    assert len(client.get_metric_history(run.info.run_id, "gpu_hours")) >= 3
+    assert tags["mode"] == "pretrain" and tags["schedule"] == "dynamic" and tags["variants"] == "L,S"
+    assert params["model.dim"] == "8" and params["data.crop_size"] == "48"
+    assert params["run.max_steps"] == "30"  # overrides recorded, not the YAML value
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "deepspeed_config.json"} <= artifacts
+
+    ckpt = work / "runs" / "quickstart" / "checkpoints"
+    assert (ckpt / "step_00000015" / "COMPLETE").is_file() and (ckpt / "step_00000030" / "COMPLETE").is_file()
+    from dyntrain.checkpoint import read_client_state
+    client_state = read_client_state(ckpt, "step_00000030")["client"]
+    assert client_state["config"]["model"]["dim"] == 8  # resolved config saved with the checkpoint
+    assert client_state["mlflow_run_id"] == run.info.run_id
+
+
+def test_single_process_fixed_variant_baseline(tmp_path):
+    """``python launch/pretrain.py`` without a launcher, fixed variant S (a paper baseline)."""
+    from dyntrain.data.synthetic import write_synthetic_images
+
+    images = tmp_path / "images"
+    write_synthetic_images(images, 6, size=(512, 1024), seed=1)
+    _run([sys.executable, str(ROOT / "launch" / "make_shards.py"), "--src", str(images), "--out",
+          str(tmp_path / "shards"), "--shard-samples", "4", "--quiet"], cwd=tmp_path, timeout=300)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = _env()
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = _run([sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config",
+                 str(ROOT / "configs" / "quickstart.yaml"), f"data.train_urls=[{tmp_path}/shards/*.tar]",
+                 "run.max_steps=8", "run.log_every=4", "schedule.mode=fixed", "schedule.fixed_variant=S",
+                 f"tracking.uri={uri}", "tracking.experiment=baseline", "checkpoint.dir=null",
+                 "data.crop_size=32"], cwd=tmp_path, timeout=300, env=env)
+    assert "step 8/8" in proc.stdout
+    _, run = _only_run(uri, "baseline")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["schedule"] == "fixed:S" and run.data.tags["world_size"] == "1"
+    m = run.data.metrics
+    assert "loss_S" in m and "loss_L" not in m and m["steps_S"] == 8
+    # "separate" of a fixed run is its own step time: nothing saved, only the time outside steps lost
+    assert -0.5 < m["gpu_hours_saved_frac"] <= 1e-9
+    assert m["gpu_hours_saved_frac"] == pytest.approx(-m["overhead_frac"] / (1 - m["overhead_frac"]))
