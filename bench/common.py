@@ -213,3 +213,97 @@ def fmt(value: Optional[float], spec: str = ".3f", none: str = "n/a") -> str:
 def headline(name: str, value: Optional[float]) -> None:
     """The benchmark's last line: name=value (value None prints as 'nan')."""
     print(f"{name}={'nan' if value is None else format(value, '.4g')}", flush=True)
+
+
+# ------------------------------------------------------------------- the real training system
+def training_config(config_path: Optional[str], overrides: list[str], device: torch.device,
+                    sizes: dict[str, int], steps: int, compile_blocks: bool,
+                    channels_last: bool):
+    """The run config a benchmark trains with: ``config_path`` (default: the paper's defaults),
+    the benchmark's sizes and switches, then the user's ``--set`` overrides (which win)."""
+    from dyntrain.config import load_config
+
+    base = [f"run.device={device.type}", f"run.max_steps={steps}", f"run.log_every={steps}",
+            f"model.dim={sizes['dim']}", f"data.crop_size={sizes['crop']}",
+            f"data.micro_batch_size={sizes['batch']}", "deepspeed.global_batch_size=null",
+            "deepspeed.gradient_accumulation_steps=1", f"model.compile={str(compile_blocks).lower()}",
+            f"model.channels_last={str(channels_last).lower()}", "tracking.enabled=false",
+            "checkpoint.dir=null", "schedule.verify_every=0"]
+    return load_config(config_path, base + list(overrides))
+
+
+def with_overrides(cfg, overrides: list[str]):
+    """A copy of ``cfg`` with dotted overrides applied."""
+    from dyntrain.config import Config, apply_override
+
+    data = cfg.to_dict()
+    for item in overrides:
+        apply_override(data, item)
+    return Config.from_dict(data)
+
+
+class SyntheticBatches:
+    """An in-memory loader with the data contract's shape: ``count`` fixed random batches on the
+    training device, cycled forever, so training steps measure compute alone."""
+
+    def __init__(self, batch: int, crop: int, device: torch.device, count: int = 4,
+                 seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self._batches = []
+        for i in range(count):
+            target = torch.rand(batch, 3, crop, crop, generator=gen)
+            noisy = (target + 0.1 * torch.randn(batch, 3, crop, crop, generator=gen)).clamp(0, 1)
+            self._batches.append({"input": noisy.to(device), "target": target.to(device),
+                                  "keys": [f"synthetic-{i}-{j}" for j in range(batch)]})
+        self._i = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = self._batches[self._i % len(self._batches)]
+        self._i += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"i": self._i}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._i = int(state["i"])
+
+    def stats(self) -> dict:
+        return {"samples": self._i * len(self._batches[0]["keys"]), "corrupt_skipped": 0,
+                "epoch": 0}
+
+    def close(self) -> None:
+        self._batches = []
+
+
+def fixed_schedule(cfg, variant: str):
+    from dyntrain.schedule import VariantSchedule
+
+    return VariantSchedule(cfg.run.seed, cfg.model.variants, mode="fixed", fixed_variant=variant)
+
+
+def dynamic_schedule(cfg):
+    from dyntrain.schedule import VariantSchedule
+
+    return VariantSchedule(cfg.run.seed, cfg.model.variants, cfg.schedule.variant_probs,
+                           mode="dynamic")
+
+
+def train_phase(cfg, engine, loader, schedule, info, steps: int) -> dict[str, Any]:
+    """Train ``steps`` iterations through the project's Trainer (fresh step counter, the given
+    engine and loader); returns the GPU-hour account's metrics plus the per-step records."""
+    from dyntrain.trainer import Trainer
+
+    phase_cfg = with_overrides(cfg, [f"run.max_steps={steps}", f"run.log_every={steps}"])
+    trainer = Trainer(phase_cfg, engine, loader, schedule, None, info.rank, info.world_size,
+                      device=info.device)
+    records: list[dict[str, Any]] = []
+    trainer.add_callback(lambda _t, _step, m: records.append(
+        {k: m[k] for k in ("variant", "step_time_s", "data_wait_s", "loss")}))
+    sync(info.device)
+    result = trainer.train()
+    sync(info.device)
+    return {"metrics": result.metrics, "records": records, "steps": result.step}

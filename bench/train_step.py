@@ -10,7 +10,8 @@ Two recipes train the same model (same init, same random batch, L1 loss, Adam lr
 
   baseline   fp32 weights and activations, NCHW, eager, torch.optim.Adam defaults — how the
              reference code trains.
-  optimised  bf16 autocast (fp32 master weights), channels-last, every TransformerBlock compiled
+  optimised  bf16 autocast (fp32 master weights), channels-last activations
+             (``DyNet.use_channels_last``, as ``model.channels_last`` sets it), every TransformerBlock compiled
              once with ``DyNet.compile_blocks`` (shared by S and L: no recompile on a switch),
              cuDNN autotuning, fused Adam on CUDA.
 
@@ -73,8 +74,7 @@ class Runner:
         self.recipe, self.device = recipe, device
         torch.manual_seed(0)
         model = DyNet(model_config).to(device)
-        fmt = torch.channels_last if recipe.channels_last else torch.contiguous_format
-        model = model.to(memory_format=fmt)
+        model.use_channels_last(recipe.channels_last)  # as model.channels_last does in training
         if recipe.compile_backend:
             kwargs: dict[str, Any] = {"backend": recipe.compile_backend}
             if recipe.compile_mode:
@@ -86,10 +86,8 @@ class Runner:
             adam_kwargs["fused"] = True
         self.optimizer = torch.optim.Adam(model.parameters(), **adam_kwargs)
         gen = torch.Generator().manual_seed(1)
-        x = torch.rand(batch, 3, crop, crop, generator=gen)
-        self.input = x.to(device).contiguous(memory_format=fmt)
+        self.input = torch.rand(batch, 3, crop, crop, generator=gen).to(device)
         self.target = torch.rand(batch, 3, crop, crop, generator=gen).to(device)
-        self.target = self.target.contiguous(memory_format=fmt)
         self.loss = float("nan")
 
     def autocast(self):

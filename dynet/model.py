@@ -30,6 +30,7 @@ class DyNet(nn.Module):
         super().__init__()
         self.config = cfg = config if config is not None else DyNetConfig()
         self._blocks_compiled = False  # set by compile_blocks
+        self.channels_last = False  # set by use_channels_last
         w1, w2, w3, w4 = cfg.widths
         h1, h2, h3, h4 = cfg.heads
         gamma = cfg.ffn_expansion
@@ -83,6 +84,18 @@ class DyNet(nn.Module):
                              f"{sorted(self.variants)} (or pass reuse=(f1, f2, f3, f4))")
         return self.variants[name]
 
+    def use_channels_last(self, enabled: bool = True) -> "DyNet":
+        """Run the activations channels-last (NHWC memory): the input is converted once at the
+        top of forward and every convolution, norm and elementwise op keeps that layout.
+        Returns ``self``.
+
+        Only the activations change: the weights keep their default layout (convolutions adapt
+        them per call; most are 1x1 or depthwise, whose layouts coincide), so engines that view
+        parameters as flat buffers (DeepSpeed's broadcast and ZeRO partitions) work unchanged.
+        """
+        self.channels_last = bool(enabled)
+        return self
+
     def compile_blocks(self, **compile_kwargs: Any) -> "DyNet":
         """``torch.compile`` every TransformerBlock in place; returns ``self``.
 
@@ -128,6 +141,8 @@ class DyNet(nn.Module):
                  variant: str | None) -> torch.Tensor:
         f1, f2, f3, f4 = self.resolve_reuse(reuse, variant)
         inp, (height, width) = pad_to_multiple(x, 8)  # (B, 3, H, W), H and W multiples of 8
+        if self.channels_last:
+            inp = inp.contiguous(memory_format=torch.channels_last)
 
         # encoder
         e1 = self._repeat(self.enc1, self.patch_embed(inp), f1)  # (B, C1, H, W)

@@ -29,7 +29,7 @@ def build_model(cfg: Config) -> torch.nn.Module:
         torch.manual_seed(cfg.run.seed)
         model = DyNet(dynet_config(cfg))
     if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model.use_channels_last()  # activations only: DeepSpeed needs plainly strided weights
     if cfg.model.compile and cfg.deepspeed.zero_stage < 3:
         # one compiled graph per block shape, shared by every variant: no recompile on a switch
         # (ZeRO-3's parameter hooks need DeepSpeed's own compile: engine.compile(), see engine.py)

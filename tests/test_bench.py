@@ -98,17 +98,48 @@ def test_compiled_model_evaluates_eagerly_at_any_size():
     assert graphs() == start, "evaluation compiled graphs"
 
 
-def test_channels_last_matches_contiguous():
+@pytest.mark.parametrize("weights_too", [False, True])
+def test_channels_last_matches_contiguous(weights_too):
     plain = tiny()
-    fast = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    fast = copy.deepcopy(plain).use_channels_last()
+    if weights_too:
+        fast = fast.to(memory_format=torch.channels_last)
+    inputs = []
+    fast.enc1.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
     x, target = torch.rand(2, 3, 32, 24), torch.rand(2, 3, 32, 24)
     for variant in ("S", "L"):
         ref = train_pass(plain, x, target, variant)
-        out = train_pass(fast, x.contiguous(memory_format=torch.channels_last), target, variant)
-        assert out.is_contiguous(memory_format=torch.channels_last)
+        out = train_pass(fast, x, target, variant)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert inputs and all(t.is_contiguous(memory_format=torch.channels_last) for t in inputs)
     for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert not tiny().channels_last and not fast.use_channels_last(False).channels_last
+
+
+def plain_weights_changed(model) -> bool:
+    return not all(p.is_contiguous() for p in model.parameters())
+
+
+def test_model_factory_applies_compile_and_channels_last():
+    from dyntrain.config import load_config
+    from dyntrain.model_factory import build_model
+
+    def blocks(model):
+        return [m for m in model.modules() if isinstance(m, TransformerBlock)]
+
+    tiny_model = ["model.dim=8", "model.prompt_dims=[8,8,16]", "model.prompt_sizes=[16,8,4]",
+                  "model.num_refinement=1"]
+    fast = build_model(load_config(None, tiny_model + ["model.compile=true",
+                                                       "model.channels_last=true"]))
+    assert all(b._compiled_call_impl is not None for b in blocks(fast))
+    assert fast.channels_last and not plain_weights_changed(fast)
+    plain = build_model(load_config(None, tiny_model))
+    assert all(b._compiled_call_impl is None for b in blocks(plain))
+    # ZeRO-3 leaves compilation to DeepSpeed's engine.compile()
+    zero3 = build_model(load_config(None, tiny_model + ["model.compile=true",
+                                                        "deepspeed.zero_stage=3"]))
+    assert all(b._compiled_call_impl is None for b in blocks(zero3))
 
 
 # ------------------------------------------------------------------------------- benchmarks
@@ -159,3 +190,32 @@ def test_train_step_bench_mfu_with_a_given_peak(tmp_path):
     r = result["results"]["optimised"]["variants"]["S"]
     assert 0 < r["mfu"] <= 1
     assert r["mfu"] == pytest.approx(r["train_flops_per_step"] / r["step_s"] / 1e12)
+
+
+def test_dynamic_vs_separate_bench_cpu(tmp_path):
+    # compiled blocks (a quick backend) and channels-last inside the DeepSpeed engine
+    result, last = run_bench("dynamic_vs_separate.py", tmp_path, "--dim", "8", "--crop", "32",
+                             "--batch", "2", "--steps", "8", "--warmup", "1", "--compile", "on",
+                             "--compile-backend", "aot_eager", "--channels-last", "on")
+    assert last.startswith("gpu_hours_saved_frac=")
+    assert result["benchmark"] == "dynamic_vs_separate" and result["world_size"] == 1
+    assert result["compile_backend"] == "aot_eager" and result["channels_last"]
+    n = result["steps"]
+    assert set(result["wall_s"]) == {"dynamic", "S alone", "L alone"}
+    assert all(w > 0 for w in result["wall_s"].values())
+    # every phase trained N iterations through the Trainer; the dynamic one drew both variants
+    accounts = result["accounts"]
+    assert accounts["S alone"]["steps_S"] == n and accounts["L alone"]["steps_L"] == n
+    assert sum(result["draws"].values()) == n
+    assert accounts["dynamic"].get("steps_S", 0) == result["draws"]["S"]
+    saved = result["gpu_hours_saved_frac"]
+    sep = result["gpu_hours"]["S alone"] + result["gpu_hours"]["L alone"]
+    assert saved == pytest.approx(1 - result["gpu_hours"]["dynamic"] / sep)
+    # p = 0.5: about half, whatever the step times (which a shared CPU makes noisy)
+    assert 0.2 < saved < 0.8
+    assert 0.2 < result["expected_saved_frac"] < 0.8
+    priced = sum(result["draws"][v] * result["step_s_alone"][v] for v in ("S", "L"))
+    assert result["switching_overhead_frac"] == pytest.approx(
+        result["wall_s"]["dynamic"] / priced - 1)
+    assert [v for v, _ in result["step_records"]["dynamic"]].count("S") == result["draws"]["S"]
+    assert float(last.split("=")[1]) == pytest.approx(saved, rel=1e-3)

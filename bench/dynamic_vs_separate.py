@@ -1,0 +1,192 @@
+"""GPU hours of dynamic S/L training against training S and L separately, through the real engine.
+
+    python bench/dynamic_vs_separate.py [--steps N] [--warmup W] [--dim 48 --crop 128 --batch 32]
+                                        [--compile auto|on|off] [--channels-last auto|on|off]
+                                        [--config YAML] [--set dotted.key=value ...]
+                                        [--device auto|cpu|cuda] [--threads N] [--json PATH]
+    deepspeed --num_gpus G bench/dynamic_vs_separate.py ...      # the same on G GPUs
+
+One DeepSpeed engine (``dyntrain.engine.build_engine`` on ``dyntrain.model_factory.build_model``,
+ZeRO/bf16 as the config says) is trained by the project's ``Trainer`` in four phases, each a fresh
+Trainer with its own GPU-hour account, all fed by the same in-memory batches (so the figures are
+the training system's; the input pipeline has its own benchmark):
+
+  warm-up   W steps of S, then W of L (untimed: compilation, cuDNN autotuning, allocator)
+  dynamic   N iterations, the variant of each drawn by the schedule (schedule.variant_probs)
+  S alone   N iterations of S          (the paper's baseline: each variant trained separately)
+  L alone   N iterations of L
+
+GPU hours are each phase's training-loop wall time x the number of GPUs (the account's
+``gpu_hours``). Reported:
+
+  gpu_hours_saved_frac     1 - dynamic / (S alone + L alone), measured
+  expected_saved_frac      the same from the draw: 1 - (n_S t_S + n_L t_L) / (N (t_S + t_L)), with
+                           t_v = (v alone) / N — what a switch-free dynamic run would save
+  switching_overhead_frac  dynamic / (n_S t_S + n_L t_L) - 1: what the dynamic run costs beyond
+                           its steps priced at the separate runs' per-step times
+  switch_penalty_s         the dynamic account's own estimate (steps after a switch vs. not)
+
+Defaults: the paper's setting (dim 48, 128x128 crops, micro-batch 32 per GPU, N=300, W=10,
+compiled blocks, channels-last) on CUDA; dim 8, 32x32, batch 2, N=4, W=1 on the CPU.
+Last line: gpu_hours_saved_frac=<measured saving>.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
+
+def on_off(value: str, gpu: bool) -> bool:
+    return gpu if value == "auto" else value == "on"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=None, help="N per phase (CUDA 300, CPU 4)")
+    parser.add_argument("--warmup", type=int, default=None, help="W per variant (CUDA 10, CPU 1)")
+    parser.add_argument("--dim", type=int, default=None)
+    parser.add_argument("--crop", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None, help="micro-batch per GPU")
+    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                        help="model.compile (DyNet.compile_blocks); auto = on with CUDA")
+    parser.add_argument("--compile-backend", default=None,
+                        help="torch.compile backend for the blocks (default: inductor, as "
+                             "model.compile builds it); e.g. aot_eager for a quick CPU check")
+    parser.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--config", default=None, help="YAML run config (default: the paper's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted config override, e.g. deepspeed.zero_stage=0 (repeatable)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    common.add_common_args(parser)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from dyntrain.engine import build_engine, init_distributed
+    from dyntrain.model_factory import build_model
+
+    device = common.resolve_device(args.device)
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    common.set_threads(args.threads)
+    gpu = device.type == "cuda"
+    sizes = common.paper_or_small(device, args.dim, args.crop, args.batch)
+    steps = args.steps if args.steps is not None else (300 if gpu else 4)
+    warmup = args.warmup if args.warmup is not None else (10 if gpu else 1)
+    if steps < 2 or warmup < 0:
+        raise SystemExit("--steps must be >= 2 and --warmup >= 0")
+    cfg = common.training_config(args.config, args.set, device, sizes, steps,
+                                 on_off(args.compile, gpu), on_off(args.channels_last, gpu))
+    if len(cfg.model.variants) < 2:
+        raise SystemExit("dynamic training needs at least two variants in model.variants")
+
+    info = init_distributed(cfg)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    peak, peak_source = common.peak_tflops(info.device, args.peak_tflops)
+    if args.compile_backend and cfg.model.compile and cfg.deepspeed.zero_stage < 3:
+        model = build_model(common.with_overrides(cfg, ["model.compile=false"]))
+        model.compile_blocks(backend=args.compile_backend)
+    else:
+        model = build_model(cfg)
+    engine, ds_config = build_engine(cfg, model, info)
+    loader = common.SyntheticBatches(cfg.data.micro_batch_size, cfg.data.crop_size, info.device)
+    dynamic = common.dynamic_schedule(cfg)
+    variants = dynamic.active
+
+    start = common.now()
+    for v in variants:
+        if warmup:
+            common.train_phase(cfg, engine, loader, common.fixed_schedule(cfg, v), info, warmup)
+    warmup_s = common.now() - start
+    phases = {"dynamic": common.train_phase(cfg, engine, loader, dynamic, info, steps)}
+    for v in variants:
+        phases[f"{v} alone"] = common.train_phase(cfg, engine, loader,
+                                                  common.fixed_schedule(cfg, v), info, steps)
+
+    world = info.world_size
+    wall = {name: p["metrics"]["train_wall_s"] for name, p in phases.items()}
+    gpu_hours = {name: p["metrics"]["gpu_hours"] for name, p in phases.items()}
+    per_step = {v: wall[f"{v} alone"] / steps for v in variants}
+    draws = {v: sum(r["variant"] == v for r in phases["dynamic"]["records"]) for v in variants}
+    separate = sum(gpu_hours[f"{v} alone"] for v in variants)
+    saved = 1.0 - gpu_hours["dynamic"] / separate
+    priced = sum(draws[v] * per_step[v] for v in variants)
+    expected = 1.0 - priced / (steps * sum(per_step.values()))
+    overhead = wall["dynamic"] / priced - 1.0
+    dyn_metrics = phases["dynamic"]["metrics"]
+    switches = sum(a["variant"] != b["variant"] for a, b in
+                   zip(phases["dynamic"]["records"], phases["dynamic"]["records"][1:]))
+    flops = {v: common.train_flops_per_step(_dynet_config(cfg), cfg.data.crop_size,
+                                            cfg.data.micro_batch_size, v) for v in variants}
+    mfu = {v: common.mfu(flops[v], per_step[v], peak) for v in variants}
+
+    result: dict[str, Any] = {
+        "benchmark": "dynamic_vs_separate", **common.environment(info.device), **sizes,
+        "world_size": world, "steps": steps, "warmup_per_variant": warmup, "warmup_s": warmup_s,
+        "zero_stage": cfg.deepspeed.zero_stage, "bf16": ds_config["bf16"]["enabled"],
+        "compile": cfg.model.compile, "compile_backend": (args.compile_backend or "inductor")
+        if cfg.model.compile else None, "channels_last": cfg.model.channels_last,
+        "variant_probs": {v: dynamic.probs[v] for v in variants},
+        "draws": draws, "switches": switches, "wall_s": wall, "gpu_hours": gpu_hours,
+        "gpu_hours_separate": separate, "step_s_alone": per_step,
+        "gpu_hours_saved_frac": saved, "expected_saved_frac": expected,
+        "switching_overhead_frac": overhead,
+        "switch_penalty_s": dyn_metrics.get("switch_penalty_s"),
+        "dynamic_account": dyn_metrics,
+        "accounts": {name: p["metrics"] for name, p in phases.items()},
+        "step_records": {name: [[rec["variant"], rec["step_time_s"]] for rec in p["records"]]
+                         for name, p in phases.items()},
+        "train_flops_per_step": flops, "peak_tflops": peak, "peak_source": peak_source,
+        "mfu_alone": mfu,
+    }
+    if gpu:
+        result["targets"] = {"saved_at_least_0.49": saved >= 0.49,
+                             "switching_overhead_at_most_0.01": overhead <= 0.01}
+    if info.rank == 0:
+        _print_table(result, variants, info.device)
+        common.write_json(args.json, result)
+        common.headline("gpu_hours_saved_frac", saved)
+    loader.close()
+    return 0
+
+
+def _dynet_config(cfg):
+    from dyntrain.model_factory import dynet_config
+
+    return dynet_config(cfg)
+
+
+def _print_table(r: dict[str, Any], variants: list[str], device) -> None:
+    n = r["steps"]
+    print(f"\nDynamic vs separate training on {r['world_size']} x {common.device_name(device)}: "
+          f"dim {r['dim']}, {r['crop']}x{r['crop']}, micro-batch {r['batch']}, ZeRO "
+          f"{r['zero_stage']}, bf16 {r['bf16']}, compile {r['compile']}, channels-last "
+          f"{r['channels_last']}; N={n} per phase after {r['warmup_per_variant']} warm-up "
+          f"steps per variant ({r['warmup_s']:.1f}s)")
+    print(f"{'phase':>10} {'wall s':>9} {'GPU h':>10} {'s/step':>9}  draws")
+    for name, wall in r["wall_s"].items():
+        draws = (", ".join(f"{v} {r['draws'][v]}" for v in variants)
+                 + f", {r['switches']} switches") if name == "dynamic" else ""
+        print(f"{name:>10} {wall:>9.2f} {r['gpu_hours'][name]:>10.3g} {wall / n:>9.4f}  {draws}")
+    sep = " + ".join(f"{v} alone" for v in variants)
+    print(f"separate ({sep}): {r['gpu_hours_separate']:.3g} GPU h")
+    for v in variants:
+        print(f"MFU of {v} alone: {common.fmt(r['mfu_alone'][v], '.1%')}")
+    print(f"GPU hours saved by dynamic training: {r['gpu_hours_saved_frac']:.1%} measured, "
+          f"{r['expected_saved_frac']:.1%} expected from the draw at the separate step times")
+    print(f"switching overhead (dynamic wall / its steps priced at the separate step times - 1): "
+          f"{r['switching_overhead_frac']:+.2%}; switch penalty (dynamic account): "
+          f"{common.fmt(r['switch_penalty_s'], '+.4f')} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
