@@ -135,6 +135,7 @@ class DaliPretrainLoader:
         self._skip: dict[int, tuple[int, ...]] = {}   # iteration -> slots not to decode
         self._index_cache: dict[str, dict[str, dict[str, tuple[int, int]]]] = {}
         self._validator = None
+        self._check_patch_size()
         self._pipe = self._build(None)
         meta = self._pipe.reader_meta(READER)
         self.total_samples = int(meta["epoch_size"])
@@ -143,6 +144,32 @@ class DaliPretrainLoader:
             raise DataSourceError(f"rank {rank}: no samples in its share ({self.total_samples} "
                                   f"samples in {len(self.shards)} shards for {world_size} ranks)")
         self._ckpt = self._pipe.checkpoint()
+
+    def _check_patch_size(self) -> None:
+        """The crop must fit in the stored patches (DALI's ROI decoder cannot pad): look at the
+        first sample of the first shard (one small read)."""
+        if self.indices is None:
+            return
+        from PIL import Image
+        import io
+
+        url = self.shards[0]
+        for key, comps in self._shard_index(url).items():
+            ext = next((e for e in IMAGE_EXTS if e in comps), None)
+            if ext is None:
+                continue
+            offset, size = comps[ext]
+            try:
+                with Image.open(io.BytesIO(read_bytes(url, offset, min(size, 65536)))) as im:
+                    w, h = im.size
+            except Exception:  # noqa: BLE001 - a corrupt first sample is handled while reading
+                return
+            if min(w, h) < self.spec.crop_size:
+                raise DataSourceError(
+                    f"{url}: sample {key} is {w}x{h}, smaller than data.crop_size "
+                    f"{self.spec.crop_size}; build the shards with a larger --patch-size or lower "
+                    f"data.crop_size")
+            return
 
     # ------------------------------------------------------------------------------ pipeline
     def _callback(self, info) -> tuple[np.ndarray, ...]:

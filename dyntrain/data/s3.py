@@ -178,12 +178,14 @@ def head(url: str) -> Optional[dict]:
 
 
 def check_bucket(url: str) -> None:
+    """Raise DataSourceError naming ``url`` when its bucket is missing or unreachable."""
     bucket, _ = parse_s3_url(url)
     _call(client().head_bucket, url, "read", Bucket=bucket)
 
 
-def list_objects(prefix_url: str) -> Iterator[tuple[str, int]]:
-    """(s3 URL, size) of every object under ``s3://bucket/prefix`` (recursive)."""
+def list_objects(prefix_url: str, label: Optional[str] = None) -> Iterator[tuple[str, int]]:
+    """(s3 URL, size) of every object under ``s3://bucket/prefix`` (recursive). Errors name
+    ``label`` (the URL the caller was asked for) when given."""
     bucket, prefix = parse_s3_url(prefix_url)
     paginator = client().get_paginator("list_objects_v2")
     from botocore.exceptions import BotoCoreError, ClientError
@@ -192,7 +194,7 @@ def list_objects(prefix_url: str) -> Iterator[tuple[str, int]]:
             for obj in page.get("Contents", []):
                 yield f"s3://{bucket}/{obj['Key']}", int(obj["Size"])
     except (BotoCoreError, ClientError) as exc:
-        raise explain(exc, prefix_url, "list") from exc
+        raise explain(exc, label or prefix_url, "list" if label is None else "read") from exc
 
 
 def delete(url: str) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import fnmatch
 import glob
-import itertools
 import posixpath
 import re
 from pathlib import Path
@@ -94,7 +93,7 @@ def _expand_s3_glob(entry: str) -> list[str]:
         literal = key[:cut]
         recursive = "**" in key
     found = []
-    for url, _size in s3.list_objects(f"s3://{bucket}/{literal}"):
+    for url, _size in s3.list_objects(f"s3://{bucket}/{literal}", label=entry):
         k = url[len(f"s3://{bucket}/"):]
         if recursive:
             ok = fnmatch.fnmatchcase(k, pattern)
@@ -114,7 +113,7 @@ def _check_s3_exist(urls: list[str]) -> None:
     for u in urls:
         by_dir.setdefault(posixpath.dirname(u), []).append(u)
     for folder, members in by_dir.items():
-        present = {u for u, _ in s3.list_objects(folder + "/")}
+        present = {u for u, _ in s3.list_objects(folder + "/", label=members[0])}
         missing = [u for u in members if u not in present]
         if missing:
             if not present:
@@ -166,15 +165,7 @@ def missing_indices(idx: list[str]) -> list[str]:
     for u in remote:
         by_dir.setdefault(posixpath.dirname(u), []).append(u)
     for folder, members in by_dir.items():
-        present = {u for u, _ in s3.list_objects(folder + "/")}
+        present = {u for u, _ in s3.list_objects(folder + "/", label=members[0])}
         missing.extend(u for u in members if u not in present)
     return missing
 
-
-def chunks(items: list, n: int) -> Iterable[list]:
-    it = iter(items)
-    while True:
-        part = list(itertools.islice(it, n))
-        if not part:
-            return
-        yield part

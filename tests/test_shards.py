@@ -1,0 +1,271 @@
+"""Shard builder on local folders: flat detector, quality scores, shards/index/manifest, skips of
+corrupt and small images, idempotent re-runs, URL expansion."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dyntrain.data import quality
+from dyntrain.data.s3 import DataSourceError
+from dyntrain.data.shards import (ShardBuildConfig, build_shards, main, make_index, parse_index,
+                                  patch_grid)
+from dyntrain.data.synthetic import write_synthetic_images
+from dyntrain.data.urls import expand_braces, expand_urls, index_url
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    return rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def half_flat(rng: np.random.Generator, size: int, flat_cols: int, block: int,
+              kind: str = "constant") -> np.ndarray:
+    """A size x size patch whose left flat_cols cell columns are flat, the rest textured."""
+    img = texture(rng, size, size)
+    w = flat_cols * block
+    if kind == "constant":
+        img[:, :w] = (90, 140, 200)
+    elif kind == "ramp":  # a smooth illumination gradient: 1 level per pixel
+        ramp = np.clip(np.add.outer(np.arange(size), np.arange(w)) * 0.5 + 40, 0, 255)
+        img[:, :w] = ramp[..., None].astype(np.uint8)
+    elif kind == "noise":  # flat surface with mild sensor noise (sigma 1)
+        img[:, :w] = np.clip(128 + rng.normal(0, 1.0, size=(size, w, 3)), 0, 255).astype(np.uint8)
+    return img
+
+
+# ------------------------------------------------------------------------------- flat detector
+@pytest.mark.parametrize("kind", ["constant", "ramp", "noise"])
+def test_flat_fraction_matches_known_layout(kind):
+    rng = np.random.default_rng(0)
+    block, n = 8, 8
+    for flat_cols in range(n + 1):
+        patch = half_flat(rng, block * n, flat_cols, block, kind)
+        assert quality.flat_fraction(patch, block=block) == pytest.approx(flat_cols / n), flat_cols
+
+
+def test_flat_fraction_edges_do_not_leak_and_texture_is_not_flat():
+    rng = np.random.default_rng(1)
+    # a hard edge exactly on a cell border: both sides stay flat
+    patch = np.zeros((64, 64, 3), np.uint8)
+    patch[:, 32:] = 255
+    assert quality.flat_fraction(patch, block=16) == 1.0
+    # an edge inside a cell makes that cell non-flat
+    patch = np.zeros((64, 64, 3), np.uint8)
+    patch[:, 24:] = 255
+    assert quality.flat_fraction(patch, block=16) == pytest.approx(12 / 16)
+    # strong noise (sigma 10) is texture, not flat
+    noisy = np.clip(128 + rng.normal(0, 10, (64, 64, 3)), 0, 255).astype(np.uint8)
+    assert quality.flat_fraction(noisy, block=16) == 0.0
+
+
+def test_quality_scores():
+    rng = np.random.default_rng(2)
+    clean = np.full((128, 128, 3), 120, np.uint8)
+    noisy = np.clip(120 + rng.normal(0, 10, (128, 128, 3)), 0, 255).astype(np.uint8)
+    # Immerkaer's estimate on a flat image with noise sigma 10 (luma of independent channels:
+    # sigma * sqrt(0.299^2 + 0.587^2 + 0.114^2) = 6.7)
+    assert quality.noise_sigma(noisy) == pytest.approx(10 * 0.6686, rel=0.1)
+    assert quality.noise_sigma(clean) == 0.0
+    sharp = texture(rng, 128, 128)
+    blurred = np.asarray(Image.fromarray(sharp).resize((32, 32)).resize((128, 128), Image.BILINEAR))
+    assert quality.sharpness(sharp) > 10 * quality.sharpness(blurred)
+    qf = quality.QualityFilter(minimum={"sharpness": 50.0}, maximum={"noise": 5.0})
+    assert qf.check(qf.scores(sharp)) == "noise"
+    assert qf.check(qf.scores(blurred)) == "sharpness"
+    assert qf.check(qf.scores(clean)) == "sharpness"
+    ok = quality.QualityFilter(minimum={"sharpness": 1.0})
+    assert ok.check(ok.scores(sharp)) is None
+
+
+def hook_scores(rgb: np.ndarray) -> dict:
+    """A quality hook for the builder test: mean red level."""
+    return {"red": float(rgb[..., 0].mean())}
+
+
+# ----------------------------------------------------------------------------------- builder
+def write(path: Path, img: np.ndarray, fmt: str = "PNG") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path, fmt)
+    return path
+
+
+def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
+    out: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tf:
+        for m in tf:
+            key, ext = m.name.split(".", 1)
+            out.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    return out
+
+
+def test_patch_grid_is_centred_and_non_overlapping():
+    grid = patch_grid(300, 200, 64)
+    assert len(grid) == 4 * 3
+    ys = sorted({y for _, _, y, _ in grid})
+    xs = sorted({x for _, _, _, x in grid})
+    assert ys == [22, 86, 150, 214] and xs == [4, 68, 132]
+
+
+def test_build_local(tmp_path):
+    rng = np.random.default_rng(3)
+    src = tmp_path / "src"
+    # 256x256, patch 64: the left half is flat -> 8 of 16 patches dropped
+    left_flat = texture(rng, 256, 256)
+    left_flat[:, :128] = 77
+    write(src / "a_left_flat.png", left_flat)
+    write(src / "b_texture.png", texture(rng, 256, 256))
+    write(src / "c_small.png", texture(rng, 40, 300))          # smaller than one patch
+    (src / "d_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    good = io.BytesIO()
+    Image.fromarray(texture(rng, 256, 256)).save(good, "JPEG", quality=90)
+    (src / "e_truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    (src / "notes.txt").write_text("not an image")
+    out = tmp_path / "shards"
+    manifest = build_shards([src], str(out), ShardBuildConfig(patch_size=64, shard_samples=10,
+                                                               flat_block=8, workers=2),
+                            progress=False)
+    c = manifest["counts"]
+    assert c["images_found"] == 5
+    assert c["images_used"] == 2 and c["images_too_small"] == 1 and c["images_corrupt"] == 2
+    assert c["patches_total"] == 32 and c["patches_kept"] == 24
+    assert c["patches_dropped"] == {"flat": 8}
+    corrupt = {Path(e["path"]).name for e in manifest["skipped_images"]["corrupt"]}
+    assert corrupt == {"d_corrupt.jpg", "e_truncated.jpg"}
+    assert [Path(e["path"]).name for e in manifest["skipped_images"]["too_small"]] == ["c_small.png"]
+    # shards: 24 samples in shards of 10
+    assert [s["samples"] for s in manifest["shards"]] == [10, 10, 4]
+    assert manifest["num_samples"] == 24
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["manifest.json", "patches.jsonl"] + [s["name"] for s in manifest["shards"]]
+                           + [s["index"] for s in manifest["shards"]])
+    keys = []
+    for s in manifest["shards"]:
+        tar = out / s["name"]
+        content = read_tar(tar)
+        assert len(content) == s["samples"]
+        for key, comps in content.items():
+            assert "." not in key and set(comps) == {"jpg", "json"}
+            meta = json.loads(comps["json"])
+            assert meta["key"] == key and meta["patch_size"] == 64
+            assert (meta["image_width"], meta["image_height"]) == (256, 256)
+            assert Path(meta["source"]).name in ("a_left_flat.png", "b_texture.png")
+            if Path(meta["source"]).name == "a_left_flat.png":
+                assert meta["col"] in (2, 3)  # the flat left half was dropped
+            with Image.open(io.BytesIO(comps["jpg"])) as im:
+                assert im.size == (64, 64) and im.format == "JPEG"
+            keys.append(key)
+        # the index: same text as DALI's own wds2idx, offsets point at the members
+        index_text = (out / s["index"]).read_text()
+        assert index_text == make_index(tar)
+        parsed = parse_index(index_text)
+        data = tar.read_bytes()
+        for key, comps in parsed.items():
+            off, size = comps["jpg"]
+            assert data[off:off + size] == content[key]["jpg"]
+        wds2idx = shutil.which("wds2idx") or str(Path(sys.executable).parent / "wds2idx")
+        if Path(wds2idx).exists():
+            ref = tmp_path / "ref.idx"
+            subprocess.run([wds2idx, str(tar), str(ref)], check=True, capture_output=True)
+            assert ref.read_text() == index_text
+    assert len(set(keys)) == 24
+    lines = (out / "patches.jsonl").read_text().splitlines()
+    assert sorted(json.loads(ln)["key"] for ln in lines) == sorted(keys)
+
+
+def test_png_is_lossless_and_quality_filter(tmp_path):
+    rng = np.random.default_rng(4)
+    img = texture(rng, 128, 192)
+    write(tmp_path / "src" / "x.png", img)
+    m = build_shards([tmp_path / "src"], str(tmp_path / "png"),
+                     ShardBuildConfig(patch_size=64, image_format="png", workers=1), progress=False)
+    content = read_tar(tmp_path / "png" / m["shards"][0]["name"])
+    for comps in content.values():
+        meta = json.loads(comps["json"])
+        patch = np.asarray(Image.open(io.BytesIO(comps["png"])))
+        assert np.array_equal(patch, img[meta["y"]:meta["y"] + 64, meta["x"]:meta["x"] + 64])
+    # every patch is noisy texture: a noise ceiling drops them all, a hook score is recorded
+    cfg = ShardBuildConfig(patch_size=64, quality_max={"noise": 5.0}, workers=1)
+    m = build_shards([tmp_path / "src"], str(tmp_path / "q"), cfg, progress=False)
+    assert m["counts"]["patches_dropped"] == {"quality:noise": 6} and m["num_shards"] == 0
+    cfg = ShardBuildConfig(patch_size=64, quality_min={"red": 0.0},
+                           quality_hook="test_shards:hook_scores", workers=2)
+    m = build_shards([tmp_path / "src"], str(tmp_path / "hook"), cfg, progress=False)
+    assert m["counts"]["patches_kept"] == 6
+    meta = json.loads(next(iter(read_tar(tmp_path / "hook" / m["shards"][0]["name"]).values()))["json"])
+    assert set(meta["scores"]) == {"sharpness", "noise", "red"}
+
+
+def test_rerun_is_idempotent_and_cleans_up(tmp_path):
+    src = tmp_path / "src"
+    write_synthetic_images(src, 4, size=(192, 256), seed=5)
+    out = tmp_path / "out"
+    common = ["--src", str(src), "--out", str(out), "--patch-size", "64", "--quiet", "--workers", "2"]
+    argv = common + ["--shard-samples", "5"]
+    assert main(argv) == 0
+    first = json.loads((out / "manifest.json").read_text())
+    assert first["num_shards"] >= 3
+    snapshot = {p.name: p.read_bytes() for p in out.iterdir()}
+    # a leftover of a killed run is ignored and removed; an up-to-date output is left alone
+    (out / ".shard-000000.tar.tmp-999").write_bytes(b"half")
+    assert main(argv) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == snapshot
+    # --force rebuilds byte-identical shards (deterministic content and names)
+    assert main(argv + ["--force"]) == 0
+    again = json.loads((out / "manifest.json").read_text())
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in first["shards"]]
+    # fewer, larger shards: the shards of the earlier build are removed after the new manifest
+    assert main(common + ["--shard-samples", "1000"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["num_shards"] == 1
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-000000.idx", "shard-000000.tar"]
+    assert m["num_samples"] == first["num_samples"]
+
+
+def test_cli_script(tmp_path):
+    src = tmp_path / "src"
+    write_synthetic_images(src, 2, size=(128, 192), seed=6)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "make_shards.py"), "--src", str(src),
+                        "--out", str(out), "--patch-size", "64", "--shard-samples", "4"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["num_samples"] == json.loads((out / "manifest.json").read_text())["num_samples"]
+    assert "[make_shards] images 2/2" in r.stderr  # progress
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "make_shards.py"), "--src",
+                        str(tmp_path / "missing"), "--out", str(out)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and str(tmp_path / "missing") in r.stderr
+
+
+# -------------------------------------------------------------------------------------- URLs
+def test_expand_braces():
+    assert expand_braces("s-{000..002}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar"]
+    assert expand_braces("{a,b}/x{8..10}") == ["a/x8", "a/x9", "a/x10", "b/x8", "b/x9", "b/x10"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+    assert index_url("s3://b/p/shard-000001.tar") == "s3://b/p/shard-000001.idx"
+
+
+def test_expand_local_urls(tmp_path):
+    for i in range(3):
+        (tmp_path / f"shard-{i:06d}.tar").write_bytes(b"")
+    names = [tmp_path / f"shard-{i:06d}.tar" for i in range(3)]
+    assert expand_urls([str(tmp_path / "shard-{000000..000002}.tar")]) == [str(n) for n in names]
+    assert expand_urls([str(tmp_path / "*.tar"), str(names[0])]) == [str(n) for n in names]
+    assert expand_urls([str(tmp_path)]) == [str(n) for n in names]
+    with pytest.raises(DataSourceError, match="shard-000003.tar"):
+        expand_urls([str(tmp_path / "shard-{000000..000003}.tar")])
+    with pytest.raises(DataSourceError, match=r"no shard matches .*\*\.tgz"):
+        expand_urls([str(tmp_path / "*.tgz")])
+    with pytest.raises(DataSourceError, match="empty"):
+        expand_urls([])
