@@ -56,6 +56,7 @@ def test_quickstart_script_end_to_end(tmp_path):
                 "gpu_hours_saved_frac_expected", "overhead_frac"):
         assert key in m, f"metric {key} missing from the MLflow run"
     assert 0.2 < m["gpu_hours_saved_frac"] < 0.8  # ~50% for equiprobable S and L
+    assert any(k.startswith("system/") for k in m), sorted(m)  # MLflow system metrics
     assert m["steps_S"] + m["steps_L"] == 30
     assert len(client.get_metric_history(run.info.run_id, "loss")) >= 3  # logged during the run
     assert len(client.get_metric_history(run.info.run_id, "gpu_hours")) >= 3
