@@ -362,7 +362,8 @@ class DaliPretrainLoader:
         from nvidia.dali import fn, pipeline_def, types
 
         if self._validator is None:
-            @pipeline_def(batch_size=1, num_threads=1, device_id=self.device_id)
+            @pipeline_def(batch_size=1, num_threads=1, device_id=self.device_id,
+                          prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
             def single():
                 enc = fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
                 return fn.decoders.image(enc, device="mixed" if self.decode == "mixed" else "cpu",

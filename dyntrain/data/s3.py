@@ -180,7 +180,8 @@ def head(url: str) -> Optional[dict]:
 def check_bucket(url: str) -> None:
     """Raise DataSourceError naming ``url`` when its bucket is missing or unreachable."""
     bucket, _ = parse_s3_url(url)
-    _call(client().head_bucket, url, "read", Bucket=bucket)
+    # a listing, not head_bucket: a HEAD answer has no body, so no error code to explain
+    _call(client().list_objects_v2, url, "read", Bucket=bucket, MaxKeys=1)
 
 
 def list_objects(prefix_url: str, label: Optional[str] = None) -> Iterator[tuple[str, int]]:
