@@ -27,8 +27,8 @@ SPEC = DegradeSpec(crop_size=CROP, region_block=BLOCK)
 
 def make_loader(urls, rank=0, world=1, seed=0, shuffle=16, **kw) -> DaliPretrainLoader:
     return DaliPretrainLoader(urls, kw.pop("spec", SPEC), kw.pop("batch", BATCH), rank=rank,
-                              world_size=world, device="cpu", seed=seed, num_threads=2,
-                              prefetch=2, shuffle_buffer=shuffle, **kw)
+                              world_size=world, device=kw.pop("device", "cpu"), seed=seed,
+                              num_threads=2, prefetch=2, shuffle_buffer=shuffle, **kw)
 
 
 def take(loader, n: int) -> list[dict]:
@@ -221,3 +221,31 @@ def test_build_pretrain_loader_from_config(shards):
     bad = load_config(None, ["data.source=paired", "data.root=x"])
     with pytest.raises(ConfigError, match="data.source"):
         build_pretrain_loader(bad, 0, 1, torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_mixed_decode_on_gpu(shards, tmp_path):
+    """nvJPEG decoding: same samples and crops as the CPU loader, batches on the GPU, corrupt
+    samples recovered the same way."""
+    shard_dir = tmp_path / "shards"
+    shutil.copytree(shards["dir"], shard_dir)
+    bad_key = shards["keys"][3]
+    corrupt_sample(shard_dir, bad_key)
+    urls = [str(shard_dir / "*.tar")]
+    gpu = make_loader(urls, seed=3, device="cuda", decode="mixed")
+    cpu = make_loader(urls, seed=3)
+    assert gpu.decode == "mixed" and cpu.decode == "cpu"
+    for _ in range(cpu.share // BATCH + 1):
+        g, c = next(gpu), next(cpu)
+        assert g["input"].device.type == "cuda" and g["target"].device.type == "cuda"
+        assert g["keys"] == c["keys"]
+        assert float((g["target"].cpu() - c["target"]).abs().max()) <= 4 / 255
+        assert torch.equal(g["mask"].cpu(), c["mask"])
+    assert gpu.stats()["corrupt_keys"] == cpu.stats()["corrupt_keys"] == [bad_key]
+    state = gpu.state_dict()
+    want = next(gpu)
+    again = make_loader(urls, seed=3, device="cuda", decode="mixed")
+    again.load_state_dict(state)
+    got = next(again)
+    assert got["keys"] == want["keys"] and torch.equal(got["input"], want["input"])

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import S3_ENV, start_moto, stop
+from conftest import start_moto, stop
 from dyntrain.data import s3
 from dyntrain.data.degrade import DegradeSpec
 from dyntrain.data.pipeline import DaliPretrainLoader

@@ -44,13 +44,16 @@ deterministic, so it replays identically after a resume. A failure in which no i
 """
 from __future__ import annotations
 
+import io
 import logging
 import posixpath
+import tempfile
 import warnings
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .degrade import DegradeSpec, batch_params, compose
 from .s3 import DataSourceError, read_bytes
@@ -150,9 +153,6 @@ class DaliPretrainLoader:
         first sample of the first shard (one small read)."""
         if self.indices is None:
             return
-        from PIL import Image
-        import io
-
         url = self.shards[0]
         for key, comps in self._shard_index(url).items():
             ext = next((e for e in IMAGE_EXTS if e in comps), None)
@@ -337,7 +337,6 @@ class DaliPretrainLoader:
             if self.indices is not None:
                 text = read_bytes(index_url(url)).decode()
             elif url.startswith("s3://"):
-                import tempfile
                 with tempfile.NamedTemporaryFile(suffix=".tar") as tmp:
                     tmp.write(read_bytes(url))
                     tmp.flush()
@@ -395,8 +394,6 @@ class DaliPretrainLoader:
         """Continue exactly where ``state`` was taken; refuses a state from another setup."""
         mine = self._identity()
         for key, value in mine.items():
-            if key == "decode":
-                continue  # cpu and mixed decoding read the same samples
             if state.get(key) != value:
                 old = state.get(key)
                 what = (f"{len(old)} shards, first {old[0]}" if key == "shards" and old else old)
