@@ -655,7 +655,7 @@ class PairedShardLoader(PairedLoaderBase):
         from .s3 import DataSourceError
 
         gpu = self.device.type == "cuda"
-        decode_device = "mixed" if (gpu and self.decode in ("auto", "mixed")) else "cpu"
+        decode_device = self._decode_device()
         exts = ["input." + ";input.".join(PAIRED_EXTS + ("jpeg",)),
                 "target." + ";target.".join(PAIRED_EXTS + ("jpeg",)), "json"]
 
@@ -717,10 +717,18 @@ class PairedShardLoader(PairedLoaderBase):
         state = super().state_dict()
         state["dali_checkpoint"] = self._pipe.checkpoint() if self._pipe is not None else self._checkpoint
         state["urls"] = len(self.urls)
+        state["decode_device"] = self._decode_device()
         return state
+
+    def _decode_device(self) -> str:
+        return "mixed" if (self.device.type == "cuda" and self.decode in ("auto", "mixed")) else "cpu"
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._check_state(state)
+        for key, mine in (("urls", len(self.urls)), ("decode_device", self._decode_device())):
+            if state.get(key) != mine:
+                raise PairedDataError(f"paired shard loader state cannot be resumed exactly: {key} was "
+                                      f"{state.get(key)!r}, now {mine!r} (rank {self.rank})")
         self.close()
         self._restore_counters(state)
         self._checkpoint = state.get("dali_checkpoint")
