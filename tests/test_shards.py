@@ -217,7 +217,9 @@ def test_rerun_is_idempotent_and_cleans_up(tmp_path):
     snapshot = {p.name: p.read_bytes() for p in out.iterdir()}
     # a leftover of a killed run is ignored and removed; an up-to-date output is left alone
     (out / ".shard-000000.tar.tmp-999").write_bytes(b"half")
+    (out / ".someone-else.tmp-1").write_bytes(b"not ours")
     assert main(argv) == 0
+    (out / ".someone-else.tmp-1").unlink()  # left alone
     assert {p.name: p.read_bytes() for p in out.iterdir()} == snapshot
     # --force rebuilds byte-identical shards (deterministic content and names)
     assert main(argv + ["--force"]) == 0

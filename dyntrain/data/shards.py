@@ -303,7 +303,15 @@ class _Output:
         else:
             Path(self.url).mkdir(parents=True, exist_ok=True)
             self.tmp = Path(self.url)
-            for stale in Path(self.url).glob(".*.tmp-*"):
+
+    def remove_leftovers(self, prefix: str) -> None:
+        """Delete the staging files of a run that was killed (local output only)."""
+        if self.remote:
+            return
+        ours = re.compile(rf"^\.({re.escape(prefix)}-\d{{6}}\.(tar|idx)|{MANIFEST}|{PATCH_LIST})"
+                          rf"\.tmp-\d+$")
+        for stale in Path(self.url).iterdir():
+            if ours.match(stale.name):
                 stale.unlink(missing_ok=True)
 
     def url_of(self, name: str) -> str:
@@ -385,6 +393,7 @@ def build_shards(srcs: list[str | Path], out: str, cfg: Optional[ShardBuildConfi
     fingerprint = _fingerprint(cfg, sources)
     output = _Output(str(out))
     try:
+        output.remove_leftovers(cfg.prefix)
         if not force:
             old = output.read_text(MANIFEST)
             if old is not None:
