@@ -28,8 +28,8 @@ World-size change. With the same world size every rank gets its own reader/RNG s
 resume). With another world size the ZeRO optimizer partitions no longer fit: rank 0 converts the
 tag once into DeepSpeed's universal format (``deepspeed.checkpoint.ds_to_universal``, into
 ``<tag>/universal``, atomically) and all ranks load it with ``load_universal``; ZeRO-0 fp32
-checkpoints (unpartitioned) load directly. Reader positions are re-derived as described in
-``reshard_rank_states``.
+checkpoints (unpartitioned) load directly. Weights, Adam moments, LR schedule and step carry over;
+the data policy (the interrupted epoch restarts with the new sharding) is ``reshard_rank_states``.
 
 Export. ``consolidated_weights`` rebuilds the full fp32 weights from a checkpoint of any ZeRO stage
 (DeepSpeed's ``zero_to_fp32`` helpers); ``save_weights`` writes them as ``.pt`` or
@@ -426,6 +426,7 @@ class CheckpointManager:
         rank_states = ours["rank_states"]
         if self.resharded:
             rank_state = reshard_rank_states(rank_states, self.rank, self.world_size)
+            self._say(_reshard_note(rank_states, self.world_size))
         else:
             rank_state = rank_states[self.rank]
         self.loaded = CheckpointInfo(tag, step_of_tag(tag), tag_dir, True, meta)
@@ -440,26 +441,33 @@ def reshard_rank_states(saved: list[dict[str, Any]], rank: int, world_size: int)
     """The state rank ``rank`` of a new world of ``world_size`` ranks resumes with, given the
     rank states of the ``len(saved)`` ranks that wrote the checkpoint.
 
-    Policy: the RNG state of old rank ``rank`` is kept where that rank existed (new ranks start
-    from their seeded stream). The reader state is re-derived by the loader's own
-    ``reshard_loader_states(old_states, rank, world_size)`` when ``dyntrain.data.pipeline`` has
-    one (see its documentation for what is skipped or repeated); otherwise the reader starts
-    fresh (``loader: None``), which the trainer reports as a non-exact resume.
+    Data policy on a world-size change: a reader state belongs to its rank's 1/W share of the
+    samples (DALI ``shard_id``/``num_shards``), so it cannot carry over to a share of another size.
+    The new world therefore restarts the interrupted epoch with the new sharding: every rank's
+    reader starts its new share from the beginning (``loader: None``). Nothing of the interrupted
+    epoch is lost; the samples the old ranks had consumed since the last epoch boundary (at most
+    one epoch, reported at resume) are seen a second time. The RNG state of old rank ``rank`` is
+    kept where that rank existed; new ranks start from their seeded streams.
     """
     old = saved[rank] if rank < len(saved) else {}
-    state: dict[str, Any] = {"rank": rank, "world_size": world_size, "resharded_from": len(saved)}
+    state: dict[str, Any] = {"rank": rank, "world_size": world_size, "resharded_from": len(saved),
+                             "loader": None}
     if old.get("rng") is not None:
         state["rng"] = old["rng"]
-    loaders = [s.get("loader") for s in saved]
-    state["loader"] = None
-    if all(x is not None for x in loaders):
-        try:
-            from .data.pipeline import reshard_loader_states  # type: ignore[attr-defined]
-        except ImportError:
-            reshard_loader_states = None
-        if reshard_loader_states is not None:
-            state["loader"] = reshard_loader_states(loaders, rank, world_size)
     return state
+
+
+def _reshard_note(saved: list[dict[str, Any]], world_size: int) -> str:
+    """One line that says what the data policy does to this resume (for the log)."""
+    read = []
+    for s in saved:
+        loader = s.get("loader") or {}
+        if "iteration" in loader and "batch_size" in loader:
+            read.append(int(loader["iteration"]) * int(loader["batch_size"]))
+    told = f" (the old ranks had read {read} samples in all)" if read else ""
+    return (f"data: reader positions of {len(saved)} ranks do not fit {world_size} ranks; the "
+            f"interrupted epoch restarts with the new sharding: no sample of it is lost, those the "
+            f"old ranks consumed since their last epoch boundary are seen again{told}")
 
 
 def ensure_universal(tag_dir: str | Path, workers: int = 1) -> Path:

@@ -1,0 +1,207 @@
+"""Resume of the real pre-training path (``launch/pretrain.py`` under the ``deepspeed`` launcher, 2 CPU
+ranks over gloo, DALI reading real shards, MLflow in sqlite) after kill -9, after a kill during a
+checkpoint write, and on another world size (2 -> 1).
+
+Evidence comes from the trainer's trace (``DYNTRAIN_TRACE_DIR``: per-step variant, loss and sample
+keys per rank, SHA-256 of the final fp32 weights) and from the checkpoint folders.
+
+Timeline (N = 4 steps, 2N = 8; each rank's share of the 16 samples is 8 = 4 steps of 2):
+    straight     2 ranks, steps 0..7, checkpoints every 2                      -> reference trace
+    interrupted  2 ranks, checkpoints every 4, kill -9 (whole launcher group) once step 4 is saved
+    faulted      resume (auto, from 4), checkpoints every 2, SIGKILL while writing step 6
+    resumed      resume (auto: step 6 is incomplete -> step 4) to step 8     -> compared with straight
+    resharded    1 rank resumes the straight run's step 6 and reads 8 steps (one full epoch)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dyntrain import checkpoint as ck  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+N = 4
+SAMPLES = 16
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(trace: Path, **extra) -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI",
+              ck.FAULT_ENV, "DYNTRAIN_TEST_CORRUPT_DRAW_RANK"):
+        env.pop(k, None)
+    env["DYNTRAIN_TRACE_DIR"] = str(trace)
+    env.update(extra)
+    return env
+
+
+class Setup:
+    def __init__(self, base: Path):
+        self.base = base
+        self.shards = base / "shards"
+        self.uri = f"sqlite:///{base / 'mlflow.db'}"
+
+    def overrides(self, ckpt_dir: Path, **kw) -> list[str]:
+        o = {
+            "run.max_steps": 2 * N, "run.log_every": 2, "run.deterministic": "true", "run.seed": 7,
+            "model.dim": 8, "model.prompt_dims": "[8,8,16]", "model.prompt_sizes": "[16,8,4]",
+            "model.num_refinement": 1, "data.train_urls": f"[{self.shards}/*.tar]",
+            "data.crop_size": 32, "data.micro_batch_size": 2, "data.num_threads": 1,
+            "data.shuffle_buffer": 4, "data.decode": "cpu", "schedule.verify_every": 0,
+            "deepspeed.zero_stage": 2, "deepspeed.bf16": "false", "tracking.uri": self.uri,
+            "tracking.experiment": "resume", "checkpoint.dir": str(ckpt_dir), "checkpoint.every": 2,
+            "checkpoint.keep": 10, "checkpoint.resume": "auto",
+        }
+        o.update(kw)
+        return [f"{k}={v}" for k, v in o.items()]
+
+    def start(self, name: str, ranks: int, ckpt_dir: Path, env_extra: dict | None = None, **kw):
+        trace = self.base / "trace" / name
+        log = open(self.base / f"{name}.log", "w")
+        cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(_free_port()),
+               str(ROOT / "launch" / "pretrain.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
+               *self.overrides(ckpt_dir, **kw)]
+        return subprocess.Popen(cmd, cwd=self.base, env=_env(trace, **(env_extra or {})), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def run(self, name: str, ranks: int, ckpt_dir: Path, timeout: float = 300, **kw) -> int:
+        proc = self.start(name, ranks, ckpt_dir, **kw)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"{name} timed out:\n{self.log(name)}")
+
+    def log(self, name: str) -> str:
+        return (self.base / f"{name}.log").read_text()[-6000:]
+
+    def trace(self, name: str, rank: int) -> dict:
+        return json.loads((self.base / "trace" / name / f"trace_rank{rank}.json").read_text())
+
+
+def _steps(trace: dict) -> dict[int, dict]:
+    return {s["step"]: s for s in trace["steps"]}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from dyntrain.data.synthetic import write_synthetic_images
+
+    base = tmp_path_factory.mktemp("resume")
+    write_synthetic_images(base / "images", 4, size=(128, 128), seed=3)
+    subprocess.run([sys.executable, str(ROOT / "launch" / "make_shards.py"), "--src", str(base / "images"),
+                    "--out", str(base / "shards"), "--patch-size", "64", "--shard-samples", "4",
+                    "--max-flat-frac", "1.0", "--quiet"], check=True, timeout=120)
+    manifest = json.loads((base / "shards" / "manifest.json").read_text())
+    assert manifest["num_samples"] == SAMPLES
+    s = Setup(base)
+    rc = s.run("straight", 2, base / "ck_straight")
+    assert rc == 0, s.log("straight")
+    return s
+
+
+def test_exact_resume_after_kill9_and_kill_during_write(setup):
+    s = setup
+    d = s.base / "ck_interrupted"
+    # 1. kill -9 the whole job (launcher and both ranks) as soon as step N's checkpoint is complete
+    proc = s.start("interrupted", 2, d, **{"checkpoint.every": N})
+    deadline = time.time() + 300
+    while not (d / ck.tag_for_step(N) / ck.COMPLETE).exists():
+        assert proc.poll() is None, f"run ended before step {N} was saved:\n{s.log('interrupted')}"
+        assert time.time() < deadline, s.log("interrupted")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (d / ck.tag_for_step(2 * N)).exists(), "the run finished before it was killed"
+    assert "resumed from" not in s.log("interrupted")
+
+    # 2. restart; every rank is SIGKILLed while writing the checkpoint of step N+2
+    rc = s.run("faulted", 2, d, env_extra={ck.FAULT_ENV: f"before_complete@{N + 2}"})
+    assert rc != 0, s.log("faulted")
+    assert "resumed from step_00000004 at step 4" in s.log("faulted")
+    half = d / ck.tag_for_step(N + 2)
+    assert half.is_dir() and not (half / ck.COMPLETE).exists()       # written, never completed
+    assert (d / ck.LATEST).read_text() == ck.tag_for_step(N)
+
+    # 3. restart again: resumes from step N (the newest COMPLETE one) and finishes
+    rc = s.run("resumed", 2, d)
+    assert rc == 0, s.log("resumed")
+    log = s.log("resumed")
+    assert "resumed from step_00000004 at step 4" in log and "step 8/8" in log
+    assert (d / ck.tag_for_step(2 * N) / ck.COMPLETE).exists()
+    assert (half / ck.COMPLETE).exists()            # re-written completely this time
+
+    # the resumed run is the straight run, step for step
+    for rank in range(2):
+        ref, got = s.trace("straight", rank), s.trace("resumed", rank)
+        ref_steps, got_steps = _steps(ref), _steps(got)
+        assert sorted(got_steps) == list(range(N, 2 * N))
+        for t in range(N, 2 * N):
+            assert got_steps[t]["variant"] == ref_steps[t]["variant"], f"variant of step {t}"
+            assert got_steps[t]["keys"] == ref_steps[t]["keys"], f"samples of step {t}, rank {rank}"
+            assert got_steps[t]["loss"] == ref_steps[t]["loss"], f"loss of step {t}"
+        assert got["weights_sha256"] == ref["weights_sha256"], "final weights differ"
+        assert len({ref_steps[t]["variant"] for t in range(2 * N)}) == 2   # both variants trained
+
+    # one MLflow run across the three processes, marked as resumed
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(s.uri)
+    exp = client.get_experiment_by_name("resume")
+    stored = ck.read_client_state(d, ck.tag_for_step(2 * N))["client"]
+    run = client.get_run(stored["mlflow_run_id"])
+    assert run.data.tags.get("resumed_from") == ck.tag_for_step(N)
+    assert run.info.status == "FINISHED"
+    first = ck.read_client_state(d, ck.tag_for_step(N))["client"]["mlflow_run_id"]
+    assert first == run.info.run_id
+    ids = {r.info.run_id for r in client.search_runs([exp.experiment_id])}
+    assert len(ids) == 2       # the straight run and the interrupted one, nothing else
+
+
+def test_world_size_change_two_to_one(setup):
+    s = setup
+    d = s.base / "ck_reshard"
+    d.mkdir()
+    tag = ck.tag_for_step(N + 2)   # mid-epoch: each rank had read 2 of its 4 batches of epoch 2
+    shutil.copytree(s.base / "ck_straight" / tag, d / tag)
+    rc = s.run("resharded", 1, d, **{"run.max_steps": N + 2 + SAMPLES // 2})
+    assert rc == 0, s.log("resharded")
+    log = s.log("resharded")
+    assert "written by 2 ranks, this run has 1" in log and "interrupted epoch restarts" in log
+    assert (d / tag / ck.UNIVERSAL / "zero").is_dir()
+    got = _steps(s.trace("resharded", 0))
+    assert sorted(got) == list(range(N + 2, N + 2 + SAMPLES // 2))
+    ref = [_steps(s.trace("straight", r)) for r in range(2)]
+    # the variant draw is a function of the step, whatever the world size
+    for t in range(N + 2, 2 * N):
+        assert got[t]["variant"] == ref[0][t]["variant"]
+    # data policy: the new single rank reads the restarted epoch whole - every sample once, none
+    # lost; the samples the two ranks had consumed in the interrupted epoch are seen again
+    every = sorted(k for r in range(2) for t in range(N) for k in ref[r][t]["keys"])   # epoch 1
+    assert len(every) == SAMPLES == len(set(every))
+    seen = [k for t in sorted(got) for k in got[t]["keys"]]
+    assert sorted(seen) == every
+    consumed = {k for r in range(2) for t in range(N, N + 2) for k in ref[r][t]["keys"]}
+    assert len(consumed) == 2 * 2 * 2 and consumed <= set(seen)
+    # the checkpoints it writes are 1-rank checkpoints that resume without conversion
+    meta = ck.read_marker(d / ck.tag_for_step(N + 2 + SAMPLES // 2))
+    assert meta["world_size"] == 1
