@@ -93,3 +93,46 @@ def test_from_config_and_test_hook(monkeypatch):
 def test_verify_draw_is_a_no_op_for_one_rank():
     s = VariantSchedule(0, SL)
     verify_draw(0, "S", s, None, 0, 1, 1.0)
+
+
+def _verify_worker(rank, port, result_dir, skip_rank):
+    """2-process gloo world: rank ``skip_rank`` never joins the check (a rank stuck elsewhere)."""
+    import datetime
+    import json
+    import time
+
+    import torch.distributed as dist
+
+    from dyntrain.schedule import VariantMismatchError, new_verify_group
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=120))
+    group = new_verify_group(3.0)
+    s = VariantSchedule(0, SL)
+    out = {"rank": rank}
+    t0 = time.monotonic()
+    try:
+        if rank != skip_rank:
+            verify_draw(4, s.variant_at(4), s, group, rank, 2, 3.0)
+        else:
+            time.sleep(8.0)
+        out["ok"] = True
+    except VariantMismatchError as exc:
+        out["error"] = str(exc)
+    out["elapsed"] = time.monotonic() - t0
+    (result_dir / f"r{rank}.json").write_text(json.dumps(out))
+
+
+@pytest.mark.slow
+def test_verify_draw_times_out_instead_of_hanging(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    from dyntrain.engine import free_port
+
+    mp.start_processes(_verify_worker, args=(free_port(), tmp_path, 1), nprocs=2, join=True,
+                       start_method="spawn")
+    r0 = json.loads((tmp_path / "r0.json").read_text())
+    assert "no answer from every rank within 3s" in r0["error"]
+    assert r0["elapsed"] < 7.0  # the 3 s timeout, not the peer's 8 s sleep or the 120 s PG timeout
