@@ -2,7 +2,8 @@
 
     python bench/train_step.py [--variants S L] [--dim 48 --crop 128 --batch 32] [--steps 20]
                                [--warmup 5] [--compile auto|none|inductor|aot_eager|eager]
-                               [--compile-mode MODE] [--no-bf16] [--no-channels-last]
+                               [--compile-scope blocks|model] [--compile-mode MODE]
+                               [--no-bf16] [--no-channels-last]
                                [--checkpoint-blocks] [--device auto|cpu|cuda] [--threads N]
                                [--peak-tflops T] [--json PATH]
 
@@ -11,9 +12,10 @@ Two recipes train the same model (same init, same random batch, L1 loss, Adam lr
   baseline   fp32 weights and activations, NCHW, eager, torch.optim.Adam defaults — how the
              reference code trains.
   optimised  bf16 autocast (fp32 master weights), channels-last activations
-             (``DyNet.use_channels_last``, as ``model.channels_last`` sets it), every TransformerBlock compiled
-             once with ``DyNet.compile_blocks`` (shared by S and L: no recompile on a switch),
-             cuDNN autotuning, fused Adam on CUDA.
+             (``DyNet.use_channels_last``, as ``model.channels_last`` sets it), every
+             TransformerBlock compiled once with ``DyNet.compile_blocks`` (shared by S and L: no
+             recompile on a switch; ``--compile-scope model`` compiles the whole forward instead,
+             one graph per variant), cuDNN autotuning, fused Adam on CUDA.
 
 For each variant: median step time over --steps timed steps (after --warmup untimed ones, which
 include compilation), patches/s (= micro-batch / step time), peak memory over the timed steps, and
@@ -49,8 +51,10 @@ class Recipe:
     """How one training step runs (see the module docstring)."""
 
     def __init__(self, name: str, bf16: bool, channels_last: bool, compile_backend: Optional[str],
-                 compile_mode: Optional[str], fused_adam: bool, cudnn_benchmark: bool) -> None:
+                 compile_mode: Optional[str], fused_adam: bool, cudnn_benchmark: bool,
+                 compile_scope: str = "blocks") -> None:
         self.name = name
+        self.compile_scope = compile_scope
         self.bf16 = bf16
         self.channels_last = channels_last
         self.compile_backend = compile_backend
@@ -61,6 +65,7 @@ class Recipe:
     def describe(self) -> dict[str, Any]:
         return {"bf16_autocast": self.bf16, "channels_last": self.channels_last,
                 "compile": self.compile_backend, "compile_mode": self.compile_mode,
+                "compile_scope": self.compile_scope if self.compile_backend else None,
                 "fused_adam": self.fused_adam, "cudnn_benchmark": self.cudnn_benchmark}
 
 
@@ -79,7 +84,10 @@ class Runner:
             kwargs: dict[str, Any] = {"backend": recipe.compile_backend}
             if recipe.compile_mode:
                 kwargs["mode"] = recipe.compile_mode
-            model.compile_blocks(**kwargs)
+            if recipe.compile_scope == "model":  # one whole-forward graph per variant
+                model.compile(dynamic=False, **kwargs)
+            else:  # one graph per block shape, shared by every variant
+                model.compile_blocks(**kwargs)
         self.model = model.train()
         adam_kwargs: dict[str, Any] = {"lr": 1e-4}
         if recipe.fused_adam:
@@ -170,6 +178,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                         choices=["auto", "none", "inductor", "aot_eager", "eager"],
                         help="torch.compile backend of the optimised recipe's blocks "
                              "(auto = inductor on CUDA, none on CPU)")
+    parser.add_argument("--compile-scope", default="blocks", choices=["blocks", "model"],
+                        help="blocks: DyNet.compile_blocks (what model.compile does in training); "
+                             "model: the whole forward, one graph per variant (fuses across "
+                             "blocks, longer compile; with ZeRO-2 that is DeepSpeed's "
+                             "engine.compile())")
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile mode, e.g. max-autotune-no-cudagraphs, reduce-overhead")
     parser.add_argument("--no-bf16", action="store_true", help="optimised recipe without autocast")
@@ -207,7 +220,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                compile_mode=None, fused_adam=False, cudnn_benchmark=False),
         Recipe("optimised", bf16=not args.no_bf16, channels_last=not args.no_channels_last,
                compile_backend=backend, compile_mode=args.compile_mode, fused_adam=gpu,
-               cudnn_benchmark=gpu),
+               cudnn_benchmark=gpu, compile_scope=args.compile_scope),
     ]
     results = {r.name: measure_recipe(r, cfg, device, sizes, args.variants, warmup, steps, flops,
                                       peak)
@@ -223,7 +236,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{warmup} warm-up + {steps} timed steps (median)")
     print(f"optimised = {'bf16 autocast' if not args.no_bf16 else 'fp32'}"
           f"{', channels-last' if not args.no_channels_last else ''}"
-          f"{', compiled blocks (' + backend + ')' if backend else ', no compile'}"
+          f"{', compiled ' + args.compile_scope + ' (' + backend + (', ' + args.compile_mode if args.compile_mode else '') + ')' if backend else ', no compile'}"
           f"{', fused Adam, cudnn.benchmark' if gpu else ''}; peak: {fmt_peak(peak, peak_source)}")
     print(f"{'variant':>8} {'recipe':>10} {'step ms':>9} {'patches/s':>10} {'peak MB':>9} "
           f"{'TFLOP/s':>8} {'MFU':>7} {'warm-up s':>9}")
