@@ -210,7 +210,13 @@ def plot(pretrain: list[PretrainRun], results: list[ResultRun], path: str | Path
     else:
         ax2.text(0.5, 0.5, "no pre-training runs", ha="center", va="center", transform=ax2.transAxes)
     ax2.set_ylabel("GPU hours")
-    ax2.set_title("Pre-training: dynamic vs separate" + (f" (saved {saving['saved_frac']:.0%})" if saving else ""))
+    title = "Pre-training: dynamic vs separate"
+    dyn = [r for r in pretrain if r.mode == "dynamic" and r.metrics.get("gpu_hours_saved_frac") is not None]
+    if saving:
+        title += f" (saved {saving['saved_frac']:.0%})"
+    elif dyn:
+        title += f" (saved {dyn[-1].metrics['gpu_hours_saved_frac']:.0%}, estimated)"
+    ax2.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

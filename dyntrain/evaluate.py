@@ -352,8 +352,11 @@ def run_evaluation(checkpoint: str, cfg: Any, variants: Sequence[str] | str = "a
     start = time.perf_counter()
     results = evaluate_model(model, pairs, names, dev)
     table = format_table(results)
-    printer(f"checkpoint {checkpoint}: {len({(p.task, p.key) for p in pairs})} test images, "
-            f"{time.perf_counter() - start:.1f}s on {dev}")
+    counts: dict[str, int] = {}
+    for p in pairs:
+        counts[p.task] = counts.get(p.task, 0) + 1
+    printer(f"checkpoint {checkpoint}: " + ", ".join(f"{TASK_LABELS.get(t, t)} {n}" for t, n in counts.items())
+            + f" test images; {len(names)} variant(s) in {time.perf_counter() - start:.1f}s on {dev}")
     printer(table)
     out: dict[str, Any] = {"results": results, "table": table, "run_id": None}
     if cfg.tracking.enabled:

@@ -19,6 +19,7 @@ so a wrong folder fails before training starts).
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import torch
@@ -124,7 +125,7 @@ def run_finetune(cfg: Config, loader_factory=None):
 
     state, model_cfg = read_init_weights(cfg)
     changed = adopt_architecture(cfg, model_cfg)
-    if changed:
+    if changed and os.environ.get("RANK", "0") == "0":  # before the process group exists
         print(f"[{cfg.run.name}] model architecture taken from init.checkpoint ({'; '.join(changed)})", flush=True)
     return run_training(cfg, loader_factory or build_finetune_loader, mode="finetune",
                         model_builder=make_model_builder(cfg, state), trainer_hook=make_eval_hook(cfg))

@@ -200,6 +200,8 @@ class Restorer:
         if self.options.gray_world:
             x = gray_world(x)
         tile = self.tile_for(*img.shape[:2])
+        if tile is not None and tile >= max(img.shape[:2]):
+            tile = None  # one tile would cover the whole image
         overlap = min(self.options.overlap, tile - 8) if tile else self.options.overlap
         y = restore_image(self.model, x, variant=self.options.variant, tile=tile, overlap=overlap)
         return to_uint8(y), tile

@@ -81,7 +81,7 @@ def test_cli_files_and_folders_png_and_jpeg_gray_world(weights, tmp_path):
     rng = np.random.default_rng(1)
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)
-    hazy = synthetic_haze(synthetic_image(rng, 45, 61), 0.9, 0.8)
+    hazy = synthetic_haze(synthetic_image(rng, 90, 130), 0.9, 0.8)
     Image.fromarray(hazy).save(src / "a.png")
     Image.fromarray(synthetic_image(rng, 50, 37)).save(src / "sub" / "b.jpg", quality=95)
 
@@ -92,10 +92,11 @@ def test_cli_files_and_folders_png_and_jpeg_gray_world(weights, tmp_path):
         return proc.stdout
 
     text = run("--variant", "S", "--max-memory-mb", "2", str(src), str(tmp_path / "out"))
-    assert "restored 2 image(s) with DyNet-S" in text and "tiles" in text
+    assert "restored 2 image(s) with DyNet-S" in text
+    assert "a.png  130x90  DyNet-S  tiles 72" in text and "b.jpg  37x50  DyNet-S  whole image" in text
     a = np.asarray(Image.open(tmp_path / "out" / "a.png"))
     b = Image.open(tmp_path / "out" / "sub" / "b.jpg")
-    assert a.shape == (45, 61, 3) and b.size == (37, 50) and b.format == "JPEG"
+    assert a.shape == (90, 130, 3) and b.size == (37, 50) and b.format == "JPEG"
     run("--variant", "L", "--tile", "0", str(src / "a.png"), str(tmp_path / "aL.png"))
     run("--variant", "L", "--tile", "0", "--gray-world", str(src / "a.png"), str(tmp_path / "aLg.png"))
     a_l, a_lg = np.asarray(Image.open(tmp_path / "aL.png")), np.asarray(Image.open(tmp_path / "aLg.png"))
