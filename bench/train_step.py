@@ -4,7 +4,7 @@
                                [--warmup 5] [--compile auto|none|inductor|aot_eager|eager]
                                [--compile-scope blocks|model] [--compile-mode MODE]
                                [--no-bf16] [--no-channels-last]
-                               [--checkpoint-blocks] [--device auto|cpu|cuda] [--threads N]
+                               [--checkpoint-blocks] [--profile DIR] [--device auto|cpu|cuda] [--threads N]
                                [--peak-tflops T] [--json PATH]
 
 Two recipes train the same model (same init, same random batch, L1 loss, Adam lr 1e-4):
@@ -133,8 +133,31 @@ class Runner:
                 "memory_kind": memory.kind, "loss": loss}
 
 
+def profile_steps(runner: "Runner", variant: str, out_dir: str, steps: int = 3) -> list[dict]:
+    """Profile ``steps`` training steps; print the top operators, write a Chrome trace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if runner.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities, record_shapes=False) as prof:
+        for _ in range(steps):
+            runner.step(variant)
+        common.sync(runner.device)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    trace = Path(out_dir) / f"train_step_{runner.recipe.name}_{variant}.json"
+    prof.export_chrome_trace(str(trace))
+    key = "self_device_time_total" if runner.device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile of {steps} {runner.recipe.name} steps of DyNet-{variant} (trace: {trace})")
+    print(prof.key_averages().table(sort_by=key, row_limit=20))
+    top = []
+    for evt in sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:20]:
+        top.append({"name": evt.key, "calls": evt.count, key: getattr(evt, key, 0) / steps})
+    return top
+
+
 def measure_recipe(recipe: Recipe, model_config, device, sizes, variants, warmup, steps,
-                   flops, peak) -> dict[str, Any]:
+                   flops, peak, profile_dir: Optional[str] = None) -> dict[str, Any]:
     previous_benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = recipe.cudnn_benchmark
     try:
@@ -156,13 +179,14 @@ def measure_recipe(recipe: Recipe, model_config, device, sizes, variants, warmup
             runner.step(variant)
         common.sync(device)
         switch_graphs = dynamo_graphs() - graphs_after_warmup
+        profile = profile_steps(runner, variants[-1], profile_dir) if profile_dir else None
     finally:
         torch.backends.cudnn.benchmark = previous_benchmark
     del runner
     common.release(device)
     return {"recipe": recipe.describe(), "variants": rows,
             "graphs_compiled": graphs_after_warmup - graphs_before,
-            "graphs_compiled_by_switching": switch_graphs}
+            "graphs_compiled_by_switching": switch_graphs, "profile_top_ops_per_step": profile}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -187,6 +211,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="torch.compile mode, e.g. max-autotune-no-cudagraphs, reduce-overhead")
     parser.add_argument("--no-bf16", action="store_true", help="optimised recipe without autocast")
     parser.add_argument("--no-channels-last", action="store_true")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="after timing, profile 3 optimised steps of the last variant: "
+                             "top operators by self time printed, Chrome trace written to DIR")
     parser.add_argument("--checkpoint-blocks", action="store_true",
                         help="activation checkpointing of the shared blocks (both recipes)")
     common.add_common_args(parser)
@@ -223,7 +250,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                cudnn_benchmark=gpu, compile_scope=args.compile_scope),
     ]
     results = {r.name: measure_recipe(r, cfg, device, sizes, args.variants, warmup, steps, flops,
-                                      peak)
+                                      peak, args.profile if r.name == "optimised" else None)
                for r in recipes}
 
     base, opt = results["baseline"]["variants"], results["optimised"]["variants"]

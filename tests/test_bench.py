@@ -242,3 +242,52 @@ def test_input_pipeline_bench_cpu(tmp_path):
     assert result["loader_stats"]["samples"] == (1 + 4 + 1 + 3) * 2
     assert float(last.split("=")[1]) == pytest.approx(result["input_wait_frac"], rel=1e-3,
                                                       abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------- GPU
+no_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@no_gpu
+def test_inductor_blocks_bf16_on_cuda_match_eager():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    plain = DyNet(DyNetConfig(dim=16)).cuda().use_channels_last()
+    compiled = copy.deepcopy(plain).compile_blocks()
+    x, target = torch.rand(2, 3, 64, 64, device="cuda"), torch.rand(2, 3, 64, 64, device="cuda")
+    start = None
+    for variant in ("S", "L", "S", "L"):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ref = train_pass(plain, x, target, variant)
+            out = train_pass(compiled, x, target, variant)
+        torch.testing.assert_close(out.float(), ref.float(), rtol=0.05, atol=0.05)
+        if variant == "L" and start is None:
+            start = graphs()
+    assert graphs() == start, "a variant switch recompiled a block"
+    for (name, p), q in zip(plain.named_parameters(), compiled.parameters()):
+        assert torch.isfinite(q.grad).all(), name
+        cos = torch.nn.functional.cosine_similarity(p.grad.flatten(), q.grad.flatten(), dim=0)
+        assert cos > 0.99, f"{name}: gradient cosine {cos:.4f}"
+
+
+@pytest.mark.gpu
+@no_gpu
+def test_train_step_bench_cuda_small(tmp_path):
+    env_gpu = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
+    out = tmp_path / "ts.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--device",
+                           "cuda", "--dim", "16", "--crop", "64", "--batch", "4", "--steps", "3",
+                           "--warmup", "2", "--json", str(out)], cwd=tmp_path,
+                          env={**os.environ, **env_gpu}, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for recipe in ("baseline", "optimised"):
+        for r in result["results"][recipe]["variants"].values():
+            if result["peak_tflops"] is not None:
+                assert 0 < r["mfu"] <= 1
+            assert r["peak_mb"] > 0
+    assert result["results"]["optimised"]["graphs_compiled_by_switching"] == 0
