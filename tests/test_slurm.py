@@ -1,0 +1,221 @@
+"""A real one-node Slurm (Debian's slurm-wlm + munge, started here as root in a temporary folder):
+``sbatch slurm/pretrain.sbatch configs/quickstart.yaml ...`` on 2 CPU ranks, the preemption signal
+sent with ``scancel --signal=USR1 --batch``; the job must checkpoint at the next step boundary,
+requeue itself, come back (SLURM_RESTART_COUNT=1, about two minutes later: Slurm holds a requeued
+job back that long) and finish from where it stopped, in the same MLflow run.
+
+Needs root and the packages (``.ci/run`` installs them: ``apt-get install -y slurm-wlm munge``);
+skips with the reason otherwise. All daemons are stopped at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dyntrain import checkpoint as ck  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+DAEMONS = ("munged", "munge", "unmunge", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel",
+           "squeue", "sinfo", "srun")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Slurm:
+    def __init__(self, base: Path):
+        self.base = base
+        self.conf = base / "slurm.conf"
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        for k in list(self.env):
+            if k.startswith("SLURM_") and k != "SLURM_CONF":
+                self.env.pop(k)
+        self.procs: list[subprocess.Popen] = []
+
+    def cmd(self, *args: str, check: bool = True, timeout: float = 30) -> str:
+        r = subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} failed ({r.returncode}): {r.stderr}{r.stdout}")
+        return r.stdout
+
+    def daemon(self, name: str, *args: str) -> None:
+        log = open(self.base / f"{name}.out", "w")
+        self.procs.append(subprocess.Popen([name, *args], env=self.env, stdout=log,
+                                           stderr=subprocess.STDOUT, start_new_session=True))
+
+    def job(self, job_id: str) -> dict[str, str]:
+        out = self.cmd("scontrol", "show", "job", "-o", job_id, check=False)
+        return dict(re.findall(r"(\w+)=(\S*)", out))
+
+    def stop(self) -> None:
+        self.cmd("scancel", "--full", "--user=root", check=False)
+        deadline = time.time() + 30
+        while time.time() < deadline and self.cmd("squeue", "-h", check=False).strip():
+            time.sleep(1)
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in reversed(self.procs):
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("a one-node Slurm needs root here (slurmd runs jobs as their user)")
+    missing = [d for d in DAEMONS if shutil.which(d) is None]
+    if missing:
+        pytest.skip(f"Slurm/munge not installed (missing {', '.join(missing)}): "
+                    f"apt-get install -y slurm-wlm munge")
+    base = tmp_path_factory.mktemp("slurm")
+    base.chmod(0o755)
+    s = Slurm(base)
+    for d in ("munge", "state", "spool", "log"):
+        (base / d).mkdir()
+    (base / "munge").chmod(0o700)
+    key = base / "munge" / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o600)
+    sock = base / "munge" / "munge.sock"
+    s.daemon("munged", "-F", "--force", f"--key-file={key}", f"--socket={sock}",
+             f"--pid-file={base / 'munge' / 'munged.pid'}", f"--seed-file={base / 'munge' / 'seed'}",
+             f"--log-file={base / 'munge' / 'munged.log'}")
+    try:
+        deadline = time.time() + 20
+        while not sock.exists():
+            assert time.time() < deadline, (base / "munged.out").read_text()
+            time.sleep(0.2)
+        host = socket.gethostname().split(".")[0]
+        cpus = os.cpu_count() or 1
+        s.conf.write_text(f"""\
+ClusterName=dyntrain-test
+SlurmctldHost={host}(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+AuthType=auth/munge
+AuthInfo=socket={sock}
+CredType=cred/munge
+StateSaveLocation={base}/state
+SlurmdSpoolDir={base}/spool
+SlurmctldPidFile={base}/slurmctld.pid
+SlurmdPidFile={base}/slurmd.pid
+SlurmctldLogFile={base}/log/slurmctld.log
+SlurmdLogFile={base}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=2
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+ReturnToService=2
+KillWait=30
+MinJobAge=600
+NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=1000 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+""")
+        s.daemon("slurmctld", "-D", "-f", str(s.conf))
+        time.sleep(2)
+        s.daemon("slurmd", "-D", "-f", str(s.conf))
+        deadline = time.time() + 60
+        while s.cmd("sinfo", "-h", "-o", "%t", check=False).strip() != "idle":
+            if time.time() > deadline:
+                logs = "\n".join(p.read_text()[-2000:] for p in sorted(base.glob("*.out")))
+                pytest.fail(f"the one-node Slurm did not come up:\n{logs}")
+            time.sleep(1)
+        yield s
+    finally:
+        s.stop()
+
+
+def test_preempted_job_checkpoints_requeues_and_finishes(slurm, tmp_path):
+    from dyntrain.data.synthetic import write_synthetic_images
+
+    t0 = time.time()
+    write_synthetic_images(tmp_path / "images", 4, size=(128, 128), seed=5)
+    subprocess.run([sys.executable, str(ROOT / "launch" / "make_shards.py"), "--src", str(tmp_path / "images"),
+                    "--out", str(tmp_path / "shards"), "--patch-size", "64", "--shard-samples", "4",
+                    "--quiet"], check=True, timeout=120)
+    ckpt = tmp_path / "ckpt"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    max_steps, every = 40, 10
+    overrides = [f"data.train_urls=[{tmp_path}/shards/*.tar]", "data.crop_size=32",
+                 f"run.max_steps={max_steps}", "run.log_every=5", f"checkpoint.dir={ckpt}",
+                 f"checkpoint.every={every}", "checkpoint.keep=10", f"tracking.uri={uri}",
+                 "tracking.experiment=slurm"]
+    out = tmp_path / "job.out"
+    job = slurm.cmd("sbatch", "--parsable", "--ntasks-per-node=2", f"--output={out}",
+                    f"--chdir={ROOT}", str(ROOT / "slurm" / "pretrain.sbatch"),
+                    "configs/quickstart.yaml", *overrides).strip().split(";")[0]
+
+    def wait_for(what, cond, timeout):
+        deadline = time.time() + timeout
+        while not cond():
+            if time.time() > deadline:
+                text = out.read_text()[-5000:] if out.exists() else "(no job output)"
+                pytest.fail(f"timed out waiting for {what}; job {slurm.job(job)}\n{text}")
+            time.sleep(0.5)
+
+    # 1. running and past its first periodic checkpoint: send the preemption signal to the batch shell
+    wait_for("the first checkpoint", lambda: (ckpt / ck.tag_for_step(every) / ck.COMPLETE).exists(), 300)
+    t_signal = time.time()
+    slurm.cmd("scancel", "--signal=USR1", "--batch", job)
+
+    # 2. it checkpoints at the next step boundary, exits cleanly and requeues itself
+    wait_for("the requeue", lambda: slurm.job(job).get("Restarts") == "1", 120)
+    text = out.read_text()
+    assert "SIGUSR1 received" in text and "requeueing job" in text, text[-4000:]
+    stopped = re.search(r"stopped early at step (\d+)", text)
+    assert stopped, text[-4000:]
+    stop_step = int(stopped.group(1))
+    assert every <= stop_step < max_steps
+    assert (ckpt / ck.tag_for_step(stop_step) / ck.COMPLETE).exists()
+    t_requeued = time.time()
+
+    # 3. the requeued job starts again (Slurm holds it ~2 minutes), resumes there and finishes
+    wait_for("the requeued job to finish", lambda: slurm.job(job).get("JobState") == "COMPLETED", 420)
+    t_done = time.time()
+    text = out.read_text()
+    assert f"job {job} restart 1" in text
+    assert f"resumed from {ck.tag_for_step(stop_step)} at step {stop_step}" in text, text[-4000:]
+    assert f"step {max_steps}/{max_steps}" in text and f"finished at step {max_steps}" in text
+    assert slurm.job(job).get("ExitCode") == "0:0"
+    final = ck.read_client_state(ckpt, ck.tag_for_step(max_steps))
+    assert final["world_size"] == 2
+    first = ck.read_client_state(ckpt, ck.tag_for_step(stop_step))["client"]["mlflow_run_id"]
+    assert final["client"]["mlflow_run_id"] == first
+
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(uri).get_run(first)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags.get("resumed_from") == ck.tag_for_step(stop_step)
+    print(json.dumps({"job": job, "stop_step": stop_step, "signal_after_s": round(t_signal - t0),
+                      "checkpoint_and_requeue_s": round(t_requeued - t_signal),
+                      "requeued_to_done_s": round(t_done - t_requeued), "total_s": round(t_done - t0)}))
