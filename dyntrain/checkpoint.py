@@ -36,10 +36,9 @@ Export. ``consolidated_weights`` rebuilds the full fp32 weights from a checkpoin
 ``.safetensors`` (format written here: the fixed stack has no safetensors package) and
 ``load_weights`` reads any of the three forms back as ``(state_dict, model_config_dict)``.
 
-Test hook: ``DYNTRAIN_CKPT_FAULT=<point>@<step>`` makes every rank SIGKILL itself at ``point`` of
-the save of ``step`` (points: ``before_complete`` — all files written, no marker yet;
-``before_latest`` — marker written, ``latest`` not yet moved). It exists only so tests can kill a
-run in the middle of a checkpoint; nothing happens when the variable is unset.
+Test hook: ``DYNTRAIN_CKPT_FAULT=before_complete@<step>`` makes every rank SIGKILL itself in the
+save of ``step`` after DeepSpeed wrote its files and before the ``COMPLETE`` marker. It exists only
+so tests can kill a run in the middle of a checkpoint; nothing happens when the variable is unset.
 """
 from __future__ import annotations
 
@@ -322,11 +321,10 @@ class CheckpointManager:
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files,
             }
             atomic_write_text(tag_dir / COMPLETE, json.dumps(meta, indent=1))
-            _fault("before_latest", step)
             atomic_write_text(self.dir / LATEST, tag)
             self.prune()
         _barrier()
-        self._say(f"saved {tag_dir} ({self.world_size} ranks, {time.perf_counter() - t0:.1f} s)")
+        self._say(f"saved {tag_dir} ({self.world_size} rank(s), {time.perf_counter() - t0:.1f} s)")
         return tag
 
     # ------------------------------------------------------------------------- retention
@@ -402,7 +400,7 @@ class CheckpointManager:
         load_tag = tag
         if self.resharded and partitioned:
             if self.rank == 0:
-                self._say(f"{tag} was written by {saved_world} ranks, this run has {self.world_size}: "
+                self._say(f"{tag} was written by {saved_world} rank(s), this run has {self.world_size}: "
                           f"loading it through DeepSpeed's universal checkpoint format")
                 ensure_universal(tag_dir)
             _barrier()
@@ -430,7 +428,7 @@ class CheckpointManager:
         else:
             rank_state = rank_states[self.rank]
         self.loaded = CheckpointInfo(tag, step_of_tag(tag), tag_dir, True, meta)
-        self._say(f"resumed from {tag_dir} (step {ours['step']}, written by {saved_world} ranks"
+        self._say(f"resumed from {tag_dir} (step {ours['step']}, written by {saved_world} rank(s)"
                   f"{', resharded to %d' % self.world_size if self.resharded else ''}; "
                   f"{time.perf_counter() - t0:.1f} s)")
         return ours["client"], rank_state
@@ -465,7 +463,7 @@ def _reshard_note(saved: list[dict[str, Any]], world_size: int) -> str:
         if "iteration" in loader and "batch_size" in loader:
             read.append(int(loader["iteration"]) * int(loader["batch_size"]))
     told = f" (the old ranks had read {read} samples in all)" if read else ""
-    return (f"data: reader positions of {len(saved)} ranks do not fit {world_size} ranks; the "
+    return (f"data: reader positions of {len(saved)} rank(s) do not fit {world_size} rank(s); the "
             f"interrupted epoch restarts with the new sharding: no sample of it is lost, those the "
             f"old ranks consumed since their last epoch boundary are seen again{told}")
 

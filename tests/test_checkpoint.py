@@ -91,8 +91,8 @@ def worker(mode: str, out: str, stage: int) -> None:
     d = str(outp / "ckpt")
     report: dict = {"rank": rank, "world": world}
 
-    if mode in ("straight", "fault"):
-        # 4 steps with a checkpoint after steps 2 and 4 (mode "fault": killed while writing step 4)
+    if mode == "straight":
+        # 4 steps with a checkpoint after steps 2 and 4
         engine = _engine(stage, micro=2)
         mgr = ck.CheckpointManager(_ckcfg(d), engine, rank, world)
         for step in range(4):
@@ -229,13 +229,15 @@ def test_export_zero2_matches_trained_weights(zero2_run, tmp_path):
     assert set(weights) == set(ref)
     for k in ref:
         assert torch.equal(weights[k], ref[k]), k
-    for suffix in (".pt", ".safetensors"):
-        r = subprocess.run([PY, str(ROOT / "launch" / "export.py"), "--checkpoint", str(zero2_run / "ckpt"),
-                            "--out", str(tmp_path / f"w{suffix}")], capture_output=True, text=True,
-                           env=dict(os.environ, DS_ACCELERATOR="cpu"), timeout=120)
-        assert r.returncode == 0, r.stderr
-        sd, cfg = ck.load_weights(tmp_path / f"w{suffix}")
-        assert cfg is None and all(torch.equal(sd[k], ref[k]) for k in ref)
+    r = subprocess.run([PY, str(ROOT / "launch" / "export.py"), "--checkpoint", str(zero2_run / "ckpt"),
+                        "--out", str(tmp_path / "w.safetensors")], capture_output=True, text=True,
+                       env=dict(os.environ, DS_ACCELERATOR="cpu"), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "of step_00000004 (step 4)" in r.stdout
+    sd, cfg = ck.load_weights(tmp_path / "w.safetensors")
+    assert cfg is None and all(torch.equal(sd[k], ref[k]) for k in ref)
+    sd, _ = ck.load_weights(zero2_run / "ckpt" / "step_00000002")     # a tag folder works too
+    assert not all(torch.equal(sd[k], ref[k]) for k in ref)
 
 
 def test_world_size_change_two_to_one(zero2_run):
@@ -253,21 +255,6 @@ def test_world_size_change_two_to_one(zero2_run):
     got = torch.load(out / "reshard_final.pt")
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6)
-
-
-def test_kill_during_write_keeps_previous_checkpoint(tmp_path):
-    codes = launch("fault", tmp_path, world=2, stage=2,
-                   extra_env={ck.FAULT_ENV: "before_complete@4"})
-    assert codes == [-signal.SIGKILL] * 2, _logs(tmp_path, "fault")
-    d = tmp_path / "ckpt"
-    infos = {i.tag: i for i in ck.list_checkpoints(d)}
-    assert infos["step_00000002"].complete
-    assert "step_00000004" in infos and not infos["step_00000004"].complete  # files, no marker
-    assert (d / ck.LATEST).read_text() == "step_00000002"
-    mgr = ck.CheckpointManager(_ckcfg(str(d)), engine=None, rank=0, world_size=1)
-    assert mgr.find_resume() == "step_00000002"
-    with pytest.raises(ck.CheckpointError, match="incomplete"):
-        ck.CheckpointManager(_ckcfg(str(d), resume="step_00000004"), None, 0, 1).find_resume()
 
 
 @pytest.mark.parametrize("stage,world,bf16", [(3, 2, False), (0, 1, True)])
