@@ -110,13 +110,13 @@ def init_distributed(cfg: Config) -> DistInfo:
     if device.type == "cpu" and backend not in ("gloo", "ccl"):
         raise RuntimeError(f"DeepSpeed chose the {get_accelerator()._name!r} accelerator "
                            f"(backend {backend}) but run.device resolved to cpu; set DS_ACCELERATOR=cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before NCCL starts
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     rank = torch.distributed.get_rank()
     world = torch.distributed.get_world_size()
     local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    elif "OMP_NUM_THREADS" not in os.environ:
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     return DistInfo(rank, world, local_rank, local_world, device, backend)
 

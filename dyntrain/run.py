@@ -42,7 +42,8 @@ def run_training(cfg: Config, loader_factory: LoaderFactory, *, mode: str = "pre
 
     Args:
         loader_factory: ``(cfg, rank, world_size, device) -> loader`` (data contract).
-        mode: "pretrain" or "finetune" (an MLflow tag).
+        mode: "pretrain" or "finetune" (MLflow tag ``dyntrain.stage``; tag ``mode`` is the schedule's
+            "dynamic" or "fixed:<variant>").
         model_builder: builds the (initialised) model; fine-tuning loads ``init.checkpoint`` here.
         checkpoint_factory: ``(cfg, engine, rank, world_size) -> manager | None``.
         trainer_hook: called with the trainer before training (e.g. to add callbacks).
@@ -95,9 +96,11 @@ def _describe_run(tracker, cfg: Config, ds_config: dict, schedule: VariantSchedu
                   resumed_from: Optional[str], step: int) -> None:
     """Params, tags and artifacts of the MLflow run (rank 0; no-ops on a NullTracker)."""
     variants = schedule.active
+    schedule_mode = "dynamic" if schedule.mode == "dynamic" else f"fixed:{schedule.fixed_variant}"
     tags = {
-        "mode": mode,
-        "schedule": "dynamic" if schedule.mode == "dynamic" else f"fixed:{schedule.fixed_variant}",
+        "dyntrain.stage": mode,           # pretrain | finetune
+        "mode": schedule_mode,            # dynamic | fixed:<variant> (the separate baselines)
+        "schedule": schedule_mode,
         "variants": ",".join(variants),
         "variant_probs": json.dumps({n: round(p, 6) for n, p in schedule.probs.items() if p > 0}),
         "world_size": str(info.world_size),

@@ -118,7 +118,11 @@ def launch(tmp_path: Path, overrides: list[str], env_extra: dict | None = None, 
 
 
 def traces(tmp_path: Path, ranks: int = 2) -> list[dict]:
-    return [json.loads((tmp_path / "trace" / f"trace_rank{r}.json").read_text()) for r in range(ranks)]
+    out = []
+    for r in range(ranks):
+        path = tmp_path / "trace" / f"trace_rank{r}.json"
+        out.append({**json.loads(path.read_text()), "trace_dir": str(path.parent)})
+    return out
 
 
 def _tail(proc) -> str:
@@ -129,32 +133,57 @@ def _tail(proc) -> str:
 pytestmark = pytest.mark.slow
 
 
-def test_two_ranks_draw_the_same_variants_and_keep_identical_weights(tmp_path):
-    """ZeRO-2, gradient accumulation 2, three variants, verify_every=1."""
-    from dyntrain.schedule import VariantSchedule
+VARIANTS3 = {"S": [1, 1, 1, 1], "M": [1, 2, 1, 2], "L": [2, 2, 2, 2]}
+PROBS3 = {"S": 0.3, "M": 0.3, "L": 0.4}
+STEPS, SEED = 8, 11
 
-    variants = {"S": [1, 1, 1, 1], "M": [1, 2, 1, 2], "L": [2, 2, 2, 2]}
-    probs = {"S": 0.3, "M": 0.3, "L": 0.4}
-    steps, seed = 8, 11
-    proc, _ = launch(tmp_path, [
-        f"run.max_steps={steps}", f"run.seed={seed}", "deepspeed.zero_stage=2",
+
+def _three_variant_run(out: Path, stage: int):
+    """8 steps, 3 variants, gradient accumulation 2, the draw checked at every step."""
+    out.mkdir()
+    proc, _ = launch(out, [
+        f"run.max_steps={STEPS}", f"run.seed={SEED}", f"deepspeed.zero_stage={stage}",
         "deepspeed.gradient_accumulation_steps=2", "schedule.verify_every=1",
         "model.variants={S: [1,1,1,1], M: [1,2,1,2], L: [2,2,2,2]}",
         "schedule.variant_probs={S: 0.3, M: 0.3, L: 0.4}", "checkpoint.every=3"])
     assert proc.returncode == 0, _tail(proc)
-    t0, t1 = traces(tmp_path)
+    return proc, traces(out)
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory):
+    return _three_variant_run(tmp_path_factory.mktemp("zero2") / "run", stage=2)
+
+
+def test_two_ranks_draw_the_same_variants_and_keep_identical_weights(zero2_run):
+    """ZeRO-2, gradient accumulation 2, three variants, verify_every=1."""
+    from dyntrain.schedule import VariantSchedule
+
+    proc, (t0, t1) = zero2_run
     seq0 = [s["variant"] for s in t0["steps"]]
     seq1 = [s["variant"] for s in t1["steps"]]
-    assert seq0 == seq1 == VariantSchedule(seed, variants, probs).sequence(0, steps)
+    assert seq0 == seq1 == VariantSchedule(SEED, VARIANTS3, PROBS3).sequence(0, STEPS)
     assert len(set(seq0)) >= 2  # the draw really switches in these 8 steps
     assert t0["weights_sha256"] == t1["weights_sha256"]
     assert [s["loss"] for s in t0["steps"]] == [s["loss"] for s in t1["steps"]]  # all-reduced
     # each rank saw its own data: 2 micro-batches of 2 samples per step
     assert t0["steps"][0]["keys"] == ["r0-0-0", "r0-0-1", "r0-1-0", "r0-1-1"]
     assert t1["steps"][0]["keys"][0] == "r1-0-0"
-    saves = [json.loads(l)["step"] for l in (tmp_path / "ckpt" / "saves_rank0.jsonl").read_text().splitlines()]
+    run_dir = Path(t0["trace_dir"]).parent
+    saves = [json.loads(l)["step"] for l in (run_dir / "ckpt" / "saves_rank0.jsonl").read_text().splitlines()]
     assert saves == [3, 6, 8]
     assert "step 8/8" in proc.stdout and "patches/s" in proc.stdout and "ETA" in proc.stdout
+
+
+def test_zero3_with_switching_variants_matches_zero2(zero2_run, tmp_path):
+    """ZeRO-3 sees the module call pattern change whenever the variant does (its prefetch trace is
+    invalidated and re-recorded); it must train like ZeRO-2 and keep the ranks identical."""
+    _, z2 = zero2_run
+    _, z3 = _three_variant_run(tmp_path / "z3", stage=3)
+    assert z3[0]["weights_sha256"] == z3[1]["weights_sha256"]
+    assert [s["variant"] for s in z3[0]["steps"]] == [s["variant"] for s in z2[0]["steps"]]
+    for a, b in zip(z2[0]["steps"], z3[0]["steps"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
 
 
 def test_verify_every_catches_an_injected_disagreement_quickly(tmp_path):
@@ -169,26 +198,6 @@ def test_verify_every_catches_an_injected_disagreement_quickly(tmp_path):
     assert "VariantMismatchError" in out and "step 2: ranks [1] disagree" in out, _tail(proc)
     assert elapsed < 150
     assert not (tmp_path / "trace" / "trace_rank0.json").exists()
-
-
-def test_zero3_with_switching_variants_matches_zero0(tmp_path):
-    """ZeRO-3 sees the call pattern change every time the variant does; it must train exactly
-    like ZeRO-0 (same all-reduced losses) and keep the ranks identical."""
-    common = ["run.max_steps=6", "run.seed=3", "checkpoint.dir=null",
-              "model.variants={S: [1,1,1,1], L: [2,3,2,3]}"]
-    runs = {}
-    for stage in (0, 3):
-        out = tmp_path / f"z{stage}"
-        out.mkdir()
-        proc, _ = launch(out, [*common, f"deepspeed.zero_stage={stage}"])
-        assert proc.returncode == 0, _tail(proc)
-        runs[stage] = traces(out)
-    z0, z3 = runs[0], runs[3]
-    assert z3[0]["weights_sha256"] == z3[1]["weights_sha256"]
-    seq = [s["variant"] for s in z3[0]["steps"]]
-    assert seq == [s["variant"] for s in z0[0]["steps"]] and len(set(seq)) == 2
-    for a, b in zip(z0[0]["steps"], z3[0]["steps"]):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
 
 
 def test_nan_loss_stops_with_step_and_variant_and_saves_nothing_after(tmp_path):

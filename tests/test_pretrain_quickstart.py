@@ -60,7 +60,7 @@ def test_quickstart_script_end_to_end(tmp_path):
     assert m["steps_S"] + m["steps_L"] == 30
     assert len(client.get_metric_history(run.info.run_id, "loss")) >= 3  # logged during the run
     assert len(client.get_metric_history(run.info.run_id, "gpu_hours")) >= 3
-    assert tags["mode"] == "pretrain" and tags["schedule"] == "dynamic" and tags["variants"] == "L,S"
+    assert tags["dyntrain.stage"] == "pretrain" and tags["mode"] == "dynamic" and tags["variants"] == "L,S"
     assert params["model.dim"] == "8" and params["data.crop_size"] == "48"
     assert params["run.max_steps"] == "30"  # overrides recorded, not the YAML value
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -94,7 +94,7 @@ def test_single_process_fixed_variant_baseline(tmp_path):
     assert "step 8/8" in proc.stdout
     _, run = _only_run(uri, "baseline")
     assert run.info.status == "FINISHED"
-    assert run.data.tags["schedule"] == "fixed:S" and run.data.tags["world_size"] == "1"
+    assert run.data.tags["mode"] == "fixed:S" and run.data.tags["world_size"] == "1"
     m = run.data.metrics
     assert "loss_S" in m and "loss_L" not in m and m["steps_S"] == 8
     # "separate" of a fixed run is its own step time: nothing saved, only the time outside steps lost
