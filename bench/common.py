@@ -292,18 +292,20 @@ def dynamic_schedule(cfg):
                            mode="dynamic")
 
 
-def train_phase(cfg, engine, loader, schedule, info, steps: int) -> dict[str, Any]:
-    """Train ``steps`` iterations through the project's Trainer (fresh step counter, the given
-    engine and loader); returns the GPU-hour account's metrics plus the per-step records."""
+def train_phase(cfg, engine, loader, schedule, info, steps: int, start: int = 0) -> dict[str, Any]:
+    """Train global iterations ``start .. start + steps - 1`` through the project's Trainer (a
+    fresh Trainer and GPU-hour account on the given engine and loader); returns the account's
+    metrics plus the per-step records."""
     from dyntrain.trainer import Trainer
 
-    phase_cfg = with_overrides(cfg, [f"run.max_steps={steps}", f"run.log_every={steps}"])
+    phase_cfg = with_overrides(cfg, [f"run.max_steps={start + steps}", f"run.log_every={steps}"])
     trainer = Trainer(phase_cfg, engine, loader, schedule, None, info.rank, info.world_size,
                       device=info.device)
+    trainer.step = start  # the schedule's draws continue where the previous chunk stopped
     records: list[dict[str, Any]] = []
     trainer.add_callback(lambda _t, _step, m: records.append(
         {k: m[k] for k in ("variant", "step_time_s", "data_wait_s", "loss")}))
     sync(info.device)
     result = trainer.train()
     sync(info.device)
-    return {"metrics": result.metrics, "records": records, "steps": result.step}
+    return {"metrics": result.metrics, "records": records, "steps": result.step - start}

@@ -1,15 +1,19 @@
 """GPU hours of dynamic S/L training against training S and L separately, through the real engine.
 
     python bench/dynamic_vs_separate.py [--steps N] [--warmup W] [--dim 48 --crop 128 --batch 32]
-                                        [--compile auto|on|off] [--channels-last auto|on|off]
+                                        [--rounds R] [--compile auto|on|off]
+                                        [--compile-backend B] [--channels-last auto|on|off]
                                         [--config YAML] [--set dotted.key=value ...]
                                         [--device auto|cpu|cuda] [--threads N] [--json PATH]
     deepspeed --num_gpus G bench/dynamic_vs_separate.py ...      # the same on G GPUs
 
 One DeepSpeed engine (``dyntrain.engine.build_engine`` on ``dyntrain.model_factory.build_model``,
-ZeRO/bf16 as the config says) is trained by the project's ``Trainer`` in four phases, each a fresh
-Trainer with its own GPU-hour account, all fed by the same in-memory batches (so the figures are
-the training system's; the input pipeline has its own benchmark):
+ZeRO/bf16 as the config says) is trained by the project's ``Trainer`` in the phases below, each
+chunk of a phase a fresh Trainer with its own GPU-hour account, all fed by the same in-memory
+batches (so the figures are the training system's; the input pipeline has its own benchmark).
+The three timed phases run interleaved in --rounds rounds (dynamic, S, L, dynamic, S, L, ...;
+each round 1/R of the N iterations, the dynamic draws continuing from round to round), so a drift
+of the machine's speed hits all of them alike:
 
   warm-up   W steps of S, then W of L (untimed: compilation, cuDNN autotuning, allocator)
   dynamic   N iterations, the variant of each drawn by the schedule (schedule.variant_probs)
@@ -24,10 +28,11 @@ GPU hours are each phase's training-loop wall time x the number of GPUs (the acc
                            t_v = (v alone) / N — what a switch-free dynamic run would save
   switching_overhead_frac  dynamic / (n_S t_S + n_L t_L) - 1: what the dynamic run costs beyond
                            its steps priced at the separate runs' per-step times
-  switch_penalty_s         the dynamic account's own estimate (steps after a switch vs. not)
+  switch_penalty_s         mean extra time of a dynamic step that follows a switch over one that
+                           follows its own variant
 
 Defaults: the paper's setting (dim 48, 128x128 crops, micro-batch 32 per GPU, N=300, W=10,
-compiled blocks, channels-last) on CUDA; dim 8, 32x32, batch 2, N=4, W=1 on the CPU.
+R=3, compiled blocks, channels-last) on CUDA; dim 8, 32x32, batch 2, N=4, W=1, R=2 on the CPU.
 Last line: gpu_hours_saved_frac=<measured saving>.
 """
 from __future__ import annotations
@@ -52,6 +57,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=None, help="N per phase (CUDA 300, CPU 4)")
     parser.add_argument("--warmup", type=int, default=None, help="W per variant (CUDA 10, CPU 1)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds the phases are split into (CUDA 3, CPU 2)")
     parser.add_argument("--dim", type=int, default=None)
     parser.add_argument("--crop", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None, help="micro-batch per GPU")
@@ -81,8 +88,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     sizes = common.paper_or_small(device, args.dim, args.crop, args.batch)
     steps = args.steps if args.steps is not None else (300 if gpu else 4)
     warmup = args.warmup if args.warmup is not None else (10 if gpu else 1)
-    if steps < 2 or warmup < 0:
-        raise SystemExit("--steps must be >= 2 and --warmup >= 0")
+    rounds = args.rounds if args.rounds is not None else (3 if gpu else 2)
+    if steps < 2 or warmup < 0 or not 1 <= rounds <= steps:
+        raise SystemExit("--steps must be >= 2, --warmup >= 0, 1 <= --rounds <= --steps")
     cfg = common.training_config(args.config, args.set, device, sizes, steps,
                                  on_off(args.compile, gpu), on_off(args.channels_last, gpu))
     if len(cfg.model.variants) < 2:
@@ -107,31 +115,45 @@ def main(argv: Optional[list[str]] = None) -> int:
         if warmup:
             common.train_phase(cfg, engine, loader, common.fixed_schedule(cfg, v), info, warmup)
     warmup_s = common.now() - start
-    phases = {"dynamic": common.train_phase(cfg, engine, loader, dynamic, info, steps)}
-    for v in variants:
-        phases[f"{v} alone"] = common.train_phase(cfg, engine, loader,
-                                                  common.fixed_schedule(cfg, v), info, steps)
+    # the phases run in interleaved rounds (dynamic, S, L, dynamic, S, L, ...), each round a
+    # 1/R share of the N iterations, so a drift of the machine's speed hits all phases alike
+    schedules = {"dynamic": dynamic, **{f"{v} alone": common.fixed_schedule(cfg, v)
+                                        for v in variants}}
+    bounds = [steps * r // rounds for r in range(rounds + 1)]
+    phases: dict[str, dict[str, Any]] = {name: {"wall_s": 0.0, "gpu_hours": 0.0, "records": [],
+                                                "accounts": []} for name in schedules}
+    for r in range(rounds):
+        for name, schedule in schedules.items():
+            chunk = common.train_phase(cfg, engine, loader, schedule, info,
+                                       bounds[r + 1] - bounds[r], start=bounds[r])
+            ph = phases[name]
+            ph["wall_s"] += chunk["metrics"]["train_wall_s"]
+            ph["gpu_hours"] += chunk["metrics"]["gpu_hours"]
+            ph["records"] += [{**rec, "round": r} for rec in chunk["records"]]
+            ph["accounts"].append(chunk["metrics"])
 
     world = info.world_size
-    wall = {name: p["metrics"]["train_wall_s"] for name, p in phases.items()}
-    gpu_hours = {name: p["metrics"]["gpu_hours"] for name, p in phases.items()}
+    wall = {name: p["wall_s"] for name, p in phases.items()}
+    gpu_hours = {name: p["gpu_hours"] for name, p in phases.items()}
     per_step = {v: wall[f"{v} alone"] / steps for v in variants}
-    draws = {v: sum(r["variant"] == v for r in phases["dynamic"]["records"]) for v in variants}
+    draws = {v: sum(rec["variant"] == v for rec in phases["dynamic"]["records"]) for v in variants}
     separate = sum(gpu_hours[f"{v} alone"] for v in variants)
     saved = 1.0 - gpu_hours["dynamic"] / separate
     priced = sum(draws[v] * per_step[v] for v in variants)
     expected = 1.0 - priced / (steps * sum(per_step.values()))
     overhead = wall["dynamic"] / priced - 1.0
-    dyn_metrics = phases["dynamic"]["metrics"]
-    switches = sum(a["variant"] != b["variant"] for a, b in
-                   zip(phases["dynamic"]["records"], phases["dynamic"]["records"][1:]))
+    dyn_records = phases["dynamic"]["records"]
+    switches = sum(a["variant"] != b["variant"] and a["round"] == b["round"]
+                   for a, b in zip(dyn_records, dyn_records[1:]))
+    penalty = _switch_penalty(dyn_records)
     flops = {v: common.train_flops_per_step(_dynet_config(cfg), cfg.data.crop_size,
                                             cfg.data.micro_batch_size, v) for v in variants}
     mfu = {v: common.mfu(flops[v], per_step[v], peak) for v in variants}
 
     result: dict[str, Any] = {
         "benchmark": "dynamic_vs_separate", **common.environment(info.device), **sizes,
-        "world_size": world, "steps": steps, "warmup_per_variant": warmup, "warmup_s": warmup_s,
+        "world_size": world, "steps": steps, "steps_done": {
+            name: len(p["records"]) for name, p in phases.items()}, "warmup_per_variant": warmup, "warmup_s": warmup_s,
         "zero_stage": cfg.deepspeed.zero_stage, "bf16": ds_config["bf16"]["enabled"],
         "compile": cfg.model.compile, "compile_backend": (args.compile_backend or "inductor")
         if cfg.model.compile else None, "channels_last": cfg.model.channels_last,
@@ -140,9 +162,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "gpu_hours_separate": separate, "step_s_alone": per_step,
         "gpu_hours_saved_frac": saved, "expected_saved_frac": expected,
         "switching_overhead_frac": overhead,
-        "switch_penalty_s": dyn_metrics.get("switch_penalty_s"),
-        "dynamic_account": dyn_metrics,
-        "accounts": {name: p["metrics"] for name, p in phases.items()},
+        "switch_penalty_s": penalty, "rounds": rounds,
+        "accounts": {name: p["accounts"] for name, p in phases.items()},
         "step_records": {name: [[rec["variant"], rec["step_time_s"]] for rec in p["records"]]
                          for name, p in phases.items()},
         "train_flops_per_step": flops, "peak_tflops": peak, "peak_source": peak_source,
@@ -157,6 +178,23 @@ def main(argv: Optional[list[str]] = None) -> int:
         common.headline("gpu_hours_saved_frac", saved)
     loader.close()
     return 0
+
+
+def _switch_penalty(records: list[dict[str, Any]]) -> Optional[float]:
+    """Mean extra seconds of a step that follows a switch over one that follows its own variant
+    (weighted over variants; None when either kind is missing)."""
+    same: dict[str, list[float]] = {}
+    switched: dict[str, list[float]] = {}
+    for prev, rec in zip(records, records[1:]):
+        if prev["round"] != rec["round"]:  # other phases ran in between
+            continue
+        bucket = same if prev["variant"] == rec["variant"] else switched
+        bucket.setdefault(rec["variant"], []).append(rec["step_time_s"])
+    pairs = [(len(switched[v]), sum(switched[v]) / len(switched[v]) - sum(same[v]) / len(same[v]))
+             for v in switched if v in same]
+    if not pairs:
+        return None
+    return sum(n * p for n, p in pairs) / sum(n for n, _ in pairs)
 
 
 def _dynet_config(cfg):

@@ -203,11 +203,18 @@ def test_dynamic_vs_separate_bench_cpu(tmp_path):
     n = result["steps"]
     assert set(result["wall_s"]) == {"dynamic", "S alone", "L alone"}
     assert all(w > 0 for w in result["wall_s"].values())
-    # every phase trained N iterations through the Trainer; the dynamic one drew both variants
+    # every phase trained N iterations through the Trainer, in 2 interleaved rounds
+    assert result["rounds"] == 2 and result["steps_done"] == {"dynamic": n, "S alone": n,
+                                                              "L alone": n}
     accounts = result["accounts"]
-    assert accounts["S alone"]["steps_S"] == n and accounts["L alone"]["steps_L"] == n
+    assert [a["steps_S"] for a in accounts["S alone"]] == [n // 2, n - n // 2]
+    assert sum(a["steps_L"] for a in accounts["L alone"]) == n
     assert sum(result["draws"].values()) == n
-    assert accounts["dynamic"].get("steps_S", 0) == result["draws"]["S"]
+    assert sum(a.get("steps_S", 0) for a in accounts["dynamic"]) == result["draws"]["S"]
+    # the rounds continue one draw sequence: the dynamic phase drew the schedule's steps 0..N-1
+    from dyntrain.schedule import VariantSchedule
+    expected = VariantSchedule(0, {"S": (2, 3, 3, 4), "L": (4, 6, 6, 8)}, {"S": 0.5, "L": 0.5})
+    assert [v for v, _ in result["step_records"]["dynamic"]] == expected.sequence(0, n)
     saved = result["gpu_hours_saved_frac"]
     sep = result["gpu_hours"]["S alone"] + result["gpu_hours"]["L alone"]
     assert saved == pytest.approx(1 - result["gpu_hours"]["dynamic"] / sep)
