@@ -406,6 +406,8 @@ class CheckpointManager:
             _barrier()
             load_tag = f"{tag}/{UNIVERSAL}"
         engine = self.engine
+        # DeepSpeed 0.19 reads checkpoint.load_universal only inside load_checkpoint, so the flag
+        # is switched for this one load instead of being fixed in the engine's JSON
         universal_before = engine._config.load_universal_checkpoint
         engine._config.load_universal_checkpoint = load_tag != tag
         try:

@@ -186,7 +186,7 @@ def test_world_size_change_two_to_one(setup):
     rc = s.run("resharded", 1, d, **{"run.max_steps": N + 2 + SAMPLES // 2})
     assert rc == 0, s.log("resharded")
     log = s.log("resharded")
-    assert "written by 2 ranks, this run has 1" in log and "interrupted epoch restarts" in log
+    assert "written by 2 rank(s), this run has 1" in log and "interrupted epoch restarts" in log
     assert (d / tag / ck.UNIVERSAL / "zero").is_dir()
     got = _steps(s.trace("resharded", 0))
     assert sorted(got) == list(range(N + 2, N + 2 + SAMPLES // 2))
