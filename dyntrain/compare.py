@@ -73,7 +73,7 @@ def collect_runs(tracking_uri: str, experiments: Optional[Sequence[str]] = None
     pretrain, results = [], []
     for run in runs:
         params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
-        stage = tags.get("dyntrain.stage") or tags.get("mode") or _stage_from_params(params)
+        stage = tags.get("dyntrain.stage") or _stage_from_params(params)
         if stage == "comparison":
             continue
         name = tags.get("mlflow.runName") or run.info.run_name or run.info.run_id[:8]

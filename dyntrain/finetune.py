@@ -105,17 +105,37 @@ def make_eval_hook(cfg: Config):
         def callback(tr, step: int, metrics: dict) -> None:
             if not (evaluator.due(step) or step == cfg.run.max_steps):
                 return
-            module = tr.engine.module
-            if zero3:  # every rank takes part in gathering the partitioned weights
-                import deepspeed
-                with deepspeed.zero.GatheredParameters(list(module.parameters())):
-                    evaluator(module, step)
-            else:
-                evaluator(module, step)
+            copy = plain_copy(tr.engine.module, tr.rank == 0, zero3)
+            if copy is not None:
+                evaluator(copy.to(tr.device), step)
 
         trainer.add_callback(callback)
 
     return hook
+
+
+def plain_copy(module: torch.nn.Module, keep: bool, zero3: bool) -> Optional[torch.nn.Module]:
+    """A plain fp32 DyNet with the engine module's current weights (on the CPU), or None where
+    ``keep`` is false. The evaluation runs on this copy, never through the engine's module: under
+    ZeRO-3 that module's forward hooks would start collectives on rank 0 alone. Under ZeRO-3 every
+    rank must call this (the partitioned weights are gathered collectively)."""
+    import contextlib
+    import dataclasses
+
+    from dynet import DyNet
+
+    gather = contextlib.nullcontext()
+    if zero3:
+        import deepspeed
+        gather = deepspeed.zero.GatheredParameters(list(module.parameters()))
+    with gather:
+        if not keep:
+            return None
+        state = {name: t.detach().float().cpu().clone()
+                 for name, t in list(module.named_parameters()) + list(module.named_buffers())}
+    copy = DyNet(dataclasses.replace(module.config, checkpoint_blocks=False))
+    copy.load_state_dict(state)
+    return copy.eval()
 
 
 def run_finetune(cfg: Config, loader_factory=None):

@@ -61,12 +61,13 @@ def work(tmp_path_factory):
 
 
 FT_ARGS = ["run.max_steps=4", "eval.every=2", "eval.max_images=1", "checkpoint.every=0", "run.log_every=2",
-           "data.tasks={denoise: 1, derain: 1, dehaze: 1}"]  # unique keys per epoch for the rank check
+           "data.tasks={denoise: 1, derain: 1, dehaze: 1}",  # unique keys per epoch for the rank check
+           "deepspeed.zero_stage=3"]  # partitioned weights: the periodic evaluation must gather them
 
 
 @pytest.fixture(scope="module")
 def finetuned(work):
-    """The README's fine-tuning command, shortened: 2 CPU ranks, ZeRO-2, 4 steps, evaluation every 2."""
+    """The README's fine-tuning command, shortened: 2 CPU ranks, ZeRO-3, 4 steps, evaluation every 2."""
     proc = _run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
                  _free_port(), ROOT / "launch/finetune.py", "--config", ROOT / "configs/finetune_quickstart.yaml",
                  *FT_ARGS], work)
@@ -111,7 +112,7 @@ def test_two_ranks_finetune_from_the_pretraining_checkpoint(work, finetuned):
 
     client = MlflowClient(f"sqlite:///{work}/mlflow.db")
     exp = client.get_experiment_by_name("dynet-quickstart-finetune")
-    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.mode = 'finetune'")
+    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`dyntrain.stage` = 'finetune'")
     assert run.data.params["data.source"] == "paired" and run.data.params["model.dim"] == "8"
     assert run.data.tags["init_checkpoint"] == PRETRAIN_CKPT
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/L/average/psnr")] == [2, 4]
@@ -132,7 +133,7 @@ def test_evaluate_cli_on_the_checkpoint_matches_the_in_training_evaluation(work,
 
     client = MlflowClient(f"sqlite:///{work}/mlflow.db")
     exp = client.get_experiment_by_name("dynet-quickstart-finetune")
-    (ft,) = client.search_runs([exp.experiment_id], filter_string="tags.mode = 'finetune'")
+    (ft,) = client.search_runs([exp.experiment_id], filter_string="tags.`dyntrain.stage` = 'finetune'")
     (child,) = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{ft.info.run_id}'")
     assert child.data.tags["dyntrain.stage"] == "evaluation"
     evals = {k: v for k, v in child.data.metrics.items() if k.startswith("eval/")}
