@@ -1,4 +1,5 @@
 """launch/restore.py: one weights file serves S and L; odd image sizes; tiles within a memory budget."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,17 @@ def test_cli_files_and_folders_png_and_jpeg_gray_world(weights, tmp_path):
         plan_outputs(src / "a.png", tmp_path / "x.txt")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         plan_outputs(tmp_path / "nowhere", tmp_path / "o")
+
+
+def test_inference_bench_reports_both_variants(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "inference.py"), "--dim", "8", "--sizes", "32",
+                           "--iters", "1", "--threads", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("s_vs_l_speedup=") and float(last.split("=")[1]) > 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["variant"], r["size"]) for r in rows} == {("S", 32), ("L", 32)}
+    by = {r["variant"]: r for r in rows}
+    assert by["L"]["gflops"] > by["S"]["gflops"] and all(r["images_per_s"] > 0 for r in rows)
