@@ -72,7 +72,8 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def peak_tflops(device: torch.device, override: Optional[float] = None) -> tuple[Optional[float], str]:
+def peak_tflops(device: torch.device,
+                override: Optional[float] = None) -> tuple[Optional[float], str]:
     """(dense bf16 peak in TFLOP/s or None, where the figure came from)."""
     if override is not None:
         if override <= 0:
@@ -226,7 +227,8 @@ def training_config(config_path: Optional[str], overrides: list[str], device: to
     base = [f"run.device={device.type}", f"run.max_steps={steps}", f"run.log_every={steps}",
             f"model.dim={sizes['dim']}", f"data.crop_size={sizes['crop']}",
             f"data.micro_batch_size={sizes['batch']}", "deepspeed.global_batch_size=null",
-            "deepspeed.gradient_accumulation_steps=1", f"model.compile={str(compile_blocks).lower()}",
+            "deepspeed.gradient_accumulation_steps=1",
+            f"model.compile={str(compile_blocks).lower()}",
             f"model.channels_last={str(channels_last).lower()}", "tracking.enabled=false",
             "checkpoint.dir=null", "schedule.verify_every=0"]
     return load_config(config_path, base + list(overrides))

@@ -152,8 +152,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     result: dict[str, Any] = {
         "benchmark": "dynamic_vs_separate", **common.environment(info.device), **sizes,
-        "world_size": world, "steps": steps, "steps_done": {
-            name: len(p["records"]) for name, p in phases.items()}, "warmup_per_variant": warmup, "warmup_s": warmup_s,
+        "world_size": world, "steps": steps,
+        "steps_done": {name: len(p["records"]) for name, p in phases.items()},
+        "warmup_per_variant": warmup, "warmup_s": warmup_s,
         "zero_stage": cfg.deepspeed.zero_stage, "bf16": ds_config["bf16"]["enabled"],
         "compile": cfg.model.compile, "compile_backend": (args.compile_backend or "inductor")
         if cfg.model.compile else None, "channels_last": cfg.model.channels_last,
@@ -222,7 +223,8 @@ def _print_table(r: dict[str, Any], variants: list[str], device) -> None:
     print(f"GPU hours saved by dynamic training: {r['gpu_hours_saved_frac']:.1%} measured, "
           f"{r['expected_saved_frac']:.1%} expected from the draw at the separate step times")
     print(f"switching overhead (dynamic wall / its steps priced at the separate step times - 1): "
-          f"{r['switching_overhead_frac']:+.2%}; switch penalty (dynamic account): "
+          f"{r['switching_overhead_frac']:+.2%}")
+    print(f"switch penalty (a step after a switch vs after its own variant): "
           f"{common.fmt(r['switch_penalty_s'], '+.4f')} s")
 
 

@@ -206,7 +206,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{'':>22} {'patches/s':>10} {'s/step':>9} {'wait %':>8}")
         print(f"{'DALI loader alone':>22} {alone['patches_per_s']:>10.1f} "
               f"{1 / alone['batches_per_s']:>9.4f} {'':>8}")
-        for name, r in (("training, from memory", compute_rate), ("training, fed by DALI", fed_rate)):
+        for name, r in (("training, from memory", compute_rate),
+                        ("training, fed by DALI", fed_rate)):
             print(f"{name:>22} {r['patches_per_s']:>10.1f} {r['step_s_mean']:>9.4f} "
                   f"{r['wait_frac'] * 100:>7.2f}%")
         print(f"loader headroom (loader / training consumption per rank): "

@@ -4,7 +4,8 @@
                                [--warmup 5] [--compile auto|none|inductor|aot_eager|eager]
                                [--compile-scope blocks|model] [--compile-mode MODE]
                                [--no-bf16] [--no-channels-last]
-                               [--checkpoint-blocks] [--profile DIR] [--device auto|cpu|cuda] [--threads N]
+                               [--checkpoint-blocks] [--profile DIR] [--device auto|cpu|cuda]
+                               [--threads N]
                                [--peak-tflops T] [--json PATH]
 
 Two recipes train the same model (same init, same random batch, L1 loss, Adam lr 1e-4):
@@ -24,7 +25,8 @@ time / the GPU's dense bf16 peak. After timing, the optimised model runs S -> L 
 the number of graphs compiled by those switches is reported (must be 0).
 
 Defaults: the paper's setting (dim 48, 128x128 crops, micro-batch 32) on CUDA; dim 8, 32x32,
-batch 2 on the CPU. Last line: train_step_speedup_<largest variant>=<baseline / optimised step time>.
+batch 2 on the CPU. Last line: train_step_speedup_<L, else the last variant>=<baseline step time /
+optimised step time>.
 """
 from __future__ import annotations
 
@@ -257,13 +259,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     speedup = {v: base[v]["step_s"] / opt[v]["step_s"] for v in args.variants}
     headline_variant = "L" if "L" in args.variants else args.variants[-1]
 
+    compiled = ", no compile"
+    if backend:
+        mode = f", {args.compile_mode}" if args.compile_mode else ""
+        compiled = f", compiled {args.compile_scope} ({backend}{mode})"
     print(f"DyNet training step on {common.device_name(device)}"
           + ("" if gpu else f", {threads} threads")
           + f": dim {sizes['dim']}, {sizes['crop']}x{sizes['crop']}, micro-batch {sizes['batch']}, "
           f"{warmup} warm-up + {steps} timed steps (median)")
     print(f"optimised = {'bf16 autocast' if not args.no_bf16 else 'fp32'}"
           f"{', channels-last' if not args.no_channels_last else ''}"
-          f"{', compiled ' + args.compile_scope + ' (' + backend + (', ' + args.compile_mode if args.compile_mode else '') + ')' if backend else ', no compile'}"
+          f"{compiled}"
           f"{', fused Adam, cudnn.benchmark' if gpu else ''}; peak: {fmt_peak(peak, peak_source)}")
     print(f"{'variant':>8} {'recipe':>10} {'step ms':>9} {'patches/s':>10} {'peak MB':>9} "
           f"{'TFLOP/s':>8} {'MFU':>7} {'warm-up s':>9}")

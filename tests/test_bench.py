@@ -178,7 +178,8 @@ def test_train_step_bench_cpu(tmp_path):
     assert opt["graphs_compiled"] >= 1 and opt["graphs_compiled_by_switching"] == 0
     assert result["results"]["baseline"]["graphs_compiled"] == 0
     speedup = result["speedup"]["L"]
-    base, fast = (result["results"][r]["variants"]["L"]["step_s"] for r in ("baseline", "optimised"))
+    base, fast = (result["results"][r]["variants"]["L"]["step_s"]
+                  for r in ("baseline", "optimised"))
     assert speedup == pytest.approx(base / fast)
     assert float(last.split("=")[1]) == pytest.approx(speedup, rel=1e-3)
 
