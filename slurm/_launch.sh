@@ -29,7 +29,7 @@ log() { echo "[slurm $(date +%H:%M:%S)] $*"; }
 die() { echo "[slurm] error: $*" >&2; exit 2; }
 
 : "${SLURM_JOB_ID:?not inside a Slurm job: submit with sbatch}"
-ROOT=${DYNTRAIN_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
+ROOT=${DYNTRAIN_ROOT:-$PWD}   # the job starts in the submit directory (or sbatch --chdir)
 [ -f "$ROOT/$ENTRY" ] || die "$ROOT/$ENTRY not found: submit from the repository root or set DYNTRAIN_ROOT"
 cd "$ROOT"
 if [ -n "${DYNTRAIN_PYTHON:-}" ]; then PY=$DYNTRAIN_PYTHON
