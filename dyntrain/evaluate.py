@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data.paired import IMAGE_EXTS, haze_clean_stem, list_images
+from .data.paired import haze_clean_stem, list_images
 from .metrics import psnr, ssim
 
 SET_KINDS = ("sots", "rain100l", "bsd68")

@@ -8,20 +8,17 @@ photos). Runs on the GPU when there is one, on the CPU otherwise.
 """
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .config import Config, ConfigError
-
-log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 MIN_TILE = 64

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from dyntrain.config import load_config
-from dyntrain.data.paired import (PairedDataError, PairedFolderLoader, build_finetune_loader, dihedral,
+from dyntrain.data.paired import (PairedDataError, build_finetune_loader, dihedral,
                                   haze_clean_stem, make_demo_data, mix, scan_tasks)
 
 
