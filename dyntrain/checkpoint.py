@@ -746,16 +746,13 @@ def _ds_version() -> str:
 def _progress(argv: list[str]) -> int:
     """``progress --config C [overrides]``: where the run of that config stands, for job scripts:
     ``step=<newest complete step or none> max_steps=<M> finished=<0|1> dir=<checkpoint.dir>``."""
-    from .config import ConfigError, load_config
+    from .config import add_config_arguments, config_from_args
 
     parser = argparse.ArgumentParser(prog="python -m dyntrain.checkpoint progress")
-    parser.add_argument("--config", default=None)
-    parser.add_argument("overrides", nargs="*")
+    add_config_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    cfg = config_from_args(args)
+    if cfg is None:
         return 2
     info = newest_complete(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
     step = info.step if info else None

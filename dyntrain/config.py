@@ -447,3 +447,22 @@ def _type_name(tp: Any) -> str:
 def _positive(key: str, value: int) -> None:
     if value < 1:
         raise ConfigError(f"{key}: must be a positive integer, got {value}")
+
+
+# ----------------------------------------------------------------------------- command lines
+def add_config_arguments(parser: Any, config_help: str = "YAML config") -> None:
+    """The config part of every entry point: ``--config FILE`` and trailing dotted overrides."""
+    parser.add_argument("--config", default=None, help=config_help)
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value (value parsed as YAML)")
+
+
+def config_from_args(args: Any) -> Optional[Config]:
+    """Load ``args.config`` + ``args.overrides``; on a bad config print the one error naming the
+    key or file to stderr and return None (the caller exits with status 2)."""
+    import sys
+
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return None

@@ -15,24 +15,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from dyntrain.config import ConfigError, load_config  # noqa: E402
+from dyntrain.config import add_config_arguments, config_from_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder or exported weights file")
     parser.add_argument("--variant", default=None, help="S, L, ... or all (default: eval.variants)")
-    parser.add_argument("--config", default=None, help="YAML with eval.sets and tracking (e.g. the fine-tuning config)")
     parser.add_argument("--run-id", default=None, help="MLflow run to log into")
     parser.add_argument("--child", action="store_true", help="log into a child run of the evaluated run")
     parser.add_argument("--step", type=int, default=None, help="metric step (default: the checkpoint's step)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value (value parsed as YAML)")
+    add_config_arguments(parser, "YAML with eval.sets and tracking (e.g. the fine-tuning config)")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    cfg = config_from_args(args)
+    if cfg is None:
         return 2
 
     from dyntrain.evaluate import run_evaluation

@@ -15,19 +15,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from dyntrain.config import ConfigError, load_config  # noqa: E402
+from dyntrain.config import add_config_arguments, config_from_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML config (e.g. configs/finetune_allinone.yaml)")
+    add_config_arguments(parser, "YAML config (e.g. configs/finetune_allinone.yaml)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value (value parsed as YAML)")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    cfg = config_from_args(args)
+    if cfg is None:
         return 2
     if cfg.data.source not in ("paired", "paired_shards"):
         print(f"config error: data.source: fine-tuning reads 'paired' (task folders under data.root) or "
