@@ -21,14 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 HEADLINE = re.compile(r"^([A-Za-z0-9_]+)=(-?[0-9.eE+-]+|nan)$")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(seed: int = 0, **overrides) -> DyNet:
     torch.manual_seed(seed)
     return DyNet(DyNetConfig.tiny(**overrides))

@@ -11,13 +11,6 @@ from dyntrain.evaluate import (EvalDataError, PeriodicEvaluator, centre_crop, ev
                                load_test_sets, log_to_mlflow, metrics_dict)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _save(arr, path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)

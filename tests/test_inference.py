@@ -8,15 +8,6 @@ import torch
 from dynet import DyNet, DyNetConfig, crop_to, gray_world, pad_to_multiple, restore_image
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and a busy 2-core box makes them crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Pointwise(torch.nn.Module):
     """A local 'restorer' (per-pixel affine map): tiling must reproduce it exactly."""
 

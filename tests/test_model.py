@@ -13,15 +13,6 @@ from dynet.blocks import PromptBlock, TransformerBlock
 SHARED = ("enc1", "enc2", "enc3", "latent", "dec3", "dec2", "dec1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and a busy 2-core box makes them crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_model(seed: int = 0, **overrides) -> DyNet:
     torch.manual_seed(seed)
     return DyNet(DyNetConfig.tiny(**overrides))
