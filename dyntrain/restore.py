@@ -42,14 +42,14 @@ def dynet_config_from_dict(model_cfg: dict[str, Any]):
 
 def load_checkpoint_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Optional[dict[str, Any]]]:
     """(state_dict, model config dict or None) of a checkpoint folder or weights file."""
-    from .checkpoint import load_weights
+    from .weights import load_weights
 
     return load_weights(path)
 
 
 def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
     """What a checkpoint says about its run: {"step", "mlflow_run_id", ...} where known, else {}."""
-    from .checkpoint import checkpoint_info
+    from .weights import checkpoint_info
 
     try:
         return checkpoint_info(path)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from dyntrain.checkpoint import (CheckpointError, consolidated_weights, ensure_universal,  # noqa: E402
-                                 resolve_tag_dir, save_weights)
+from dyntrain.checkpoint import CheckpointError, ensure_universal, resolve_tag_dir  # noqa: E402
+from dyntrain.weights import consolidated_weights, save_weights  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dyntrain import checkpoint as ck  # noqa: E402
+from dyntrain import weights as wt  # noqa: E402
 from dyntrain.config import CheckpointConfig  # noqa: E402
 
 PY = sys.executable
@@ -223,7 +224,7 @@ def test_two_ranks_save_and_exact_resume(zero2_run):
 
 def test_export_zero2_matches_trained_weights(zero2_run, tmp_path):
     ref = torch.load(zero2_run / "straight_final.pt")
-    weights, model_cfg, info = ck.consolidated_weights(zero2_run / "ckpt")
+    weights, model_cfg, info = wt.consolidated_weights(zero2_run / "ckpt")
     assert info["tag"] == "step_00000004" and info["step"] == 4
     assert model_cfg is None    # this tiny client state carries no config
     assert set(weights) == set(ref)
@@ -234,9 +235,9 @@ def test_export_zero2_matches_trained_weights(zero2_run, tmp_path):
                        env=dict(os.environ, DS_ACCELERATOR="cpu"), timeout=120)
     assert r.returncode == 0, r.stderr
     assert "of step_00000004 (step 4)" in r.stdout
-    sd, cfg = ck.load_weights(tmp_path / "w.safetensors")
+    sd, cfg = wt.load_weights(tmp_path / "w.safetensors")
     assert cfg is None and all(torch.equal(sd[k], ref[k]) for k in ref)
-    sd, _ = ck.load_weights(zero2_run / "ckpt" / "step_00000002")     # a tag folder works too
+    sd, _ = wt.load_weights(zero2_run / "ckpt" / "step_00000002")     # a tag folder works too
     assert not all(torch.equal(sd[k], ref[k]) for k in ref)
 
 
@@ -263,14 +264,14 @@ def test_export_other_stages(tmp_path, stage, world, bf16):
                    extra_env={"TINY_BF16": "1" if bf16 else "0"})
     assert codes == [0] * world, _logs(tmp_path, "export")
     ref = torch.load(tmp_path / "export_ref.pt")
-    weights, model_cfg, info = ck.consolidated_weights(tmp_path / "ckpt")
+    weights, model_cfg, info = wt.consolidated_weights(tmp_path / "ckpt")
     assert model_cfg == {"dim": 8, "variants": {"S": [1, 1, 1, 1]}}
     assert info == {"tag": "step_00000002", "step": 2, "mlflow_run_id": "abc123"}
     for k in ref:
         assert weights[k].dtype == torch.float32
         tol = 1e-2 if bf16 else 0.0   # bf16 training: the fp32 master weights vs the bf16 copy
         torch.testing.assert_close(weights[k], ref[k], rtol=tol, atol=tol)
-    info2 = ck.checkpoint_info(tmp_path / "ckpt")
+    info2 = wt.checkpoint_info(tmp_path / "ckpt")
     assert info2["step"] == 2 and info2["mlflow_run_id"] == "abc123" and info2["world_size"] == world
 
 
@@ -340,7 +341,7 @@ def test_safetensors_round_trip(tmp_path):
         "g.mask": torch.tensor([True, False, True]),
     }
     path = tmp_path / "w.safetensors"
-    ck.save_weights(path, tensors, {"dim": 8, "variants": {"S": [2, 3, 3, 4]}}, {"step": 7, "tag": "t"})
+    wt.save_weights(path, tensors, {"dim": 8, "variants": {"S": [2, 3, 3, 4]}}, {"step": 7, "tag": "t"})
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8:8 + n])
@@ -351,23 +352,23 @@ def test_safetensors_round_trip(tmp_path):
     body = raw[8 + n:]
     a = torch.frombuffer(bytearray(body[0:48]), dtype=torch.float32).reshape(3, 4)
     assert torch.equal(a, tensors["a.weight"])
-    sd, model_cfg = ck.load_weights(path)
+    sd, model_cfg = wt.load_weights(path)
     assert model_cfg == {"dim": 8, "variants": {"S": [2, 3, 3, 4]}}
     assert set(sd) == set(tensors)
     for k, v in tensors.items():
         assert sd[k].dtype == v.dtype and sd[k].shape == v.shape and torch.equal(sd[k], v), k
-    assert ck.checkpoint_info(path) == {"tag": "t", "step": 7}
+    assert wt.checkpoint_info(path) == {"tag": "t", "step": 7}
     # .pt and a plain state_dict file
-    ck.save_weights(tmp_path / "w.pt", tensors, {"dim": 8}, {"step": 7})
-    sd2, cfg2 = ck.load_weights(tmp_path / "w.pt")
+    wt.save_weights(tmp_path / "w.pt", tensors, {"dim": 8}, {"step": 7})
+    sd2, cfg2 = wt.load_weights(tmp_path / "w.pt")
     assert cfg2 == {"dim": 8} and all(torch.equal(sd2[k], v) for k, v in tensors.items())
     torch.save(tensors, tmp_path / "plain.pt")
-    sd3, cfg3 = ck.load_weights(tmp_path / "plain.pt")
+    sd3, cfg3 = wt.load_weights(tmp_path / "plain.pt")
     assert cfg3 is None and torch.equal(sd3["a.weight"], tensors["a.weight"])
     # broken files are named in the error
     (tmp_path / "bad.safetensors").write_bytes(b"\x05\x00")
     with pytest.raises(ck.CheckpointError, match="bad.safetensors"):
-        ck.load_weights(tmp_path / "bad.safetensors")
+        wt.load_weights(tmp_path / "bad.safetensors")
 
 
 if __name__ == "__main__":

@@ -77,12 +77,12 @@ def finetuned(work):
 def test_two_ranks_finetune_from_the_pretraining_checkpoint(work, finetuned):
     from mlflow.tracking import MlflowClient
 
-    from dyntrain.checkpoint import load_weights
     from dyntrain.config import load_config
     from dyntrain.data.paired import build_finetune_loader
     from dyntrain.restore import dynet_config_from_dict
     from dyntrain.schedule import VariantSchedule
     from dyntrain.trainer import restoration_loss
+    from dyntrain.weights import load_weights
     from dynet import DyNet
 
     assert "evaluation at step 2" in finetuned.stdout and "evaluation at step 4" in finetuned.stdout

@@ -24,9 +24,9 @@ TINY = ["model.dim=8", "model.prompt_dims=[8,8,16]", "model.prompt_sizes=[16,8,4
 def weights(tmp_path_factory):
     """A tiny DyNet whose residual branch is small, as in a trained restorer (output = input + small
     correction), saved as one weights file with its model config."""
-    from dyntrain.checkpoint import save_weights
     from dyntrain.config import load_config
     from dyntrain.model_factory import build_model
+    from dyntrain.weights import save_weights
 
     cfg = load_config(None, TINY + ["run.seed=3"])
     model = build_model(cfg)
