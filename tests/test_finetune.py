@@ -175,7 +175,7 @@ def test_export_restore_both_variants_and_compare(work, finetuned):
 
 def test_single_task_fixed_variant_from_scratch_on_paired_shards(work, tmp_path):
     """Single-task mode, fixed-variant mode and no pre-training, reading packed shards through DALI."""
-    from dyntrain.data.paired import pack_paired_shards
+    from dyntrain.data.paired_shards import pack_paired_shards
 
     pack_paired_shards(work / "data/finetune_demo/train", str(tmp_path / "shards"), shard_samples=3,
                        printer=lambda s: None)

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from dyntrain.config import load_config
-from dyntrain.data.paired import PairedDataError, build_finetune_loader, dihedral, pack_paired_shards
+from dyntrain.data.paired import PairedDataError, build_finetune_loader, dihedral
+from dyntrain.data.paired_shards import pack_paired_shards
 
 
 def _save(arr, path: Path):

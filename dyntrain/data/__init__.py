@@ -8,6 +8,7 @@
     degrade.py    the degradation/mask recipe of pre-training
     synthetic.py  synthetic photographs for tests and the quickstart
     paired.py     paired fine-tuning data (build_finetune_loader)
+    paired_shards.py  paired WebDataset shards: packing and the DALI loader (data.source: paired_shards)
 
 Nothing is imported here, so that DALI is only loaded by the code that uses it.
 """

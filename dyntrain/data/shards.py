@@ -291,7 +291,7 @@ def parse_index(text: str) -> dict[str, dict[str, tuple[int, int]]]:
 
 
 # ---------------------------------------------------------------------------------- output
-class _Output:
+class ShardOutput:
     """A local folder or an s3:// prefix; files are published atomically."""
 
     def __init__(self, out: str) -> None:
@@ -391,7 +391,7 @@ def build_shards(srcs: list[str | Path], out: str, cfg: Optional[ShardBuildConfi
                   hook_spec=cfg.quality_hook)  # a bad hook fails here, not in every worker
     sources = list_sources(srcs)
     fingerprint = _fingerprint(cfg, sources)
-    output = _Output(str(out))
+    output = ShardOutput(str(out))
     try:
         output.remove_leftovers(cfg.prefix)
         if not force:
@@ -415,7 +415,7 @@ def build_shards(srcs: list[str | Path], out: str, cfg: Optional[ShardBuildConfi
         output.close()
 
 
-def _build(sources: list[Path], output: _Output, cfg: ShardBuildConfig, fingerprint: str,
+def _build(sources: list[Path], output: ShardOutput, cfg: ShardBuildConfig, fingerprint: str,
            progress: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     workers = cfg.workers or os.cpu_count() or 1
