@@ -18,7 +18,7 @@ elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; the
     "${pip[@]}" "torch==${TORCH_VERSION}"
 else
     "${pip[@]}" "torch==${TORCH_VERSION}"   # resolves to the local CPU wheel on CPU-only machines
-    .venv/bin/python -c "import torch, sys; sys.exit(0 if '+cpu' in torch.__version__ or not torch.version.cuda else 1)" \
+    .venv/bin/python -c "import torch, sys; sys.exit(0 if '+cpu' in torch.__version__ or not torch.version.cuda else 1)" 2>/dev/null \
         || echo "warning: installed torch is a CUDA build on a machine without a GPU" >&2
 fi
 "${pip[@]}" -e ".${extra}"
