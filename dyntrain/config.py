@@ -205,6 +205,7 @@ class TrackingConfig:
     experiment: MLflow experiment name.
     enabled: False turns MLflow off (progress lines still print).
     system_metrics: log MLflow system metrics (CPU/GPU utilisation) when available.
+    system_metrics_interval_s: seconds between system-metric samples (MLflow's default is 10).
     artifact_location: artifact root of a newly created experiment (None = next to a sqlite
         database, or the server's default).
     """
@@ -212,7 +213,13 @@ class TrackingConfig:
     experiment: str = "dynet-pretrain"
     enabled: bool = True
     system_metrics: bool = False
+    system_metrics_interval_s: float = 10.0
     artifact_location: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.system_metrics_interval_s <= 0:
+            raise ConfigError(f"tracking.system_metrics_interval_s: must be positive, "
+                              f"got {self.system_metrics_interval_s}")
 
 
 @dataclass

@@ -250,6 +250,7 @@ class MLflowTracker:
         else:
             kwargs = {"run_id": run_id}
         if t.system_metrics and _system_metrics_available():
+            mlflow.set_system_metrics_sampling_interval(t.system_metrics_interval_s)
             kwargs["log_system_metrics"] = True
         if mlflow.active_run() is not None:  # never nest into a run someone else left open
             mlflow.end_run()

@@ -44,7 +44,9 @@ def test_quickstart_script_end_to_end(tmp_path):
     work = tmp_path / "qs"
     env = dict(_env(), DYNTRAIN_QUICKSTART_DIR=str(work))
     proc = _run(["bash", str(ROOT / "launch" / "quickstart.sh"), "run.max_steps=30", "run.log_every=10",
-                 "checkpoint.every=15", "schedule.verify_every=5"], cwd=tmp_path, timeout=600, env=env)
+                 "checkpoint.every=15", "schedule.verify_every=5",
+                 # a 30-step run can end before MLflow's default 10 s system-metrics sample
+                 "tracking.system_metrics_interval_s=1"], cwd=tmp_path, timeout=600, env=env)
     assert list((work / "data" / "quickstart" / "shards").glob("*.tar"))
     assert "step 30/30" in proc.stdout and "patches/s" in proc.stdout
 
