@@ -106,6 +106,39 @@ def paper_or_small(device: torch.device, dim: Optional[int], crop: Optional[int]
             "batch": batch if batch is not None else base["batch"]}
 
 
+# ------------------------------------------------------------------- benches on the real engine
+def add_engine_args(parser) -> None:
+    """Model size, compile/channels-last and config arguments of the benches that train through
+    the real DeepSpeed engine (dynamic_vs_separate, input_pipeline)."""
+    import argparse
+
+    parser.add_argument("--dim", type=int, default=None)
+    parser.add_argument("--crop", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None, help="micro-batch per GPU")
+    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                        help="model.compile (DyNet.compile_blocks); auto = on with CUDA")
+    parser.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--config", default=None, help="YAML run config (default: the paper's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted config override, e.g. deepspeed.zero_stage=0 (repeatable)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_common_args(parser)
+
+
+def on_off(value: str, gpu: bool) -> bool:
+    """An auto/on/off flag: auto = on with CUDA."""
+    return gpu if value == "auto" else value == "on"
+
+
+def engine_setup(args) -> tuple[torch.device, bool, dict[str, int]]:
+    """Device (DS_ACCELERATOR=cpu without CUDA), torch threads and sizes: (device, gpu, sizes)."""
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    set_threads(args.threads)
+    return device, device.type == "cuda", paper_or_small(device, args.dim, args.crop, args.batch)
+
+
 # ------------------------------------------------------------------------------------- memory
 def _proc_status_bytes(field: str) -> Optional[int]:
     try:

@@ -38,7 +38,6 @@ Last line: gpu_hours_saved_frac=<measured saving>.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -48,10 +47,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
 
-def on_off(value: str, gpu: bool) -> bool:
-    return gpu if value == "auto" else value == "on"
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,20 +54,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="W per variant (CUDA 10, CPU 1)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="interleaved rounds the phases are split into (CUDA 3, CPU 2)")
-    parser.add_argument("--dim", type=int, default=None)
-    parser.add_argument("--crop", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=None, help="micro-batch per GPU")
-    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                        help="model.compile (DyNet.compile_blocks); auto = on with CUDA")
     parser.add_argument("--compile-backend", default=None,
                         help="torch.compile backend for the blocks (default: inductor, as "
                              "model.compile builds it); e.g. aot_eager for a quick CPU check")
-    parser.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
-    parser.add_argument("--config", default=None, help="YAML run config (default: the paper's)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="dotted config override, e.g. deepspeed.zero_stage=0 (repeatable)")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    common.add_common_args(parser)
+    common.add_engine_args(parser)
     args = parser.parse_args(argv)
 
     import torch
@@ -80,19 +65,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     from dyntrain.engine import build_engine, init_distributed
     from dyntrain.model_factory import build_model
 
-    device = common.resolve_device(args.device)
-    if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    common.set_threads(args.threads)
-    gpu = device.type == "cuda"
-    sizes = common.paper_or_small(device, args.dim, args.crop, args.batch)
+    device, gpu, sizes = common.engine_setup(args)
     steps = args.steps if args.steps is not None else (300 if gpu else 4)
     warmup = args.warmup if args.warmup is not None else (10 if gpu else 1)
     rounds = args.rounds if args.rounds is not None else (3 if gpu else 2)
     if steps < 2 or warmup < 0 or not 1 <= rounds <= steps:
         raise SystemExit("--steps must be >= 2, --warmup >= 0, 1 <= --rounds <= --steps")
     cfg = common.training_config(args.config, args.set, device, sizes, steps,
-                                 on_off(args.compile, gpu), on_off(args.channels_last, gpu))
+                                 common.on_off(args.compile, gpu), common.on_off(args.channels_last, gpu))
     if len(cfg.model.variants) < 2:
         raise SystemExit("dynamic training needs at least two variants in model.variants")
 

@@ -32,7 +32,6 @@ W=1, M=5 on the CPU. Last line: input_wait_frac=<fraction>.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -41,10 +40,6 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
-
-
-def on_off(value: str, gpu: bool) -> bool:
-    return gpu if value == "auto" else value == "on"
 
 
 def make_shards(folder: Path, images: int, patch: int) -> tuple[list[str], int]:
@@ -91,15 +86,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--prefetch", type=int, default=None,
                         help="data.prefetch (default: the config's)")
     parser.add_argument("--decode", default="auto", choices=["auto", "mixed", "cpu"])
-    parser.add_argument("--dim", type=int, default=None)
-    parser.add_argument("--crop", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
-    parser.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
-    parser.add_argument("--config", default=None)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    common.add_common_args(parser)
+    common.add_engine_args(parser)
     args = parser.parse_args(argv)
 
     import torch
@@ -108,12 +95,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from dyntrain.engine import build_engine, init_distributed
     from dyntrain.model_factory import build_model
 
-    device = common.resolve_device(args.device)
-    if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    common.set_threads(args.threads)
-    gpu = device.type == "cuda"
-    sizes = common.paper_or_small(device, args.dim, args.crop, args.batch)
+    device, gpu, sizes = common.engine_setup(args)
     steps = args.steps if args.steps is not None else (100 if gpu else 4)
     warmup = args.warmup if args.warmup is not None else (10 if gpu else 1)
     loader_batches = args.loader_batches if args.loader_batches is not None else (50 if gpu else 5)
@@ -140,7 +122,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if samples is not None:
             extra.append(f"data.shuffle_buffer={min(1024, samples)}")
         cfg = common.training_config(args.config, extra + list(args.set), device, sizes, steps,
-                                     on_off(args.compile, gpu), on_off(args.channels_last, gpu))
+                                     common.on_off(args.compile, gpu), common.on_off(args.channels_last, gpu))
 
         info = init_distributed(cfg)
         if args.threads:
