@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .config import Config, ConfigError
 
@@ -122,6 +123,16 @@ def init_distributed(cfg: Config) -> DistInfo:
 
 
 # ------------------------------------------------------------------------------ DeepSpeed JSON
+def shutdown_distributed() -> None:
+    """Leave the process group after a normal finish: a barrier, so no rank tears down while a peer
+    still talks to it, then destroy every group. Left to interpreter exit, gloo's threads can be
+    torn down mid-flight and abort a rank ("terminate called without an active exception", exit
+    -6) after its work is done, which a job script would read as a failed run."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def build_ds_config(cfg: Config, world_size: int, device: torch.device | str = "cpu") -> dict[str, Any]:
     """The DeepSpeed JSON for this run. The only place that derives the global batch size."""
     device = torch.device(device)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .config import Config
-from .engine import ZERO3_NOTE, build_engine, init_distributed
+from .engine import ZERO3_NOTE, build_engine, init_distributed, shutdown_distributed
 from .model_factory import build_model
 from .schedule import VariantSchedule, corrupt_for_test, new_verify_group, splitmix64
 from .tracking import make_tracker
@@ -90,6 +90,8 @@ def run_training(cfg: Config, loader_factory: LoaderFactory, *, mode: str = "pre
             tracker.finish(status)
         if hasattr(loader, "close"):
             loader.close()
+        if status != "FAILED":  # after a failure a peer may never reach the barrier
+            shutdown_distributed()
 
 
 def _describe_run(tracker, cfg: Config, ds_config: dict, schedule: VariantSchedule, info, mode: str,

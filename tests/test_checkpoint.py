@@ -143,6 +143,9 @@ def worker(mode: str, out: str, stage: int) -> None:
         if rank == 0:
             torch.save(final, outp / "export_ref.pt")
     (outp / f"report_{mode}_{rank}.json").write_text(json.dumps(report, default=str))
+    from dyntrain.engine import shutdown_distributed
+
+    shutdown_distributed()
 
 
 # ============================================================================ test side
