@@ -1,0 +1,94 @@
+"""One logging setup for the whole system: rank-aware, one format.
+
+Library modules take a logger with ``log = get_logger(__name__)`` and never configure logging; the
+entry points (``run_training``, the CLIs) call :func:`setup_logging` once. Under a launcher every
+rank runs the same code: rank 0 logs from INFO up, the other ranks only warnings and errors (each
+line then names its rank), so a progress line appears once per job, not once per rank.
+
+Format: ``[HH:MM:SS name] message`` where ``name`` is the logger's last component (``trainer``,
+``checkpoint``, ``make_shards``, ...), or ``[HH:MM:SS name rank R]`` on ranks other than 0.
+Records below WARNING go to stdout and the rest to stderr, unless ``stream`` sends all of them to one
+stream (a CLI whose stdout is its machine-readable result logs to stderr).
+
+The CLIs keep printing their results (a table, a JSON line) with ``print``: those are output, not log.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import IO, Optional
+
+ROOT = "dyntrain"
+_HANDLER_MARK = "_dyntrain_handler"
+
+
+def get_logger(name: str) -> logging.Logger:
+    """The logger for module ``name`` (pass ``__name__``), under the ``dyntrain`` root."""
+    if name != ROOT and not name.startswith(ROOT + "."):
+        name = f"{ROOT}.{name}"
+    return logging.getLogger(name)
+
+
+def env_rank() -> int:
+    """This process's global rank from the launcher's environment (0 outside a launcher)."""
+    for key in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(key)
+        if value is not None and value.strip().lstrip("-").isdigit():
+            return int(value)
+    return 0
+
+
+class _Format(logging.Formatter):
+    def __init__(self, rank: int):
+        super().__init__(datefmt="%H:%M:%S")
+        self.rank = rank
+
+    def format(self, record: logging.LogRecord) -> str:
+        short = record.name.rsplit(".", 1)[-1]
+        where = f"{short} rank {self.rank}" if self.rank else short
+        text = f"[{self.formatTime(record, self.datefmt)} {where}] {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+class _Below(logging.Filter):
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < self.level
+
+
+def setup_logging(rank: Optional[int] = None, *, level: int = logging.INFO,
+                  stream: Optional[IO[str]] = None) -> logging.Logger:
+    """Install the one handler pair on the ``dyntrain`` logger (idempotent: a second call replaces it).
+
+    Args:
+        rank: global rank (default: from ``RANK``/``SLURM_PROCID``); ranks > 0 log WARNING and up.
+        level: the level on rank 0.
+        stream: send every record here instead of splitting stdout (INFO) / stderr (WARNING+).
+    """
+    rank = env_rank() if rank is None else int(rank)
+    root = logging.getLogger(ROOT)
+    for handler in list(root.handlers):
+        if getattr(handler, _HANDLER_MARK, False):
+            root.removeHandler(handler)
+    fmt = _Format(rank)
+    if stream is not None:
+        handlers = [logging.StreamHandler(stream)]
+    else:
+        out = logging.StreamHandler(sys.stdout)
+        out.addFilter(_Below(logging.WARNING))
+        err = logging.StreamHandler(sys.stderr)
+        err.setLevel(logging.WARNING)
+        handlers = [out, err]
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        setattr(handler, _HANDLER_MARK, True)
+        root.addHandler(handler)
+    root.setLevel(level if rank == 0 else max(level, logging.WARNING))
+    root.propagate = False
+    return root
