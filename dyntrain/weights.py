@@ -1,12 +1,14 @@
 """Consolidated model weights: export from a DeepSpeed checkpoint, write and read weights files.
 
 ``consolidated_weights`` rebuilds the full fp32 weights from a checkpoint of any ZeRO stage
-(DeepSpeed's ``zero_to_fp32`` helpers) with the model's ``DyNetConfig.to_dict()``;
+(DeepSpeed's ``zero_to_fp32`` helpers) with the model section of the run's config;
 ``save_weights`` writes them as ``.pt`` or ``.safetensors`` (the ``safetensors`` package) and
 ``load_weights`` reads any of the three forms (checkpoint folder, ``.safetensors``, ``.pt``) back as
-``(state_dict, model_config_dict)``; the model dict is read by ``dyntrain.config.dynet_config_from_dict``
-whatever its form (files written before issue 10 store the config's older ``model`` section). ``checkpoint_info`` says which run and step a checkpoint folder
-or a weights file comes from. Finding and reading checkpoint folders is ``dyntrain.checkpoint``.
+``(state_dict, model_config_dict)``. Whatever form the model dict has (``DyNetConfig.to_dict()``
+in new exports, the config's ``model`` section, or the older section of files written before
+issue 10), ``dyntrain.config.dynet_config_from_dict`` reads it. ``checkpoint_info`` says which run
+and step a checkpoint folder or a weights file comes from. Finding and reading checkpoint folders
+is ``dyntrain.checkpoint``.
 """
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ import safetensors.torch
 import torch
 
 from .checkpoint import STATE_KEY, CheckpointError, model_states_file, read_client_state, resolve_tag_dir
-from .config import dynet_config_from_dict
 
 WEIGHTS_FORMAT = "dyntrain-weights-1"
 
@@ -64,8 +65,6 @@ def consolidated_weights(path: str | Path, tag: Optional[str] = None
         weights = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
     weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     model_cfg = (client.get("config") or {}).get("model")
-    if model_cfg:  # the run's model section (either form) -> DyNetConfig's own dict
-        model_cfg = dynet_config_from_dict(model_cfg, where=f"{tag_dir}: model").to_dict()
     info = {"tag": tag_dir.name, "step": ours.get("step"), "mlflow_run_id": client.get("mlflow_run_id")}
     return weights, model_cfg, info
 
