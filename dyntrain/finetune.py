@@ -5,9 +5,9 @@ starting weights (``init.checkpoint``) and an optional periodic evaluation diffe
 Starting point:
   - ``init.checkpoint`` = a pre-training checkpoint folder (DeepSpeed) or an exported weights file:
     its module weights only (no optimizer state, no step, no schedule) initialise the model. When
-    the checkpoint records its architecture, that architecture is used (``model.dim``, heads, prompt
-    sizes ...; the variants table and training switches stay the config's) and a note is printed if
-    the YAML said otherwise.
+    the checkpoint records its architecture, that architecture is used (every field that fixes the
+    parameters: ``model.dim``, heads, prompt sizes ...; the variants table and the runtime switches
+    stay the config's) and a note is logged if the YAML said otherwise.
   - ``init.checkpoint: null`` = from scratch (the no-pre-training ablation).
 A fine-tuning run that is resumed from its own ``checkpoint.dir`` continues from there (the trainer's
 resume overrides the initial weights).
@@ -19,15 +19,15 @@ so a wrong folder fails before training starts).
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import torch
 
-from .config import Config
+from .config import PARAMETER_FIELDS, Config, dynet_config_from_dict
+from .logs import get_logger, setup_logging
 from .model_factory import build_model
 
-ARCH_KEYS = ("dim", "heads", "ffn_expansion", "num_refinement", "prompt_len", "prompt_dims", "prompt_sizes")
+log = get_logger(__name__)
 
 
 class InitCheckpointError(ValueError):
@@ -38,28 +38,28 @@ def read_init_weights(cfg: Config) -> tuple[Optional[dict[str, torch.Tensor]], O
     """(state_dict, model config dict) of ``init.checkpoint``; (None, None) when training from scratch."""
     from pathlib import Path
 
-    from .restore import load_checkpoint_weights
+    from .weights import load_weights
 
     path = cfg.init.checkpoint
     if not path:
         return None, None
     if not Path(path).exists():
         raise InitCheckpointError(f"init.checkpoint: {path} does not exist")
-    return load_checkpoint_weights(path)
+    return load_weights(path)
 
 
 def adopt_architecture(cfg: Config, model_cfg: Optional[dict[str, Any]]) -> list[str]:
-    """Copy the checkpoint's architecture fields into ``cfg.model``; returns the keys that changed."""
+    """Copy the checkpoint's architecture (the fields that fix the parameters, read from the stored
+    dict in any form) into ``cfg.model``; returns the keys that changed, as "key: old -> new"."""
     if not model_cfg:
         return []
+    stored = dynet_config_from_dict(model_cfg, where=f"init.checkpoint {cfg.init.checkpoint}: model").to_dict()
     changed = []
-    for key in ARCH_KEYS:
-        if key in model_cfg:
-            value = model_cfg[key]
-            value = list(value) if isinstance(value, (list, tuple)) else value
-            if getattr(cfg.model, key) != value:
-                changed.append(f"{key}: {getattr(cfg.model, key)} -> {value}")
-                setattr(cfg.model, key, value)
+    for key in PARAMETER_FIELDS:
+        if getattr(cfg.model, key) != stored[key]:
+            changed.append(f"{key}: {getattr(cfg.model, key)} -> {stored[key]}")
+            setattr(cfg.model, key, stored[key])
+    cfg.model.to_dynet()  # the adopted architecture with the config's variants must still be valid
     return changed
 
 
@@ -96,8 +96,7 @@ def make_eval_hook(cfg: Config):
         trainer.tracker.set_tags({"init_checkpoint": str(cfg.init.checkpoint or "none (from scratch)")})
         if cfg.eval.every <= 0 or not cfg.eval.sets:
             return
-        evaluator = PeriodicEvaluator(cfg, trainer.tracker, trainer.rank,
-                                      printer=lambda s: print(f"[{cfg.run.name}] {s}", flush=True))
+        evaluator = PeriodicEvaluator(cfg, trainer.tracker, trainer.rank, printer=log.info)
         if trainer.rank == 0:
             evaluator.pairs = load_test_sets(dict(cfg.eval.sets), cfg.eval.noise_seed, cfg.eval.max_images)
         zero3 = cfg.deepspeed.zero_stage == 3
@@ -143,9 +142,10 @@ def run_finetune(cfg: Config, loader_factory=None):
     from .data.paired import build_finetune_loader
     from .run import run_training
 
+    setup_logging()  # rank from the launcher's environment: the process group does not exist yet
     state, model_cfg = read_init_weights(cfg)
     changed = adopt_architecture(cfg, model_cfg)
-    if changed and os.environ.get("RANK", "0") == "0":  # before the process group exists
-        print(f"[{cfg.run.name}] model architecture taken from init.checkpoint ({'; '.join(changed)})", flush=True)
+    if changed:
+        log.info(f"model architecture taken from init.checkpoint ({'; '.join(changed)})")
     return run_training(cfg, loader_factory or build_finetune_loader, mode="finetune",
                         model_builder=make_model_builder(cfg, state), trainer_hook=make_eval_hook(cfg))

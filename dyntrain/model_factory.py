@@ -1,4 +1,4 @@
-"""Build the DyNet of a run from ``cfg.model`` (the only place that maps config -> DyNetConfig)."""
+"""Build the DyNet of a run from ``cfg.model`` (architecture: ``cfg.model.to_dynet()``)."""
 from __future__ import annotations
 
 import torch
@@ -7,17 +7,8 @@ from .config import Config
 
 
 def dynet_config(cfg: Config):
-    """The ``dynet.DyNetConfig`` described by ``cfg.model``."""
-    from dynet import DyNetConfig
-
-    m = cfg.model
-    variants = {name: tuple(reuse) for name, reuse in m.variants.items()}
-    default = "L" if "L" in variants else sorted(variants)[0]
-    return DyNetConfig(dim=m.dim, heads=tuple(m.heads), ffn_expansion=m.ffn_expansion,
-                       num_refinement=m.num_refinement, prompt_len=m.prompt_len,
-                       prompt_dims=tuple(m.prompt_dims), prompt_sizes=tuple(m.prompt_sizes),
-                       variants=variants, default_variant=default,
-                       checkpoint_blocks=m.activation_checkpointing)
+    """The ``dynet.DyNetConfig`` described by ``cfg.model`` (activation checkpointing included)."""
+    return cfg.model.to_dynet()
 
 
 def build_model(cfg: Config) -> torch.nn.Module:

@@ -18,35 +18,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, dynet_config_from_dict
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 MIN_TILE = 64
 
 
 # --------------------------------------------------------------------------------- loading
-def dynet_config_from_dict(model_cfg: dict[str, Any]):
-    """A DyNetConfig from either a ``cfg.model`` section (dyntrain.config.ModelConfig) or a
-    ``DyNetConfig.to_dict()``, whichever the checkpoint stored."""
-    from dynet import DyNetConfig
-
-    from .model_factory import dynet_config
-
-    if "checkpoint_blocks" in model_cfg or "default_variant" in model_cfg or "in_channels" in model_cfg:
-        d = dict(model_cfg)
-        d["checkpoint_blocks"] = False
-        return DyNetConfig(**d)
-    section = {k: v for k, v in model_cfg.items() if k not in ("activation_checkpointing", "compile")}
-    return dynet_config(Config.from_dict({"model": section}))
-
-
-def load_checkpoint_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Optional[dict[str, Any]]]:
-    """(state_dict, model config dict or None) of a checkpoint folder or weights file."""
-    from .weights import load_weights
-
-    return load_weights(path)
-
-
 def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
     """What a checkpoint says about its run: {"step", "mlflow_run_id", ...} where known, else {}."""
     from .weights import checkpoint_info
@@ -63,18 +41,18 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", cfg: Option
     checkpoint; ``cfg.model`` is used only when the checkpoint carries none."""
     from dynet import DyNet
 
+    from .weights import load_weights
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state, model_cfg = load_checkpoint_weights(path)
+    state, model_cfg = load_weights(path)
     if model_cfg:
-        dyncfg = dynet_config_from_dict(model_cfg)
+        dyncfg = dynet_config_from_dict(model_cfg, where=f"checkpoint {path}: model")
     elif cfg is not None:
-        from .model_factory import dynet_config
-        dyncfg = dynet_config(cfg)
+        dyncfg = dynet_config_from_dict(cfg.model.architecture())
     else:
         raise ConfigError(f"checkpoint {path} carries no model config; pass --config with a model section")
-    dyncfg.checkpoint_blocks = False
     model = DyNet(dyncfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if strict and (missing or unexpected):

@@ -1,22 +1,25 @@
 """Consolidated model weights: export from a DeepSpeed checkpoint, write and read weights files.
 
 ``consolidated_weights`` rebuilds the full fp32 weights from a checkpoint of any ZeRO stage
-(DeepSpeed's ``zero_to_fp32`` helpers); ``save_weights`` writes them as ``.pt`` or
-``.safetensors`` (format written here: the fixed stack has no safetensors package) and
+(DeepSpeed's ``zero_to_fp32`` helpers) with the model section of the run's config;
+``save_weights`` writes them as ``.pt`` or ``.safetensors`` (the ``safetensors`` package) and
 ``load_weights`` reads any of the three forms (checkpoint folder, ``.safetensors``, ``.pt``) back as
-``(state_dict, model_config_dict)``. ``checkpoint_info`` says which run and step a checkpoint folder
-or a weights file comes from. Finding and reading checkpoint folders is ``dyntrain.checkpoint``.
+``(state_dict, model_config_dict)``. Whatever form the model dict has (``DyNetConfig.to_dict()``
+in new exports, the config's ``model`` section, or the older section of files written before
+issue 10), ``dyntrain.config.dynet_config_from_dict`` reads it. ``checkpoint_info`` says which run
+and step a checkpoint folder or a weights file comes from. Finding and reading checkpoint folders
+is ``dyntrain.checkpoint``.
 """
 from __future__ import annotations
 
 import glob
 import json
 import os
-import struct
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
+import safetensors
+import safetensors.torch
 import torch
 
 from .checkpoint import STATE_KEY, CheckpointError, model_states_file, read_client_state, resolve_tag_dir
@@ -82,7 +85,11 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor],
         if path.suffix == ".safetensors":
             meta = {"format": WEIGHTS_FORMAT, "model_config": json.dumps(model_config),
                     "info": json.dumps(info or {})}
-            write_safetensors(tmp, tensors, meta)
+            # the package refuses tensors that share storage (zero_to_fp32 returns views of one
+            # flat buffer): give each its own copy
+            safetensors.torch.save_file({k: v.clone() for k, v in tensors.items()}, str(tmp), metadata=meta)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         else:
             torch.save({"format": WEIGHTS_FORMAT, "state_dict": tensors, "model_config": model_config,
                         "info": dict(info or {})}, tmp)
@@ -103,7 +110,7 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Optional[di
         weights, model_cfg, _ = consolidated_weights(path)
         return weights, model_cfg
     if path.suffix == ".safetensors":
-        tensors, meta = read_safetensors(path)
+        tensors, meta = _read_safetensors(path)
         model_cfg = json.loads(meta["model_config"]) if meta.get("model_config") else None
         return tensors, model_cfg
     try:
@@ -119,99 +126,24 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Optional[di
 
 def _weights_meta(path: Path) -> dict[str, Any]:
     if path.suffix == ".safetensors":
-        _, meta = read_safetensors(path, header_only=True)
-        return json.loads(meta.get("info") or "{}")
+        return json.loads(_safetensors_metadata(path).get("info") or "{}")
     obj = torch.load(path, map_location="cpu", weights_only=True)
     return dict(obj.get("info") or {}) if isinstance(obj, dict) else {}
 
 
-# ----------------------------------------------------------------------- safetensors format
-# A file is: 8 bytes little-endian u64 N | N bytes JSON header (space padded) | tensor bytes.
-# Header: {"__metadata__": {str: str}, name: {"dtype": "F32", "shape": [..],
-# "data_offsets": [begin, end]}} with offsets relative to the start of the tensor bytes.
-_ST_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL",
-}
-_ST_TORCH = {v: k for k, v in _ST_DTYPES.items()}
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as exc:  # the package raises its own error types for broken files
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    if sys.byteorder != "little":  # pragma: no cover - every machine we train on is little-endian
-        raise CheckpointError("writing safetensors needs a little-endian machine")
-    if t.numel() == 0:
-        return b""
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
-                      metadata: Optional[dict[str, str]] = None) -> None:
-    """Write ``tensors`` (names sorted) in the safetensors format."""
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    offset, blobs = 0, []
-    for name in sorted(tensors):
-        t = tensors[name]
-        if t.dtype not in _ST_DTYPES:
-            raise CheckpointError(f"tensor {name}: dtype {t.dtype} has no safetensors code")
-        data = _tensor_bytes(t)
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        offset += len(data)
-        blobs.append(data)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for data in blobs:
-            f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_safetensors(path: str | Path, header_only: bool = False
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``(tensors, metadata)`` of a safetensors file (also files other tools wrote)."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise CheckpointError(f"{path} is not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > 100 * 2**20:
-            raise CheckpointError(f"{path}: safetensors header of {n} bytes is implausible")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as exc:
-            raise CheckpointError(f"{path}: safetensors header is not JSON: {exc}") from None
-        meta = header.pop("__metadata__", None) or {}
-        if header_only:
-            return {}, meta
-        body = f.read()
-    tensors: dict[str, torch.Tensor] = {}
-    for name, spec in header.items():
-        dtype = _ST_TORCH.get(spec.get("dtype"))
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {spec.get('dtype')}")
-        begin, end = spec["data_offsets"]
-        if not 0 <= begin <= end <= len(body):
-            raise CheckpointError(f"{path}: tensor {name} lies outside the file ({begin}..{end})")
-        shape = list(spec["shape"])
-        if end == begin:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-            continue
-        flat = torch.frombuffer(bytearray(body[begin:end]), dtype=torch.uint8).view(dtype)
-        if flat.numel() != _numel(shape):
-            raise CheckpointError(f"{path}: tensor {name} has {flat.numel()} values for shape {shape}")
-        tensors[name] = flat.reshape(shape)
-    return tensors, meta
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file (ours, the older hand-written ones, or any
+    other tool's)."""
+    meta = _safetensors_metadata(path)
+    try:
+        return safetensors.torch.load_file(str(path), device="cpu"), meta
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc

@@ -5,10 +5,11 @@
     python launch/export.py --checkpoint DIR --universal                 # for a new world size
 
 DIR is a checkpoint directory (its newest complete tag is used unless --tag names one) or one tag
-folder. The weights are full fp32 whatever the ZeRO stage and precision of training; the model
-section of the run's config travels with them, so ``launch/restore.py --checkpoint FILE`` needs
-nothing else. ``--universal`` instead converts the tag into DeepSpeed's universal format in place
-(``<tag>/universal``), which a resume on a different number of ranks also does by itself.
+folder. The weights are full fp32 whatever the ZeRO stage and precision of training; the model's
+architecture (``DyNetConfig.to_dict()``, from the run's config) travels with them, so
+``launch/restore.py --checkpoint FILE`` needs nothing else. ``--universal`` instead converts the
+tag into DeepSpeed's universal format in place (``<tag>/universal``), which a resume on a
+different number of ranks also does by itself.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from dyntrain.checkpoint import CheckpointError, ensure_universal, resolve_tag_dir  # noqa: E402
+from dyntrain.config import ConfigError, dynet_config_from_dict  # noqa: E402
 from dyntrain.weights import consolidated_weights, save_weights  # noqa: E402
 
 
@@ -41,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         if model_cfg is None:
             print(f"warning: {args.checkpoint} carries no model config; restore.py will need --config",
                   file=sys.stderr)
+        else:  # the run's model section (any form) -> DyNetConfig's own dict
+            model_cfg = dynet_config_from_dict(model_cfg, where=f"{args.checkpoint}: model").to_dict()
         path = save_weights(args.out, weights, model_cfg, info)
-    except CheckpointError as exc:
+    except (CheckpointError, ConfigError) as exc:
         print(f"export error: {exc}", file=sys.stderr)
         return 1
     n = sum(t.numel() for t in weights.values())

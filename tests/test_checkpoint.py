@@ -338,7 +338,9 @@ def test_safetensors_round_trip(tmp_path):
         "a.weight": torch.randn(3, 4, generator=g),
         "b.bias": torch.randn(5, generator=g).to(torch.bfloat16),
         "c.half": torch.randn(2, 2, generator=g).half(),
-        "d.index": torch.arange(7, dtype=torch.int64),
+        # int32, not int64: the safetensors package lays tensors out by alignment first (8-byte
+        # dtypes lead), and the layout check below expects a.weight at offset 0
+        "d.index": torch.arange(7, dtype=torch.int32),
         "e.scalar": torch.tensor(3.5),
         "f.empty": torch.zeros(0, 3),
         "g.mask": torch.tensor([True, False, True]),
@@ -361,6 +363,8 @@ def test_safetensors_round_trip(tmp_path):
     for k, v in tensors.items():
         assert sd[k].dtype == v.dtype and sd[k].shape == v.shape and torch.equal(sd[k], v), k
     assert wt.checkpoint_info(path) == {"tag": "t", "step": 7}
+    wt.save_weights(tmp_path / "i64.safetensors", {"d.index": torch.arange(7, dtype=torch.int64)})
+    assert torch.equal(wt.load_weights(tmp_path / "i64.safetensors")[0]["d.index"], torch.arange(7))
     # .pt and a plain state_dict file
     wt.save_weights(tmp_path / "w.pt", tensors, {"dim": 8}, {"step": 7})
     sd2, cfg2 = wt.load_weights(tmp_path / "w.pt")

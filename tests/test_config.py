@@ -82,3 +82,60 @@ def test_pretrain_yaml_is_the_papers_recipe():
     assert cfg.schedule.mode == "dynamic" and cfg.schedule.variant_probs == {"S": 0.5, "L": 0.5}
     assert cfg.model.variants == {"S": [2, 3, 3, 4], "L": [4, 6, 6, 8]}
     assert cfg.deepspeed.bf16 in (True, "auto") and cfg.deepspeed.zero_stage >= 1
+
+
+def test_model_section_is_dynet_config_every_field_from_yaml_and_command_line(tmp_path):
+    import dataclasses
+
+    from dynet import DyNetConfig
+
+    from dyntrain.config import ARCHITECTURE_FIELDS, RUNTIME_FIELDS
+    from dyntrain.model_factory import build_model
+
+    section = {f.name for f in dataclasses.fields(Config().model)}
+    assert section == set(ARCHITECTURE_FIELDS) | set(RUNTIME_FIELDS)
+    assert set(ARCHITECTURE_FIELDS) == {f.name for f in dataclasses.fields(DyNetConfig)} - {"checkpoint_blocks"}
+    assert Config().model.to_dynet() == DyNetConfig()  # the defaults are the paper's model
+    path = tmp_path / "m.yaml"
+    path.write_text("model:\n  dim: 8\n  prompt_heads: 2\n  prompt_dims: [8, 8, 16]\n  prompt_sizes: [16, 8, 4]\n"
+                    "  num_refinement: 1\n  default_variant: S\n")
+    cfg = load_config(path, ["model.prompt_len=3", "model.heads=[1,1,2,2]", "model.ffn_expansion=2",
+                             "model.activation_checkpointing=true"])
+    dyn = cfg.model.to_dynet()
+    assert (dyn.dim, dyn.prompt_heads, dyn.prompt_len, dyn.heads, dyn.default_variant) == (8, 2, 3, (1, 1, 2, 2), "S")
+    assert dyn.ffn_expansion == 2.0 and dyn.checkpoint_blocks is True
+    assert load_config(None, ["model.prompt_heads=8"]).model.to_dynet().prompt_heads == 8
+    assert build_model(cfg).config.prompt_heads == 2  # the model built from the section has it
+    again = Config.from_dict(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg and again.model.prompt_heads == 2
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("model.prompt_heads=0", "model.prompt_heads"),
+    ("model.prompt_heads=3", "not divisible by its 3 attention heads"),
+    ("model.heads=[1,2,4]", "model.heads"),
+    ("model.default_variant=XL", "model.default_variant"),
+    ("model.in_channels=1", "out_channels must equal in_channels"),
+])
+def test_architecture_errors_come_from_dynet_config_and_name_the_key(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(None, [override])
+
+
+def test_stored_model_dicts_old_and_new_map_to_one_dynet_config():
+    from dynet import DyNetConfig
+
+    from dyntrain.config import dynet_config_from_dict
+
+    old_section = {"dim": 8, "heads": [1, 2, 4, 8], "ffn_expansion": 2.66, "num_refinement": 1, "prompt_len": 5,
+                   "prompt_dims": [8, 8, 16], "prompt_sizes": [16, 8, 4], "variants": {"S": [2, 3, 3, 4]},
+                   "activation_checkpointing": True, "channels_last": False, "compile": True}
+    expected = DyNetConfig.tiny(variants={"S": (2, 3, 3, 4)}, default_variant="S")
+    assert dynet_config_from_dict(old_section) == expected  # derived default variant, no checkpointing
+    assert dynet_config_from_dict(expected.to_dict()) == expected
+    new_section = load_config(None, ["model.dim=8", "model.prompt_dims=[8,8,16]", "model.prompt_sizes=[16,8,4]",
+                                     "model.num_refinement=1", "model.variants={S: [2,3,3,4]}",
+                                     "schedule.variant_probs={S: 1}"]).to_dict()["model"]
+    assert dynet_config_from_dict(new_section) == expected
+    with pytest.raises(ConfigError, match="unknown architecture key widthh"):
+        dynet_config_from_dict({"widthh": 3})

@@ -79,7 +79,7 @@ def test_two_ranks_finetune_from_the_pretraining_checkpoint(work, finetuned):
 
     from dyntrain.config import load_config
     from dyntrain.data.paired import build_finetune_loader
-    from dyntrain.restore import dynet_config_from_dict
+    from dyntrain.config import dynet_config_from_dict
     from dyntrain.schedule import VariantSchedule
     from dyntrain.trainer import restoration_loss
     from dyntrain.weights import load_weights

@@ -1,0 +1,72 @@
+"""Loading a ``Config``: defaults < YAML file < dotted command-line overrides, and the config part
+of every entry point's command line."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from ..logs import get_logger
+from .tree import Config
+from .typed import ConfigError
+
+log = get_logger(__name__)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults < YAML file at ``path`` < ``overrides`` ("dotted.key=value", value parsed as YAML)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping")
+        data = loaded
+    for item in overrides:
+        apply_override(data, item)
+    return Config.from_dict(data)
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one "dotted.key=value" override to a nested dict in place."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {exc}") from None
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+# ----------------------------------------------------------------------------- command lines
+def add_config_arguments(parser: Any, config_help: str = "YAML config") -> None:
+    """The config part of every entry point: ``--config FILE`` and trailing dotted overrides."""
+    parser.add_argument("--config", default=None, help=config_help)
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value (value parsed as YAML)")
+
+
+def config_from_args(args: Any) -> Optional[Config]:
+    """Load ``args.config`` + ``args.overrides``; on a bad config log the one error naming the key
+    or file (stderr) and return None (the caller exits with status 2)."""
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        log.error(f"config error: {exc}")
+        return None

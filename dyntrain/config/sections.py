@@ -1,0 +1,239 @@
+"""The config sections other than ``model`` (see ``model.py``): run, data, schedule, optim,
+checkpoint, tracking, deepspeed, init and eval. Each validates its own values in ``__post_init__``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from .typed import ConfigError
+from .typed import positive
+
+
+# --------------------------------------------------------------------------------------- sections
+@dataclass
+class RunConfig:
+    """Args:
+    name: run name shown in MLflow and the progress lines.
+    seed: seeds the variant draw, the data order and the model init.
+    max_steps: optimizer steps to train (global iterations).
+    log_every: steps between progress lines / metric logs.
+    device: "auto" (CUDA when present), "cuda" or "cpu".
+    deterministic: ask torch for deterministic kernels (exact-resume tests).
+    """
+    name: str = "dynet-pretrain"
+    seed: int = 0
+    max_steps: int = 1_000_000
+    log_every: int = 50
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        positive("run.max_steps", self.max_steps)
+        positive("run.log_every", self.log_every)
+
+
+@dataclass
+class DataConfig:
+    """Args:
+    source: "shards" (pre-training WebDataset shards through DALI), "paired" (fine-tuning folders
+        under ``root``) or "paired_shards" (paired WebDataset shards through DALI).
+    train_urls: shard URLs: local paths, globs, brace patterns or s3:// URLs.
+    crop_size: random crop side.
+    micro_batch_size: samples per rank per forward pass.
+    num_threads: DALI CPU threads (or DataLoader workers for "paired") per rank.
+    prefetch: batches queued ahead of the trainer.
+    shuffle_buffer: samples held by the reader's shuffling buffer (0 disables shuffling).
+    decode: "auto" (mixed/nvJPEG on GPU, cpu otherwise), "mixed" or "cpu".
+    degrade_frac / mask_frac: fractions of the crop's area degraded and masked.
+    degradations: kinds drawn per sample for the degraded region.
+    region_block: side of the square blocks that make up degraded and masked regions.
+    jpeg_quality, gaussian_sigma, random_noise: [low, high] ranges of the random levels
+        (sigma in 8-bit units; random_noise = fraction of salt-and-pepper pixels).
+    root: fine-tuning data folder holding Denoise/, Derain/, Dehaze/.
+    tasks: fine-tuning task -> repetition factor in the mixed stream (0 drops the task).
+    sigmas: Gaussian noise levels (8-bit units) for the denoising task.
+    """
+    source: Literal["shards", "paired", "paired_shards"] = "shards"
+    train_urls: list[str] = field(default_factory=list)
+    crop_size: int = 128
+    micro_batch_size: int = 32
+    num_threads: int = 4
+    prefetch: int = 2
+    shuffle_buffer: int = 1024
+    decode: Literal["auto", "mixed", "cpu"] = "auto"
+    degrade_frac: float = 0.5
+    mask_frac: float = 0.3
+    degradations: list[str] = field(default_factory=lambda: ["jpeg", "gaussian", "random"])
+    region_block: int = 16
+    jpeg_quality: list[int] = field(default_factory=lambda: [10, 60])
+    gaussian_sigma: list[float] = field(default_factory=lambda: [5.0, 50.0])
+    random_noise: list[float] = field(default_factory=lambda: [0.02, 0.2])
+    root: Optional[str] = None
+    tasks: dict[str, int] = field(default_factory=lambda: {"denoise": 1, "derain": 1, "dehaze": 1})
+    sigmas: list[int] = field(default_factory=lambda: [15, 25, 50])
+
+    def __post_init__(self) -> None:
+        positive("data.crop_size", self.crop_size)
+        positive("data.micro_batch_size", self.micro_batch_size)
+        for key in ("degrade_frac", "mask_frac"):
+            v = getattr(self, key)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"data.{key}: must lie in [0, 1], got {v}")
+        if self.degrade_frac + self.mask_frac > 1.0:
+            raise ConfigError("data.degrade_frac + data.mask_frac must not exceed 1 (regions are disjoint)")
+        unknown = set(self.degradations) - {"jpeg", "gaussian", "random"}
+        if unknown:
+            raise ConfigError(f"data.degradations: unknown kinds {sorted(unknown)}")
+        for key in ("jpeg_quality", "gaussian_sigma", "random_noise"):
+            lo_hi = getattr(self, key)
+            if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
+                raise ConfigError(f"data.{key}: expected [low, high], got {lo_hi}")
+
+
+@dataclass
+class ScheduleConfig:
+    """Args:
+    mode: "dynamic" draws a variant every iteration; "fixed" always trains ``fixed_variant``
+        (the separate-training baselines the paper compares against).
+    variant_probs: variant name -> probability (normalised); every name must be in model.variants.
+    verify_every: every N steps all ranks all-gather their draw and fail fast on disagreement (0 = off).
+    verify_timeout_s: seconds the check waits for every rank before failing (it never hangs).
+    """
+    mode: Literal["dynamic", "fixed"] = "dynamic"
+    variant_probs: dict[str, float] = field(default_factory=lambda: {"S": 0.5, "L": 0.5})
+    fixed_variant: str = "L"
+    verify_every: int = 0
+    verify_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if any(p < 0 for p in self.variant_probs.values()) or sum(self.variant_probs.values()) <= 0:
+            raise ConfigError(f"schedule.variant_probs: need non-negative weights with a positive sum, "
+                              f"got {self.variant_probs}")
+        if self.verify_every < 0:
+            raise ConfigError(f"schedule.verify_every: must be >= 0, got {self.verify_every}")
+        if self.verify_timeout_s <= 0:
+            raise ConfigError(f"schedule.verify_timeout_s: must be positive, got {self.verify_timeout_s}")
+
+
+@dataclass
+class OptimConfig:
+    """Args:
+    name: "adam" or "adamw".
+    lr_schedule: "constant", "cosine" (linear warm-up then cosine to min_lr) or "linear".
+    warmup_steps: linear warm-up length in optimizer steps.
+    total_steps: schedule length; None = run.max_steps.
+    grad_clip: max global gradient norm; 0 disables clipping.
+    """
+    name: Literal["adam", "adamw"] = "adam"
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    total_steps: Optional[int] = None
+    min_lr: float = 0.0
+    grad_clip: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr: must be positive, got {self.lr}")
+
+
+@dataclass
+class CheckpointConfig:
+    """Args:
+    dir: checkpoint folder on shared storage (None disables checkpoints).
+    every: steps between checkpoints (0 = only at the end and on request).
+    keep: newest checkpoints kept; older ones are deleted (milestones excepted).
+    milestone_every: additionally keep every checkpoint whose step is a multiple of this (0 = none).
+    resume: "auto" (newest complete checkpoint in dir, if any), "never", or a tag to load.
+    """
+    dir: Optional[str] = "runs/checkpoints"
+    every: int = 1000
+    keep: int = 3
+    milestone_every: int = 0
+    resume: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.keep < 1:
+            raise ConfigError(f"checkpoint.keep: must be >= 1, got {self.keep}")
+
+
+@dataclass
+class TrackingConfig:
+    """Args:
+    uri: MLflow tracking URI (sqlite:///mlflow.db, http://host:5000, ...).
+    experiment: MLflow experiment name.
+    enabled: False turns MLflow off (progress lines still print).
+    system_metrics: log MLflow system metrics (CPU/GPU utilisation) when available.
+    system_metrics_interval_s: seconds between system-metric samples (MLflow's default is 10).
+    artifact_location: artifact root of a newly created experiment (None = next to a sqlite
+        database, or the server's default).
+    """
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "dynet-pretrain"
+    enabled: bool = True
+    system_metrics: bool = False
+    system_metrics_interval_s: float = 10.0
+    artifact_location: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.system_metrics_interval_s <= 0:
+            raise ConfigError(f"tracking.system_metrics_interval_s: must be positive, "
+                              f"got {self.system_metrics_interval_s}")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Args:
+    zero_stage: ZeRO stage 0-3.
+    bf16: true/false, or "auto" = on when training on a GPU with bf16 support.
+    gradient_accumulation_steps: micro-batches per optimizer step (all with one variant).
+    offload_optimizer: ZeRO-Offload of optimizer states to CPU (stage >= 1).
+    global_batch_size: samples per optimizer step over all ranks; when set, the gradient
+        accumulation is derived from it (global / (micro-batch x world size)) at launch, and
+        gradient_accumulation_steps must stay 1. None = micro-batch x accumulation x world size.
+    """
+    zero_stage: int = 2
+    bf16: Union[bool, Literal["auto"]] = "auto"
+    gradient_accumulation_steps: int = 1
+    global_batch_size: Optional[int] = None
+    offload_optimizer: bool = False
+    overlap_comm: bool = True
+    steps_per_print: int = 0
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        positive("deepspeed.gradient_accumulation_steps", self.gradient_accumulation_steps)
+        if self.global_batch_size is not None:
+            positive("deepspeed.global_batch_size", self.global_batch_size)
+            if self.gradient_accumulation_steps != 1:
+                raise ConfigError("deepspeed.global_batch_size derives the gradient accumulation: leave "
+                                  "deepspeed.gradient_accumulation_steps at 1 (or unset the global size)")
+
+
+@dataclass
+class InitConfig:
+    """Args:
+    checkpoint: a pre-training checkpoint folder or exported weights file to start from (None =
+        from scratch, the no-pre-training ablation).
+    """
+    checkpoint: Optional[str] = None
+    strict: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Args:
+    sets: test-set name -> folder (bsd68, rain100l, sots); layouts as in dyntrain.evaluate.
+    every: evaluate every N steps during fine-tuning (0 = only when asked).
+    variants: which variants to evaluate ("all" = every entry of model.variants).
+    max_images: limit per set (0 = all).
+    """
+    sets: dict[str, str] = field(default_factory=dict)
+    every: int = 0
+    variants: list[str] = field(default_factory=lambda: ["all"])
+    max_images: int = 0
+    noise_seed: int = 0

@@ -1,0 +1,67 @@
+"""``Config``: the whole tree (one dataclass per section), its cross-section checks and its
+conversions (dict, flat dotted keys for MLflow, YAML)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .model import ModelConfig
+from .sections import (CheckpointConfig, DataConfig, DeepSpeedConfig, EvalConfig, InitConfig, OptimConfig,
+                       RunConfig, ScheduleConfig, TrackingConfig)
+from .typed import ConfigError, build
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        names = set(self.model.variants)
+        for key in self.schedule.variant_probs:
+            if key not in names:
+                raise ConfigError(f"schedule.variant_probs.{key}: no such variant in model.variants "
+                                  f"({sorted(names)})")
+        if self.schedule.mode == "fixed" and self.schedule.fixed_variant not in names:
+            raise ConfigError(f"schedule.fixed_variant: {self.schedule.fixed_variant!r} is not in "
+                              f"model.variants ({sorted(names)})")
+
+    # ----------------------------------------------------------------------------- conversions
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        return build(cls, data, "")
+
+    def flatten(self) -> dict[str, Any]:
+        """Dotted key -> leaf value (lists and dicts of leaves stay whole), for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, node: Any) -> None:
+            if isinstance(node, dict) and prefix.count(".") < 1:
+                for k, v in node.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = node
+
+        walk("", self.to_dict())
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
