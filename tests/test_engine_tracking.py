@@ -18,7 +18,7 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch):
     c = FakeClock()
-    monkeypatch.setattr("dyntrain.tracking.time.perf_counter", c)
+    monkeypatch.setattr("dyntrain.tracking.account.time.perf_counter", c)
     return c
 
 
