@@ -52,11 +52,10 @@ def add_common_args(parser) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: torch sees no CUDA device")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """--device: see ``dyntrain.devices.choose_device`` (exits when CUDA is asked for but absent)."""
+    from dyntrain.devices import choose_device
+
+    return choose_device(name, setting="--device", error=SystemExit)
 
 
 def set_threads(threads: int) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Container, Sequence
 
 from .blocks import PromptBlock
 from .config import DyNetConfig
@@ -54,6 +54,21 @@ def summarize(config: DyNetConfig, height: int, width: int,
             "variants": rows}
 
 
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
+               right_aligned: Container[int] = ()) -> str:
+    """A plain-text table: header row, a rule of dashes, the rows; columns two spaces apart and as
+    wide as their widest cell, left-aligned except the column indices in ``right_aligned``; no
+    trailing blanks. (The one table formatter of the project: dyntrain's reports use it too.)"""
+    cells = [[str(c) for c in row] for row in [headers, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right_aligned else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths]), *map(line, cells[1:])])
+
+
 def format_table(summary: dict[str, Any]) -> str:
     """Plain-text aligned table of a summarize() result."""
     header = ["variant", "reuse", "params (M)", "GFLOPs conv+lin", "+GELU (paper)",
@@ -62,14 +77,8 @@ def format_table(summary: dict[str, Any]) -> str:
              f"{r['params'] / 1e6:.3f}", f"{r['gflops_conv_linear']:.2f}",
              f"{r['gflops_paper']:.2f}", f"{r['gflops_total']:.2f}"]
             for r in summary["variants"]]
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths)))
-
     lines = [f"DyNet (dim {summary['dim']}) at 1x3x{summary['height']}x{summary['width']}",
-             line(header), line(["-" * w for w in widths]), *map(line, body), "",
+             text_table(header, body, right_aligned=range(2, len(header))), "",
              f"parameters: {summary['params']:,} shared by every variant; prompt path "
              f"{summary['prompt_params']:,} ({100 * summary['prompt_share']:.1f}%)",
              "GFLOPs = 2 x MACs of the conv and linear layers.",

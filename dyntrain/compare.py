@@ -6,8 +6,9 @@
   - result runs (any run with ``eval/<variant>/<task>/psnr`` metrics: fine-tuning runs evaluated
     periodically, or evaluation runs): PSNR/SSIM per variant and task and the variant's GFLOPs
     (``model/<variant>/gflops_224``).
-``format_tables`` prints them; ``plot`` draws PSNR vs GFLOPs per variant and the GPU hours of dynamic
-vs separate pre-training into one PNG; ``log_comparison`` stores PNG and tables in a "comparison" run.
+``format_tables`` prints them; ``dyntrain.compare_plot.plot`` draws PSNR vs GFLOPs per variant and the
+GPU hours of dynamic vs separate pre-training into one PNG; ``log_comparison`` stores PNG and tables in
+a "comparison" run.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+from dynet.summary import text_table
 
 EVAL_METRIC = re.compile(r"^eval/(?P<variant>[^/]+)/(?P<task>[^/]+)/(?P<name>psnr|ssim)$")
 TASK_ORDER = ["sots", "rain100l", "bsd68_s15", "bsd68_s25", "bsd68_s50", "average"]
@@ -108,12 +111,6 @@ def _fmt(value: Optional[float], spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [headers] + rows) for i in range(len(headers))]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
 def format_tables(pretrain: list[PretrainRun], results: list[ResultRun]) -> str:
     parts = []
     if pretrain:
@@ -121,7 +118,7 @@ def format_tables(pretrain: list[PretrainRun], results: list[ResultRun]) -> str:
                  _fmt(r.metrics.get("gpu_hours_separate"), ".4f"),
                  _fmt(r.metrics.get("gpu_hours_saved_frac"), ".3f"), _fmt(r.metrics.get("loss"), ".4f")]
                 for r in pretrain]
-        parts.append("Pre-training runs\n" + _table(
+        parts.append("Pre-training runs\n" + text_table(
             ["run", "mode", "status", "steps", "gpu_hours", "gpu_hours_separate", "saved_frac", "loss"], rows))
         saving = separate_vs_dynamic(pretrain)
         if saving:
@@ -139,7 +136,7 @@ def format_tables(pretrain: list[PretrainRun], results: list[ResultRun]) -> str:
                 rows.append([r.name, r.stage, variant, _fmt(r.gflops.get(variant), ".2f")] + [
                     (f"{per_task[t].get('psnr', float('nan')):.2f}/{per_task[t].get('ssim', float('nan')):.4f}"
                      if t in per_task else "-") for t in tasks])
-        parts.append("Evaluated runs (PSNR/SSIM)\n" + _table(["run", "stage", "variant", "GFLOPs"] + tasks, rows))
+        parts.append("Evaluated runs (PSNR/SSIM)\n" + text_table(["run", "stage", "variant", "GFLOPs"] + tasks, rows))
     else:
         parts.append("Evaluated runs: none found")
     return "\n\n".join(parts)
@@ -162,80 +159,16 @@ def separate_vs_dynamic(pretrain: list[PretrainRun]) -> Optional[dict[str, Any]]
             "saved_frac": 1.0 - d.metrics["gpu_hours"] / separate}
 
 
-def plot(pretrain: list[PretrainRun], results: list[ResultRun], path: str | Path) -> Path:
-    """Two panels: average PSNR vs GFLOPs per variant; GPU hours of dynamic vs separate pre-training."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in results:
-        pts = sorted((r.gflops[v], r.results[v]["average"]["psnr"], v) for v in r.results
-                     if v in r.gflops and "psnr" in r.results[v].get("average", {}))
-        if not pts:
-            continue
-        ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=r.name)
-        for x, y, v in pts:
-            ax1.annotate(f"DyNet-{v}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax1.set_xlabel("GFLOPs at 224x224")
-    ax1.set_ylabel("average PSNR (dB)")
-    ax1.set_title("Fine-tuned PSNR vs compute per variant")
-    if ax1.lines:
-        ax1.legend(fontsize=8)
-    else:
-        ax1.text(0.5, 0.5, "no evaluated runs", ha="center", va="center", transform=ax1.transAxes)
-
-    labels, values, colors = [], [], []
-    for r in pretrain:
-        if r.metrics.get("gpu_hours") is None:
-            continue
-        labels.append(f"{r.name}\n({r.mode})")
-        values.append(r.metrics["gpu_hours"])
-        colors.append("tab:green" if r.mode == "dynamic" else "tab:gray")
-        if r.mode == "dynamic" and r.metrics.get("gpu_hours_separate"):
-            labels.append(f"{r.name}\nS+L separately\n(estimated)")
-            values.append(r.metrics["gpu_hours_separate"])
-            colors.append("tab:orange")
-    saving = separate_vs_dynamic(pretrain)
-    if saving:
-        labels.append("fixed S + fixed L\n(measured, same steps)")
-        values.append(saving["separate_gpu_hours"])
-        colors.append("tab:red")
-    if values:
-        ax2.bar(range(len(values)), values, color=colors)
-        ax2.set_xticks(range(len(values)))
-        ax2.set_xticklabels(labels, fontsize=7)
-    else:
-        ax2.text(0.5, 0.5, "no pre-training runs", ha="center", va="center", transform=ax2.transAxes)
-    ax2.set_ylabel("GPU hours")
-    title = "Pre-training: dynamic vs separate"
-    dyn = [r for r in pretrain if r.mode == "dynamic" and r.metrics.get("gpu_hours_saved_frac") is not None]
-    if saving:
-        title += f" (saved {saving['saved_frac']:.0%})"
-    elif dyn:
-        title += f" (saved {dyn[-1].metrics['gpu_hours_saved_frac']:.0%}, estimated)"
-    ax2.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def log_comparison(tracking_uri: str, experiment: str, png: Path, text: str,
                    compared: Sequence[str]) -> str:
     """A run in ``experiment`` tagged dyntrain.stage=comparison holding the plot and the tables."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from .tracking import default_artifact_location
+    from .tracking import experiment_id_for
 
     client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(
-        experiment, artifact_location=default_artifact_location(tracking_uri))
-    run = client.create_run(exp_id, run_name="comparison",
+    run = client.create_run(experiment_id_for(client, experiment, tracking_uri), run_name="comparison",
                             tags={"dyntrain.stage": "comparison", "dyntrain.compared_runs": ",".join(compared)[:5000]})
     try:
         client.log_artifact(run.info.run_id, str(png))

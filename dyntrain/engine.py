@@ -57,12 +57,9 @@ class DistInfo:
 # ------------------------------------------------------------------------------------ devices
 def resolve_device(cfg: Config, local_rank: int = 0) -> torch.device:
     """``run.device``: "auto" = CUDA when present, else CPU."""
-    want = cfg.run.device
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("run.device: 'cuda' requested but torch sees no CUDA device")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+    from .devices import choose_device
+
+    return choose_device(cfg.run.device, local_rank, setting="run.device", error=ConfigError)
 
 
 def resolve_bf16(cfg: Config, device: torch.device) -> bool:

@@ -2,170 +2,32 @@
 
 Protocol: RGB in [0, 1], output clamped to [0, 1], no border shave, no Y channel; every image is
 centre-cropped to a multiple of 16 (the same way in input and target) and restored whole at batch 1.
-
-Test-set layouts (``eval.sets`` maps a name below to its folder):
-
-    bsd68     a folder of clean images (recursive); noisy inputs are made here at sigma 15, 25 and 50
-              from seed ``eval.noise_seed`` (image i at sigma s gets its own generator seeded by
-              (seed, s, i)), rounded to uint8 — reported as tasks bsd68_s15, bsd68_s25, bsd68_s50
-    rain100l  rainy/ + gt/ (or input/ + target/): rainy X pairs with gt X, gt "no"+X (rain-001.png ->
-              norain-001.png) or gt with X's stem
-    sots      hazy/ + gt/ (or outdoor/hazy + outdoor/gt, or hazy/ + clear/): hazy "0001_0.8_0.2.jpg"
-              pairs with gt "0001.*" (the text before the first underscore)
+The test sets and their layouts are in ``dyntrain.evaluate_data`` (its names are importable from here
+too). This module scores a model (``evaluate_model``), formats and flattens the results, evaluates
+periodically inside a training run (``PeriodicEvaluator``) and runs ``launch/evaluate.py``
+(``run_evaluation``, logging to MLflow with ``log_to_mlflow``).
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .data.paired import haze_clean_stem, list_images
+from dynet.summary import text_table
+
+from .evaluate_data import (BSD68_SIGMAS, SET_KINDS, TASK_LABELS, EvalDataError, TestPair,  # noqa: F401
+                            add_test_noise, centre_crop, load_bsd68, load_rain100l, load_sots,
+                            load_test_sets)
+from .logs import get_logger
 from .metrics import psnr, ssim
+from .tracking.progress import progress_bar
 
-SET_KINDS = ("sots", "rain100l", "bsd68")
-BSD68_SIGMAS = (15, 25, 50)
-TASK_LABELS = {"sots": "SOTS", "rain100l": "Rain100L", "bsd68_s15": "BSD68 s15",
-               "bsd68_s25": "BSD68 s25", "bsd68_s50": "BSD68 s50"}
-
-
-class EvalDataError(ValueError):
-    """A test-set folder, file or pairing that is missing or inconsistent."""
-
-
-@dataclass
-class TestPair:
-    """One test image: degraded input and clean target, uint8 (H, W, 3), already centre-cropped."""
-    task: str
-    key: str
-    input: np.ndarray
-    target: np.ndarray
-
-
-def centre_crop(img: np.ndarray, base: int = 16) -> np.ndarray:
-    """Crop (H, W, ...) centrally so both sides are multiples of ``base`` (extra row/column at the end)."""
-    height, width = img.shape[:2]
-    dh, dw = height % base, width % base
-    if height - dh <= 0 or width - dw <= 0:
-        raise EvalDataError(f"image of {height}x{width} is smaller than the {base}-pixel crop base")
-    return img[dh // 2: height - dh + dh // 2, dw // 2: width - dw + dw // 2]
-
-
-def _read(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except OSError as exc:
-        raise EvalDataError(f"cannot read test image {path}: {exc}") from exc
-
-
-def _first_dir(folder: Path, options: Sequence[tuple[str, str]], name: str) -> tuple[Path, Path]:
-    for a, b in options:
-        if (folder / a).is_dir() and (folder / b).is_dir():
-            return folder / a, folder / b
-    tried = ", ".join(f"{a}/ + {b}/" for a, b in options)
-    raise EvalDataError(f"{name}: {folder} has none of the layouts {tried}")
-
-
-def _by_stem(folder: Path) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for path in list_images(folder):
-        out.setdefault(path.relative_to(folder).with_suffix("").as_posix(), path)
-    return out
-
-
-def _limit(items: list, max_images: int) -> list:
-    return items[:max_images] if max_images > 0 else items
-
-
-def add_test_noise(clean: np.ndarray, sigma: float, seed: int, index: int) -> np.ndarray:
-    """Seeded Gaussian noise for BSD68: image ``index`` at ``sigma``, rounded and clipped to uint8."""
-    rng = np.random.default_rng([seed, int(sigma), index])
-    noisy = clean.astype(np.float64) + rng.standard_normal(clean.shape) * sigma
-    return np.clip(np.round(noisy), 0, 255).astype(np.uint8)
-
-
-def load_bsd68(folder: Path, noise_seed: int = 0, max_images: int = 0, base: int = 16,
-               sigmas: Iterable[int] = BSD68_SIGMAS) -> list[TestPair]:
-    images = _limit(list_images(folder), max_images)
-    if not images:
-        raise EvalDataError(f"bsd68: no images under {folder}")
-    pairs = []
-    for i, path in enumerate(images):
-        clean = centre_crop(_read(path), base)
-        key = path.relative_to(folder).with_suffix("").as_posix()
-        for sigma in sigmas:
-            pairs.append(TestPair(f"bsd68_s{sigma}", key, add_test_noise(clean, sigma, noise_seed, i), clean))
-    return pairs
-
-
-def load_rain100l(folder: Path, max_images: int = 0, base: int = 16) -> list[TestPair]:
-    rainy_dir, gt_dir = _first_dir(folder, [("rainy", "gt"), ("input", "target")], "rain100l")
-    gt = _by_stem(gt_dir)
-    pairs = []
-    for path in _limit(list_images(rainy_dir), max_images):
-        stem = path.relative_to(rainy_dir).with_suffix("").as_posix()
-        name = Path(stem).name
-        match = gt.get(stem) or gt.get((Path(stem).parent / ("no" + name)).as_posix())
-        if match is None:
-            raise EvalDataError(f"rain100l: no clean image in {gt_dir} for {path}")
-        pairs.append(TestPair("rain100l", stem, *_pair(path, match, base)))
-    if not pairs:
-        raise EvalDataError(f"rain100l: no images under {rainy_dir}")
-    return pairs
-
-
-def load_sots(folder: Path, max_images: int = 0, base: int = 16) -> list[TestPair]:
-    hazy_dir, gt_dir = _first_dir(folder, [("hazy", "gt"), ("outdoor/hazy", "outdoor/gt"),
-                                           ("hazy", "clear")], "sots")
-    gt = {path.stem: path for path in list_images(gt_dir)}
-    pairs = []
-    for path in _limit(list_images(hazy_dir), max_images):
-        stem = haze_clean_stem(path.name)
-        if stem not in gt:
-            raise EvalDataError(f"sots: no clean image {gt_dir}/{stem}.* for hazy image {path}")
-        pairs.append(TestPair("sots", path.relative_to(hazy_dir).with_suffix("").as_posix(),
-                              *_pair(path, gt[stem], base)))
-    if not pairs:
-        raise EvalDataError(f"sots: no images under {hazy_dir}")
-    return pairs
-
-
-def _pair(inp_path: Path, tgt_path: Path, base: int) -> tuple[np.ndarray, np.ndarray]:
-    inp, tgt = _read(inp_path), _read(tgt_path)
-    if inp.shape != tgt.shape:
-        raise EvalDataError(f"{inp_path} and {tgt_path} differ in size: {inp.shape[:2]} vs {tgt.shape[:2]}")
-    return centre_crop(inp, base), centre_crop(tgt, base)
-
-
-def load_test_sets(sets: dict[str, str], noise_seed: int = 0, max_images: int = 0) -> list[TestPair]:
-    """Every pair of the configured sets (``eval.sets``: kind -> folder), in Table 1's task order."""
-    if not sets:
-        raise EvalDataError("eval.sets is empty: give at least one of "
-                            f"{list(SET_KINDS)} -> folder (e.g. eval.sets={{sots: data/SOTS/outdoor}})")
-    out: list[TestPair] = []
-    for name in sets:
-        if name not in SET_KINDS:
-            raise EvalDataError(f"eval.sets.{name}: unknown test set (known: {list(SET_KINDS)})")
-    for name in SET_KINDS:
-        if name not in sets:
-            continue
-        folder = Path(sets[name])
-        if not folder.is_dir():
-            raise EvalDataError(f"eval.sets.{name}: folder {folder} does not exist")
-        if name == "bsd68":
-            out += load_bsd68(folder, noise_seed, max_images)
-        elif name == "rain100l":
-            out += load_rain100l(folder, max_images)
-        else:
-            out += load_sots(folder, max_images)
-    return out
+log = get_logger(__name__)
 
 
 def _to_tensor(img: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -179,7 +41,8 @@ def evaluate_model(model: torch.nn.Module, pairs: Sequence[TestPair], variants: 
                    autocast_dtype: Optional[torch.dtype] = None) -> dict[str, dict[str, dict[str, float]]]:
     """PSNR/SSIM of every variant on every pair, averaged per task, plus an "average" over tasks.
 
-    Returns {variant: {task: {"psnr", "ssim", "images"}}}; tasks in Table 1 order.
+    Returns {variant: {task: {"psnr", "ssim", "images"}}}; tasks in Table 1 order. A progress bar
+    counts the restored images (rank 0, on a terminal).
     """
     if restore is None:
         from dynet.inference import restore_image as restore
@@ -191,28 +54,36 @@ def evaluate_model(model: torch.nn.Module, pairs: Sequence[TestPair], variants: 
     model.eval()
     try:
         results: dict[str, dict[str, dict[str, float]]] = {}
-        for variant in variants:
-            sums: dict[str, list[float]] = {}
-            for pair in pairs:
-                x, y = _to_tensor(pair.input, device), _to_tensor(pair.target, device)
-                with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                      else contextlib.nullcontext()):
-                    out = restore(model, x.to(param_dtype), variant=variant)
-                out = out.float().clamp(0.0, 1.0)
-                acc = sums.setdefault(pair.task, [0.0, 0.0, 0])
-                acc[0] += psnr(out, y).item()
-                acc[1] += ssim(out, y).item()
-                acc[2] += 1
-            table = {task: {"psnr": p / n, "ssim": s / n, "images": n} for task, (p, s, n) in sums.items()}
-            ordered = {t: table[t] for t in TASK_LABELS if t in table}
-            if ordered:
-                ordered["average"] = {"psnr": float(np.mean([v["psnr"] for v in ordered.values()])),
-                                      "ssim": float(np.mean([v["ssim"] for v in ordered.values()])),
-                                      "images": sum(v["images"] for v in ordered.values())}
-            results[variant] = ordered
+        with progress_bar(len(variants) * len(pairs), "evaluating") as bar:
+            for variant in variants:
+                bar.set_postfix_str(f"DyNet-{variant}")
+                sums: dict[str, list[float]] = {}
+                for pair in pairs:
+                    x, y = _to_tensor(pair.input, device), _to_tensor(pair.target, device)
+                    with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                          else contextlib.nullcontext()):
+                        out = restore(model, x.to(param_dtype), variant=variant)
+                    out = out.float().clamp(0.0, 1.0)
+                    acc = sums.setdefault(pair.task, [0.0, 0.0, 0])
+                    acc[0] += psnr(out, y).item()
+                    acc[1] += ssim(out, y).item()
+                    acc[2] += 1
+                    bar.update()
+                results[variant] = _per_task(sums)
         return results
     finally:
         model.train(was_training)
+
+
+def _per_task(sums: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """{task: [psnr sum, ssim sum, n]} -> means per task in Table 1 order, plus their "average"."""
+    table = {task: {"psnr": p / n, "ssim": s / n, "images": n} for task, (p, s, n) in sums.items()}
+    ordered = {t: table[t] for t in TASK_LABELS if t in table}
+    if ordered:
+        ordered["average"] = {"psnr": float(np.mean([v["psnr"] for v in ordered.values()])),
+                              "ssim": float(np.mean([v["ssim"] for v in ordered.values()])),
+                              "images": sum(v["images"] for v in ordered.values())}
+    return ordered
 
 
 def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -221,10 +92,7 @@ def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     headers = ["variant"] + [TASK_LABELS.get(t, t) for t in tasks]
     rows = [[f"DyNet-{v}"] + [(f"{r[t]['psnr']:.2f}/{r[t]['ssim']:.4f}" if t in r else "-") for t in tasks]
             for v, r in results.items()]
-    widths = [max(len(str(row[i])) for row in [headers] + rows) for i in range(len(headers))]
-    fmt = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
-    lines = [fmt(headers), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
-    return "\n".join(lines)
+    return text_table(headers, rows)
 
 
 def metrics_dict(results: dict[str, dict[str, dict[str, float]]], prefix: str = "eval") -> dict[str, float]:
@@ -251,13 +119,15 @@ def resolve_variants(requested: Sequence[str] | str, known: Sequence[str]) -> li
 
 class PeriodicEvaluator:
     """Evaluation inside a training run: every ``eval.every`` steps (and when asked), on rank 0,
-    logging eval/<variant>/<task>/psnr|ssim into the run's tracker at the training step."""
+    logging eval/<variant>/<task>/psnr|ssim into the run's tracker at the training step. The table
+    goes to ``printer`` (default: an INFO log line)."""
 
-    def __init__(self, cfg: Any, tracker: Any = None, rank: int = 0, printer: Callable[[str], None] = print) -> None:
+    def __init__(self, cfg: Any, tracker: Any = None, rank: int = 0,
+                 printer: Optional[Callable[[str], None]] = None) -> None:
         self.every = int(cfg.eval.every)
         self.rank = rank
         self.tracker = tracker
-        self.printer = printer
+        self.printer = printer if printer is not None else log.info
         self.variants = resolve_variants(cfg.eval.variants, list(cfg.model.variants))
         self.pairs: Optional[list[TestPair]] = None
         self.sets, self.noise_seed, self.max_images = dict(cfg.eval.sets), cfg.eval.noise_seed, cfg.eval.max_images
@@ -301,7 +171,7 @@ def log_to_mlflow(metrics: dict[str, float], tracking_uri: str, experiment: str,
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    from .tracking import default_artifact_location
+    from .tracking import experiment_id_for
 
     client = MlflowClient(tracking_uri)
     all_tags = {"dyntrain.stage": "evaluation", **(tags or {})}
@@ -318,9 +188,7 @@ def log_to_mlflow(metrics: dict[str, float], tracking_uri: str, experiment: str,
         else:
             target = run_id
     else:
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp is not None else client.create_experiment(
-            experiment, artifact_location=default_artifact_location(tracking_uri))
+        exp_id = experiment_id_for(client, experiment, tracking_uri)
         target, created = client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id, True
     now = int(time.time() * 1000)
     batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
@@ -338,14 +206,16 @@ def log_to_mlflow(metrics: dict[str, float], tracking_uri: str, experiment: str,
 def run_evaluation(checkpoint: str, cfg: Any, variants: Sequence[str] | str = "all", device: str = "auto",
                    run_id: Optional[str] = None, child: bool = False, step: Optional[int] = None,
                    printer: Callable[[str], None] = print) -> dict[str, Any]:
-    """``launch/evaluate.py``: load ``checkpoint``, evaluate ``cfg.eval.sets``, print Table 1, log to MLflow.
+    """``launch/evaluate.py``: load ``checkpoint``, evaluate ``cfg.eval.sets``, print Table 1 (through
+    ``printer``: it is the command's result), log to MLflow; the other lines are log records.
 
     The MLflow run is ``run_id`` when given, else the training run recorded in the checkpoint (when
     it records one), else a new run in ``cfg.tracking.experiment``; ``child`` writes to a child run.
     """
-    from .restore import load_model, pick_device, read_checkpoint_info
+    from .devices import choose_device
+    from .restore import load_model, read_checkpoint_info
 
-    dev = pick_device(device)
+    dev = choose_device(device)
     model = load_model(checkpoint, dev, cfg)
     names = resolve_variants(variants, list(model.variants))
     pairs = load_test_sets(dict(cfg.eval.sets), cfg.eval.noise_seed, cfg.eval.max_images)
@@ -355,8 +225,8 @@ def run_evaluation(checkpoint: str, cfg: Any, variants: Sequence[str] | str = "a
     counts: dict[str, int] = {}
     for p in pairs:
         counts[p.task] = counts.get(p.task, 0) + 1
-    printer(f"checkpoint {checkpoint}: " + ", ".join(f"{TASK_LABELS.get(t, t)} {n}" for t, n in counts.items())
-            + f" test images; {len(names)} variant(s) in {time.perf_counter() - start:.1f}s on {dev}")
+    log.info(f"checkpoint {checkpoint}: " + ", ".join(f"{TASK_LABELS.get(t, t)} {n}" for t, n in counts.items())
+             + f" test images; {len(names)} variant(s) in {time.perf_counter() - start:.1f}s on {dev}")
     printer(table)
     out: dict[str, Any] = {"results": results, "table": table, "run_id": None}
     if cfg.tracking.enabled:
@@ -368,5 +238,5 @@ def run_evaluation(checkpoint: str, cfg: Any, variants: Sequence[str] | str = "a
             step=step if step is not None else int(info.get("step") or 0),
             run_name=f"eval-{info.get('tag') or Path(checkpoint).stem}", tags={"dyntrain.checkpoint": str(checkpoint)},
             texts={"evaluation/table.txt": table + "\n"})
-        printer(f"logged {len(metrics)} metrics to MLflow run {out['run_id']} ({cfg.tracking.uri})")
+        log.info(f"logged {len(metrics)} metrics to MLflow run {out['run_id']} ({cfg.tracking.uri})")
     return out

@@ -12,16 +12,18 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .config import Config, ConfigError, dynet_config_from_dict
+from .logs import get_logger
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 MIN_TILE = 64
+log = get_logger(__name__)
 
 
 # --------------------------------------------------------------------------------- loading
@@ -59,14 +61,6 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", cfg: Option
         raise ValueError(f"checkpoint {path} does not fit the model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
     return model.to(device).eval()
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch sees no CUDA device")
-    return torch.device(name)
 
 
 # ------------------------------------------------------------------------ memory and tiles
@@ -203,19 +197,26 @@ def plan_outputs(src: str | Path, dst: str | Path) -> list[tuple[Path, Path]]:
 
 
 def restore_paths(model: torch.nn.Module, src: str | Path, dst: str | Path, options: RestoreOptions,
-                  device: torch.device, printer=print) -> list[dict[str, Any]]:
-    """Restore every image of ``src`` into ``dst``; prints one line per image, returns the records."""
+                  device: torch.device, printer: Optional[Callable[[str], None]] = None) -> list[dict[str, Any]]:
+    """Restore every image of ``src`` into ``dst``; one line per image to ``printer`` (default: an
+    INFO log line) under a progress bar (rank 0, on a terminal); returns the records."""
+    from .tracking.progress import progress_bar
+
+    say = printer if printer is not None else log.info
     restorer = Restorer(model, options, device)
     records = []
-    for inp, out in plan_outputs(src, dst):
-        img = read_image(inp)
-        start = time.perf_counter()
-        restored, tile = restorer(img)
-        seconds = time.perf_counter() - start
-        write_image(restored, out)
-        rec = {"input": str(inp), "output": str(out), "height": img.shape[0], "width": img.shape[1],
-               "tile": tile, "seconds": seconds}
-        records.append(rec)
-        printer(f"{inp} -> {out}  {img.shape[1]}x{img.shape[0]}  DyNet-{options.variant}  "
+    pairs = plan_outputs(src, dst)
+    with progress_bar(len(pairs), f"DyNet-{options.variant}") as bar:
+        for inp, out in pairs:
+            img = read_image(inp)
+            start = time.perf_counter()
+            restored, tile = restorer(img)
+            seconds = time.perf_counter() - start
+            write_image(restored, out)
+            rec = {"input": str(inp), "output": str(out), "height": img.shape[0], "width": img.shape[1],
+                   "tile": tile, "seconds": seconds}
+            records.append(rec)
+            say(f"{inp} -> {out}  {img.shape[1]}x{img.shape[0]}  DyNet-{options.variant}  "
                 f"{'tiles ' + str(tile) if tile else 'whole image'}  {seconds:.2f}s")
+            bar.update()
     return records

@@ -18,7 +18,6 @@ the end of ``train`` (per-step variant, loss and sample keys, and a SHA-256 of t
 """
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import os
@@ -33,8 +32,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .logs import get_logger
 from .schedule import VariantSchedule, verify_draw
-from .tracking import GPUHourAccount, NullTracker
+from .tracking import ConsoleTracker, GPUHourAccount, NullTracker, RunHeader, TrackerGroup
+from .tracking.window import StepWindow
 
 TRACE_DIR_ENV = "DYNTRAIN_TRACE_DIR"
 
@@ -59,26 +60,7 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-class _Window:
-    """Statistics between two progress lines (identical on every rank except the times)."""
-
-    def __init__(self) -> None:
-        self.t0 = time.perf_counter()
-        self.steps = 0
-        self.samples = 0
-        self.loss_sum = 0.0
-        self.data_wait = 0.0
-        self.per_variant: dict[str, list[float]] = {}  # name -> [steps, loss sum, seconds]
-
-    def add(self, m: dict[str, Any]) -> None:
-        self.steps += 1
-        self.samples += m["samples"]
-        self.loss_sum += m["loss"]
-        self.data_wait += m["data_wait_s"]
-        pv = self.per_variant.setdefault(m["variant"], [0, 0.0, 0.0])
-        pv[0] += 1
-        pv[1] += m["loss"]
-        pv[2] += m["step_time_s"]
+log = get_logger(__name__)
 
 
 class Trainer:
@@ -89,6 +71,8 @@ class Trainer:
         ``state_dict``/``load_state_dict``/``stats``.
     schedule: ``VariantSchedule``.
     tracker: ``make_tracker(...)`` result (None = NullTracker); may be replaced via ``attach_tracker``.
+        The trainer talks to one ``TrackerGroup``: this tracker and, on rank 0, the console tracker
+        (header, progress and summary lines).
     rank, world_size: this process in the data-parallel world.
     checkpoint_manager: object with ``save(step, client_state, rank_state) -> tag``,
         ``find_resume() -> tag | None`` and ``load(tag) -> (client_state, rank_state)``; None = no
@@ -104,7 +88,8 @@ class Trainer:
         self.loader = loader
         self._batches = loader if hasattr(loader, "__next__") else iter(loader)
         self.schedule = schedule
-        self.tracker = tracker if tracker is not None else NullTracker()
+        self.console = ConsoleTracker(cfg.run.name, cfg.run.max_steps) if rank == 0 else NullTracker()
+        self.tracker = TrackerGroup(tracker if tracker is not None else NullTracker(), self.console)
         self.rank = rank
         self.world_size = world_size
         self.checkpoint_manager = checkpoint_manager
@@ -130,7 +115,8 @@ class Trainer:
         self._stop_requested = True
 
     def attach_tracker(self, tracker) -> None:
-        self.tracker = tracker
+        """Replace the recording tracker (MLflow); the console tracker stays beside it."""
+        self.tracker = TrackerGroup(tracker, self.console)
         if getattr(tracker, "run_id", None):
             self.mlflow_run_id = tracker.run_id
 
@@ -197,7 +183,7 @@ class Trainer:
         log_every = self.cfg.run.log_every
         self._print_header()
         self.account.start()
-        window = _Window()
+        window = StepWindow()
         try:
             while self.step < total:
                 m = self.train_step(self.step)
@@ -208,7 +194,7 @@ class Trainer:
                 last = self.step >= total
                 if self.step % log_every == 0 or last or m["stop"]:
                     self._log(window, m)
-                    window = _Window()
+                    window = StepWindow()
                 if m["stop"]:
                     self.stopped_early = True
                     self.save_checkpoint()
@@ -246,8 +232,7 @@ class Trainer:
         client_state, rank_state = self.checkpoint_manager.load(tag)
         self.load_state_dict({**client_state, "rank_state": rank_state})
         self._last_saved_step = self.step
-        if self.rank == 0:
-            print(f"[{self.cfg.run.name}] resumed from {tag} at step {self.step}", flush=True)
+        log.info(f"[{self.cfg.run.name}] resumed from {tag} at step {self.step}")
         return tag
 
     def state_dict(self) -> dict[str, Any]:
@@ -273,17 +258,17 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         if state.get("schedule") and state["schedule"] != self.schedule.describe() and self.rank == 0:
-            print(f"[{self.cfg.run.name}] warning: the variant schedule differs from the checkpoint's "
-                  f"({state['schedule']} -> {self.schedule.describe()}); the draw sequence after "
-                  f"step {self.step} is not the one the original run would have drawn", flush=True)
+            log.warning(f"[{self.cfg.run.name}] warning: the variant schedule differs from the checkpoint's "
+                        f"({state['schedule']} -> {self.schedule.describe()}); the draw sequence after "
+                        f"step {self.step} is not the one the original run would have drawn")
         if state.get("account"):
             self.account.load_state_dict(state["account"])
         self.mlflow_run_id = state.get("mlflow_run_id") or self.mlflow_run_id
         rank_state = state.get("rank_state")
         if rank_state is None:
             if self.rank == 0:
-                print(f"[{self.cfg.run.name}] warning: no per-rank state for rank {self.rank} in the "
-                      f"checkpoint; RNG and reader positions start fresh (resume is not exact)", flush=True)
+                log.warning(f"[{self.cfg.run.name}] warning: no per-rank state for rank {self.rank} in the "
+                            f"checkpoint; RNG and reader positions start fresh (resume is not exact)")
             return
         rng = rank_state.get("rng") or {}
         if "torch" in rng:
@@ -339,18 +324,8 @@ class Trainer:
                "account": self.account.metrics()}
         Path(trace_dir, f"trace_rank{self.rank}.json").write_text(json.dumps(out))
 
-    def _log(self, window: _Window, last: dict[str, Any]) -> None:
-        elapsed = max(time.perf_counter() - window.t0, 1e-9)
-        metrics: dict[str, float] = {
-            "loss": window.loss_sum / window.steps,
-            "lr": last["lr"],
-            "patches_per_s": window.samples / elapsed,
-            "step_time_s": elapsed / window.steps,
-            "data_wait_frac": window.data_wait / elapsed,
-        }
-        for name, (n, loss_sum, secs) in sorted(window.per_variant.items()):
-            metrics[f"loss_{name}"] = loss_sum / n
-            metrics[f"step_time_{name}"] = secs / n
+    def _log(self, window: StepWindow, last: dict[str, Any]) -> None:
+        metrics = window.metrics(last["lr"])
         if self.device.type == "cuda":
             metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -361,44 +336,19 @@ class Trainer:
         account = self.account.metrics()
         metrics.update(account)
         self._last_metrics = metrics
-        self.tracker.log_metrics(metrics, step=self.step)
-        if self.rank == 0:
-            print(self._progress_line(metrics, window, elapsed), flush=True)
-
-    def _progress_line(self, m: dict[str, float], window: _Window, elapsed: float) -> str:
-        total = self.cfg.run.max_steps
-        per_variant = " ".join(f"{n} {m[f'loss_{n}']:.4f}" for n in sorted(window.per_variant))
-        times = " ".join(f"{n} {m[f'step_time_{n}']:.3f}s" for n in sorted(window.per_variant))
-        eta = datetime.timedelta(seconds=round((total - self.step) * elapsed / window.steps))
-        saved = m.get("gpu_hours_saved_frac")
-        saved_txt = f" | saved {saved * 100:.1f}%" if saved is not None else ""
-        return (f"[{self.cfg.run.name}] step {self.step}/{total} | loss {m['loss']:.4f} "
-                f"({per_variant}) | lr {m['lr']:.2e} | {m['patches_per_s']:.1f} patches/s | "
-                f"{times}{saved_txt} | ETA {eta}")
+        self.tracker.log_metrics(metrics, step=self.step)  # the console tracker prints the progress line
 
     def _print_header(self) -> None:
-        if self.rank != 0:
-            return
-        e = self.engine
-        probs = ", ".join(f"{n}={p:.2f}" for n, p in self.schedule.probs.items() if p > 0)
-        print(f"[{self.cfg.run.name}] {self.schedule.mode} training of {probs} | world {self.world_size} "
-              f"on {self.device.type} | ZeRO {self.cfg.deepspeed.zero_stage} | bf16 {_bf16(e)} | "
-              f"global batch {self.cfg.data.micro_batch_size * self.accum * self.world_size} | "
-              f"steps {self.step}->{self.cfg.run.max_steps} | mlflow run {self.tracker.run_id}",
-              flush=True)
+        """Announce the run to the trackers (the console tracker prints the header line)."""
+        self.tracker.log_start(RunHeader(
+            schedule_mode=self.schedule.mode, probs=dict(self.schedule.probs), world_size=self.world_size,
+            device_type=self.device.type, zero_stage=self.cfg.deepspeed.zero_stage, bf16=_bf16(self.engine),
+            global_batch=self.cfg.data.micro_batch_size * self.accum * self.world_size,
+            start_step=self.step, max_steps=self.cfg.run.max_steps, run_id=self.tracker.run_id))
 
     def _print_summary(self, m: dict[str, float]) -> None:
-        if self.rank != 0:
-            return
-        parts = [f"gpu_hours {m['gpu_hours']:.5f}"]
-        if "gpu_hours_separate" in m:
-            parts += [f"separate {m['gpu_hours_separate']:.5f}",
-                      f"saved {m['gpu_hours_saved_frac'] * 100:.2f}% "
-                      f"(expected from step times {m['gpu_hours_saved_frac_expected'] * 100:.2f}%)"]
-        if "overhead_frac" in m:
-            parts.append(f"outside steps {m['overhead_frac'] * 100:.2f}%")
-        state = "stopped early" if self.stopped_early else "finished"
-        print(f"[{self.cfg.run.name}] {state} at step {self.step} | " + " | ".join(parts), flush=True)
+        """The end of the run to the trackers (the console tracker prints the summary line)."""
+        self.tracker.log_end(self.step, self.stopped_early, m)
 
 
 def _bf16(engine) -> bool:

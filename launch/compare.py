@@ -13,8 +13,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from dyntrain.compare import collect_runs, format_tables, log_comparison, plot  # noqa: E402
+from dyntrain.compare import collect_runs, format_tables, log_comparison  # noqa: E402
+from dyntrain.compare_plot import plot  # noqa: E402
 from dyntrain.config import load_config  # noqa: E402
+from dyntrain.logs import setup_logging  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="experiment of the comparison run that stores plot and tables")
     parser.add_argument("--no-log", action="store_true", help="do not log the comparison to MLflow")
     args = parser.parse_args(argv)
+    setup_logging()
 
     uri = (args.tracking_uri or (load_config(args.config).tracking.uri if args.config else None)
            or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")

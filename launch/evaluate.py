@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from dyntrain.config import add_config_arguments, config_from_args  # noqa: E402
+from dyntrain.logs import setup_logging  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     add_config_arguments(parser, "YAML with eval.sets and tracking (e.g. the fine-tuning config)")
     args = parser.parse_args(argv)
+    setup_logging()
     cfg = config_from_args(args)
     if cfg is None:
         return 2

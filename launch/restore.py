@@ -14,7 +14,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from dyntrain.config import load_config  # noqa: E402
-from dyntrain.restore import RestoreOptions, load_model, pick_device, restore_paths  # noqa: E402
+from dyntrain.devices import choose_device  # noqa: E402
+from dyntrain.logs import get_logger, setup_logging  # noqa: E402
+from dyntrain.restore import RestoreOptions, load_model, restore_paths  # noqa: E402
+
+log = get_logger("restore")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,14 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("input")
     parser.add_argument("output")
     args = parser.parse_args(argv)
+    setup_logging()
 
-    device = pick_device(args.device)
+    device = choose_device(args.device)
     cfg = load_config(args.config) if args.config else None
     model = load_model(args.checkpoint, device, cfg)
     options = RestoreOptions(variant=args.variant, tile=args.tile, overlap=args.overlap,
                              max_memory_mb=args.max_memory_mb, gray_world=args.gray_world)
     records = restore_paths(model, args.input, args.output, options, device)
-    print(f"restored {len(records)} image(s) with DyNet-{args.variant} on {device}")
+    log.info(f"restored {len(records)} image(s) with DyNet-{args.variant} on {device}")
     return 0
 
 

@@ -18,7 +18,7 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch):
     c = FakeClock()
-    monkeypatch.setattr("dyntrain.tracking.time.perf_counter", c)
+    monkeypatch.setattr("dyntrain.tracking.account.time.perf_counter", c)
     return c
 
 
@@ -132,3 +132,50 @@ def test_mlflow_tracker_params_metrics_tags_and_status(tmp_path):
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED"
     assert [m.value for m in client.get_metric_history(tracker.run_id, "loss_S")] == [0.5, 0.4]
+
+
+def test_console_tracker_lines_and_the_fan_out(caplog):
+    from dyntrain.tracking import ConsoleTracker, RunHeader, Tracker, TrackerGroup
+
+    class Recorder(Tracker):
+        run_id = "abc"
+
+        def __init__(self):
+            self.metrics = []
+
+        def log_metrics(self, metrics, step=None):
+            self.metrics.append((step, metrics))
+
+    console, rec = ConsoleTracker("unit", 8), Recorder()
+    group = TrackerGroup(rec, console)
+    assert group.run_id == "abc"
+    window = {"loss": 0.5, "lr": 1e-4, "patches_per_s": 12.34, "step_time_s": 2.0, "data_wait_frac": 0.1,
+              "loss_L": 0.6, "step_time_L": 3.0, "loss_S": 0.4, "step_time_S": 1.0, "gpu_hours_saved_frac": 0.25}
+    with caplog.at_level("INFO", logger="dyntrain"):
+        group.log_start(RunHeader("dynamic", {"S": 0.5, "L": 0.5}, 2, "cpu", 2, False, 8, 0, 8, group.run_id))
+        group.log_metrics(window, step=6)
+        group.log_metrics({"eval/S/sots/psnr": 20.0}, step=6)  # no progress line for other metrics
+        group.log_end(8, True, {"gpu_hours": 0.01, "overhead_frac": 0.02})
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "[unit] dynamic training of S=0.50, L=0.50 | world 2 on cpu | ZeRO 2 | bf16 False | global batch 8 | "
+        "steps 0->8 | mlflow run abc",
+        "[unit] step 6/8 | loss 0.5000 (L 0.6000 S 0.4000) | lr 1.00e-04 | 12.3 patches/s | L 3.000s S 1.000s"
+        " | saved 25.0% | ETA 0:00:04",
+        "[unit] stopped early at step 8 | gpu_hours 0.01000 | outside steps 2.00%"]
+    assert [s for s, _ in rec.metrics] == [6, 6]
+
+
+def test_device_choice():
+    import torch
+
+    from dyntrain.config import ConfigError
+    from dyntrain.devices import choose_device
+
+    assert choose_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert choose_device("auto") == torch.device("cpu")
+        with pytest.raises(ConfigError, match="run.device: 'cuda' requested"):
+            choose_device("cuda", 1, setting="run.device", error=ConfigError)
+    else:
+        assert choose_device("cuda", 0).type == "cuda"

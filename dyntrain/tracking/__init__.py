@@ -1,0 +1,17 @@
+"""Experiment tracking: the tracker interface, MLflow and console trackers, the GPU-hour account.
+
+- ``base``: ``Tracker`` (the interface), ``NullTracker``, ``TrackerGroup`` (fan-out), ``RunHeader``;
+- ``mlflow_tracker``: ``MLflowTracker``, ``make_tracker``, ``experiment_id_for``, redaction;
+- ``console``: ``ConsoleTracker`` (header, progress and summary lines, rank 0);
+- ``account``: ``GPUHourAccount`` (the formulas are in its module docstring);
+- ``progress``: tqdm bars for evaluation and folder restores.
+"""
+from .account import GPUHourAccount
+from .base import NullTracker, RunHeader, Tracker, TrackerGroup
+from .console import ConsoleTracker
+from .mlflow_tracker import (MLflowTracker, default_artifact_location, experiment_id_for, make_tracker,
+                             metric_key, redact)
+
+__all__ = ["GPUHourAccount", "NullTracker", "RunHeader", "Tracker", "TrackerGroup", "ConsoleTracker",
+           "MLflowTracker", "default_artifact_location", "experiment_id_for", "make_tracker", "metric_key",
+           "redact"]
