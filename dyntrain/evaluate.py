@@ -24,9 +24,9 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .data.paired import haze_clean_stem, list_images
+from .data.paired_base import haze_clean_stem
+from .images import list_images, read_image
 from .metrics import psnr, ssim
 
 SET_KINDS = ("sots", "rain100l", "bsd68")
@@ -59,8 +59,7 @@ def centre_crop(img: np.ndarray, base: int = 16) -> np.ndarray:
 
 def _read(path: Path) -> np.ndarray:
     try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
+        return read_image(path)
     except OSError as exc:
         raise EvalDataError(f"cannot read test image {path}: {exc}") from exc
 
