@@ -8,9 +8,10 @@ def dali_to_torch(batch, device: torch.device) -> torch.Tensor:
     """A DALI batch (TensorList) of equal-shape uint8 images -> a (B, H, W, C) uint8 torch tensor:
     on ``device`` when DALI produced it on the GPU (nvJPEG), on the CPU otherwise. Copies once."""
     from nvidia.dali.plugin.pytorch import feed_ndarray
+    from nvidia.dali.tensors import TensorListGPU
 
     dense = batch.as_tensor()
-    if hasattr(batch, "as_cpu"):  # a GPU TensorList
+    if isinstance(batch, TensorListGPU):
         out = torch.empty(tuple(dense.shape()), dtype=torch.uint8, device=device)
         feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
         return out
