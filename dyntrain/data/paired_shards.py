@@ -1,7 +1,7 @@
 """Paired WebDataset shards for fine-tuning (``data.source: paired_shards``).
 
 ``pack_paired_shards`` (``python -m dyntrain.data.paired pack --root DIR --out DIR_OR_S3``) packs the
-task folders of ``dyntrain.data.paired`` into per-task shards with DALI indices and a manifest;
+task folders of ``dyntrain.data.paired_base`` into per-task shards with DALI indices and a manifest;
 ``PairedShardLoader`` reads them back through DALI as the same kind of stream as the folder loader
 (paired crop, flip/rotation and denoising noise; exact resume from a DALI checkpoint).
 """
