@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from PIL import Image
 
-from .data.paired import haze_clean_stem, list_images
+from .data.paired_base import haze_clean_stem
+from .images import list_images, read_image
 
 SET_KINDS = ("sots", "rain100l", "bsd68")
 BSD68_SIGMAS = (15, 25, 50)
@@ -54,8 +54,7 @@ def centre_crop(img: np.ndarray, base: int = 16) -> np.ndarray:
 
 def _read(path: Path) -> np.ndarray:
     try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
+        return read_image(path)
     except OSError as exc:
         raise EvalDataError(f"cannot read test image {path}: {exc}") from exc
 

@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 from .config import Config, ConfigError, dynet_config_from_dict
+from .images import IMAGE_EXTS, list_images, read_image as _decode_image
 from .logs import get_logger
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 MIN_TILE = 64
 log = get_logger(__name__)
 
@@ -106,8 +106,7 @@ def tile_for_budget(bytes_per_pixel: float, budget_bytes: float, height: int, wi
 # ------------------------------------------------------------------------------- file I/O
 def read_image(path: str | Path) -> np.ndarray:
     try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
+        return _decode_image(path)
     except OSError as exc:
         raise OSError(f"cannot read image {path}: {exc}") from exc
 
@@ -187,7 +186,7 @@ def plan_outputs(src: str | Path, dst: str | Path) -> list[tuple[Path, Path]]:
             raise ValueError(f"output {dst}: use a .png/.jpg/.jpeg file name or an existing folder")
         return [(src, dst)]
     if src.is_dir():
-        files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        files = list_images(src)
         if not files:
             raise ValueError(f"input folder {src} holds no PNG/JPEG images")
         if dst.exists() and not dst.is_dir():

@@ -30,6 +30,8 @@ from typing import Mapping, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .seeds import splitmix64  # noqa: F401 - re-exported: the variant draw's mixing function
+
 _MASK64 = (1 << 64) - 1
 TEST_CORRUPT_RANK_ENV = "DYNTRAIN_TEST_CORRUPT_DRAW_RANK"
 TEST_CORRUPT_FROM_ENV = "DYNTRAIN_TEST_CORRUPT_DRAW_FROM"
@@ -37,14 +39,6 @@ TEST_CORRUPT_FROM_ENV = "DYNTRAIN_TEST_CORRUPT_DRAW_FROM"
 
 class VariantMismatchError(RuntimeError):
     """Ranks disagree on the variant of an iteration (or one did not answer the check)."""
-
-
-def splitmix64(x: int) -> int:
-    """One round of SplitMix64 (Steele, Lea & Flood 2014): a stable 64-bit mixing function."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
 
 
 def uniform_at(seed: int, step: int) -> float:

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from dyntrain.config import load_config
-from dyntrain.data.paired import PairedDataError, build_finetune_loader, dihedral
+from dyntrain.data.paired import build_finetune_loader
+from dyntrain.data.paired_base import PairedDataError, dihedral
 from dyntrain.data.paired_shards import pack_paired_shards
 
 
@@ -32,7 +33,7 @@ def packed(tmp_path_factory):
         clean = rng.integers(0, 256, (36, 44, 3), dtype=np.uint8)
         _save(clean, root / "Dehaze" / "original" / f"{i:04d}.png")
         _save(255 - clean, root / "Dehaze" / "synthetic" / f"{i:04d}_0.8_0.2.png")
-    manifest = pack_paired_shards(root, str(tmp / "shards"), shard_samples=2, printer=lambda s: None)
+    manifest = pack_paired_shards(root, str(tmp / "shards"), shard_samples=2, progress=False)
     return root, tmp / "shards", manifest
 
 

@@ -21,9 +21,10 @@ from dyntrain.data import s3
 from dyntrain.data.degrade import DegradeSpec
 from dyntrain.data.pipeline import DaliPretrainLoader
 from dyntrain.data.s3 import DataSourceError
-from dyntrain.data.shards import ShardBuildConfig, build_shards, parse_index
+from dyntrain.data.shards import ShardBuildConfig, build_shards
 from dyntrain.data.synthetic import write_synthetic_images
 from dyntrain.data.urls import expand_urls
+from dyntrain.data.wds import parse_index
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +36,12 @@ SPEC = DegradeSpec(crop_size=CROP, region_block=8)
 def loader(urls, rank=0, world=1, seed=0) -> DaliPretrainLoader:
     return DaliPretrainLoader(urls, SPEC, BATCH, rank=rank, world_size=world, device="cpu",
                               seed=seed, num_threads=2, prefetch=2, shuffle_buffer=8)
+
+
+def put_bytes(url: str, data: bytes) -> None:
+    """Write one object (the tests' way to plant a modified shard)."""
+    bucket, key = s3.parse_s3_url(url)
+    s3.client().put_object(Bucket=bucket, Key=key, Body=data)
 
 
 def objects(bucket_url: str) -> dict[str, int]:
@@ -135,8 +142,8 @@ def test_corrupt_sample_in_s3_shard(s3_shards, s3_bucket):
             off, size = comps["jpg"]
             tar = tar[:off + 100] + b"\x00" * (size - 150) + tar[off + size - 50:]
             bad_key = key
-        s3.put_bytes(f"{dst}/{s['name']}", tar)
-        s3.put_bytes(f"{dst}/{s['index']}", idx)
+        put_bytes(f"{dst}/{s['name']}", tar)
+        put_bytes(f"{dst}/{s['index']}", idx)
     ld = loader([dst + "/"], seed=4)
     keys = []
     for _ in range(-(-ld.share // BATCH) + 1):

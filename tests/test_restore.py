@@ -9,8 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dyntrain.data.paired import synthetic_haze
-from dyntrain.data.synthetic import synthetic_image
+from dyntrain.data.synthetic import synthetic_haze, synthetic_image
 from dyntrain.metrics import psnr
 from dyntrain.restore import (RestoreOptions, Restorer, estimate_bytes_per_pixel, load_model, plan_outputs,
                               tile_for_budget)

@@ -12,14 +12,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from braceexpand import braceexpand
 from PIL import Image
 
 from dyntrain.data import quality
+from dyntrain.data.make_shards import main
+from dyntrain.data.patches import ShardBuildConfig, patch_grid
 from dyntrain.data.s3 import DataSourceError
-from dyntrain.data.shards import (ShardBuildConfig, build_shards, main, make_index, parse_index,
-                                  patch_grid)
+from dyntrain.data.shards import build_shards
 from dyntrain.data.synthetic import write_synthetic_images
-from dyntrain.data.urls import expand_braces, expand_urls, index_url
+from dyntrain.data.urls import expand_urls, index_url
+from dyntrain.data.wds import make_index, parse_index
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Brace expansion as ``expand_urls`` applies it (the ``braceexpand`` package)."""
+    return list(braceexpand(pattern, escape=False))
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -32,7 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..seeds import seed_sequence
+
 KINDS = ("jpeg", "gaussian", "random")
+_SALT = 0xD16A  # appended to every seed of this module
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ class DegradeSpec:
 
 
 def _seed(*parts: int) -> np.random.SeedSequence:
-    return np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts] + [0xD16A])
+    return seed_sequence(*parts, _SALT)
 
 
 def batch_params(spec: DegradeSpec, seed: int, rank: int, batch_index: int,
@@ -163,9 +166,3 @@ def degrade_reference(clean: np.ndarray, params: dict, i: int) -> np.ndarray:
     out[hit & ~salt] = 0
     return out
 
-
-def describe(spec: DegradeSpec) -> str:
-    n_deg, n_mask = spec.block_counts
-    nb2 = spec.blocks_per_side ** 2
-    return (f"{n_deg}/{nb2} blocks degraded ({', '.join(spec.kinds)}), {n_mask}/{nb2} masked "
-            f"(block {spec.region_block}px, altered {spec.altered_frac:.1%})")

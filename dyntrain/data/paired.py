@@ -1,18 +1,7 @@
-"""Paired (degraded, clean) data for all-in-one fine-tuning: denoising, deraining, dehazing.
+"""Paired (degraded, clean) data for all-in-one fine-tuning: the folder loader, the loader factory
+and the command line (``python -m dyntrain.data.paired demo|pack``).
 
-Layouts under ``data.root`` (PromptIR's; sub-folders are searched recursively):
-
-    Denoise/**/*.png|jpg            clean images (BSD400, WED ...); Gaussian noise at every sigma of
-                                    ``data.sigmas`` is added on the fly and the result rounded to uint8
-    Derain/rainy/**/X               rainy image X, paired with Derain/gt/X (same relative name), or
-                                    Derain/gt/norainY when X is rainY (Rain100L's "rain-001.png" ->
-                                    "norain-001.png"), or a gt file with X's stem and another extension
-    Dehaze/synthetic/**/ID_A_B.jpg  hazy image (RESIDE/OTS: ID, atmospheric light, beta), paired with
-                                    Dehaze/original/**/ID.* by the file-name rule "everything before
-                                    the first underscore is the clean image's stem"
-
-Every clean denoising image yields one entry per sigma (as PromptIR does); ``data.tasks`` gives each
-task's repetition factor in the mixed stream (0 drops it; its folder then need not exist).
+Task folders and pairing rules: ``dyntrain.data.paired_base``.
 
 Each sample gets one random crop of ``data.crop_size`` (at the same place in input and target) and one
 of the 8 flips/rotations of the square, applied to both images. Images smaller than the crop are
@@ -33,139 +22,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
-from PIL import Image
 
-log = logging.getLogger(__name__)
+from ..images import read_image
+from ..logs import get_logger, setup_logging
+from .paired_base import TASKS, PairedDataError, PairedLoaderBase, PairEntry, dihedral, mix, scan_tasks
+from .synthetic import make_demo_data
 
-TASKS = ("denoise", "derain", "dehaze")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-
-class PairedDataError(ValueError):
-    """A fine-tuning folder, file or pairing that is missing or inconsistent."""
+log = get_logger(__name__)
 
 
-# ------------------------------------------------------------------------------------- entries
-@dataclass(frozen=True)
-class PairEntry:
-    """One (degraded, clean) training pair. For denoising ``input_path == target_path`` (the clean
-    image) and ``sigma`` (8-bit units) says how much Gaussian noise to add; other tasks have sigma 0."""
-    task: str
-    key: str
-    input_path: str
-    target_path: str
-    sigma: float = 0.0
-
-
-def list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive), sorted by relative path."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-
-
-def _require_dir(path: Path, what: str) -> Path:
-    if not path.is_dir():
-        raise PairedDataError(f"{what}: folder {path} does not exist")
-    return path
-
-
-def scan_denoise(root: Path, sigmas: Sequence[float]) -> list[PairEntry]:
-    folder = _require_dir(root / "Denoise", "denoise task")
-    images = list_images(folder)
-    if not images:
-        raise PairedDataError(f"denoise task: no images under {folder}")
-    if not sigmas:
-        raise PairedDataError("denoise task: data.sigmas is empty")
-    out = []
-    for path in images:
-        stem = path.relative_to(folder).with_suffix("").as_posix()
-        for sigma in sigmas:
-            out.append(PairEntry("denoise", f"denoise/{stem}/s{sigma:g}", str(path), str(path), float(sigma)))
-    return out
-
-
-def derain_target(rainy: Path, rainy_dir: Path, gt_dir: Path) -> Path:
-    """The clean image for a rainy one (rule in the module docstring); raises if there is none."""
-    rel = rainy.relative_to(rainy_dir)
-    candidates = [gt_dir / rel]
-    if rel.name.startswith("rain"):
-        candidates.append(gt_dir / rel.parent / ("no" + rel.name))
-    candidates += [gt_dir / rel.with_suffix(ext) for ext in IMAGE_EXTS]
-    for cand in candidates:
-        if cand.is_file():
-            return cand
-    raise PairedDataError(f"derain task: no clean image for {rainy} (looked for {candidates[0]}"
-                          + (f" and {candidates[1]}" if len(candidates) > 1 else "") + ")")
-
-
-def scan_derain(root: Path) -> list[PairEntry]:
-    rainy_dir = _require_dir(root / "Derain" / "rainy", "derain task")
-    gt_dir = _require_dir(root / "Derain" / "gt", "derain task")
-    images = list_images(rainy_dir)
-    if not images:
-        raise PairedDataError(f"derain task: no images under {rainy_dir}")
-    return [PairEntry("derain", f"derain/{p.relative_to(rainy_dir).with_suffix('').as_posix()}",
-                      str(p), str(derain_target(p, rainy_dir, gt_dir))) for p in images]
-
-
-def haze_clean_stem(name: str) -> str:
-    """SOTS/RESIDE naming rule: "0001_0.8_0.2.jpg" -> "0001" (the text before the first underscore)."""
-    return Path(name).stem.split("_", 1)[0]
-
-
-def scan_dehaze(root: Path) -> list[PairEntry]:
-    hazy_dir = _require_dir(root / "Dehaze" / "synthetic", "dehaze task")
-    clean_dir = _require_dir(root / "Dehaze" / "original", "dehaze task")
-    clean = {}
-    for path in list_images(clean_dir):
-        clean.setdefault(path.stem, path)
-    images = list_images(hazy_dir)
-    if not images:
-        raise PairedDataError(f"dehaze task: no images under {hazy_dir}")
-    out = []
-    for path in images:
-        stem = haze_clean_stem(path.name)
-        if stem not in clean:
-            raise PairedDataError(f"dehaze task: no clean image {clean_dir}/{stem}.* for hazy image {path}")
-        key = f"dehaze/{path.relative_to(hazy_dir).with_suffix('').as_posix()}"
-        out.append(PairEntry("dehaze", key, str(path), str(clean[stem])))
-    return out
-
-
-def scan_tasks(root: str | Path, tasks: dict[str, int], sigmas: Sequence[float]) -> dict[str, list[PairEntry]]:
-    """Entries of every task with a positive repetition factor."""
-    if root is None:
-        raise PairedDataError("data.root is not set (the folder holding Denoise/, Derain/, Dehaze/)")
-    root = Path(root)
-    if not root.is_dir():
-        raise PairedDataError(f"data.root: folder {root} does not exist")
-    unknown = set(tasks) - set(TASKS)
-    if unknown:
-        raise PairedDataError(f"data.tasks: unknown tasks {sorted(unknown)} (known: {list(TASKS)})")
-    scanners = {"denoise": lambda: scan_denoise(root, sigmas), "derain": lambda: scan_derain(root),
-                "dehaze": lambda: scan_dehaze(root)}
-    out = {name: scanners[name]() for name in TASKS if tasks.get(name, 0) > 0}
-    if not out:
-        raise PairedDataError(f"data.tasks: no task has a positive repetition factor ({tasks})")
-    return out
-
-
-def mix(per_task: dict[str, list[PairEntry]], tasks: dict[str, int]) -> list[PairEntry]:
-    """One epoch's entries: each task's list repeated by its factor, tasks in TASKS order."""
-    out: list[PairEntry] = []
-    for name in TASKS:
-        out += per_task.get(name, []) * int(tasks.get(name, 0))
-    return out
-
-
-# ------------------------------------------------------------------------------- augmentation
+# --------------------------------------------------------------------------------- crop
 def random_pair_crop(inp: np.ndarray, tgt: np.ndarray, size: int, rng: np.random.Generator,
                      what: str = "pair") -> tuple[np.ndarray, np.ndarray]:
     """The same random ``size`` x ``size`` crop of two (H, W, 3) images, then the same one of the
@@ -184,30 +56,6 @@ def random_pair_crop(inp: np.ndarray, tgt: np.ndarray, size: int, rng: np.random
     op = int(rng.integers(0, 8))
     return (dihedral(inp[top:top + size, left:left + size], op),
             dihedral(tgt[top:top + size, left:left + size], op))
-
-
-def dihedral(img: np.ndarray, op: int) -> np.ndarray:
-    """One of the 8 symmetries of the square on an (H, W, C) array: rotate by op % 4 quarter turns,
-    then flip left-right when op >= 4."""
-    out = np.rot90(img, k=op % 4, axes=(0, 1))
-    if op >= 4:
-        out = out[:, ::-1]
-    return np.ascontiguousarray(out)
-
-
-def add_noise_uint8(x: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian noise of per-sample ``sigma`` (8-bit units, shape (B,)) added to uint8-valued images
-    ``x`` (float, (B, C, H, W) in 0..255), rounded and clipped back to 0..255 (a saved noisy image)."""
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-    noisy = (x + noise * sigma.to(x.device, torch.float32).view(-1, 1, 1, 1)).round_().clamp_(0, 255)
-    return torch.where(sigma.to(x.device).view(-1, 1, 1, 1) > 0, noisy, x)
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (numpy's SeedSequence does the mixing)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
-               & np.uint64(0x7FFFFFFFFFFFFFFF))
-
 
 # -------------------------------------------------------------------------------- the stream
 class RankStream:
@@ -234,12 +82,6 @@ class RankStream:
         slot = self.rank + j * self.world_size
         return epoch, slot, int(self.permutation(epoch)[slot])
 
-
-def _load_rgb(path: str) -> np.ndarray:
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
-
-
 class _FolderDataset(torch.utils.data.Dataset):
     """Map-style view of one rank's infinite stream: index = stream position."""
 
@@ -259,8 +101,8 @@ class _FolderDataset(torch.utils.data.Dataset):
         while True:
             entry = self.entries[index]
             try:
-                inp = _load_rgb(entry.input_path)
-                tgt = inp if entry.target_path == entry.input_path else _load_rgb(entry.target_path)
+                inp = read_image(entry.input_path)
+                tgt = inp if entry.target_path == entry.input_path else read_image(entry.target_path)
                 break
             except (OSError, ValueError) as exc:
                 skipped += 1
@@ -296,74 +138,6 @@ class _BatchPositions(torch.utils.data.Sampler):
         while True:
             yield list(range(b * self.batch_size, (b + 1) * self.batch_size))
             b += 1
-
-
-class PairedLoaderBase:
-    """Shared bookkeeping of the fine-tuning loaders: batch counter, noise, device transfer, stats."""
-
-    kind = "paired"
-
-    def __init__(self, seed: int, rank: int, world_size: int, batch_size: int, device: torch.device,
-                 num_entries: int) -> None:
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.batch_size, self.device = batch_size, torch.device(device)
-        self.num_entries = num_entries
-        self.batches = 0  # batches handed out so far
-        self.samples = 0
-        self.corrupt_skipped = 0
-        self.epoch = 0
-        self.task_counts = {name: 0 for name in TASKS}
-
-    def __iter__(self) -> "PairedLoaderBase":
-        return self
-
-    def _finish(self, raw: dict[str, Any]) -> dict[str, Any]:
-        """uint8 crops on the host -> float batches in [0, 1] on the device, noise added."""
-        non_blocking = self.device.type == "cuda"
-        inp = raw["input"].to(self.device, non_blocking=non_blocking).float()
-        tgt = raw["target"].to(self.device, non_blocking=non_blocking).float()
-        sigma = raw["sigma"]
-        if bool((sigma > 0).any()):
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(mix_seed(self.seed, self.rank, self.batches, 0x401))
-            inp = add_noise_uint8(inp, sigma, gen)
-        self.batches += 1
-        self.samples += len(raw["keys"])
-        self.corrupt_skipped += int(raw.get("skipped", 0))
-        self.epoch = max(self.epoch, int(raw.get("epoch", 0)))
-        for task in raw["tasks"]:
-            self.task_counts[task] += 1
-        return {"input": inp.div_(255.0), "target": tgt.div_(255.0), "keys": list(raw["keys"]),
-                "tasks": list(raw["tasks"])}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "batches": self.batches, "samples": self.samples,
-                "corrupt_skipped": self.corrupt_skipped, "epoch": self.epoch,
-                "task_counts": dict(self.task_counts), "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "batch_size": self.batch_size,
-                "num_entries": self.num_entries}
-
-    def _check_state(self, state: dict[str, Any]) -> None:
-        mine = self.state_dict()
-        for key in ("kind", "seed", "world_size", "batch_size", "num_entries"):
-            if state.get(key) != mine[key]:
-                raise PairedDataError(
-                    f"paired loader state cannot be resumed exactly: {key} was {state.get(key)!r}, "
-                    f"now {mine[key]!r} (rank {self.rank})")
-
-    def _restore_counters(self, state: dict[str, Any]) -> None:
-        self.batches = int(state["batches"])
-        self.samples = int(state["samples"])
-        self.corrupt_skipped = int(state["corrupt_skipped"])
-        self.epoch = int(state["epoch"])
-        self.task_counts = {name: int(state["task_counts"].get(name, 0)) for name in TASKS}
-
-    def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"samples": self.samples, "corrupt_skipped": self.corrupt_skipped,
-                               "epoch": self.epoch, "batches": self.batches}
-        out.update({f"samples_{name}": n for name, n in self.task_counts.items()})
-        return out
-
 
 class PairedFolderLoader(PairedLoaderBase):
     """Fine-tuning loader over the task folders (torch DataLoader, ``data.num_threads`` workers)."""
@@ -425,68 +199,6 @@ def build_finetune_loader(cfg, rank: int, world_size: int, device) -> PairedLoad
     raise ConfigError(f"data.source: fine-tuning reads 'paired' or 'paired_shards', got {data.source!r}")
 
 
-# ------------------------------------------------------------------------------ demo data
-def synthetic_rain(clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Bright slanted streaks (3-8 pixels long) over a clean uint8 image."""
-    height, width = clean.shape[:2]
-    n = max(4, height * width // 60)
-    y, x = rng.integers(0, height, n)[:, None], rng.integers(0, width, n)[:, None]
-    length = rng.integers(3, 9, n)[:, None]
-    t = np.arange(8)[None, :]
-    yy, xx = y + t, x + t // 3  # (n, 8) streak pixels
-    keep = (t < length) & (yy < height) & (xx < width)
-    streaks = np.zeros((height, width), np.float32)
-    streaks[yy[keep], xx[keep]] = 0.5
-    out = clean.astype(np.float32) / 255 + streaks[..., None]
-    return (out.clip(0, 1) * 255).round().astype(np.uint8)
-
-
-def synthetic_haze(clean: np.ndarray, airlight: float, beta: float) -> np.ndarray:
-    """Atmospheric scattering model I = J t + A (1 - t), t = exp(-beta d), depth growing upwards."""
-    height, width = clean.shape[:2]
-    depth = np.linspace(3.0, 0.5, height, dtype=np.float32)[:, None, None] * np.ones((1, width, 1), np.float32)
-    t = np.exp(-beta * depth)
-    out = clean.astype(np.float32) / 255 * t + airlight * (1 - t)
-    return (out.clip(0, 1) * 255).round().astype(np.uint8)
-
-
-def _save(img: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img).save(path, quality=95) if path.suffix == ".jpg" else Image.fromarray(img).save(path)
-
-
-def make_demo_data(out: str | Path, train_images: int = 6, test_images: int = 3, height: int = 48,
-                   width: int = 40, seed: int = 0) -> dict[str, str]:
-    """Write small synthetic data in every layout: ``out/train`` (Denoise/, Derain/, Dehaze/ as
-    ``data.root``) and ``out/test/{bsd68,rain100l,sots}`` (as ``eval.sets``). Returns the eval.sets map.
-    Only for trying the pipeline end to end; it says nothing about real restoration quality."""
-    from .synthetic import synthetic_image
-
-    out = Path(out)
-    rng = np.random.default_rng(seed)
-    train, test = out / "train", out / "test"
-    for i in range(train_images):
-        n = f"{i + 1:04d}"
-        _save(synthetic_image(rng, height, width), train / "Denoise" / f"{n}.png")
-        clean = synthetic_image(rng, height, width)
-        _save(clean, train / "Derain" / "gt" / f"norain-{i + 1}.png")
-        _save(synthetic_rain(clean, rng), train / "Derain" / "rainy" / f"rain-{i + 1}.png")
-        clean = synthetic_image(rng, height, width)
-        _save(clean, train / "Dehaze" / "original" / f"{n}.jpg")
-        for airlight, beta in ((0.8, 0.2), (0.9, 0.6)):
-            _save(synthetic_haze(clean, airlight, beta), train / "Dehaze" / "synthetic" / "part1" / f"{n}_{airlight}_{beta}.jpg")
-    for i in range(test_images):
-        n = f"{i + 1:04d}"
-        _save(synthetic_image(rng, height + 8, width + 8), test / "bsd68" / f"test{i + 1:03d}.png")
-        clean = synthetic_image(rng, height + 8, width + 8)
-        _save(clean, test / "rain100l" / "target" / f"{n}.png")
-        _save(synthetic_rain(clean, rng), test / "rain100l" / "input" / f"{n}.png")
-        clean = synthetic_image(rng, height + 8, width + 8)
-        _save(clean, test / "sots" / "outdoor" / "gt" / f"{n}.png")
-        _save(synthetic_haze(clean, 0.8, 0.4), test / "sots" / "outdoor" / "hazy" / f"{n}_0.8_0.4.jpg")
-    return {name: str(test / name) for name in ("bsd68", "rain100l", "sots")}
-
-
 # ----------------------------------------------------------------------------------- CLI
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dyntrain.data.paired",
@@ -505,6 +217,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     pk.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     pk.add_argument("--shard-samples", type=int, default=500)
     args = parser.parse_args(argv)
+    setup_logging(stream=sys.stderr)  # stdout holds the values to copy
     if args.command == "pack":
         from .paired_shards import pack_paired_shards
 

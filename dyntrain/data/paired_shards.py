@@ -1,7 +1,7 @@
 """Paired WebDataset shards for fine-tuning (``data.source: paired_shards``).
 
 ``pack_paired_shards`` (``python -m dyntrain.data.paired pack --root DIR --out DIR_OR_S3``) packs the
-task folders of ``dyntrain.data.paired`` into per-task shards with DALI indices and a manifest;
+task folders of ``dyntrain.data.paired_base`` into per-task shards with DALI indices and a manifest;
 ``PairedShardLoader`` reads them back through DALI as the same kind of stream as the folder loader
 (paired crop, flip/rotation and denoising noise; exact resume from a DALI checkpoint).
 """
@@ -9,15 +9,26 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .paired import TASKS, PairedDataError, PairedLoaderBase, mix_seed, scan_tasks
+from ..logs import get_logger
+from ..seeds import mix_seed
+from . import s3
+from .dali_torch import dali_to_torch
+from .output import ShardOutput
+from .paired_base import TASKS, PairedDataError, PairedLoaderBase, PairEntry, scan_tasks
+from .progress import progress_bar
+from .s3 import DataSourceError
+from .shard_samples import share_size
+from .urls import index_url
+from .wds import make_index, write_tar
+
+log = get_logger(__name__)
 
 PAIRED_MANIFEST = "manifest.json"
 PAIRED_FORMAT = "dyntrain-paired-shards/1"
@@ -42,19 +53,24 @@ def _rel(path: str, root: Path) -> str:
     return Path(path).relative_to(root).as_posix()
 
 
-def _write_paired_tar(path: Path, samples: list[tuple[str, bytes, str, bytes, str, dict]]) -> None:
-    """A deterministic WebDataset tar: key.input.<ext>, key.target.<ext>, key.json per sample."""
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
-        for key, inp, inp_ext, tgt, tgt_ext, meta in samples:
-            for name, payload in ((f"{key}.input.{inp_ext}", inp), (f"{key}.target.{tgt_ext}", tgt),
-                                  (f"{key}.json", json.dumps(meta, sort_keys=True).encode())):
-                info = tarfile.TarInfo(name)
-                info.size, info.mtime, info.mode = len(payload), 0, 0o644
-                tf.addfile(info, io.BytesIO(payload))
+def _pair_sample(key: str, entry: PairEntry, root: Path) -> tuple[str, tuple[tuple[str, bytes], ...]]:
+    """One packed sample: ``input.<ext>``, ``target.<ext>`` and ``json`` components."""
+    try:
+        inp, inp_ext = _encoded(entry.input_path)
+        same = entry.target_path == entry.input_path
+        tgt, tgt_ext = (inp, inp_ext) if same else _encoded(entry.target_path)
+    except OSError as exc:
+        raise PairedDataError(f"pack: cannot read {entry.input_path} / {entry.target_path}: {exc}") from exc
+    task = entry.task
+    meta = {"task": task, "key": entry.key if task != "denoise" else entry.key.rsplit("/s", 1)[0],
+            "input": _rel(entry.input_path, root), "target": _rel(entry.target_path, root)}
+    return key, ((f"input.{inp_ext}", inp), (f"target.{tgt_ext}", tgt),
+                 ("json", json.dumps(meta, sort_keys=True).encode()))
 
 
 def pack_paired_shards(root: str | Path, out: str, tasks: Sequence[str] = TASKS, shard_samples: int = 500,
-                       printer=print) -> dict[str, Any]:
+                       printer: Optional[Callable[[str], None]] = None,
+                       progress: bool = True) -> dict[str, Any]:
     """Pack the task folders under ``root`` into paired WebDataset shards in ``out`` (folder or s3://).
 
     One sample per pair: ``<key>.input.png|jpg`` (degraded; for denoising the clean image — noise is
@@ -63,48 +79,44 @@ def pack_paired_shards(root: str | Path, out: str, tasks: Sequence[str] = TASKS,
     as PNG. Shards are per task (``<task>-000000.tar`` + DALI index ``.idx``), so the loader can apply
     ``data.tasks`` repetition by listing a task's shards several times; ``manifest.json`` (written
     last) lists the shards and counts. Repetition is not applied here.
-    """
-    from .shards import ShardOutput, make_index
 
+    Progress is a bar on a terminal (``progress``); one summary line goes to ``printer`` (default:
+    this module's log) at the end.
+    """
     root = Path(root)
     per_task = scan_tasks(root, {t: 1 for t in tasks}, sigmas=[0])
     output = ShardOutput(out)
     manifest: dict[str, Any] = {"format": PAIRED_FORMAT, "root": str(root), "tasks": {}}
+    bar = progress_bar(sum(len(e) for e in per_task.values()), "pack", "pair", progress)
     try:
         for task, entries in per_task.items():
             shards: list[dict[str, Any]] = []
             for start in range(0, len(entries), shard_samples):
                 samples = []
                 for n, entry in enumerate(entries[start:start + shard_samples], start):
-                    try:
-                        inp, inp_ext = _encoded(entry.input_path)
-                        tgt, tgt_ext = (inp, inp_ext) if entry.target_path == entry.input_path else _encoded(entry.target_path)
-                    except OSError as exc:
-                        raise PairedDataError(f"pack: cannot read {entry.input_path} / {entry.target_path}: {exc}") from exc
-                    key = entry.key if task != "denoise" else entry.key.rsplit("/s", 1)[0]
-                    samples.append((f"{task}_{n:07d}", inp, inp_ext, tgt, tgt_ext,
-                                    {"task": task, "key": key, "input": _rel(entry.input_path, root),
-                                     "target": _rel(entry.target_path, root)}))
+                    samples.append(_pair_sample(f"{task}_{n:07d}", entry, root))
+                    bar.update(1)
                 name = f"{task}-{start // shard_samples:06d}"
                 staged = output.staging(f"{name}.tar")
-                _write_paired_tar(staged, samples)
+                write_tar(staged, samples)
                 index = make_index(staged)
                 size = staged.stat().st_size
                 output.publish(staged, f"{name}.tar")
                 output.write_text(f"{name}.idx", index)
                 shards.append({"name": f"{name}.tar", "samples": len(samples), "bytes": size})
-                printer(f"pack: {output.url_of(name + '.tar')}  {len(samples)} {task} pairs")
             manifest["tasks"][task] = {"samples": len(entries), "shards": shards}
         output.write_text(PAIRED_MANIFEST, json.dumps(manifest, indent=1))
     finally:
+        bar.close()
         output.close()
+    counts = ", ".join(f"{t} {v['samples']} pairs in {len(v['shards'])} shards"
+                       for t, v in manifest["tasks"].items())
+    (printer or log.info)(f"pack: wrote {counts} to {output.url}")
     return manifest
 
 
 def read_paired_manifest(base: str) -> dict[str, Any]:
     """The manifest.json of a packed paired-shard folder or s3:// prefix."""
-    from . import s3
-
     url = s3.join_url(base.rstrip("/"), PAIRED_MANIFEST) if s3.is_s3(base) else str(Path(base) / PAIRED_MANIFEST)
     try:
         text = s3.read_bytes(url).decode() if s3.is_s3(url) else Path(url).read_text()
@@ -123,8 +135,6 @@ def paired_shard_list(base: str, manifest: dict[str, Any], tasks: dict[str, int]
     matching the folder source's one entry per (image, sigma)), in an order shuffled by ``seed`` (the
     same on every rank) so that every rank's contiguous part of the list mixes the tasks; returns
     (urls, samples per epoch)."""
-    from . import s3
-
     urls: list[str] = []
     total = 0
     for task in TASKS:
@@ -159,9 +169,6 @@ class PairedShardLoader(PairedLoaderBase):
     kind = "paired_shards"
 
     def __init__(self, cfg, rank: int, world_size: int, device) -> None:
-        from .pipeline import share_size
-        from .urls import index_url
-
         data = cfg.data
         if len(data.train_urls) != 1:
             raise PairedDataError("data.train_urls: give exactly one packed paired-shard folder or s3:// prefix "
@@ -183,8 +190,6 @@ class PairedShardLoader(PairedLoaderBase):
 
     def _build(self) -> None:
         from nvidia.dali import fn, pipeline_def
-
-        from .s3 import DataSourceError
 
         gpu = self.device.type == "cuda"
         decode_device = self._decode_device()
@@ -221,8 +226,6 @@ class PairedShardLoader(PairedLoaderBase):
         self._pipe = pipe
 
     def __next__(self) -> dict[str, Any]:
-        from .s3 import DataSourceError
-
         if self._pipe is None:
             self._build()
         assert self._pipe is not None
@@ -232,7 +235,7 @@ class PairedShardLoader(PairedLoaderBase):
             raise DataSourceError(f"rank {self.rank}: reading the paired shards under {self.base} failed "
                                   f"at batch {self.batches}: {exc}") from exc
         metas = [json.loads(bytes(np.array(meta.at(i))).decode()) for i in range(len(meta))]
-        x, y = _dali_to_torch(inp, self.device), _dali_to_torch(tgt, self.device)  # (B, H, W, 3) uint8
+        x, y = dali_to_torch(inp, self.device), dali_to_torch(tgt, self.device)  # (B, H, W, 3) uint8
         gen = torch.Generator(device="cpu")
         gen.manual_seed(mix_seed(self.seed, self.rank, self.batches, 0xF11))
         ops = torch.randint(0, 8, (len(metas),), generator=gen).tolist()
@@ -273,17 +276,3 @@ def _dihedral_t(img: torch.Tensor, op: int) -> torch.Tensor:
     """``dihedral`` on an (H, W, C) tensor."""
     out = torch.rot90(img, k=op % 4, dims=(0, 1))
     return out.flip(1) if op >= 4 else out
-
-
-def _dali_to_torch(batch, device: torch.device) -> torch.Tensor:
-    """A DALI TensorList of equal-shape uint8 images -> a (B, H, W, C) torch tensor on ``device``."""
-    if hasattr(batch, "as_cpu") and device.type == "cuda":
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-
-        dense = batch.as_tensor()
-        out = torch.empty(tuple(dense.shape()), dtype=torch.uint8, device=device)
-        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
-        return out
-    if hasattr(batch, "as_cpu"):
-        batch = batch.as_cpu()
-    return torch.from_numpy(np.array(batch.as_tensor())).to(device)

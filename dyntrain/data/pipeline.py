@@ -33,60 +33,35 @@ and the batch counter; the degradation is a pure function of the batch counter, 
 Corrupt samples. A JPEG that does not decode makes DALI fail the whole batch ("Critical error in
 pipeline") and leaves the pipeline unusable. The loader then (1) rebuilds the pipeline from the
 checkpoint of the last good batch with the decoder switched off for every sample of the failing
-batch (a DALI conditional driven by an external-source flag; the reader and the random generators
-advance exactly as before), which yields the batch's keys; (2) reads each of those images from its
-shard (offset from the shard's index) and decodes it alone to find the culprits; (3) rebuilds from
-the same checkpoint with the decoder switched off for the culprits only. The culprits' slots are
-filled with copies of good samples of the same batch (a batch is never short), counted in
-``stats()["corrupt_skipped"]`` and named in ``stats()["corrupt_keys"]``. The recovery is
-deterministic, so it replays identically after a resume. A failure in which no image is corrupt
-(a shard that vanished, a broken connection) raises :class:`DataSourceError` naming the shards.
+batch (a DALI conditional driven by an external-source flag), which yields the batch's keys;
+(2) decodes each of those images alone (``shard_samples.ShardSamples``) to find the culprits; (3)
+rebuilds from the same checkpoint with the decoder switched off for the culprits only, whose slots
+are filled with copies of good samples of the same batch, counted in ``stats()["corrupt_skipped"]``
+and named in ``stats()["corrupt_keys"]``. The recovery is deterministic, so it replays identically
+after a resume. A failure in which no image is corrupt (a shard that vanished, a broken
+connection) raises :class:`DataSourceError` naming the shards.
 """
 from __future__ import annotations
 
-import io
-import logging
-import posixpath
-import tempfile
 import warnings
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
+from ..logs import get_logger
+from ..seeds import seed32
+from .dali_torch import dali_to_torch
 from .degrade import DegradeSpec, batch_params, compose
-from .s3 import DataSourceError, read_bytes
-from .shards import make_index, parse_index
+from .s3 import DataSourceError
+from .shard_samples import (IMAGE_COMPONENTS, ShardSamples, parse_source_info, share_size,
+                            short_error)
 from .urls import expand_urls, index_url, missing_indices
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png")
 READER = "Reader"
 _MAX_RECOVERY_ATTEMPTS = 3
-
-
-def share_size(total: int, rank: int, world_size: int) -> int:
-    """Samples in rank's share of ``total`` (DALI's split: [total*r//W, total*(r+1)//W))."""
-    return total * (rank + 1) // world_size - total * rank // world_size
-
-
-def _seed32(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0]
-               & 0x7FFFFFFF)
-
-
-def _short(exc: BaseException, lines: int = 12) -> str:
-    text = [ln for ln in str(exc).splitlines() if ln.strip()]
-    return "\n".join(text[-lines:])
-
-
-def parse_source_info(info: str) -> tuple[str, str]:
-    """DALI webdataset source info ``<shard url>:<offset>:<member name>`` -> (shard url, key)."""
-    url, _offset, name = info.rsplit(":", 2)
-    base = posixpath.basename(name)
-    return url, base.split(".", 1)[0]
 
 
 class DaliPretrainLoader:
@@ -136,8 +111,7 @@ class DaliPretrainLoader:
         self.corrupt_keys: list[str] = []
         self.recoveries = 0
         self._skip: dict[int, tuple[int, ...]] = {}   # iteration -> slots not to decode
-        self._index_cache: dict[str, dict[str, dict[str, tuple[int, int]]]] = {}
-        self._validator = None
+        self._samples = ShardSamples(self.indices is not None, self.device_id, decode == "mixed")
         self._check_patch_size()
         self._pipe = self._build(None)
         meta = self._pipe.reader_meta(READER)
@@ -154,22 +128,13 @@ class DaliPretrainLoader:
         if self.indices is None:
             return
         url = self.shards[0]
-        for key, comps in self._shard_index(url).items():
-            ext = next((e for e in IMAGE_EXTS if e in comps), None)
-            if ext is None:
-                continue
-            offset, size = comps[ext]
-            try:
-                with Image.open(io.BytesIO(read_bytes(url, offset, min(size, 65536)))) as im:
-                    w, h = im.size
-            except Exception:  # noqa: BLE001 - a corrupt first sample is handled while reading
-                return
-            if min(w, h) < self.spec.crop_size:
-                raise DataSourceError(
-                    f"{url}: sample {key} is {w}x{h}, smaller than data.crop_size "
-                    f"{self.spec.crop_size}; build the shards with a larger --patch-size or lower "
-                    f"data.crop_size")
-            return
+        first = self._samples.first_image_size(url)
+        if first is not None and min(first[1:]) < self.spec.crop_size:
+            key, w, h = first
+            raise DataSourceError(
+                f"{url}: sample {key} is {w}x{h}, smaller than data.crop_size "
+                f"{self.spec.crop_size}; build the shards with a larger --patch-size or lower "
+                f"data.crop_size")
 
     # ------------------------------------------------------------------------------ pipeline
     def _callback(self, info) -> tuple[np.ndarray, ...]:
@@ -190,12 +155,12 @@ class DaliPretrainLoader:
         @pipeline_def(enable_conditionals=True)
         def pretrain_pipeline():
             encoded, meta = fn.readers.webdataset(
-                paths=self.shards, index_paths=self.indices, ext=["jpg;jpeg;png", "json"],
+                paths=self.shards, index_paths=self.indices, ext=[";".join(IMAGE_COMPONENTS), "json"],
                 missing_component_behavior="skip", name=READER,
                 shard_id=self.rank, num_shards=self.world_size, stick_to_shard=True,
                 pad_last_batch=False, random_shuffle=self.shuffle_buffer > 0,
                 initial_fill=max(1, self.shuffle_buffer),
-                seed=_seed32(self.seed, self.rank, 0x5EAD))
+                seed=seed32(self.seed, self.rank, 0x5EAD))
             skip, is_jpeg, is_gaussian, quality, sigma, sp_frac = fn.external_source(
                 source=self._callback, num_outputs=6, batch=True, batch_info=True,
                 dtype=[types.BOOL, types.BOOL, types.BOOL, types.INT32, types.FLOAT, types.FLOAT])
@@ -218,7 +183,7 @@ class DaliPretrainLoader:
 
         pipe = pretrain_pipeline(batch_size=self.batch_size, num_threads=self.num_threads,
                                  device_id=self.device_id,
-                                 seed=_seed32(self.seed, self.rank, 0xC409),
+                                 seed=seed32(self.seed, self.rank, 0xC409),
                                  prefetch_queue_depth=self.prefetch, enable_checkpointing=True,
                                  checkpoint=checkpoint)
         try:
@@ -226,7 +191,7 @@ class DaliPretrainLoader:
         except RuntimeError as exc:
             raise DataSourceError(f"rank {self.rank}: DALI cannot open the shards "
                                   f"({len(self.shards)} shard(s), first {self.shards[0]}):\n"
-                                  f"{_short(exc)}") from exc
+                                  f"{short_error(exc)}") from exc
         return pipe
 
     def _rebuild(self, checkpoint) -> None:
@@ -267,18 +232,6 @@ class DaliPretrainLoader:
                     torch.set_num_threads(threads)
             return self._finish(crop, jpeg, keys, bad, it)
 
-    def _to_torch(self, tl) -> torch.Tensor:
-        """A DALI batch of (S, S, 3) uint8 crops -> (B, S, S, 3) uint8 torch tensor (decode device)."""
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-        S = self.spec.crop_size
-        if self.decode == "mixed":
-            out = torch.empty((self.batch_size, S, S, 3), dtype=torch.uint8, device=self.device)
-            feed_ndarray(tl.as_tensor(), out, cuda_stream=torch.cuda.current_stream(self.device))
-            return out
-        out = torch.empty((self.batch_size, S, S, 3), dtype=torch.uint8)
-        feed_ndarray(tl.as_tensor(), out)
-        return out
-
     def _finish(self, crop, degraded, keys: list[str], bad: tuple[int, ...],
                 it: int) -> dict[str, Any]:
         B = self.batch_size
@@ -291,7 +244,7 @@ class DaliPretrainLoader:
         non_blocking = self.device.type == "cuda"
 
         def nchw(tl) -> torch.Tensor:  # uint8 (B, 3, S, S) on the training device
-            x = self._to_torch(tl)
+            x = dali_to_torch(tl, self.device)
             if bad:
                 x = x[torch.as_tensor(order, device=x.device)]
             return x.to(self.device, non_blocking=non_blocking).permute(0, 3, 1, 2).contiguous()
@@ -314,14 +267,14 @@ class DaliPretrainLoader:
                 _, _, meta = self._pipe.run()
             except RuntimeError as probe_exc:
                 raise DataSourceError(f"rank {self.rank}: reading batch {it} failed:\n"
-                                      f"{_short(probe_exc)}") from probe_exc
+                                      f"{short_error(probe_exc)}") from probe_exc
             refs = [parse_source_info(meta[i].source_info()) for i in range(self.batch_size)]
-            bad = tuple(i for i, (url, key) in enumerate(refs) if not self._decodes(url, key))
+            bad = tuple(i for i, (url, key) in enumerate(refs) if not self._samples.decodes(url, key))
             if not bad:
                 shards = sorted({u for u, _ in refs})
                 raise DataSourceError(
                     f"rank {self.rank}: DALI failed on batch {it} but every image of it decodes on "
-                    f"its own (shards {', '.join(shards)}):\n{_short(last)}") from last
+                    f"its own (shards {', '.join(shards)}):\n{short_error(last)}") from last
             self._skip[it] = bad
             self._rebuild(self._ckpt)
             try:
@@ -330,52 +283,7 @@ class DaliPretrainLoader:
             except RuntimeError as again:
                 last = again
         raise DataSourceError(f"rank {self.rank}: batch {it} still fails after "
-                              f"{_MAX_RECOVERY_ATTEMPTS} recoveries:\n{_short(last)}") from last
-
-    def _shard_index(self, url: str) -> dict[str, dict[str, tuple[int, int]]]:
-        if url not in self._index_cache:
-            if self.indices is not None:
-                text = read_bytes(index_url(url)).decode()
-            elif url.startswith("s3://"):
-                with tempfile.NamedTemporaryFile(suffix=".tar") as tmp:
-                    tmp.write(read_bytes(url))
-                    tmp.flush()
-                    text = make_index(tmp.name)
-            else:
-                text = make_index(url)
-            self._index_cache[url] = parse_index(text)
-        return self._index_cache[url]
-
-    def _decodes(self, url: str, key: str) -> bool:
-        comps = self._shard_index(url).get(key, {})
-        ext = next((e for e in IMAGE_EXTS if e in comps), None)
-        if ext is None:
-            return False
-        offset, size = comps[ext]
-        if size == 0:
-            return False
-        return self._validate(read_bytes(url, offset, size))
-
-    def _validate(self, data: bytes) -> bool:
-        """Decode one encoded image alone with the training decoder (device and library)."""
-        from nvidia.dali import fn, pipeline_def, types
-
-        if self._validator is None:
-            @pipeline_def(batch_size=1, num_threads=1, device_id=self.device_id,
-                          prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
-            def single():
-                enc = fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
-                return fn.decoders.image(enc, device="mixed" if self.decode == "mixed" else "cpu",
-                                         output_type=types.RGB)
-            self._validator = single()
-            self._validator.build()
-        try:
-            self._validator.feed_input("enc", [np.frombuffer(data, dtype=np.uint8)])
-            self._validator.run()
-            return True
-        except RuntimeError:
-            self._validator = None  # a failed pipeline cannot run again
-            return False
+                              f"{_MAX_RECOVERY_ATTEMPTS} recoveries:\n{short_error(last)}") from last
 
     # ------------------------------------------------------------------------------- state
     def _identity(self) -> dict[str, Any]:
@@ -419,7 +327,7 @@ class DaliPretrainLoader:
 
     def close(self) -> None:
         self._pipe = None
-        self._validator = None
+        self._samples.close()
 
 
 def build_pretrain_loader(cfg, rank: int, world_size: int, device) -> DaliPretrainLoader:

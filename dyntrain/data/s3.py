@@ -144,12 +144,6 @@ def upload_file(local_path: str | Path, url: str) -> None:
         raise explain(exc, url, "write") from exc
 
 
-def put_bytes(url: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-    bucket, key = parse_s3_url(url)
-    _call(client().put_object, url, "write", Bucket=bucket, Key=key, Body=data,
-          ContentType=content_type)
-
-
 def get_bytes(url: str, start: Optional[int] = None, length: Optional[int] = None) -> bytes:
     """Whole object, or ``length`` bytes from ``start`` (a ranged GET)."""
     bucket, key = parse_s3_url(url)

@@ -1,6 +1,8 @@
 """Synthetic "photographs" for tests and the quickstart: smooth illumination, band-limited texture,
 sharp-edged shapes, oriented gratings and some flat regions - deterministic by seed, fast (numpy +
-PIL; a 1024x768 image takes a few tens of milliseconds).
+PIL; a 1024x768 image takes a few tens of milliseconds). Also the fine-tuning demo data
+(``make_demo_data``: rain streaks and haze over synthetic photographs, in every folder layout;
+``python -m dyntrain.data.paired demo``).
 
 The flat regions are real: a constant-colour rectangle covering roughly 10-35% of the image, so the
 shard builder's flat filter has something to drop.
@@ -82,3 +84,63 @@ def write_synthetic_images(folder: str | Path, n: int, size: Sequence[int] = (76
             img.save(path)
         paths.append(path)
     return paths
+
+
+# ------------------------------------------------------------------------------ demo data
+def synthetic_rain(clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Bright slanted streaks (3-8 pixels long) over a clean uint8 image."""
+    height, width = clean.shape[:2]
+    n = max(4, height * width // 60)
+    y, x = rng.integers(0, height, n)[:, None], rng.integers(0, width, n)[:, None]
+    length = rng.integers(3, 9, n)[:, None]
+    t = np.arange(8)[None, :]
+    yy, xx = y + t, x + t // 3  # (n, 8) streak pixels
+    keep = (t < length) & (yy < height) & (xx < width)
+    streaks = np.zeros((height, width), np.float32)
+    streaks[yy[keep], xx[keep]] = 0.5
+    out = clean.astype(np.float32) / 255 + streaks[..., None]
+    return (out.clip(0, 1) * 255).round().astype(np.uint8)
+
+
+def synthetic_haze(clean: np.ndarray, airlight: float, beta: float) -> np.ndarray:
+    """Atmospheric scattering model I = J t + A (1 - t), t = exp(-beta d), depth growing upwards."""
+    height, width = clean.shape[:2]
+    depth = np.linspace(3.0, 0.5, height, dtype=np.float32)[:, None, None] * np.ones((1, width, 1), np.float32)
+    t = np.exp(-beta * depth)
+    out = clean.astype(np.float32) / 255 * t + airlight * (1 - t)
+    return (out.clip(0, 1) * 255).round().astype(np.uint8)
+
+
+def _save(img: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path, quality=95) if path.suffix == ".jpg" else Image.fromarray(img).save(path)
+
+
+def make_demo_data(out: str | Path, train_images: int = 6, test_images: int = 3, height: int = 48,
+                   width: int = 40, seed: int = 0) -> dict[str, str]:
+    """Write small synthetic data in every layout: ``out/train`` (Denoise/, Derain/, Dehaze/ as
+    ``data.root``) and ``out/test/{bsd68,rain100l,sots}`` (as ``eval.sets``). Returns the eval.sets map.
+    Only for trying the pipeline end to end; it says nothing about real restoration quality."""
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    train, test = out / "train", out / "test"
+    for i in range(train_images):
+        n = f"{i + 1:04d}"
+        _save(synthetic_image(rng, height, width), train / "Denoise" / f"{n}.png")
+        clean = synthetic_image(rng, height, width)
+        _save(clean, train / "Derain" / "gt" / f"norain-{i + 1}.png")
+        _save(synthetic_rain(clean, rng), train / "Derain" / "rainy" / f"rain-{i + 1}.png")
+        clean = synthetic_image(rng, height, width)
+        _save(clean, train / "Dehaze" / "original" / f"{n}.jpg")
+        for airlight, beta in ((0.8, 0.2), (0.9, 0.6)):
+            _save(synthetic_haze(clean, airlight, beta), train / "Dehaze" / "synthetic" / "part1" / f"{n}_{airlight}_{beta}.jpg")
+    for i in range(test_images):
+        n = f"{i + 1:04d}"
+        _save(synthetic_image(rng, height + 8, width + 8), test / "bsd68" / f"test{i + 1:03d}.png")
+        clean = synthetic_image(rng, height + 8, width + 8)
+        _save(clean, test / "rain100l" / "target" / f"{n}.png")
+        _save(synthetic_rain(clean, rng), test / "rain100l" / "input" / f"{n}.png")
+        clean = synthetic_image(rng, height + 8, width + 8)
+        _save(clean, test / "sots" / "outdoor" / "gt" / f"{n}.png")
+        _save(synthetic_haze(clean, 0.8, 0.4), test / "sots" / "outdoor" / "hazy" / f"{n}_0.8_0.4.jpg")
+    return {name: str(test / name) for name in ("bsd68", "rain100l", "sots")}

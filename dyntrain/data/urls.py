@@ -6,6 +6,7 @@ Accepted forms (each entry of ``data.train_urls``; results are concatenated, dup
     data/shards/*.tar  data/**/shard-*.tar    a local glob
     data/shards                               a local folder: every *.tar in it
     shard-{000000..000099}.tar                a brace range (zero padding kept), also {a,b,c}
+                                              (expanded by the ``braceexpand`` package)
     s3://bucket/prefix/shard-000003.tar       one S3 shard
     s3://bucket/prefix/*.tar                  an S3 glob (objects are listed with boto3)
     s3://bucket/prefix/                       an S3 "folder": every *.tar under the prefix
@@ -19,40 +20,15 @@ from __future__ import annotations
 import fnmatch
 import glob
 import posixpath
-import re
 from pathlib import Path
 from typing import Iterable
+
+from braceexpand import braceexpand
 
 from . import s3
 from .s3 import DataSourceError, is_s3
 
-_BRACE = re.compile(r"\{([^{}]*)\}")
 _GLOB_CHARS = set("*?[")
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """``a{00..02}b{x,y}`` -> [a00bx, a00by, a01bx, ...]; ranges keep the zero padding of the
-    wider bound; a brace that is neither a range nor a list is kept literally."""
-    m = _BRACE.search(pattern)
-    if m is None:
-        return [pattern]
-    body = m.group(1)
-    rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
-    if rng:
-        lo_s, hi_s = rng.groups()
-        lo, hi = int(lo_s), int(hi_s)
-        width = max(len(lo_s), len(hi_s)) if (lo_s.startswith("0") or hi_s.startswith("0")) else 0
-        step = 1 if hi >= lo else -1
-        items = [str(i).zfill(width) for i in range(lo, hi + step, step)]
-    elif "," in body:
-        items = body.split(",")
-    else:
-        head, tail = pattern[:m.end()], pattern[m.end():]
-        return [head + rest for rest in expand_braces(tail)]
-    out: list[str] = []
-    for item in items:
-        out.extend(expand_braces(pattern[:m.start()] + item + pattern[m.end():]))
-    return out
 
 
 def index_url(shard_url: str) -> str:
@@ -132,7 +108,7 @@ def expand_urls(entries: Iterable[str] | str, check: bool = True) -> list[str]:
     out: list[str] = []
     s3_plain: list[str] = []
     for entry in entries:
-        for item in expand_braces(entry):
+        for item in braceexpand(entry, escape=False):
             if is_s3(item):
                 if _has_glob(item) or item.endswith("/") or "/" not in item[len("s3://"):]:
                     out.extend(_expand_s3_glob(item if "/" in item[5:] else item + "/"))
@@ -145,16 +121,6 @@ def expand_urls(entries: Iterable[str] | str, check: bool = True) -> list[str]:
         _check_s3_exist(s3_plain)
     seen: set[str] = set()
     return [u for u in out if not (u in seen or seen.add(u))]
-
-
-def index_urls(shards: list[str], check: bool = True) -> list[str] | None:
-    """The index of every shard; None (with the missing ones named in a warning by the caller)
-    when any is absent, because DALI takes indices for all shards or for none."""
-    idx = [index_url(u) for u in shards]
-    if not check:
-        return idx
-    missing = missing_indices(idx)
-    return None if missing else idx
 
 
 def missing_indices(idx: list[str]) -> list[str]:

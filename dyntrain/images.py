@@ -1,0 +1,39 @@
+"""Image files: the one list of extensions, folder listing, and reading to 8-bit RGB.
+
+Used by the shard builder, the fine-tuning data, evaluation and inference, so every part of the
+system accepts the same files.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# file suffixes (lower case) that count as images everywhere in dyntrain
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+_HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
+
+
+def is_image(path: str | Path) -> bool:
+    """Whether ``path`` names an image file by its suffix (case-insensitive)."""
+    return Path(path).suffix.lower() in IMAGE_EXTS
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files under ``folder`` (recursive), sorted by path."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and is_image(p))
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode a whole image to (H, W, 3) uint8 RGB, EXIF orientation applied; 16-bit and float
+    grey images are scaled to 8 bits. Raises OSError (or ValueError) when the file does not decode."""
+    with Image.open(path) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        if img.mode in _HIGH_DEPTH_MODES:
+            arr = np.asarray(img, dtype=np.float32)
+            arr = arr / 257.0 if arr.max() > 255 else arr
+            img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), mode="L")
+        return np.ascontiguousarray(np.asarray(img.convert("RGB")))
