@@ -5,8 +5,10 @@ entry points (``run_training``, the CLIs) call :func:`setup_logging` once. Under
 rank runs the same code: rank 0 logs from INFO up, the other ranks only warnings and errors (each
 line then names its rank), so a progress line appears once per job, not once per rank.
 
-Format: ``[HH:MM:SS name] message`` where ``name`` is the logger's last component (``trainer``,
-``checkpoint``, ``make_shards``, ...), or ``[HH:MM:SS name rank R]`` on ranks other than 0.
+Format: ``HH:MM:SS [name] message`` where ``name`` is the logger's last component (``trainer``,
+``checkpoint``, ``shards``, ...); a message that carries its own tag (``[<run name>] step 8/8 ...``,
+``[make_shards] images 2/2 ...``) is not tagged twice. On ranks other than 0 the time is followed by
+``rank R``.
 Records below WARNING go to stdout and the rest to stderr, unless ``stream`` sends all of them to one
 stream (a CLI whose stdout is its machine-readable result logs to stderr).
 
@@ -45,9 +47,12 @@ class _Format(logging.Formatter):
         self.rank = rank
 
     def format(self, record: logging.LogRecord) -> str:
-        short = record.name.rsplit(".", 1)[-1]
-        where = f"{short} rank {self.rank}" if self.rank else short
-        text = f"[{self.formatTime(record, self.datefmt)} {where}] {record.getMessage()}"
+        message = record.getMessage()
+        when = self.formatTime(record, self.datefmt) + (f" rank {self.rank}" if self.rank else "")
+        if message.startswith("["):  # the message names its own source (a run, a tool)
+            text = f"{when} {message}"
+        else:
+            text = f"{when} [{record.name.rsplit('.', 1)[-1]}] {message}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text
