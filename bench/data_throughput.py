@@ -40,6 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dyntrain.data.degrade import DegradeSpec, batch_params, degrade_reference  # noqa: E402
 from dyntrain.data.pipeline import DaliPretrainLoader  # noqa: E402
 from dyntrain.data.urls import expand_urls  # noqa: E402
+from dyntrain.logs import get_logger, setup_logging  # noqa: E402
+
+log = get_logger("data_throughput")
 
 
 # ------------------------------------------------------------------------------- plain pipeline
@@ -156,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH")
     args = p.parse_args(argv)
+    setup_logging(stream=sys.stderr)  # stdout is the results and the headline
 
     device = torch.device("cuda" if args.device == "cuda" or
                           (args.device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -166,8 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             t = time.perf_counter()
             urls = make_shards(Path(tmp), args.images, args.patch_size, 48, args.workers)
-            print(f"built {len(urls)} synthetic shards in {time.perf_counter() - t:.1f}s",
-                  file=sys.stderr)
+            log.info(f"built {len(urls)} synthetic shards in {time.perf_counter() - t:.1f}s")
         if any(u.startswith("s3://") for u in urls):
             raise SystemExit("the plain pipeline reads local shards only: pass local --urls")
 

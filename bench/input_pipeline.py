@@ -40,6 +40,9 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+from dyntrain.logs import get_logger, setup_logging  # noqa: E402
+
+log = get_logger("input_pipeline")
 
 
 def make_shards(folder: Path, images: int, patch: int) -> tuple[list[str], int]:
@@ -147,6 +150,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--decode", default="auto", choices=["auto", "mixed", "cpu"])
     common.add_engine_args(parser)
     args = parser.parse_args(argv)
+    setup_logging()
 
     import torch
 
@@ -170,8 +174,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             t0 = common.now()
             urls, samples = make_shards(Path(tmp), images, patch)
-            print(f"built {len(urls)} synthetic shard(s), {samples} patches of {patch}x{patch}, "
-                  f"in {common.now() - t0:.1f}s", flush=True)
+            log.info(f"built {len(urls)} synthetic shard(s), {samples} patches of "
+                     f"{patch}x{patch}, in {common.now() - t0:.1f}s")
         extra = loader_overrides(urls, samples, args.decode, args.dali_threads, args.prefetch)
         cfg = common.training_config(args.config, extra + list(args.set), device, sizes, steps,
                                      common.on_off(args.compile, gpu), common.on_off(args.channels_last, gpu))
