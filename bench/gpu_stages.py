@@ -193,6 +193,8 @@ def dynamic_vs_separate(rec: Recorder) -> None:
     plan = {2: 300, 0: 150, 1: 150} if gpu else {2: 6, 0: 4, 1: 4}
     warmup, rounds, least = (10, 3, 30) if gpu else (1, 1, 2)
     compile_blocks = gpu  # inductor through model.compile on the GPU; no compile in the dry run
+    if gpu:
+        plan[2] = max(least, min(plan[2], _fit_first(rec)))
     step_ms: dict[str, dict[str, float]] = {}
     per_step_s, setup_s = None, 0.0
     info = init_distributed(common.training_config(None, [], device, sizes, 2, False, gpu))
@@ -230,6 +232,19 @@ def dynamic_vs_separate(rec: Recorder) -> None:
             rec.figure("switch_penalty_s", run["switch_penalty_s"],
                        "no step followed both a switch and its own variant")
     shutdown_distributed()
+
+
+def _fit_first(rec: Recorder, reserve_s: float = 60.0, engine_factor: float = 1.3) -> int:
+    """N per phase for the first ZeRO stage: half the time left after ``reserve_s`` (engine set-up
+    and compilation), priced at the train_step stage's S and L step times (if it measured them;
+    the engine's steps taken ``engine_factor`` times slower). A run of N costs N * 1.5 (t_S + t_L)
+    over its three phases (dynamic, S alone, L alone)."""
+    try:
+        figures = json.loads((rec.path.parent / "train_step.json").read_text())["figures"]
+        pair_s = (figures["step_ms_S"] + figures["step_ms_L"]) / 1e3
+    except (OSError, ValueError, KeyError, TypeError):
+        return 200
+    return int(0.5 * (rec.time_left() - reserve_s) / (engine_factor * 1.5 * pair_s))
 
 
 # ------------------------------------------------------------------- 3. input pipeline (DALI)
