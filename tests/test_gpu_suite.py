@@ -90,6 +90,9 @@ def test_bare_image_skips_what_it_cannot_run(tmp_path):
     # the suite and the benches its GPU stages call import without the blocked packages
     code = ("import gpu_suite, gpu_stages, common, train_step, dynamic_vs_separate, "
             "input_pipeline, data_throughput, sys\n"
+            # what the stages import from dyntrain once DeepSpeed/DALI are there
+            "import dyntrain.engine, dyntrain.model_factory, dyntrain.trainer, dyntrain.config, "
+            "dyntrain.data.pipeline, dyntrain.data.shards, dyntrain.data.synthetic\n"
             "import importlib.util as u\n"
             "assert u.find_spec('torch')\n"
             "for m in ('deepspeed', 'mlflow', 'webdataset', 'boto3', 'nvidia.dali'):\n"
