@@ -11,13 +11,13 @@ import pytest
 _MISSING = re.compile(r"No module named '([\w.]+)'")
 
 
-@pytest.hookimpl(wrapper=True)
+@pytest.hookimpl(hookwrapper=True)  # the old-style wrapper: any pytest the image may have
 def pytest_make_collect_report(collector):
-    report = yield
+    outcome = yield
+    report = outcome.get_result()
     if report.failed and isinstance(collector, pytest.Module):
         found = _MISSING.search(str(report.longrepr))
         if found:
             report.outcome = "skipped"
             report.longrepr = (str(collector.path), 0,
                                f"Skipped: {found.group(1)} not installed")
-    return report

@@ -32,13 +32,22 @@ DRY_SIZES = {"dim": 8, "crop": 32, "batch": 2}
 
 
 def missing(*modules: tuple[str, str]) -> Optional[str]:
-    """The first (module, package) pair whose module does not import: its package name, or None."""
+    """Why the first of the (module, package) pairs that does not import cannot be used
+    ("<package> not installed", or the import error of one that is installed), or None."""
     for module, package in modules:
         try:
             importlib.import_module(module)
-        except ImportError:
-            return package
+        except ImportError as exc:
+            if getattr(exc, "name", None) and module.startswith(exc.name):
+                return f"{package} not installed"
+            return f"{package} does not import: {type(exc).__name__}: {exc}"
     return None
+
+
+def _skip_stage(rec: Recorder, reason: str, figures: tuple[str, ...]) -> None:
+    rec.skip(Path(rec.path).stem, reason)
+    for key in figures:
+        rec.figure(key, None, reason)
 
 
 class Recorder:
@@ -184,6 +193,11 @@ def _train_step_figures(rec: Recorder, rows: dict, compile_s: dict, peak_source:
 def dynamic_vs_separate(rec: Recorder) -> None:
     """Dynamic S/L against S alone + L alone through the DeepSpeed engine, ZeRO 2 (the paper's
     stage, the headline figures) first, then ZeRO 0 and 1 with the steps the time left allows."""
+    lacking = missing(("deepspeed", "deepspeed"), ("yaml", "pyyaml"))
+    if lacking:
+        _skip_stage(rec, lacking, ("gpu_hours_saved_frac", "switch_penalty_s",
+                                   "zero_stage_step_ms"))
+        return
     import common
     import dynamic_vs_separate as dvs
     from dyntrain.engine import init_distributed, shutdown_distributed
@@ -251,6 +265,10 @@ def _fit_first(rec: Recorder, reserve_s: float = 60.0, engine_factor: float = 1.
 def input_pipeline(rec: Recorder) -> None:
     """DALI decode throughput (``mixed`` on the GPU) of JPEG patches to crops, then the input
     wait of the Trainer fed by the DALI loader (needs DeepSpeed too)."""
+    lacking = missing(("nvidia.dali", "nvidia-dali"))
+    if lacking:
+        _skip_stage(rec, lacking, ("dali_images_per_s", "input_wait_frac"))
+        return
     import common
     import data_throughput as dt
     import dynamic_vs_separate as dvs
@@ -273,7 +291,7 @@ def input_pipeline(rec: Recorder) -> None:
         rec.figure("dali_images_per_s", rate)
         lacking = missing(("deepspeed", "deepspeed"), ("yaml", "pyyaml"))
         if lacking:
-            rec.figure("input_wait_frac", None, f"{lacking} not installed")
+            rec.figure("input_wait_frac", None, lacking)
             return
         if rec.time_left() < (40 if gpu else 5):
             rec.figure("input_wait_frac", None, "out of time")
