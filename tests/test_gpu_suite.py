@@ -53,7 +53,9 @@ def run_suite(tmp_path: Path, *args: str, pythonpath: str = "", timeout: float =
 
 @pytest.mark.slow
 def test_dry_run_fills_every_figure_the_cpu_can_measure(tmp_path):
-    result, out = run_suite(tmp_path)
+    # the dry run's own budget is 170 s; a shared CI machine gets slack, so that no stage is cut
+    # short by another job's load (a stage that is cut short leaves nulls, not numbers)
+    result, out = run_suite(tmp_path, "--budget-s", "400", timeout=600)
     for key in KEYS:
         assert key in result, key
     assert result["dry_run"] and result["device"].startswith("CPU")
