@@ -190,7 +190,8 @@ class Suite:
         entry["details"] = data.get("details", {})
         for key in figures:
             if self.result.get(key) is None and key not in self.result["skipped"]:
-                self.skip(key, f"stage {name} {entry['status']} before measuring it")
+                self.skip(key, f"not measured by stage {name} ({entry['status']}; see its "
+                               "entries in skipped and its log)")
         log.info(f"stage {number} {name}: {entry['status']} in {entry['wall_s']:.1f} s")
         self.write()
 
@@ -224,8 +225,14 @@ class Suite:
             try:
                 rc = proc.wait(timeout=max(1.0, deadline - time.time() + 5))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                # SIGTERM first: the stage exits through its finally blocks (a JIT build's lock
+                # file, e.g. DeepSpeed's CPU comm op, would otherwise stay and block later runs)
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
                 return "timed out (stopped at its deadline)", time.time() - start
         return ("done" if rc == 0 else f"failed (exit code {rc})"), time.time() - start
 
@@ -278,6 +285,7 @@ def run_child(out: Path, name: str, deadline: float, dry_run: bool) -> int:
     import gpu_stages
 
     setup_logging(stream=sys.stdout)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped: unwind, then exit
     rec = gpu_stages.Recorder(out / "stages" / f"{name}.json", deadline, dry_run)
     rec.flush()
     try:
