@@ -40,6 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dyntrain.data.degrade import DegradeSpec, batch_params, degrade_reference  # noqa: E402
 from dyntrain.data.pipeline import DaliPretrainLoader  # noqa: E402
 from dyntrain.data.urls import expand_urls  # noqa: E402
+from dyntrain.logs import get_logger, setup_logging  # noqa: E402
+
+log = get_logger("data_throughput")
 
 
 # ------------------------------------------------------------------------------- plain pipeline
@@ -108,6 +111,22 @@ def measure(it, batches: int, batch: int, device: torch.device) -> float:
     return batches * batch / (time.perf_counter() - t0)
 
 
+def dali_rate(urls: list[str], spec: DegradeSpec, batch: int, device: torch.device, seed: int,
+              workers: int, shuffle: int, decode: str, warmup: int,
+              batches: int) -> tuple[float, dict]:
+    """patches/s of the project's DALI loader over ``batches`` batches after ``warmup`` ones, and
+    its stats() with the decode it used ("mixed" = nvJPEG on the GPU, or "cpu")."""
+    loader = DaliPretrainLoader(urls, spec, batch, device=device, seed=seed, num_threads=workers,
+                                prefetch=2, shuffle_buffer=shuffle, decode=decode)
+    try:
+        it = iter(loader)
+        for _ in range(warmup):
+            next(it)
+        return measure(it, batches, batch, device), loader.stats() | {"decode": loader.decode}
+    finally:
+        loader.close()
+
+
 def make_shards(folder: Path, images: int, patch: int, shard_samples: int, workers: int) -> list[str]:
     from dyntrain.data.shards import ShardBuildConfig, build_shards
     from dyntrain.data.synthetic import write_synthetic_images
@@ -140,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH")
     args = p.parse_args(argv)
+    setup_logging(stream=sys.stderr)  # stdout is the results and the headline
 
     device = torch.device("cuda" if args.device == "cuda" or
                           (args.device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -150,23 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             t = time.perf_counter()
             urls = make_shards(Path(tmp), args.images, args.patch_size, 48, args.workers)
-            print(f"built {len(urls)} synthetic shards in {time.perf_counter() - t:.1f}s",
-                  file=sys.stderr)
+            log.info(f"built {len(urls)} synthetic shards in {time.perf_counter() - t:.1f}s")
         if any(u.startswith("s3://") for u in urls):
             raise SystemExit("the plain pipeline reads local shards only: pass local --urls")
 
         def run_dali(seed: int) -> tuple[float, dict]:
-            loader = DaliPretrainLoader(urls, spec, args.batch, device=device, seed=seed,
-                                        num_threads=args.workers, prefetch=2,
-                                        shuffle_buffer=args.shuffle, decode=args.decode)
-            try:
-                it = iter(loader)
-                for _ in range(args.warmup):
-                    next(it)
-                return measure(it, args.batches, args.batch, device), loader.stats() | {
-                    "decode": loader.decode}
-            finally:
-                loader.close()
+            return dali_rate(urls, spec, args.batch, device, seed, args.workers, args.shuffle,
+                             args.decode, args.warmup, args.batches)
 
         def run_plain(seed: int) -> float:
             dl = plain_loader(urls, spec, args.batch, args.workers, seed, args.shuffle)

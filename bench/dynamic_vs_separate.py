@@ -62,8 +62,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     import torch
 
-    from dyntrain.engine import build_engine, init_distributed
-    from dyntrain.model_factory import build_model
+    from dyntrain.engine import init_distributed
 
     device, gpu, sizes = common.engine_setup(args)
     steps = args.steps if args.steps is not None else (300 if gpu else 4)
@@ -80,16 +79,58 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     peak, peak_source = common.peak_tflops(info.device, args.peak_tflops)
-    if args.compile_backend and cfg.model.compile and cfg.deepspeed.zero_stage < 3:
+    engine, ds_config = engine_for(cfg, info, args.compile_backend)
+    loader = common.SyntheticBatches(cfg.data.micro_batch_size, cfg.data.crop_size, info.device)
+    run = compare_phases(cfg, engine, loader, info, steps, warmup, rounds)
+    variants, per_step, saved = run["variants"], run["step_s_alone"], run["gpu_hours_saved_frac"]
+    overhead = run["switching_overhead_frac"]
+    flops = {v: common.train_flops_per_step(_dynet_config(cfg), cfg.data.crop_size,
+                                            cfg.data.micro_batch_size, v) for v in variants}
+    mfu = {v: common.mfu(flops[v], per_step[v], peak) for v in variants}
+
+    result: dict[str, Any] = {
+        "benchmark": "dynamic_vs_separate", **common.environment(info.device), **sizes,
+        "world_size": info.world_size, "steps": steps,
+        "warmup_per_variant": warmup,
+        "zero_stage": cfg.deepspeed.zero_stage, "bf16": ds_config["bf16"]["enabled"],
+        "compile": cfg.model.compile, "compile_backend": (args.compile_backend or "inductor")
+        if cfg.model.compile else None, "channels_last": cfg.model.channels_last,
+        **{k: v for k, v in run.items() if k != "variants"},
+        "train_flops_per_step": flops, "peak_tflops": peak, "peak_source": peak_source,
+        "mfu_alone": mfu,
+    }
+    if gpu:
+        result["targets"] = {"saved_at_least_0.49": saved >= 0.49,
+                             "switching_overhead_at_most_0.01": overhead <= 0.01}
+    if info.rank == 0:
+        _print_table(result, variants, info.device)
+        common.write_json(args.json, result)
+        common.headline("gpu_hours_saved_frac", saved)
+    loader.close()
+    return 0
+
+
+def engine_for(cfg, info, compile_backend: Optional[str] = None):
+    """The project's model and DeepSpeed engine for ``cfg``: (engine, DeepSpeed JSON). A
+    ``compile_backend`` other than model.compile's inductor compiles the blocks with it instead."""
+    from dyntrain.engine import build_engine
+    from dyntrain.model_factory import build_model
+
+    if compile_backend and cfg.model.compile and cfg.deepspeed.zero_stage < 3:
         model = build_model(common.with_overrides(cfg, ["model.compile=false"]))
-        model.compile_blocks(backend=args.compile_backend)
+        model.compile_blocks(backend=compile_backend)
     else:
         model = build_model(cfg)
-    engine, ds_config = build_engine(cfg, model, info)
-    loader = common.SyntheticBatches(cfg.data.micro_batch_size, cfg.data.crop_size, info.device)
+    return build_engine(cfg, model, info)
+
+
+def compare_phases(cfg, engine, loader, info, steps: int, warmup: int,
+                   rounds: int) -> dict[str, Any]:
+    """Warm-up, then the dynamic, S-alone and L-alone phases in ``rounds`` interleaved rounds on
+    one engine (see the module docstring); returns the phases' wall times, GPU hours, draws and
+    the figures derived from them (saving, expected saving, switching overhead, switch penalty)."""
     dynamic = common.dynamic_schedule(cfg)
     variants = dynamic.active
-
     start = common.now()
     for v in variants:
         if warmup:
@@ -112,53 +153,30 @@ def main(argv: Optional[list[str]] = None) -> int:
             ph["records"] += [{**rec, "round": r} for rec in chunk["records"]]
             ph["accounts"].append(chunk["metrics"])
 
-    world = info.world_size
     wall = {name: p["wall_s"] for name, p in phases.items()}
     gpu_hours = {name: p["gpu_hours"] for name, p in phases.items()}
     per_step = {v: wall[f"{v} alone"] / steps for v in variants}
     draws = {v: sum(rec["variant"] == v for rec in phases["dynamic"]["records"]) for v in variants}
     separate = sum(gpu_hours[f"{v} alone"] for v in variants)
-    saved = 1.0 - gpu_hours["dynamic"] / separate
     priced = sum(draws[v] * per_step[v] for v in variants)
-    expected = 1.0 - priced / (steps * sum(per_step.values()))
-    overhead = wall["dynamic"] / priced - 1.0
     dyn_records = phases["dynamic"]["records"]
     switches = sum(a["variant"] != b["variant"] and a["round"] == b["round"]
                    for a, b in zip(dyn_records, dyn_records[1:]))
-    penalty = _switch_penalty(dyn_records)
-    flops = {v: common.train_flops_per_step(_dynet_config(cfg), cfg.data.crop_size,
-                                            cfg.data.micro_batch_size, v) for v in variants}
-    mfu = {v: common.mfu(flops[v], per_step[v], peak) for v in variants}
-
-    result: dict[str, Any] = {
-        "benchmark": "dynamic_vs_separate", **common.environment(info.device), **sizes,
-        "world_size": world, "steps": steps,
+    return {
+        "variants": variants,
         "steps_done": {name: len(p["records"]) for name, p in phases.items()},
-        "warmup_per_variant": warmup, "warmup_s": warmup_s,
-        "zero_stage": cfg.deepspeed.zero_stage, "bf16": ds_config["bf16"]["enabled"],
-        "compile": cfg.model.compile, "compile_backend": (args.compile_backend or "inductor")
-        if cfg.model.compile else None, "channels_last": cfg.model.channels_last,
+        "warmup_s": warmup_s,
         "variant_probs": {v: dynamic.probs[v] for v in variants},
         "draws": draws, "switches": switches, "wall_s": wall, "gpu_hours": gpu_hours,
         "gpu_hours_separate": separate, "step_s_alone": per_step,
-        "gpu_hours_saved_frac": saved, "expected_saved_frac": expected,
-        "switching_overhead_frac": overhead,
-        "switch_penalty_s": penalty, "rounds": rounds,
+        "gpu_hours_saved_frac": 1.0 - gpu_hours["dynamic"] / separate,
+        "expected_saved_frac": 1.0 - priced / (steps * sum(per_step.values())),
+        "switching_overhead_frac": wall["dynamic"] / priced - 1.0,
+        "switch_penalty_s": _switch_penalty(dyn_records), "rounds": rounds,
         "accounts": {name: p["accounts"] for name, p in phases.items()},
         "step_records": {name: [[rec["variant"], rec["step_time_s"]] for rec in p["records"]]
                          for name, p in phases.items()},
-        "train_flops_per_step": flops, "peak_tflops": peak, "peak_source": peak_source,
-        "mfu_alone": mfu,
     }
-    if gpu:
-        result["targets"] = {"saved_at_least_0.49": saved >= 0.49,
-                             "switching_overhead_at_most_0.01": overhead <= 0.01}
-    if info.rank == 0:
-        _print_table(result, variants, info.device)
-        common.write_json(args.json, result)
-        common.headline("gpu_hours_saved_frac", saved)
-    loader.close()
-    return 0
 
 
 def _switch_penalty(records: list[dict[str, Any]]) -> Optional[float]:

@@ -40,6 +40,9 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+from dyntrain.logs import get_logger, setup_logging  # noqa: E402
+
+log = get_logger("input_pipeline")
 
 
 def make_shards(folder: Path, images: int, patch: int) -> tuple[list[str], int]:
@@ -70,6 +73,65 @@ def time_loader(loader, device, warmup: int, batches: int, batch: int) -> dict[s
             "patches_per_s": batches * batch / seconds}
 
 
+def loader_overrides(urls: list[str], samples: Optional[int], decode: str,
+                     threads: Optional[int], prefetch: Optional[int]) -> list[str]:
+    """The dotted config overrides that point the loader at ``urls`` (None keeps the config's)."""
+    extra = [f"data.train_urls={urls!r}", f"data.decode={decode}"]
+    if threads is not None:
+        extra.append(f"data.num_threads={threads}")
+    if prefetch is not None:
+        extra.append(f"data.prefetch={prefetch}")
+    if samples is not None:
+        extra.append(f"data.shuffle_buffer={min(1024, samples)}")
+    return extra
+
+
+def measure_feed(cfg, engine, info, steps: int, warmup: int,
+                 loader_batches: int) -> dict[str, Any]:
+    """The three measurements of the module docstring on one engine: training from memory, the
+    project's DALI loader alone, and training fed by it; returns each one's rates, the input wait
+    fraction, the fed run's slow-down, the decode actually used and the loader's counters."""
+    from dyntrain.data.pipeline import build_pretrain_loader
+
+    batch = cfg.data.micro_batch_size
+    dynamic = common.dynamic_schedule(cfg)
+    # compute only: warm every variant, then N dynamic iterations from memory
+    memory = common.SyntheticBatches(batch, cfg.data.crop_size, info.device)
+    for v in dynamic.active:
+        if warmup:
+            common.train_phase(cfg, engine, memory, common.fixed_schedule(cfg, v), info, warmup)
+    compute = common.train_phase(cfg, engine, memory, dynamic, info, steps)
+    memory.close()
+
+    # the loader alone, then the same loader feeding training
+    loader = build_pretrain_loader(cfg, info.rank, info.world_size, info.device)
+    try:
+        alone = time_loader(loader, info.device, warmup, loader_batches, batch)
+        if warmup:
+            common.train_phase(cfg, engine, loader, dynamic, info, warmup)
+        fed = common.train_phase(cfg, engine, loader, dynamic, info, steps)
+        loader_stats = loader.stats()
+        decode = getattr(loader, "decode", cfg.data.decode)
+    finally:
+        loader.close()
+
+    def rate(phase: dict[str, Any]) -> dict[str, float]:
+        step_s = sum(r["step_time_s"] for r in phase["records"])
+        wait_s = sum(r["data_wait_s"] for r in phase["records"])
+        n = len(phase["records"])
+        return {"steps": n, "step_s_mean": step_s / n, "wall_s": phase["metrics"]["train_wall_s"],
+                "patches_per_s": n * batch * info.world_size / phase["metrics"]["train_wall_s"],
+                "data_wait_s": wait_s, "wait_frac": wait_s / step_s,
+                "max_step_wait_frac": max(r["data_wait_s"] / r["step_time_s"]
+                                          for r in phase["records"])}
+
+    compute_rate, fed_rate = rate(compute), rate(fed)
+    return {"decode": decode, "loader_alone": alone, "compute_only": compute_rate,
+            "fed": fed_rate, "input_wait_frac": fed_rate["wait_frac"],
+            "fed_slowdown_frac": fed_rate["step_s_mean"] / compute_rate["step_s_mean"] - 1.0,
+            "loader_stats": {k: v for k, v in loader_stats.items() if not isinstance(v, list)}}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,10 +150,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--decode", default="auto", choices=["auto", "mixed", "cpu"])
     common.add_engine_args(parser)
     args = parser.parse_args(argv)
+    setup_logging()
 
     import torch
 
-    from dyntrain.data.pipeline import build_pretrain_loader
     from dyntrain.engine import build_engine, init_distributed
     from dyntrain.model_factory import build_model
 
@@ -112,15 +174,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             t0 = common.now()
             urls, samples = make_shards(Path(tmp), images, patch)
-            print(f"built {len(urls)} synthetic shard(s), {samples} patches of {patch}x{patch}, "
-                  f"in {common.now() - t0:.1f}s", flush=True)
-        extra = [f"data.train_urls={urls!r}", f"data.decode={args.decode}"]
-        if args.dali_threads is not None:
-            extra.append(f"data.num_threads={args.dali_threads}")
-        if args.prefetch is not None:
-            extra.append(f"data.prefetch={args.prefetch}")
-        if samples is not None:
-            extra.append(f"data.shuffle_buffer={min(1024, samples)}")
+            log.info(f"built {len(urls)} synthetic shard(s), {samples} patches of "
+                     f"{patch}x{patch}, in {common.now() - t0:.1f}s")
+        extra = loader_overrides(urls, samples, args.decode, args.dali_threads, args.prefetch)
         cfg = common.training_config(args.config, extra + list(args.set), device, sizes, steps,
                                      common.on_off(args.compile, gpu), common.on_off(args.channels_last, gpu))
 
@@ -129,61 +185,26 @@ def main(argv: Optional[list[str]] = None) -> int:
             torch.set_num_threads(args.threads)
         model = build_model(cfg)
         engine, ds_config = build_engine(cfg, model, info)
-        batch = cfg.data.micro_batch_size
-        dynamic = common.dynamic_schedule(cfg)
-
-        # compute only: warm every variant, then N dynamic iterations from memory
-        memory = common.SyntheticBatches(batch, cfg.data.crop_size, info.device)
-        for v in dynamic.active:
-            if warmup:
-                common.train_phase(cfg, engine, memory, common.fixed_schedule(cfg, v), info, warmup)
-        compute = common.train_phase(cfg, engine, memory, dynamic, info, steps)
-        memory.close()
-
-        # the loader alone, then the same loader feeding training
-        loader = build_pretrain_loader(cfg, info.rank, info.world_size, info.device)
-        try:
-            alone = time_loader(loader, info.device, warmup, loader_batches, batch)
-            if warmup:
-                common.train_phase(cfg, engine, loader, dynamic, info, warmup)
-            fed = common.train_phase(cfg, engine, loader, dynamic, info, steps)
-            loader_stats = loader.stats()
-            decode = getattr(loader, "decode", cfg.data.decode)
-        finally:
-            loader.close()
-
-    def rate(phase: dict[str, Any]) -> dict[str, float]:
-        step_s = sum(r["step_time_s"] for r in phase["records"])
-        wait_s = sum(r["data_wait_s"] for r in phase["records"])
-        n = len(phase["records"])
-        return {"steps": n, "step_s_mean": step_s / n, "wall_s": phase["metrics"]["train_wall_s"],
-                "patches_per_s": n * batch * info.world_size / phase["metrics"]["train_wall_s"],
-                "data_wait_s": wait_s, "wait_frac": wait_s / step_s,
-                "max_step_wait_frac": max(r["data_wait_s"] / r["step_time_s"]
-                                          for r in phase["records"])}
-
-    compute_rate, fed_rate = rate(compute), rate(fed)
+        feed = measure_feed(cfg, engine, info, steps, warmup, loader_batches)
+    batch = cfg.data.micro_batch_size
+    alone, compute_rate, fed_rate = feed["loader_alone"], feed["compute_only"], feed["fed"]
     consume = compute_rate["patches_per_s"] / info.world_size  # per rank, like the loader
     result: dict[str, Any] = {
         "benchmark": "input_pipeline", **common.environment(info.device), **sizes,
         "world_size": info.world_size, "steps": steps, "warmup": warmup,
         "loader_batches": loader_batches, "urls": len(urls), "samples": samples,
-        "patch_size": None if args.urls else patch, "decode": decode,
+        "patch_size": None if args.urls else patch,
         "dali_threads": cfg.data.num_threads, "prefetch": cfg.data.prefetch,
         "compile": cfg.model.compile, "channels_last": cfg.model.channels_last,
         "bf16": ds_config["bf16"]["enabled"], "zero_stage": cfg.deepspeed.zero_stage,
-        "loader_alone": alone, "compute_only": compute_rate, "fed": fed_rate,
-        "loader_headroom": alone["patches_per_s"] / consume,
-        "input_wait_frac": fed_rate["wait_frac"],
-        "fed_slowdown_frac": fed_rate["step_s_mean"] / compute_rate["step_s_mean"] - 1.0,
-        "loader_stats": {k: v for k, v in loader_stats.items() if not isinstance(v, list)},
+        **feed, "loader_headroom": alone["patches_per_s"] / consume,
     }
     if gpu:
         result["targets"] = {"input_wait_below_0.02": result["input_wait_frac"] < 0.02}
     if info.rank == 0:
         print(f"\nInput pipeline vs training on {info.world_size} x "
               f"{common.device_name(info.device)}: dim {sizes['dim']}, {sizes['crop']}x"
-              f"{sizes['crop']}, micro-batch {batch}; DALI decode {decode}, "
+              f"{sizes['crop']}, micro-batch {batch}; DALI decode {feed['decode']}, "
               f"{cfg.data.num_threads} threads, prefetch {cfg.data.prefetch}")
         print(f"{'':>22} {'patches/s':>10} {'s/step':>9} {'wait %':>8}")
         print(f"{'DALI loader alone':>22} {alone['patches_per_s']:>10.1f} "

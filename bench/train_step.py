@@ -191,6 +191,47 @@ def measure_recipe(recipe: Recipe, model_config, device, sizes, variants, warmup
             "graphs_compiled_by_switching": switch_graphs, "profile_top_ops_per_step": profile}
 
 
+# ------------------------------------------------------------------------------------ recipes
+def fp32_eager() -> Recipe:
+    """The reference step: fp32, contiguous, eager, plain Adam."""
+    return Recipe("baseline", bf16=False, channels_last=False, compile_backend=None,
+                  compile_mode=None, fused_adam=False, cudnn_benchmark=False)
+
+
+def optimised(gpu: bool, backend: Optional[str], mode: Optional[str] = None,
+              scope: str = "blocks", bf16: bool = True, channels_last: bool = True,
+              name: str = "optimised") -> Recipe:
+    """The optimised step (bf16 autocast, channels-last, compiled blocks; fused Adam and cuDNN
+    autotuning on a GPU); ``scope``/``mode`` select the alternatives below."""
+    return Recipe(name, bf16=bf16, channels_last=channels_last, compile_backend=backend,
+                  compile_mode=mode, fused_adam=gpu, cudnn_benchmark=gpu, compile_scope=scope)
+
+
+def whole_model(gpu: bool, backend: Optional[str]) -> Recipe:
+    """Alternative: the whole forward compiled, one graph per variant (fuses across blocks)."""
+    return optimised(gpu, backend, scope="model", name="whole_model")
+
+
+def cuda_graphs(gpu: bool) -> Recipe:
+    """Alternative: compiled blocks replayed as CUDA graphs (inductor's reduce-overhead mode;
+    CUDA only)."""
+    return optimised(gpu, "inductor", mode="reduce-overhead", name="cuda_graphs")
+
+
+def model_config(dim: int, checkpoint_blocks: bool = False):
+    """The paper's DyNetConfig (dim 48) or the same at another width."""
+    from dynet import DyNetConfig
+
+    if dim == 48:
+        return DyNetConfig(checkpoint_blocks=checkpoint_blocks)
+    return DyNetConfig(dim=dim, checkpoint_blocks=checkpoint_blocks)
+
+
+def compile_seconds(row: dict[str, Any], warmup: int) -> float:
+    """Compilation time of a measured variant: its warm-up time beyond ``warmup`` steady steps."""
+    return max(0.0, row["warmup_s"] - warmup * row["step_s"])
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -221,8 +262,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     common.add_common_args(parser)
     args = parser.parse_args(argv)
 
-    from dynet import DyNetConfig
-
     device = common.resolve_device(args.device)
     threads = common.set_threads(args.threads)
     sizes = common.paper_or_small(device, args.dim, args.crop, args.batch)
@@ -236,21 +275,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise SystemExit("--compile needs --warmup >= 1 (the first step compiles)")
     peak, peak_source = common.peak_tflops(device, args.peak_tflops)
 
-    cfg = DyNetConfig(checkpoint_blocks=args.checkpoint_blocks) if sizes["dim"] == 48 else \
-        DyNetConfig(dim=sizes["dim"], checkpoint_blocks=args.checkpoint_blocks)
+    cfg = model_config(sizes["dim"], args.checkpoint_blocks)
     unknown = [v for v in args.variants if v not in cfg.variants]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; known: {sorted(cfg.variants)}")
     flops = {v: common.train_flops_per_step(cfg, sizes["crop"], sizes["batch"], v)
              for v in args.variants}
 
-    recipes = [
-        Recipe("baseline", bf16=False, channels_last=False, compile_backend=None,
-               compile_mode=None, fused_adam=False, cudnn_benchmark=False),
-        Recipe("optimised", bf16=not args.no_bf16, channels_last=not args.no_channels_last,
-               compile_backend=backend, compile_mode=args.compile_mode, fused_adam=gpu,
-               cudnn_benchmark=gpu, compile_scope=args.compile_scope),
-    ]
+    recipes = [fp32_eager(), optimised(gpu, backend, args.compile_mode, args.compile_scope,
+                                       bf16=not args.no_bf16,
+                                       channels_last=not args.no_channels_last)]
     results = {r.name: measure_recipe(r, cfg, device, sizes, args.variants, warmup, steps, flops,
                                       peak, args.profile if r.name == "optimised" else None)
                for r in recipes}
