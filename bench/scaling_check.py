@@ -10,7 +10,10 @@ steps per variant, then --steps timed ones per variant in two interleaved rounds
 variant is its fastest timed step: on a shared machine other jobs only ever add time (the median is
 reported alongside). On more than one rank it then times (median of 10) an all-reduce of the
 gradient (every parameter, the engine's dtype), an all-gather of the same bytes, and an 8-byte
-all-reduce (the latency). ``run_check`` launches both and compares the model's prediction.
+all-reduce (the latency). ``run_check`` runs two 1-rank runs side by side (each with the share of the
+machine one rank of the 2-rank run gets, as a GPU rank has its own GPU), then the 2-rank run, and
+compares the model's prediction; it records the load average, since other jobs on a shared machine
+slow the synchronised 2-rank steps more than independent 1-rank ones.
 """
 from __future__ import annotations
 
@@ -122,24 +125,32 @@ def worker(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-def _launch(ranks: int, out: Path, args, timeout: float = 600) -> dict[str, Any]:
+def _launch(ranks: int, outs: list[Path], args, timeout: float = 600) -> list[dict[str, Any]]:
+    """One ``ranks``-rank run per path in ``outs``, side by side; their results."""
     from dyntrain.engine import free_port
 
     script = str(Path(__file__).resolve())
-    inner = ["--out", str(out), "--steps", str(args.check_steps), "--warmup", str(args.check_warmup),
-             "--threads", str(args.check_threads)] + [f"--set={s}" for s in args.check_set]
-    cmd = [sys.executable, script] if ranks == 1 else [
-        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-        "--master_port", str(free_port()), script]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(args.check_threads),
                PYTHONUNBUFFERED="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    proc = subprocess.run(cmd + inner, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0 or not out.exists():
-        raise RuntimeError(f"the {ranks}-rank measurement failed ({proc.returncode}):\n"
-                           f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(out.read_text())
+    procs = []
+    for out in outs:
+        inner = ["--out", str(out), "--steps", str(args.check_steps), "--warmup",
+                 str(args.check_warmup), "--threads", str(args.check_threads)]
+        cmd = [sys.executable, script] if ranks == 1 else [
+            sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+            "--master_port", str(free_port()), script]
+        procs.append(subprocess.Popen(cmd + inner + [f"--set={s}" for s in args.check_set], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    results = []
+    for proc, out in zip(procs, outs):
+        text = proc.communicate(timeout=timeout)[0]
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(f"the {ranks}-rank measurement failed ({proc.returncode}):\n"
+                               f"{text[-4000:]}")
+        results.append(json.loads(out.read_text()))
+    return results
 
 
 def run_check(args, probs: dict[str, float]) -> dict[str, Any]:
@@ -147,10 +158,17 @@ def run_check(args, probs: dict[str, float]) -> dict[str, Any]:
     import scaling
 
     with tempfile.TemporaryDirectory() as tmp:
-        log.info("2-rank check: the engine on 1 CPU rank ...")
-        one = _launch(1, Path(tmp) / "one.json", args)
+        ranks_here = 2
+        log.info("2-rank check: the engine on 1 CPU rank (two such runs side by side, so each has "
+                 "the share of the machine a rank of the 2-rank run has) ...")
+        load = [os.getloadavg()[0]]
+        ones = _launch(1, [Path(tmp) / f"one{i}.json" for i in range(ranks_here)], args)
+        load.append(os.getloadavg()[0])
         log.info("2-rank check: the engine on 2 CPU ranks (deepspeed launcher, gloo) ...")
-        two = _launch(2, Path(tmp) / "two.json", args)
+        (two,) = _launch(2, [Path(tmp) / "two.json"], args)
+        load.append(os.getloadavg()[0])
+    one = {"step_s": {v: min(o["step_s"][v] for o in ones) for v in ones[0]["step_s"]},
+           "step_times_s": [o["step_times_s"] for o in ones]}
     n, col = two["world_size"], two["collectives"]
     grad_bytes = two["params"] * two["comm_bytes"]
     latency = col["all_reduce_8_bytes_s"] / (2 * math.ceil(math.log2(n)))
@@ -178,6 +196,7 @@ def run_check(args, probs: dict[str, float]) -> dict[str, Any]:
         "step_times_s": {"one_rank": one["step_times_s"], "two_ranks": two["step_times_s"]},
         "relative_error_per_variant": {v: errors[v] for v in one["step_s"]},
         "relative_error": errors["mix"],
+        "load_average_1min": load, "cpus": os.cpu_count(),
     }
 
 
