@@ -67,9 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
-from dyntrain.logs import get_logger, setup_logging  # noqa: E402
-
-log = get_logger("scaling")
+from dyntrain.logs import setup_logging  # noqa: E402
 
 INTRA_GBPS, INTER_GBPS = 360.0, 45.0            # NCCL busbw, GB/s (sources in the docstring)
 INTRA_LAT_S, INTER_LAT_S = 8e-6, 15e-6          # per collective step
