@@ -3,7 +3,7 @@
     python bench/scaling.py [--step-source auto|suite|measure|flops] [--suite PATH] [--batch 32]
                             [--assume-mfu 0.30] [--intra-gbps 360] [--inter-gbps 45]
                             [--manifest PATH/manifest.json] [--bytes-per-sample B]
-                            [--no-check] [--check-steps 8] [--check-warmup 2] [--check-threads 1]
+                            [--no-check] [--check-steps 16] [--check-warmup 2] [--check-threads 1]
                             [--dim 8 --crop 32 --set key=value ...] [--plot PNG] [--json PATH]
 
 Inputs (measured where this machine can, otherwise a documented parameter):
@@ -275,11 +275,12 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for stage in (0, 1, 2, 3):
-        pts = sorted((r["gpus"], r["efficiency"]) for r in rows
-                     if r["zero_stage"] == stage and r["gpus_per_node"] == 8)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"ZeRO-{stage}")
+        pts = sorted((r["gpus"], r["efficiency"]) for r in rows if r["zero_stage"] == stage
+                     and (r["gpus_per_node"] == 8 or (r["nodes"] == 1 and r["gpus"] < 8)))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="os^D"[stage],
+                linestyle="--" if stage == 1 else "-", label=f"ZeRO-{stage}")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("GPUs (8 per node)")
+    ax.set_xlabel("GPUs (one node up to 8, then 8 per node)")
     ax.set_ylabel("weak-scaling efficiency (dynamic S/L)")
     ax.grid(True, alpha=0.3)
     ax.legend()
@@ -317,7 +318,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--bytes-per-sample", type=float, default=None)
     p.add_argument("--config", default=None, help="run config (default: the paper's)")
     p.add_argument("--no-check", action="store_true", help="skip the 2-rank measurement")
-    p.add_argument("--check-steps", type=int, default=8)
+    p.add_argument("--check-steps", type=int, default=16)
     p.add_argument("--check-warmup", type=int, default=2)
     p.add_argument("--check-threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--check-set", action="append", default=[], metavar="KEY=VALUE",

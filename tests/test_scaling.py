@@ -85,7 +85,7 @@ def test_bench_predicts_the_two_rank_step_within_20_percent(tmp_path):
     out = tmp_path / "scaling.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "scaling.py"), "--json", str(out),
-         "--check-steps", "6", "--check-warmup", "1"],
+         "--check-steps", "12", "--check-warmup", "1"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
