@@ -141,12 +141,14 @@ def _launch(ranks: int, outs: list[Path], args, timeout: float = 600) -> list[di
         cmd = [sys.executable, script] if ranks == 1 else [
             sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
             "--master_port", str(free_port()), script]
-        procs.append(subprocess.Popen(cmd + inner + [f"--set={s}" for s in args.check_set], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        with open(out.with_suffix(".log"), "w") as console:  # files: no pipe fills up and blocks
+            procs.append(subprocess.Popen(cmd + inner + [f"--set={s}" for s in args.check_set],
+                                          env=env, stdout=console, stderr=subprocess.STDOUT))
     results = []
     for proc, out in zip(procs, outs):
-        text = proc.communicate(timeout=timeout)[0]
+        proc.wait(timeout=timeout)
         if proc.returncode != 0 or not out.exists():
+            text = out.with_suffix(".log").read_text()
             raise RuntimeError(f"the {ranks}-rank measurement failed ({proc.returncode}):\n"
                                f"{text[-4000:]}")
         results.append(json.loads(out.read_text()))

@@ -2,10 +2,11 @@
 
 The sbatch script (``slurm/pretrain.sbatch``, which sources ``slurm/_launch.sh`` unchanged) runs
 twice side by side, once with the environment Slurm gives the batch step on node 0 and once with
-node 1's (``SLURM_NODEID``, the same job id, node list and ``--ntasks-per-node``). Running two
-``slurmd`` on one host needs a Slurm built with ``--enable-multiple-slurmd``; nothing shows that
-Debian's 22.05 build has it (its ``slurmd -N`` only names the node), so Slurm's two pieces the script
-calls stand in here, on PATH:
+node 1's (``SLURM_NODEID``, the same job id, node list and ``--ntasks-per-node``). Two ``slurmd``
+on one host need a Slurm built with ``--enable-multiple-slurmd`` (a port and spool per node).
+Debian's slurm-wlm 22.05.8 ``slurmd`` lists ``-N node``, but every build has that option, and
+nothing in the packaged binaries shows the multiple-slurmd build; this test must also run where
+Slurm is not installed at all. So the two Slurm commands the script calls stand in here, on PATH:
 
 * ``scontrol show hostnames LIST`` expands the node list (a comma list);
 * ``srun --nodes N --ntasks T --ntasks-per-node K ... CMD`` starts, on its node, the K tasks Slurm's
