@@ -89,3 +89,24 @@ def test_lr_schedules_constant_warmup_and_cosine():
     lin = _lrs(ds(["optim.lr=1e-3", "optim.lr_schedule=linear", "optim.warmup_steps=4",
                    "optim.total_steps=20"]), 22)
     assert lin[5] == pytest.approx(1e-3) and lin[21] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_buckets_sized_for_the_model_and_overlap_only_on_cuda(stage):
+    """Buckets small enough that the gradient reduction of a 16.6M-parameter model overlaps the
+    backward pass (several buckets per step), overlap_comm on with CUDA and off with gloo on CPU."""
+    from dynet import DyNet, DyNetConfig
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in DyNet(DyNetConfig()).parameters())
+    z = ds([f"deepspeed.zero_stage={stage}"])["zero_optimization"]
+    assert z["overlap_comm"] is False and z["contiguous_gradients"] is True
+    assert 4 <= params / z["reduce_bucket_size"] <= 16
+    assert ds([f"deepspeed.zero_stage={stage}", "deepspeed.bf16=true"],
+              device="cuda")["zero_optimization"]["overlap_comm"] is True
+    if stage < 3:
+        assert z["allgather_bucket_size"] >= params  # one gather of the updated partitions
+    else:
+        assert "allgather_bucket_size" not in z
+        assert z["stage3_prefetch_bucket_size"] == z["reduce_bucket_size"]
+        assert z["stage3_param_persistence_threshold"] == int(1e5)
