@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from ..logs import get_logger
 
-log = get_logger(__name__)
+log = get_logger(__package__)  # lines read "[time checkpoint] ..."
 
 TAG_PREFIX = "step_"
 TAG_RE = re.compile(r"^step_(\d{8,})$")

@@ -32,7 +32,7 @@ from .layout import (COMPLETE, FORMAT_VERSION, LATEST, STATE_KEY, UNIVERSAL, Che
                      step_of_tag, tag_for_step, verify_files)
 from .reshard import ensure_universal, reshard_note, reshard_rank_states
 
-log = get_logger(__name__)
+log = get_logger(__package__)  # lines read "[time checkpoint] ..."
 
 BeforeCommit = Callable[[int, Path], None]
 
