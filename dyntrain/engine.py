@@ -71,6 +71,8 @@ def resolve_bf16(cfg: Config, device: torch.device) -> bool:
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for MASTER_PORT; the tests use
+    this one helper for every server and launcher they start)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

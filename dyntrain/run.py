@@ -5,6 +5,12 @@ DeepSpeed engine -> loader (``loader_factory(cfg, rank, world_size, device)``) -
 checkpoint manager and resume -> MLflow run (the checkpoint's run id when resuming) -> ``train()``.
 The MLflow run ends FINISHED, KILLED (stopped early on request, to be resumed) or FAILED (any
 exception, re-raised).
+
+Extension points (all optional, all called on every rank): ``model_builder`` (the model),
+``checkpoint_factory`` (the checkpoint manager, e.g. one with a ``before_commit`` callback),
+``schedule_hook`` (may replace the variant schedule of a rank) and ``trainer_hook`` (callbacks,
+``Trainer.enable_trace`` ...). Fine-tuning uses the first and the last; tests use them to trace runs
+and to inject faults without any switch in this code path.
 """
 from __future__ import annotations
 
@@ -17,12 +23,14 @@ import torch
 
 from .config import Config
 from .engine import ZERO3_NOTE, build_engine, init_distributed, shutdown_distributed
+from .logs import setup_logging
 from .model_factory import build_model
-from .schedule import VariantSchedule, corrupt_for_test, new_verify_group, splitmix64
+from .schedule import VariantSchedule, new_verify_group, splitmix64
 from .tracking import make_tracker
 from .trainer import Trainer, TrainResult
 
 LoaderFactory = Callable[[Config, int, int, torch.device], Any]
+ScheduleHook = Callable[[VariantSchedule, int], VariantSchedule]
 
 
 def default_checkpoint_manager(cfg: Config, engine, rank: int, world_size: int):
@@ -37,7 +45,8 @@ def default_checkpoint_manager(cfg: Config, engine, rank: int, world_size: int):
 def run_training(cfg: Config, loader_factory: LoaderFactory, *, mode: str = "pretrain",
                  model_builder: Callable[[Config], torch.nn.Module] = build_model,
                  checkpoint_factory=default_checkpoint_manager,
-                 trainer_hook: Optional[Callable[[Trainer], None]] = None) -> TrainResult:
+                 trainer_hook: Optional[Callable[[Trainer], None]] = None,
+                 schedule_hook: Optional[ScheduleHook] = None) -> TrainResult:
     """Train ``cfg`` end to end on this rank; returns the trainer's result.
 
     Args:
@@ -47,10 +56,14 @@ def run_training(cfg: Config, loader_factory: LoaderFactory, *, mode: str = "pre
         model_builder: builds the (initialised) model; fine-tuning loads ``init.checkpoint`` here.
         checkpoint_factory: ``(cfg, engine, rank, world_size) -> manager | None``.
         trainer_hook: called with the trainer before training (e.g. to add callbacks).
+        schedule_hook: ``(schedule, rank) -> schedule`` used by this rank instead (default: the
+            config's ``VariantSchedule`` unchanged).
     """
     t_start = time.perf_counter()
+    setup_logging()  # the launcher's RANK until the process group exists
     info = init_distributed(cfg)
     rank, world = info.rank, info.world_size
+    setup_logging(rank)
     # the global torch/numpy streams are seeded from (seed, rank); the model init forks its own
     torch.manual_seed(splitmix64(cfg.run.seed * 1_000_003 + rank) & 0x7FFF_FFFF_FFFF_FFFF)
     if cfg.run.deterministic:
@@ -62,7 +75,9 @@ def run_training(cfg: Config, loader_factory: LoaderFactory, *, mode: str = "pre
     tracker = None
     status = "FAILED"
     try:
-        schedule = corrupt_for_test(VariantSchedule.from_config(cfg), rank)
+        schedule = VariantSchedule.from_config(cfg)
+        if schedule_hook is not None:
+            schedule = schedule_hook(schedule, rank)
         verify_group = (new_verify_group(cfg.schedule.verify_timeout_s)
                         if cfg.schedule.verify_every and world > 1 else None)
         manager = checkpoint_factory(cfg, engine, rank, world)

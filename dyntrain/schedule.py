@@ -16,15 +16,12 @@ all-gathers (step, variant index) over a dedicated gloo group with a short timeo
 ``VariantMismatchError`` naming the ranks when they disagree — or when a rank does not answer within
 the timeout — so a disagreement can never hang the job.
 
-Test hook: ``DYNTRAIN_TEST_CORRUPT_DRAW_RANK=<r>`` (and optionally
-``DYNTRAIN_TEST_CORRUPT_DRAW_FROM=<step>``, default 0) makes rank ``r`` draw the next variant in
-sorted order from that step on. It exists only so tests can prove that ``verify_draw`` catches a
-disagreement; ``corrupt_for_test`` applies it and does nothing when the variable is unset.
+``run_training(schedule_hook=...)`` may replace a rank's schedule by another object with the same
+interface (a subclass of ``VariantSchedule`` overriding ``variant_at``, for instance).
 """
 from __future__ import annotations
 
 import datetime
-import os
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -33,8 +30,6 @@ import torch.distributed as dist
 from .seeds import splitmix64  # noqa: F401 - re-exported: the variant draw's mixing function
 
 _MASK64 = (1 << 64) - 1
-TEST_CORRUPT_RANK_ENV = "DYNTRAIN_TEST_CORRUPT_DRAW_RANK"
-TEST_CORRUPT_FROM_ENV = "DYNTRAIN_TEST_CORRUPT_DRAW_FROM"
 
 
 class VariantMismatchError(RuntimeError):
@@ -125,28 +120,6 @@ class VariantSchedule:
         """Everything the draw depends on (saved with checkpoints to detect a changed schedule)."""
         return {"seed": self.seed, "mode": self.mode, "fixed_variant": self.fixed_variant,
                 "probs": dict(self.probs), "variants": {n: list(r) for n, r in self.variants.items()}}
-
-
-class _CorruptedSchedule(VariantSchedule):
-    """Test hook only: draws the next variant (sorted order) from ``start`` on."""
-
-    def __init__(self, base: VariantSchedule, start: int) -> None:
-        self.__dict__.update(base.__dict__)
-        self._corrupt_from = start
-
-    def variant_at(self, step: int) -> str:
-        name = super().variant_at(step)
-        if step < self._corrupt_from or len(self.names) < 2:
-            return name
-        return self.names[(self.names.index(name) + 1) % len(self.names)]
-
-
-def corrupt_for_test(schedule: VariantSchedule, rank: int) -> VariantSchedule:
-    """Apply the ``DYNTRAIN_TEST_CORRUPT_DRAW_RANK`` test hook (see module docstring)."""
-    target = os.environ.get(TEST_CORRUPT_RANK_ENV)
-    if target is None or target == "" or int(target) != rank:
-        return schedule
-    return _CorruptedSchedule(schedule, int(os.environ.get(TEST_CORRUPT_FROM_ENV, "0")))
 
 
 # ------------------------------------------------------------------------------ cross-rank check

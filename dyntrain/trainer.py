@@ -13,14 +13,14 @@ checkpoint is written only after an all-rank check that every weight is finite. 
 signal handler calls ``request_checkpoint``) travels in the same all-reduce, so all ranks stop after
 the same step, save, and ``train`` returns with ``stopped_early=True``.
 
-Test/debug hook: with ``DYNTRAIN_TRACE_DIR`` set, every rank writes ``trace_rank<r>.json`` there at
-the end of ``train`` (per-step variant, loss and sample keys, and a SHA-256 of the full fp32 weights).
+Trace (debugging, tests): after ``enable_trace(directory)`` every rank writes ``trace_rank<r>.json``
+there at the end of ``train`` (per-step variant, loss and sample keys, and a SHA-256 of the full
+fp32 weights); ``run_training(trainer_hook=...)`` is the place to switch it on.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -36,8 +36,6 @@ from .logs import get_logger
 from .schedule import VariantSchedule, verify_draw
 from .tracking import ConsoleTracker, GPUHourAccount, NullTracker, RunHeader, TrackerGroup
 from .tracking.window import StepWindow
-
-TRACE_DIR_ENV = "DYNTRAIN_TRACE_DIR"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -106,7 +104,8 @@ class Trainer:
         self.callbacks: list[Callable[["Trainer", int, dict], None]] = []
         self._stop_requested = False
         self._last_saved_step: Optional[int] = None
-        self._trace: Optional[list[dict]] = [] if os.environ.get(TRACE_DIR_ENV) else None
+        self._trace: Optional[list[dict]] = None    # per-step records once enable_trace() ran
+        self._trace_dir: Optional[Path] = None
         self._last_metrics: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------ hooks
@@ -123,6 +122,14 @@ class Trainer:
     def add_callback(self, fn: Callable[["Trainer", int, dict], None]) -> None:
         """``fn(trainer, step, metrics)`` runs on every rank after every optimizer step."""
         self.callbacks.append(fn)
+
+    def enable_trace(self, directory: str | Path) -> None:
+        """Record every step (variant, loss, sample keys) and write ``<directory>/trace_rank<r>.json``
+        with the final weights' SHA-256 when ``train`` ends (call on every rank: the digest is
+        collective under ZeRO-3)."""
+        self._trace_dir = Path(directory)
+        if self._trace is None:
+            self._trace = []
 
     # ------------------------------------------------------------------------------- step
     def train_step(self, step: int) -> dict[str, Any]:
@@ -314,15 +321,15 @@ class Trainer:
         return h.hexdigest()
 
     def _write_trace(self) -> None:
-        trace_dir = os.environ.get(TRACE_DIR_ENV)
-        if not trace_dir or self._trace is None:
+        trace_dir = self._trace_dir
+        if trace_dir is None or self._trace is None:
             return
         digest = self.weights_digest()
-        Path(trace_dir).mkdir(parents=True, exist_ok=True)
+        trace_dir.mkdir(parents=True, exist_ok=True)
         out = {"rank": self.rank, "world_size": self.world_size, "final_step": self.step,
                "stopped_early": self.stopped_early, "steps": self._trace, "weights_sha256": digest,
                "account": self.account.metrics()}
-        Path(trace_dir, f"trace_rank{self.rank}.json").write_text(json.dumps(out))
+        (trace_dir / f"trace_rank{self.rank}.json").write_text(json.dumps(out))
 
     def _log(self, window: StepWindow, last: dict[str, Any]) -> None:
         metrics = window.metrics(last["lr"])

@@ -18,6 +18,8 @@ from typing import Iterator, Optional
 
 import pytest
 
+from dyntrain.engine import free_port
+
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -40,15 +42,9 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_moto(extra_env: Optional[dict[str, str]] = None) -> tuple[subprocess.Popen, str]:
     """Start ``moto.server`` on a free port of 127.0.0.1; returns (process, endpoint URL)."""
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, **(extra_env or {}))
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 from dyntrain import checkpoint as ck  # noqa: E402
 from dyntrain import weights as wt  # noqa: E402
 from dyntrain.config import CheckpointConfig  # noqa: E402
+from dyntrain.engine import free_port  # noqa: E402
 
 PY = sys.executable
 
@@ -149,16 +149,10 @@ def worker(mode: str, out: str, stage: int) -> None:
 
 
 # ============================================================================ test side
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(mode: str, out: Path, world: int, stage: int = 2, extra_env: dict | None = None,
            timeout: float = 240) -> list[int]:
     """Start ``world`` worker processes like a launcher would; returns their exit codes."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for r in range(world):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),

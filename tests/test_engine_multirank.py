@@ -3,7 +3,7 @@
 This file is also the rank entry point the launcher starts (``__main__`` below): it runs
 ``dyntrain.run.run_training`` — the code path of ``launch/pretrain.py`` — with an in-memory loader
 that obeys the data contract, and a checkpoint manager that only records what it was asked to save.
-Every rank writes its trace (``DYNTRAIN_TRACE_DIR``) and the tests compare the ranks.
+Every rank writes its trace (``--trace``, see ``tests/rank_entry.py``) and the tests compare the ranks.
 """
 from __future__ import annotations
 
@@ -83,34 +83,41 @@ class RecordingCheckpoints:
 def _rank_main() -> int:
     import argparse
 
+    from rank_entry import corrupt_draw, trace_hook
+
     from dyntrain.config import load_config
     from dyntrain.run import run_training
 
     p = argparse.ArgumentParser()
     p.add_argument("--config", default=None)
     p.add_argument("--local_rank", type=int, default=None)
+    p.add_argument("--trace", default=None, help="trace folder (Trainer.enable_trace)")
+    p.add_argument("--corrupt-draw", default=None, help="RANK@STEP: that rank draws differently")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     cfg = load_config(a.config, a.overrides)
     factory = RecordingCheckpoints if cfg.checkpoint.dir else (lambda *args: None)
-    run_training(cfg, SyntheticLoader, checkpoint_factory=factory)
+    hooks = {}
+    if a.trace:
+        hooks["trainer_hook"] = trace_hook(a.trace)
+    if a.corrupt_draw:
+        rank, start = a.corrupt_draw.split("@")
+        hooks["schedule_hook"] = corrupt_draw(int(rank), int(start))
+    run_training(cfg, SyntheticLoader, checkpoint_factory=factory, **hooks)
     return 0
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _free_port() -> int:
-    from dyntrain.engine import free_port
-    return free_port()
-
-
 def launch(tmp_path: Path, overrides: list[str], env_extra: dict | None = None, ranks: int = 2,
-           timeout: float = 240) -> tuple[subprocess.CompletedProcess, float]:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               DYNTRAIN_TRACE_DIR=str(tmp_path / "trace"))
-    env.pop("DYNTRAIN_TEST_CORRUPT_DRAW_RANK", None)
+           timeout: float = 240, entry_args: list[str] | None = None
+           ) -> tuple[subprocess.CompletedProcess, float]:
+    from dyntrain.engine import free_port
+
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.update(env_extra or {})
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-           "--master_port", str(_free_port()), str(Path(__file__).resolve()),
+           "--master_port", str(free_port()), str(Path(__file__).resolve()),
+           "--trace", str(tmp_path / "trace"), *(entry_args or []),
            f"checkpoint.dir={tmp_path / 'ckpt'}", *TINY, *overrides]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
@@ -187,11 +194,11 @@ def test_zero3_with_switching_variants_matches_zero2(zero2_run, tmp_path):
 
 
 def test_verify_every_catches_an_injected_disagreement_quickly(tmp_path):
-    """Rank 1 draws differently from step 2 on (test hook); the check must fail, not hang."""
+    """Rank 1 draws differently from step 2 on (a schedule hook); the check must fail, not hang."""
     proc, elapsed = launch(
         tmp_path, ["run.max_steps=50", "schedule.verify_every=1", "schedule.verify_timeout_s=20",
                    "deepspeed.zero_stage=3"],
-        env_extra={"DYNTRAIN_TEST_CORRUPT_DRAW_RANK": "1", "DYNTRAIN_TEST_CORRUPT_DRAW_FROM": "2"},
+        entry_args=["--corrupt-draw", "1@2"],
         timeout=180)
     assert proc.returncode != 0, _tail(proc)
     out = proc.stdout + proc.stderr

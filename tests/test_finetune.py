@@ -17,14 +17,14 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+ENTRY = ROOT / "tests/rank_entry.py"  # runs a launch script with a trace (--trace DIR)
 PRETRAIN_CKPT = "runs/quickstart/checkpoints"
 FINETUNE_CKPT = "runs/quickstart-finetune/checkpoints"
 pytestmark = pytest.mark.slow
 
 
 def _env(work: Path) -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               DYNTRAIN_TRACE_DIR=str(work / "trace"))
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 
@@ -36,11 +36,6 @@ def _run(cmd, cwd: Path, timeout: float = 300, env=None) -> subprocess.Completed
     assert proc.returncode == 0, proc.stdout[-4000:] + "\n---stderr---\n" + proc.stderr[-4000:]
     print(f"{' '.join(str(c) for c in cmd[:3])}: {time.monotonic() - t0:.1f}s")
     return proc
-
-
-def _free_port() -> int:
-    from dyntrain.engine import free_port
-    return free_port()
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +63,11 @@ FT_ARGS = ["run.max_steps=4", "eval.every=2", "eval.max_images=1", "checkpoint.e
 @pytest.fixture(scope="module")
 def finetuned(work):
     """The README's fine-tuning command, shortened: 2 CPU ranks, ZeRO-3, 4 steps, evaluation every 2."""
+    from dyntrain.engine import free_port
+
     proc = _run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                 _free_port(), ROOT / "launch/finetune.py", "--config", ROOT / "configs/finetune_quickstart.yaml",
-                 *FT_ARGS], work)
+                 free_port(), ENTRY, "--trace", work / "trace", ROOT / "launch/finetune.py",
+                 "--config", ROOT / "configs/finetune_quickstart.yaml", *FT_ARGS], work)
     return proc
 
 
@@ -179,13 +176,13 @@ def test_single_task_fixed_variant_from_scratch_on_paired_shards(work, tmp_path)
 
     pack_paired_shards(work / "data/finetune_demo/train", str(tmp_path / "shards"), shard_samples=3,
                        printer=lambda s: None)
-    _run([sys.executable, ROOT / "launch/finetune.py", "--config", ROOT / "configs/finetune_quickstart.yaml",
-          "init.checkpoint=null", "model.dim=8", "model.prompt_dims=[8,8,16]", "model.prompt_sizes=[16,8,4]",
+    _run([sys.executable, ENTRY, "--trace", tmp_path / "trace", ROOT / "launch/finetune.py",
+          "--config", ROOT / "configs/finetune_quickstart.yaml", "init.checkpoint=null", "model.dim=8", "model.prompt_dims=[8,8,16]", "model.prompt_sizes=[16,8,4]",
           "model.num_refinement=1", "run.max_steps=3", "data.tasks={denoise: 0, derain: 2, dehaze: 0}",
           "schedule.mode=fixed", "schedule.fixed_variant=S", "eval.every=0", "deepspeed.zero_stage=0",
           "tracking.enabled=false", f"checkpoint.dir={tmp_path / 'ckpt'}", "data.source=paired_shards",
           f"data.train_urls=[{tmp_path / 'shards'}]", "data.shuffle_buffer=4"], tmp_path,
-         env=dict(_env(tmp_path), DYNTRAIN_TRACE_DIR=str(tmp_path / "trace")))
+         env=_env(tmp_path))
     (trace,) = [json.loads(p.read_text()) for p in (tmp_path / "trace").glob("trace_rank*.json")]
     assert {s["variant"] for s in trace["steps"]} == {"S"}
     assert all(k.startswith("derain/") for s in trace["steps"] for k in s["keys"])

@@ -2,8 +2,10 @@
 ranks over gloo, DALI reading real shards, MLflow in sqlite) after kill -9, after a kill during a
 checkpoint write, and on another world size (2 -> 1).
 
-Evidence comes from the trainer's trace (``DYNTRAIN_TRACE_DIR``: per-step variant, loss and sample
-keys per rank, SHA-256 of the final fp32 weights) and from the checkpoint folders.
+Every run goes through ``tests/rank_entry.py``, which runs ``launch/pretrain.py`` with the trainer's
+trace switched on (``--trace``: per-step variant, loss and sample keys per rank, SHA-256 of the final
+fp32 weights) and, for the faulted run, a checkpoint fault (``--ckpt-fault``). Evidence comes from
+those traces and from the checkpoint folders.
 
 Timeline (N = 4 steps, 2N = 8; each rank's share of the 16 samples is 8 = 4 steps of 2):
     straight     2 ranks, steps 0..7, checkpoints every 2                      -> reference trace
@@ -18,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,27 +31,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dyntrain import checkpoint as ck  # noqa: E402
+from dyntrain.engine import free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+ENTRY = str(ROOT / "tests" / "rank_entry.py")
 N = 4
 SAMPLES = 16
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(trace: Path, **extra) -> dict:
+def _env() -> dict:
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI",
-              ck.FAULT_ENV, "DYNTRAIN_TEST_CORRUPT_DRAW_RANK"):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI"):
         env.pop(k, None)
-    env["DYNTRAIN_TRACE_DIR"] = str(trace)
-    env.update(extra)
     return env
 
 
@@ -74,13 +68,14 @@ class Setup:
         o.update(kw)
         return [f"{k}={v}" for k, v in o.items()]
 
-    def start(self, name: str, ranks: int, ckpt_dir: Path, env_extra: dict | None = None, **kw):
+    def start(self, name: str, ranks: int, ckpt_dir: Path, entry_args: list[str] | None = None, **kw):
         trace = self.base / "trace" / name
         log = open(self.base / f"{name}.log", "w")
-        cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(_free_port()),
+        cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()),
+               ENTRY, "--trace", str(trace), *(entry_args or []),
                str(ROOT / "launch" / "pretrain.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
                *self.overrides(ckpt_dir, **kw)]
-        return subprocess.Popen(cmd, cwd=self.base, env=_env(trace, **(env_extra or {})), stdout=log,
+        return subprocess.Popen(cmd, cwd=self.base, env=_env(), stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
     def run(self, name: str, ranks: int, ckpt_dir: Path, timeout: float = 300, **kw) -> int:
@@ -135,7 +130,7 @@ def test_exact_resume_after_kill9_and_kill_during_write(setup):
     assert "resumed from" not in s.log("interrupted")
 
     # 2. restart; every rank is SIGKILLed while writing the checkpoint of step N+2
-    rc = s.run("faulted", 2, d, env_extra={ck.FAULT_ENV: f"before_complete@{N + 2}"})
+    rc = s.run("faulted", 2, d, entry_args=["--ckpt-fault", f"before_complete@{N + 2}"])
     assert rc != 0, s.log("faulted")
     assert "resumed from step_00000004 at step 4" in s.log("faulted")
     half = d / ck.tag_for_step(N + 2)

@@ -9,8 +9,8 @@ from collections import Counter
 import pytest
 
 from dyntrain.config import load_config
-from dyntrain.schedule import (VariantSchedule, corrupt_for_test, splitmix64, uniform_at,
-                               verify_draw)
+from dyntrain.schedule import VariantSchedule, splitmix64, uniform_at, verify_draw
+from rank_entry import corrupt_draw
 
 SL = {"S": (2, 3, 3, 4), "L": (4, 6, 6, 8)}
 
@@ -76,14 +76,13 @@ def test_uniform_is_in_unit_interval_and_roughly_flat():
     assert sum(us) / len(us) == pytest.approx(0.5, abs=0.01)
 
 
-def test_from_config_and_test_hook(monkeypatch):
+def test_from_config_and_test_hook():
     cfg = load_config(None, ["run.seed=4", "schedule.variant_probs={S: 0.7, L: 0.3}"])
     s = VariantSchedule.from_config(cfg)
     assert s.seed == 4 and s.probs == pytest.approx({"L": 0.3, "S": 0.7})
-    monkeypatch.delenv("DYNTRAIN_TEST_CORRUPT_DRAW_RANK", raising=False)
+    corrupt_for_test = corrupt_draw(None)          # the schedule hook of tests/rank_entry.py
     assert corrupt_for_test(s, 1) is s
-    monkeypatch.setenv("DYNTRAIN_TEST_CORRUPT_DRAW_RANK", "1")
-    monkeypatch.setenv("DYNTRAIN_TEST_CORRUPT_DRAW_FROM", "5")
+    corrupt_for_test = corrupt_draw(1, 5)
     assert corrupt_for_test(s, 0) is s
     bad = corrupt_for_test(s, 1)
     assert bad.sequence(0, 5) == s.sequence(0, 5)

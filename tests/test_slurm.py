@@ -26,17 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dyntrain import checkpoint as ck  # noqa: E402
+from dyntrain.engine import free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 DAEMONS = ("munged", "munge", "unmunge", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel",
            "squeue", "sinfo", "srun")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Slurm:
@@ -113,8 +108,8 @@ ClusterName=dyntrain-test
 SlurmctldHost={host}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 AuthType=auth/munge
 AuthInfo=socket={sock}
 CredType=cred/munge

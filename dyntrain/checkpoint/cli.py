@@ -1,0 +1,44 @@
+"""``python -m dyntrain.checkpoint progress --config C [overrides]``: where a run stands, for job scripts.
+
+Prints one machine-readable line on stdout (log lines go to stderr):
+``step=<newest complete step or none> max_steps=<M> finished=<0|1> dir=<checkpoint.dir>``.
+Export and universal conversion are ``launch/export.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from ..logs import setup_logging
+from .layout import newest_complete
+
+USAGE = ("usage: python -m dyntrain.checkpoint progress --config C [dotted.key=value ...]\n"
+         "(export and universal conversion: python launch/export.py --help)")
+
+
+def progress(argv: list[str]) -> int:
+    """The ``progress`` command (see the module docstring)."""
+    from ..config import add_config_arguments, config_from_args
+
+    parser = argparse.ArgumentParser(prog="python -m dyntrain.checkpoint progress")
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    if cfg is None:
+        return 2
+    info = newest_complete(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
+    step = info.step if info else None
+    finished = int(step is not None and step >= cfg.run.max_steps)
+    print(f"step={step if step is not None else 'none'} max_steps={cfg.run.max_steps} "
+          f"finished={finished} dir={cfg.checkpoint.dir}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    setup_logging(stream=sys.stderr)   # stdout is the progress line a job script parses
+    if not argv or argv[0] != "progress":
+        print(USAGE, file=sys.stderr)
+        return 2
+    return progress(argv[1:])

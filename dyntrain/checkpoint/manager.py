@@ -1,0 +1,255 @@
+"""``CheckpointManager``: atomic saves, retention, resume selection and loading for one run.
+
+Atomicity. All ranks gather their rank states (DeepSpeed stores the client state of one writer
+only), call ``engine.save_checkpoint(dir, tag, save_latest=False)``, fsync the files they wrote and
+meet at a barrier; only then does rank 0 write ``COMPLETE`` (temp file + fsync + ``os.replace``) and
+replace ``latest`` the same way. A tag without ``COMPLETE`` does not exist as far as resuming is
+concerned, so a run killed while writing leaves the previous checkpoint as the newest usable one.
+Resuming picks the complete tag with the highest step (not blindly ``latest``) and checks that
+every file the marker lists is present with its recorded size.
+
+Retention (rank 0, after each save): keep the newest ``checkpoint.keep`` complete tags plus every
+tag whose step is a multiple of ``checkpoint.milestone_every``; delete older complete tags and
+half-written tags older than the newest complete one. A tag loses its ``COMPLETE`` marker before
+any of its files is removed, so a crash while deleting never leaves a "complete" partial tag.
+
+A world-size change at ``load`` goes through ``reshard`` (universal format, data policy).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..logs import get_logger
+from .collective import all_gather, barrier, broadcast
+from .files import atomic_write_text, fsync_dir, fsync_file, remove_tag
+from .layout import (COMPLETE, FORMAT_VERSION, LATEST, STATE_KEY, UNIVERSAL, CheckpointError,
+                     CheckpointInfo, list_checkpoints, newest_complete, owner_rank, read_marker,
+                     step_of_tag, tag_for_step, verify_files)
+from .reshard import ensure_universal, reshard_note, reshard_rank_states
+
+log = get_logger(__package__)  # lines read "[time checkpoint] ..."
+
+BeforeCommit = Callable[[int, Path], None]
+
+
+class CheckpointManager:
+    """Saves and loads the checkpoints of one run (every rank makes one).
+
+    Args:
+        cfg: the run's ``CheckpointConfig`` (dir, every, keep, milestone_every, resume).
+        engine: the DeepSpeed engine.
+        rank, world_size: this process in the data-parallel world.
+        verbose: log one line per save/resume (rank 0's INFO).
+        before_commit: optional ``fn(step, tag_dir)``, called on every rank in ``save`` after
+            DeepSpeed wrote the tag's files and before they are made durable and marked
+            ``COMPLETE``: an extension point to inspect or mirror the files, or to find out what a
+            crash at the worst moment of a save leaves behind.
+    """
+
+    def __init__(self, cfg, engine, rank: int, world_size: int, verbose: bool = True,
+                 before_commit: Optional[BeforeCommit] = None) -> None:
+        if not cfg.dir:
+            raise CheckpointError("checkpoint.dir is not set: no place to write checkpoints")
+        self.cfg = cfg
+        self.dir = Path(cfg.dir)
+        self.engine = engine
+        self.rank = rank
+        self.world_size = world_size
+        self.verbose = verbose
+        self.before_commit = before_commit
+        self.loaded: Optional[CheckpointInfo] = None   # what load() restored
+        self.resharded = False                         # load() crossed a world-size change
+
+    def _say(self, msg: str) -> None:
+        if self.verbose:
+            log.info(msg)
+
+    # ------------------------------------------------------------------------------ save
+    def save(self, step: int, client_state: dict[str, Any], rank_state: dict[str, Any]) -> str:
+        """Write checkpoint ``step_%08d`` (all ranks call this); returns the tag.
+
+        ``client_state`` is the same on every rank (step, schedule, run id, config, ...);
+        ``rank_state`` is this rank's (reader position, RNG). Every rank's ``rank_state`` is gathered
+        into the saved client state. The tag becomes visible only when complete.
+        """
+        t0 = time.perf_counter()
+        tag = tag_for_step(step)
+        tag_dir = self.dir / tag
+        rank_states = all_gather(rank_state, self.world_size)
+        if self.rank == 0:
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CheckpointError(f"cannot create checkpoint.dir {self.dir}: {exc}") from None
+            if tag_dir.exists():  # a half-written leftover, or a tag of an abandoned timeline
+                self._say(f"replacing existing {tag_dir}")
+                remove_tag(tag_dir)
+        barrier()
+        stored = {STATE_KEY: {
+            "format": FORMAT_VERSION,
+            "step": int(step),
+            "world_size": self.world_size,
+            "client": client_state,
+            "rank_states": rank_states,
+        }}
+        try:
+            ok = self.engine.save_checkpoint(str(self.dir), tag=tag, client_state=stored,
+                                             save_latest=False)
+        except Exception as exc:
+            raise CheckpointError(f"DeepSpeed could not write checkpoint {tag_dir}: {exc}") from exc
+        if ok is False:
+            raise CheckpointError(f"DeepSpeed could not write checkpoint {tag_dir}")
+        if self.before_commit is not None:
+            self.before_commit(int(step), tag_dir)
+        for p in sorted(tag_dir.iterdir()):   # make what this rank wrote durable
+            if p.is_file() and owner_rank(p.name) == self.rank:
+                fsync_file(p)
+        barrier()
+        if self.rank == 0:
+            self._commit(step, tag_dir)
+        barrier()
+        self._say(f"saved {tag_dir} ({self.world_size} rank(s), {time.perf_counter() - t0:.1f} s)")
+        return tag
+
+    def _commit(self, step: int, tag_dir: Path) -> None:
+        """Rank 0, once every rank's files are durable: the marker, ``latest``, retention."""
+        files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()}
+        if not files:
+            raise CheckpointError(f"DeepSpeed wrote no files into {tag_dir}")
+        fsync_dir(tag_dir)
+        meta = {
+            "tag": tag_dir.name, "step": int(step), "world_size": self.world_size,
+            "zero_stage": int(self.engine.zero_optimization_stage()),
+            "bf16": bool(self.engine.bfloat16_enabled()),
+            "deepspeed": _ds_version(), "format": FORMAT_VERSION,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files,
+        }
+        atomic_write_text(tag_dir / COMPLETE, json.dumps(meta, indent=1))
+        atomic_write_text(self.dir / LATEST, tag_dir.name)
+        self.prune()
+
+    # ------------------------------------------------------------------------- retention
+    def prune(self) -> list[str]:
+        """Apply checkpoint.keep / milestone_every (rank 0); returns the deleted tags."""
+        infos = list_checkpoints(self.dir)
+        complete = [i for i in infos if i.complete]
+        if not complete:
+            return []
+        newest = complete[-1].step
+        keep = {i.tag for i in complete[-self.cfg.keep:]}
+        if self.cfg.milestone_every > 0:
+            keep |= {i.tag for i in complete if i.step % self.cfg.milestone_every == 0}
+        doomed = [i for i in complete if i.tag not in keep]
+        doomed += [i for i in infos if not i.complete and i.step < newest]
+        for i in doomed:
+            remove_tag(i.path)
+        for leftover in self.dir.glob(".trash-*"):   # deletions a crash interrupted
+            shutil.rmtree(leftover, ignore_errors=True)
+        return [i.tag for i in doomed]
+
+    # ---------------------------------------------------------------------------- resume
+    def find_resume(self) -> Optional[str]:
+        """The tag to resume from per ``checkpoint.resume``: "auto" = the newest complete tag in
+        ``checkpoint.dir`` (None when there is none), "never" = None, else that tag (which must
+        exist and be complete). Rank 0 decides; every rank gets the same answer."""
+        choice: Any = None
+        if self.rank == 0:
+            try:
+                choice = self._choose()
+            except CheckpointError as exc:
+                choice = exc
+        choice = broadcast(choice, self.rank)
+        if isinstance(choice, Exception):
+            raise choice
+        return choice
+
+    def _choose(self) -> Optional[str]:
+        mode = (self.cfg.resume or "auto").strip()
+        if mode == "never":
+            return None
+        if mode in ("auto", "latest"):
+            info = newest_complete(self.dir)
+            return info.tag if info else None
+        tag = tag_for_step(int(mode)) if mode.isdigit() else mode
+        tag_dir = self.dir / tag
+        available = [i.tag for i in list_checkpoints(self.dir) if i.complete]
+        if not tag_dir.is_dir():
+            raise CheckpointError(f"checkpoint.resume={mode}: {tag_dir} does not exist "
+                                  f"(complete checkpoints: {available or 'none'})")
+        info = CheckpointInfo(tag, step_of_tag(tag), tag_dir, False, read_marker(tag_dir) or {})
+        if not info.meta:
+            raise CheckpointError(f"checkpoint.resume={mode}: {tag_dir} is incomplete (no {COMPLETE} "
+                                  f"marker; complete checkpoints: {available or 'none'})")
+        problem = verify_files(CheckpointInfo(tag, info.step, tag_dir, True, info.meta))
+        if problem:
+            raise CheckpointError(f"checkpoint.resume={mode}: {problem}")
+        return tag
+
+    def load(self, tag: str) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+        """Restore weights, optimizer and LR schedule from ``tag`` (all ranks); returns
+        ``(client_state, this_rank_state)``. Across a world-size change the optimizer comes from the
+        universal form and ``this_rank_state`` from ``reshard_rank_states``."""
+        t0 = time.perf_counter()
+        tag_dir = self.dir / tag
+        meta = read_marker(tag_dir)
+        if meta is None:
+            raise CheckpointError(f"cannot resume from {tag_dir}: no {COMPLETE} marker (incomplete or "
+                                  f"not a dyntrain checkpoint)")
+        saved_world = int(meta["world_size"])
+        partitioned = bool(glob.glob(str(tag_dir / "*_optim_states.pt")))
+        self.resharded = saved_world != self.world_size
+        load_tag = tag
+        if self.resharded and partitioned:
+            if self.rank == 0:
+                self._say(f"{tag} was written by {saved_world} rank(s), this run has {self.world_size}: "
+                          f"loading it through DeepSpeed's universal checkpoint format")
+                ensure_universal(tag_dir)
+            barrier()
+            load_tag = f"{tag}/{UNIVERSAL}"
+        ours = self._engine_load(load_tag, universal=load_tag != tag)
+        if int(ours["step"]) != step_of_tag(tag):
+            raise CheckpointError(f"{tag_dir}: the client state says step {ours['step']}")
+        rank_states = ours["rank_states"]
+        if self.resharded:
+            rank_state = reshard_rank_states(rank_states, self.rank, self.world_size)
+            self._say(reshard_note(rank_states, self.world_size))
+        else:
+            rank_state = rank_states[self.rank]
+        self.loaded = CheckpointInfo(tag, step_of_tag(tag), tag_dir, True, meta)
+        self._say(f"resumed from {tag_dir} (step {ours['step']}, written by {saved_world} rank(s)"
+                  f"{', resharded to %d' % self.world_size if self.resharded else ''}; "
+                  f"{time.perf_counter() - t0:.1f} s)")
+        return ours["client"], rank_state
+
+    def _engine_load(self, load_tag: str, universal: bool) -> dict[str, Any]:
+        """``engine.load_checkpoint`` of ``load_tag`` (weights, optimizer, LR schedule); returns our
+        part of the client state."""
+        engine = self.engine
+        # DeepSpeed 0.19 reads checkpoint.load_universal only inside load_checkpoint, so the flag
+        # is switched for this one load instead of being fixed in the engine's JSON
+        universal_before = engine._config.load_universal_checkpoint
+        engine._config.load_universal_checkpoint = universal
+        try:
+            path, stored = engine.load_checkpoint(str(self.dir), tag=load_tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+        except Exception as exc:
+            raise CheckpointError(f"DeepSpeed could not load checkpoint {self.dir / load_tag}: "
+                                  f"{exc}") from exc
+        finally:
+            engine._config.load_universal_checkpoint = universal_before
+        if path is None or not stored or STATE_KEY not in stored:
+            raise CheckpointError(f"{self.dir / load_tag} holds no dyntrain client state")
+        return stored[STATE_KEY]
+
+
+def _ds_version() -> str:
+    try:
+        import deepspeed
+        return deepspeed.__version__
+    except Exception:  # pragma: no cover - deepspeed is part of the fixed stack
+        return "unknown"

@@ -1,0 +1,160 @@
+"""Rank entry point for subprocess tests that need a trace or a fault: runs a real launch script
+(``launch/pretrain.py``, ``launch/finetune.py``) with test hooks added to its ``run_training`` call.
+
+    deepspeed --num_gpus 2 tests/rank_entry.py [--trace DIR] [--ckpt-fault before_complete@STEP]
+        [--corrupt-draw RANK@STEP] launch/pretrain.py --config C [dotted.key=value ...]
+    python tests/rank_entry.py --trace DIR launch/finetune.py --config C [...]   # one process
+
+The launch script's own ``main`` parses its arguments and builds the run exactly as for a user; the
+only difference is that ``dyntrain.run.run_training`` receives the extension-point arguments below
+in addition to the script's own (nothing under dyntrain/ or launch/ knows about tests):
+
+    --trace DIR          ``trainer_hook``: ``Trainer.enable_trace(DIR)`` on every rank (variant, loss,
+                         sample keys per step; SHA-256 of the final fp32 weights)
+    --ckpt-fault before_complete@STEP
+                         ``checkpoint_factory``: the manager's ``before_commit`` SIGKILLs every rank
+                         in the save of STEP, after DeepSpeed wrote its files and before COMPLETE
+    --corrupt-draw RANK@STEP
+                         ``schedule_hook``: rank RANK draws the next variant (sorted order) from
+                         STEP on, so that the cross-rank check (``schedule.verify_every``) must fail
+
+The hook builders are importable for entry points that call ``run_training`` themselves
+(``tests/test_engine_multirank.py``).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from dyntrain.schedule import VariantSchedule  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------- hooks
+def trace_hook(directory: str | Path) -> Callable:
+    """``trainer_hook`` that makes every rank write ``<directory>/trace_rank<r>.json``."""
+
+    def hook(trainer) -> None:
+        trainer.enable_trace(directory)
+
+    return hook
+
+
+class CorruptedSchedule(VariantSchedule):
+    """The schedule of ``base`` except that from step ``start`` on it draws the next variant in
+    sorted order (same ``describe()``, so a checkpoint sees no change)."""
+
+    def __init__(self, base: VariantSchedule, start: int) -> None:
+        self.__dict__.update(base.__dict__)
+        self._corrupt_from = start
+
+    def variant_at(self, step: int) -> str:
+        name = super().variant_at(step)
+        if step < self._corrupt_from or len(self.names) < 2:
+            return name
+        return self.names[(self.names.index(name) + 1) % len(self.names)]
+
+
+def corrupt_draw(target_rank: Optional[int], start: int = 0) -> Callable:
+    """``schedule_hook``: rank ``target_rank`` (None: no rank) gets a ``CorruptedSchedule``."""
+
+    def hook(schedule: VariantSchedule, rank: int) -> VariantSchedule:
+        if target_rank is None or rank != target_rank:
+            return schedule
+        return CorruptedSchedule(schedule, start)
+
+    return hook
+
+
+def kill_before_complete(step: int) -> Callable[[int, Path], None]:
+    """``before_commit`` callback: SIGKILL this rank in the save of ``step``."""
+
+    def before_commit(saved_step: int, tag_dir: Path) -> None:
+        if saved_step == step:
+            print(f"[rank_entry] killing rank {os.environ.get('RANK', '0')} (pid {os.getpid()}) "
+                  f"before {tag_dir} is complete", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return before_commit
+
+
+def with_before_commit(factory: Callable, before_commit: Callable[[int, Path], None]) -> Callable:
+    """A ``checkpoint_factory`` whose managers (from ``factory``) call ``before_commit``."""
+
+    def make(cfg, engine, rank, world_size):
+        manager = factory(cfg, engine, rank, world_size)
+        if manager is not None:
+            manager.before_commit = before_commit
+        return manager
+
+    return make
+
+
+def _chain(first: Optional[Callable], second: Callable) -> Callable:
+    if first is None:
+        return second
+
+    def both(trainer) -> None:
+        first(trainer)
+        second(trainer)
+
+    return both
+
+
+def _at(spec: str, what: str) -> tuple[str, int]:
+    head, sep, tail = spec.partition("@")
+    if not sep or not tail.isdigit():
+        raise SystemExit(f"rank_entry: {what} wants X@STEP, got {spec!r}")
+    return head, int(tail)
+
+
+# ------------------------------------------------------------------------------------- entry
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--trace", default=None)
+    parser.add_argument("--ckpt-fault", default=None)
+    parser.add_argument("--corrupt-draw", default=None)
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
+    parser.add_argument("script", help="launch script whose main() runs the job")
+    parser.add_argument("args", nargs=argparse.REMAINDER)
+    a = parser.parse_args(argv)
+
+    import dyntrain.run as run_module
+
+    extra: dict = {}
+    trainer_hook = trace_hook(a.trace) if a.trace else None
+    if a.corrupt_draw:
+        rank, start = _at(a.corrupt_draw, "--corrupt-draw")
+        extra["schedule_hook"] = corrupt_draw(int(rank), start)
+    fault_step = None
+    if a.ckpt_fault:
+        point, fault_step = _at(a.ckpt_fault, "--ckpt-fault")
+        if point != "before_complete":
+            raise SystemExit(f"rank_entry: unknown checkpoint fault point {point!r}")
+    original = run_module.run_training
+
+    def run_training(cfg, loader_factory, **kwargs):
+        if trainer_hook is not None:
+            kwargs["trainer_hook"] = _chain(kwargs.get("trainer_hook"), trainer_hook)
+        if fault_step is not None:
+            factory = kwargs.get("checkpoint_factory", run_module.default_checkpoint_manager)
+            kwargs["checkpoint_factory"] = with_before_commit(factory, kill_before_complete(fault_step))
+        return original(cfg, loader_factory, **{**kwargs, **extra})
+
+    run_module.run_training = run_training  # what the launch script imports when it runs
+    spec = importlib.util.spec_from_file_location("launch_script", a.script)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script.main(a.args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
