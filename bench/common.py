@@ -139,7 +139,8 @@ def engine_setup(args) -> tuple[torch.device, bool, dict[str, int]]:
 
 
 # ------------------------------------------------------------------------------------- memory
-def _proc_status_bytes(field: str) -> Optional[int]:
+def proc_status_bytes(field: str) -> Optional[int]:
+    """A size from /proc/self/status (e.g. ``VmRSS``, ``VmHWM``) in bytes; None where there is none."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
@@ -150,7 +151,7 @@ def _proc_status_bytes(field: str) -> Optional[int]:
     return None
 
 
-_BASE_RSS = _proc_status_bytes("VmRSS") or 0  # after importing torch, before any model exists
+_BASE_RSS = proc_status_bytes("VmRSS") or 0  # after importing torch, before any model exists
 
 
 class PeakMemory:
@@ -176,7 +177,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             sync(self.device)
             return int(torch.cuda.max_memory_allocated(self.device))
-        peak = _proc_status_bytes("VmHWM")
+        peak = proc_status_bytes("VmHWM")
         if peak is None:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return max(0, peak - _BASE_RSS)

@@ -9,21 +9,16 @@ single-task mode), schedule.mode=fixed + schedule.fixed_variant (fixed-variant m
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from dyntrain.config import add_config_arguments, config_from_args  # noqa: E402
+from dyntrain.config import training_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add_config_arguments(parser, "YAML config (e.g. configs/finetune_allinone.yaml)")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
-    args = parser.parse_args(argv)
-    cfg = config_from_args(args)
+    cfg = training_config(argv, __doc__, "YAML config (e.g. configs/finetune_allinone.yaml)")
     if cfg is None:
         return 2
     if cfg.data.source not in ("paired", "paired_shards"):

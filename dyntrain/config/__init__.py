@@ -9,7 +9,7 @@ Modules: ``typed`` (type-checked building, ``ConfigError``), ``model`` (the ``mo
 ``dynet.DyNetConfig``'s fields + runtime switches, and ``dynet_config_from_dict``), ``sections``
 (the other sections), ``tree`` (``Config``), ``loading`` (YAML, overrides, command lines).
 """
-from .loading import add_config_arguments, apply_override, config_from_args, load_config
+from .loading import add_config_arguments, apply_override, config_from_args, load_config, training_config
 from .model import (ARCHITECTURE_FIELDS, PARAMETER_FIELDS, RUNTIME_FIELDS, ModelConfig, ModelRuntime,
                     dynet_config_from_dict)
 from .sections import (CheckpointConfig, DataConfig, DeepSpeedConfig, EvalConfig, InitConfig, OptimConfig,
@@ -21,5 +21,5 @@ __all__ = [
     "ARCHITECTURE_FIELDS", "PARAMETER_FIELDS", "RUNTIME_FIELDS", "CheckpointConfig", "Config", "ConfigError",
     "DataConfig", "DeepSpeedConfig", "EvalConfig", "InitConfig", "ModelConfig", "ModelRuntime",
     "OptimConfig", "RunConfig", "ScheduleConfig", "TrackingConfig", "add_config_arguments",
-    "apply_override", "config_from_args", "dynet_config_from_dict", "load_config",
+    "apply_override", "config_from_args", "dynet_config_from_dict", "load_config", "training_config",
 ]

@@ -2,6 +2,7 @@
 of every entry point's command line."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any, Optional
 
@@ -70,3 +71,14 @@ def config_from_args(args: Any) -> Optional[Config]:
     except ConfigError as exc:
         log.error(f"config error: {exc}")
         return None
+
+
+def training_config(argv: Optional[list[str]], description: Optional[str],
+                    config_help: str = "YAML config") -> Optional[Config]:
+    """The command line of a training entry point (pre-training, fine-tuning): ``--config``, dotted
+    overrides and the ``--local_rank`` the deepspeed launcher appends. Returns the config, or None
+    after logging the one config error (the caller exits with status 2)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawTextHelpFormatter)
+    add_config_arguments(parser, config_help)
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
+    return config_from_args(parser.parse_args(argv))
