@@ -25,7 +25,7 @@ from .evaluate_data import (BSD68_SIGMAS, SET_KINDS, TASK_LABELS, EvalDataError,
                             load_test_sets)
 from .logs import get_logger
 from .metrics import psnr, ssim
-from .tracking.progress import progress_bar
+from .progress import progress_bar
 
 log = get_logger(__name__)
 

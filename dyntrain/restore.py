@@ -199,7 +199,7 @@ def restore_paths(model: torch.nn.Module, src: str | Path, dst: str | Path, opti
                   device: torch.device, printer: Optional[Callable[[str], None]] = None) -> list[dict[str, Any]]:
     """Restore every image of ``src`` into ``dst``; one line per image to ``printer`` (default: an
     INFO log line) under a progress bar (rank 0, on a terminal); returns the records."""
-    from .tracking.progress import progress_bar
+    from .progress import progress_bar
 
     say = printer if printer is not None else log.info
     restorer = Restorer(model, options, device)

@@ -22,7 +22,7 @@ from . import s3
 from .dali_torch import dali_to_torch
 from .output import ShardOutput
 from .paired_base import TASKS, PairedDataError, PairedLoaderBase, PairEntry, scan_tasks
-from .progress import progress_bar
+from ..progress import progress_bar
 from .s3 import DataSourceError
 from .shard_samples import share_size
 from .urls import index_url
@@ -87,28 +87,27 @@ def pack_paired_shards(root: str | Path, out: str, tasks: Sequence[str] = TASKS,
     per_task = scan_tasks(root, {t: 1 for t in tasks}, sigmas=[0])
     output = ShardOutput(out)
     manifest: dict[str, Any] = {"format": PAIRED_FORMAT, "root": str(root), "tasks": {}}
-    bar = progress_bar(sum(len(e) for e in per_task.values()), "pack", "pair", progress)
-    try:
-        for task, entries in per_task.items():
-            shards: list[dict[str, Any]] = []
-            for start in range(0, len(entries), shard_samples):
-                samples = []
-                for n, entry in enumerate(entries[start:start + shard_samples], start):
-                    samples.append(_pair_sample(f"{task}_{n:07d}", entry, root))
-                    bar.update(1)
-                name = f"{task}-{start // shard_samples:06d}"
-                staged = output.staging(f"{name}.tar")
-                write_tar(staged, samples)
-                index = make_index(staged)
-                size = staged.stat().st_size
-                output.publish(staged, f"{name}.tar")
-                output.write_text(f"{name}.idx", index)
-                shards.append({"name": f"{name}.tar", "samples": len(samples), "bytes": size})
-            manifest["tasks"][task] = {"samples": len(entries), "shards": shards}
-        output.write_text(PAIRED_MANIFEST, json.dumps(manifest, indent=1))
-    finally:
-        bar.close()
-        output.close()
+    with progress_bar(sum(len(e) for e in per_task.values()), "pack", "pair", progress) as bar:
+        try:
+            for task, entries in per_task.items():
+                shards: list[dict[str, Any]] = []
+                for start in range(0, len(entries), shard_samples):
+                    samples = []
+                    for n, entry in enumerate(entries[start:start + shard_samples], start):
+                        samples.append(_pair_sample(f"{task}_{n:07d}", entry, root))
+                        bar.update(1)
+                    name = f"{task}-{start // shard_samples:06d}"
+                    staged = output.staging(f"{name}.tar")
+                    write_tar(staged, samples)
+                    index = make_index(staged)
+                    size = staged.stat().st_size
+                    output.publish(staged, f"{name}.tar")
+                    output.write_text(f"{name}.idx", index)
+                    shards.append({"name": f"{name}.tar", "samples": len(samples), "bytes": size})
+                manifest["tasks"][task] = {"samples": len(entries), "shards": shards}
+            output.write_text(PAIRED_MANIFEST, json.dumps(manifest, indent=1))
+        finally:
+            output.close()
     counts = ", ".join(f"{t} {v['samples']} pairs in {len(v['shards'])} shards"
                        for t, v in manifest["tasks"].items())
     (printer or log.info)(f"pack: wrote {counts} to {output.url}")

@@ -41,7 +41,7 @@ from ..images import list_images
 from ..logs import get_logger
 from .output import ShardOutput
 from .patches import ShardBuildConfig, init_worker, process_image
-from .progress import progress_bar
+from ..progress import progress_bar
 from .s3 import DataSourceError
 from .wds import INDEX_VERSION, make_index, write_tar
 
@@ -151,29 +151,28 @@ class _Builder:
         workers = self.cfg.workers or os.cpu_count() or 1
         workers = max(1, min(workers, len(self.sources))) if self.sources else 1
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        bar = progress_bar(len(self.sources), "[make_shards] images", "img", self.progress)
-        pool = None
-        try:
-            if workers > 1:
-                pool = ctx.Pool(workers, initializer=init_worker, initargs=(self.cfg,))
-            for res in self._results(pool):
-                self._take(res)
-                for f in [u for u in self.uploads if u.done()]:
-                    f.result()  # surface an upload error now
-                bar.update(1)
-                bar.set_postfix(kept=self.counts["patches_kept"], dropped=self._dropped(),
-                                shards=len(self.shards), refresh=False)
-            self._flush()
-            if pool is not None:
-                pool.close()
-                pool.join()
-            for f in self.uploads:
-                f.result()
-        finally:
-            bar.close()
-            self.pool_io.shutdown(wait=True)
-            if pool is not None:
-                pool.terminate()
+        with progress_bar(len(self.sources), "[make_shards] images", "img", self.progress) as bar:
+            pool = None
+            try:
+                if workers > 1:
+                    pool = ctx.Pool(workers, initializer=init_worker, initargs=(self.cfg,))
+                for res in self._results(pool):
+                    self._take(res)
+                    for f in [u for u in self.uploads if u.done()]:
+                        f.result()  # surface an upload error now
+                    bar.update(1)
+                    bar.set_postfix(kept=self.counts["patches_kept"], dropped=self._dropped(),
+                                    shards=len(self.shards), refresh=False)
+                self._flush()
+                if pool is not None:
+                    pool.close()
+                    pool.join()
+                for f in self.uploads:
+                    f.result()
+            finally:
+                self.pool_io.shutdown(wait=True)
+                if pool is not None:
+                    pool.terminate()
         seconds = time.perf_counter() - t0
         if self.progress:
             n = len(self.sources)

@@ -4,7 +4,6 @@
 - ``mlflow_tracker``: ``MLflowTracker``, ``make_tracker``, ``experiment_id_for``, redaction;
 - ``console``: ``ConsoleTracker`` (header, progress and summary lines, rank 0);
 - ``account``: ``GPUHourAccount`` (the formulas are in its module docstring);
-- ``progress``: tqdm bars for evaluation and folder restores.
 """
 from .account import GPUHourAccount
 from .base import NullTracker, RunHeader, Tracker, TrackerGroup

@@ -1,4 +1,4 @@
-"""Progress bars for long loops outside training (evaluation, folder restores).
+"""Progress bars for long loops outside training (shard building, packing, evaluation, folder restores).
 
 A ``tqdm`` bar on rank 0 when stderr is a terminal, nothing otherwise (logs, CI, tests). While a bar
 is shown, the ``dyntrain`` log records are written through it so that they do not tear the bar.
@@ -13,7 +13,7 @@ from typing import Iterator
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..logs import ROOT, env_rank
+from .logs import ROOT, env_rank
 
 
 def bar_wanted() -> bool:
@@ -22,9 +22,10 @@ def bar_wanted() -> bool:
 
 
 @contextlib.contextmanager
-def progress_bar(total: int, desc: str, unit: str = "image") -> Iterator[tqdm]:
-    """``with progress_bar(n, "evaluating") as bar: ... bar.update()`` (a disabled bar when unwanted)."""
-    shown = bar_wanted()
+def progress_bar(total: int, desc: str, unit: str = "image", enabled: bool = True) -> Iterator[tqdm]:
+    """``with progress_bar(n, "evaluating") as bar: ... bar.update()`` (a disabled bar when unwanted
+    or ``enabled`` is false); the callers log their one summary line at the end either way."""
+    shown = enabled and bar_wanted()
     bar = tqdm(total=total, desc=desc, unit=unit, disable=not shown, leave=False, file=sys.stderr)
     redirect = logging_redirect_tqdm([logging.getLogger(ROOT)]) if shown else contextlib.nullcontext()
     try:
