@@ -218,7 +218,7 @@ def run_train_router(checkpoint: str, cfg: Any, out: Optional[str] = None, epoch
     summary = label_summary(labels)
     for task in sorted(set(labels.tasks)):
         log.info("labels %s: %s", task, ", ".join(
-            f"{n} -{summary[f'labels/{task}/{n}/db_lost']:.3f} dB" for n in labels.names))
+            f"{n} {-summary[f'labels/{task}/{n}/db_lost']:+.3f} dB" for n in labels.names))
     history: list[tuple[int, dict[str, float]]] = []
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
@@ -248,16 +248,9 @@ def log_router_run(cfg: Any, params: dict[str, Any], history: list[tuple[int, di
     import time
 
     from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
 
-    from .tracking import default_artifact_location
-
-    client = MlflowClient(cfg.tracking.uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(
-        cfg.tracking.experiment, artifact_location=default_artifact_location(cfg.tracking.uri))
-    run_id = client.create_run(exp_id, run_name="router", tags={"dyntrain.stage": "router",
-                                                                 "dyntrain.router": router_file}).info.run_id
+    client, run_id = new_mlflow_run(cfg.tracking.uri, cfg.tracking.experiment, "router",
+                                    {"dyntrain.stage": "router", "dyntrain.router": router_file})
     now = int(time.time() * 1000)
     metrics = [Metric(k, float(v), now, epoch) for epoch, m in history for k, v in m.items()]
     metrics += [Metric(k, v, now, 0) for k, v in summary.items()]
@@ -267,3 +260,16 @@ def log_router_run(cfg: Any, params: dict[str, Any], history: list[tuple[int, di
     client.set_terminated(run_id, "FINISHED")
     log.info("logged the router run %s to %s", run_id, cfg.tracking.uri)
     return run_id
+
+
+def new_mlflow_run(uri: str, experiment: str, name: str, tags: dict[str, str]) -> tuple[Any, str]:
+    """(client, run id) of a new run ``name`` in ``experiment`` (created when missing)."""
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import default_artifact_location
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(
+        experiment, artifact_location=default_artifact_location(uri))
+    return client, client.create_run(exp_id, run_name=name, tags=tags).info.run_id
