@@ -114,7 +114,7 @@ def restore_paths_routed(model: torch.nn.Module, routing: Any, src: Any, dst: An
         write_image(restored, out)
         records.append({"input": str(inp), "output": str(out), "variant": chosen, "predicted": predicted,
                         "height": img.shape[0], "width": img.shape[1], "tile": tile, "seconds": seconds})
-        guess = ", ".join(f"{n} {-predicted[n]:+.2f} dB" for n in routing.names)
+        guess = ", ".join(f"{n} {0.0 - predicted[n]:+.2f} dB" for n in routing.names)
         printer(f"{inp} -> {out}  {img.shape[1]}x{img.shape[0]}  DyNet-{chosen} (auto: {guess})  "
                 f"{'tiles ' + str(tile) if tile else 'whole image'}  {seconds:.2f}s")
     return records

@@ -218,7 +218,7 @@ def run_train_router(checkpoint: str, cfg: Any, out: Optional[str] = None, epoch
     summary = label_summary(labels)
     for task in sorted(set(labels.tasks)):
         log.info("labels %s: %s", task, ", ".join(
-            f"{n} {-summary[f'labels/{task}/{n}/db_lost']:+.3f} dB" for n in labels.names))
+            f"{n} {0.0 - summary[f'labels/{task}/{n}/db_lost']:+.3f} dB" for n in labels.names))
     history: list[tuple[int, dict[str, float]]] = []
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
