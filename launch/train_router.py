@@ -23,6 +23,7 @@ from dyntrain.logs import setup_logging  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_config_arguments(parser, "YAML with data.root/tasks/sigmas and tracking (the fine-tuning config)")
     parser.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder or exported weights")
     parser.add_argument("--out", default=None, help="router file (default: beside the weights)")
     parser.add_argument("--epochs", type=int, default=60)
@@ -33,7 +34,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="the policy's tolerance, for the reported agreement with the oracle")
     parser.add_argument("--cache", default=None, help="label cache folder")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    add_config_arguments(parser, "YAML with data.root/tasks/sigmas and tracking (the fine-tuning config)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     if cfg is None:
