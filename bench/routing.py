@@ -101,7 +101,8 @@ def log_mlflow(cfg: Any, result: dict[str, Any], png: Path, text: str) -> str:
                                ("oracle_gflops", o["gflops"])):
                 metrics.append(Metric(f"routing/{task}/{key}", value, 0, i))
     metrics.append(Metric("gflops_saved_vs_largest_at_0.05db", result["gflops_saved_vs_largest_at_0.05db"], 0, 0))
-    client.log_batch(run_id, metrics=metrics[:1000])
+    for i in range(0, len(metrics), 500):
+        client.log_batch(run_id, metrics=metrics[i:i + 500])
     client.log_artifact(run_id, str(png))
     client.log_text(run_id, text + "\n", "routing.txt")
     client.set_terminated(run_id, "FINISHED")

@@ -21,7 +21,6 @@ from .logs import get_logger
 log = get_logger(__name__)
 
 ROUTER_FORMAT = "dyntrain-router-1"
-AUTO = "auto"
 # what identifies "the same model" for a router: the architecture, not how it is run
 _NOT_ARCH = ("variants", "default_variant", "checkpoint_blocks")
 HOW_TO_TRAIN = ("train one with: python launch/train_router.py --checkpoint CKPT --config "

@@ -58,6 +58,7 @@ def test_train_router_then_restore_evaluate_and_bench_with_auto(work):
 
     from dynet import count_flops, count_router_flops
     from dyntrain.config import load_config
+    from dyntrain.evaluate import run_evaluation
     from dyntrain.restore import load_model
     from dyntrain.routing import load_router
     from dyntrain.routing_eval import run_routed_evaluation
@@ -74,10 +75,16 @@ def test_train_router_then_restore_evaluate_and_bench_with_auto(work):
     assert len(lines) == 1 and any(f"DyNet-{v} (auto: " in lines[0] for v in ("XS", "S", "L")), proc.stdout
     assert len(list((work / "out/auto").iterdir())) == 1
 
+    proc = _run([sys.executable, ROOT / "launch/restore.py", "--checkpoint", "runs/ft/dynet.safetensors",
+                 "--variant", "XS", "data/demo/test/rain100l/input", "out/xs"], work)
+    assert "DyNet-XS" in proc.stdout and len(list((work / "out/xs").iterdir())) == 1  # a fixed third variant
+
     cwd = os.getcwd()
     os.chdir(work)
     try:
         cfg = load_config(str(ROOT / "configs/finetune_quickstart.yaml"), DATA + ["tracking.experiment=routing"])
+        fixed = run_evaluation("runs/ft/dynet.safetensors", cfg, "all", "cpu")
+        assert list(fixed["results"]) == ["XS", "S", "L"]
         out = run_routed_evaluation("runs/ft/dynet.safetensors", cfg, "cpu")
         model = load_model("runs/ft/dynet.safetensors")
         router = load_router("runs/ft/dynet.router.pt", model)
