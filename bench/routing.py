@@ -31,11 +31,12 @@ TOLERANCES = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 def run(checkpoint: str, cfg: Any, router: str | None, tolerances: list[float], device: str) -> dict[str, Any]:
     from dyntrain.evaluate import load_test_sets
-    from dyntrain.restore import load_model, pick_device
+    from dyntrain.devices import choose_device
+    from dyntrain.restore import load_model
     from dyntrain.routing import load_routing
     from dyntrain.routing_eval import score_every_variant, sweep
 
-    dev = pick_device(device)
+    dev = choose_device(device)
     model = load_model(checkpoint, dev, cfg)
     routing = load_routing(checkpoint, model, router)
     pairs = load_test_sets(dict(cfg.eval.sets), cfg.eval.noise_seed, cfg.eval.max_images)

@@ -4,7 +4,7 @@
                             [--dim 48] [--json PATH]
 
 A variant is a name from the config's variants table, an explicit reuse tuple "f1,f2,f3,f4", or a
-named one "NAME=f1,f2,f3,f4" (e.g. a family XS=1,1,1,1 S M=3,4,4,6 L). The last line gives the cost
+named one "NAME=f1,f2,f3,f4" (e.g. a family XS=1,1,1,1 S M=3,4,4,6 L). One line gives the cost
 of the per-image variant router (dynet.router) at the same size.
 """
 

@@ -55,7 +55,7 @@ def evaluate_routed(model: torch.nn.Module, routing: Any, pairs: Sequence[Any]
 
 def summarize_routed(records: list[dict[str, Any]], names: Sequence[str]
                      ) -> tuple[dict[str, dict[str, float]], dict[str, float], list[dict[str, Any]]]:
-    from .evaluate import TASK_LABELS
+    from .evaluate_data import TASK_LABELS
 
     table: dict[str, dict[str, float]] = {}
     metrics: dict[str, float] = {}
@@ -78,7 +78,7 @@ def summarize_routed(records: list[dict[str, Any]], names: Sequence[str]
 
 def format_choices(table: dict[str, dict[str, float]], metrics: dict[str, float], names: Sequence[str]) -> str:
     """One line per task: mean GFLOPs per image and the share of each chosen variant."""
-    from .evaluate import TASK_LABELS
+    from .evaluate_data import TASK_LABELS
 
     lines = []
     for task, vals in table.items():
@@ -91,15 +91,18 @@ def format_choices(table: dict[str, dict[str, float]], metrics: dict[str, float]
 
 # ----------------------------------------------------------------------------- inference
 def restore_paths_routed(model: torch.nn.Module, routing: Any, src: Any, dst: Any, options: Any,
-                         device: torch.device, printer: Callable[[str], None] = print) -> list[dict[str, Any]]:
+                         device: torch.device, printer: Optional[Callable[[str], None]] = None
+                         ) -> list[dict[str, Any]]:
     """``launch/restore.py --variant auto``: per image the router chooses (on the whole image, after
-    Gray-World when asked), then the chosen variant restores it as usual (tiles when it is large)."""
+    Gray-World when asked), then the chosen variant restores it as usual (tiles when it is large);
+    one line per image, with the choice, to ``printer`` (default: an INFO log line)."""
     import dataclasses
 
     from dynet.inference import gray_world
 
     from .restore import Restorer, plan_outputs, read_image, to_tensor, write_image
 
+    say = printer if printer is not None else log.info
     restorers: dict[str, Any] = {}
     records = []
     for inp, out in plan_outputs(src, dst):
@@ -115,7 +118,7 @@ def restore_paths_routed(model: torch.nn.Module, routing: Any, src: Any, dst: An
         records.append({"input": str(inp), "output": str(out), "variant": chosen, "predicted": predicted,
                         "height": img.shape[0], "width": img.shape[1], "tile": tile, "seconds": seconds})
         guess = ", ".join(f"{n} {0.0 - predicted[n]:+.2f} dB" for n in routing.names)
-        printer(f"{inp} -> {out}  {img.shape[1]}x{img.shape[0]}  DyNet-{chosen} (auto: {guess})  "
+        say(f"{inp} -> {out}  {img.shape[1]}x{img.shape[0]}  DyNet-{chosen} (auto: {guess})  "
                 f"{'tiles ' + str(tile) if tile else 'whole image'}  {seconds:.2f}s")
     return records
 
@@ -200,19 +203,20 @@ def run_routed_evaluation(checkpoint: str, cfg: Any, device: str = "auto", route
     MLflow like a fixed variant's evaluation (eval/auto/<task>/psnr|ssim|gflops|chosen_<variant>)."""
     from pathlib import Path
 
+    from .devices import choose_device
     from .evaluate import format_table, load_test_sets, log_to_mlflow, metrics_dict
-    from .restore import load_model, pick_device, read_checkpoint_info
+    from .restore import load_model, read_checkpoint_info
     from .routing import load_routing
 
-    dev = pick_device(device)
+    dev = choose_device(device)
     model = load_model(checkpoint, dev, cfg)
     routing = load_routing(checkpoint, model, router, tolerance_db)
     pairs = load_test_sets(dict(cfg.eval.sets), cfg.eval.noise_seed, cfg.eval.max_images)
     start = time.perf_counter()
     table, extra, records = evaluate_routed(model, routing, pairs)
     text = format_table({AUTO: table}) + "\n" + format_choices(table, extra, routing.names)
-    printer(f"checkpoint {checkpoint}: {len(pairs)} test images routed over {routing.names} at "
-            f"{tolerance_db} dB in {time.perf_counter() - start:.1f}s on {dev}")
+    log.info(f"checkpoint {checkpoint}: {len(pairs)} test images routed over {routing.names} at "
+             f"{tolerance_db} dB in {time.perf_counter() - start:.1f}s on {dev}")
     printer(text)
     out: dict[str, Any] = {"results": {AUTO: table}, "metrics": extra, "records": records, "run_id": None}
     if cfg.tracking.enabled:
@@ -224,5 +228,5 @@ def run_routed_evaluation(checkpoint: str, cfg: Any, device: str = "auto", route
             run_name=f"eval-auto-{info.get('tag') or Path(checkpoint).stem}",
             tags={"dyntrain.checkpoint": str(checkpoint), "dyntrain.variant": AUTO},
             texts={"evaluation/auto.txt": text + "\n"})
-        printer(f"logged {len(metrics)} metrics to MLflow run {out['run_id']} ({cfg.tracking.uri})")
+        log.info(f"logged {len(metrics)} metrics to MLflow run {out['run_id']} ({cfg.tracking.uri})")
     return out

@@ -21,8 +21,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+from .images import read_image
 from .logs import get_logger
 
 log = get_logger(__name__)
@@ -40,20 +40,16 @@ class LabelSet:
     losses: torch.Tensor
 
 
-def _rgb(path: str) -> np.ndarray:
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
-
-
 def degraded_crops(entries: Sequence[Any], crop: int, seed: int, samples: int = 1
                    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(inputs, targets) uint8 (N, 3, crop, crop) and tasks for ``samples`` seeded crops per entry."""
-    from .data.paired import mix_seed, random_pair_crop
+    from .data.paired import random_pair_crop
+    from .seeds import mix_seed
 
     inputs, targets, tasks = [], [], []
     for i, entry in enumerate(entries):
-        clean = _rgb(entry.target_path)
-        degraded = clean if entry.sigma > 0 else _rgb(entry.input_path)
+        clean = read_image(entry.target_path)
+        degraded = clean if entry.sigma > 0 else read_image(entry.input_path)
         for s in range(samples):
             rng = np.random.default_rng(mix_seed(seed, i, s, 0x0A7E))
             inp, tgt = random_pair_crop(degraded, clean, crop, rng, what=entry.key)
@@ -201,10 +197,11 @@ def run_train_router(checkpoint: str, cfg: Any, out: Optional[str] = None, epoch
     """``launch/train_router.py``: labels (cached), training, the router file, MLflow. Returns
     {"router": path, "labels": LabelSet, "metrics": final metrics, "run_id": MLflow run or None}."""
     from .data.paired import scan_tasks
-    from .restore import load_model, pick_device
+    from .devices import choose_device
+    from .restore import load_model
     from .routing import router_path_for, save_router, variant_costs
 
-    dev = pick_device(device)
+    dev = choose_device(device)
     model = load_model(checkpoint, dev, cfg)
     if len(model.variants) < 2:
         raise ValueError(f"checkpoint {checkpoint} has one variant {list(model.variants)}: nothing to route")
@@ -266,10 +263,8 @@ def new_mlflow_run(uri: str, experiment: str, name: str, tags: dict[str, str]) -
     """(client, run id) of a new run ``name`` in ``experiment`` (created when missing)."""
     from mlflow.tracking import MlflowClient
 
-    from .tracking import default_artifact_location
+    from .tracking import experiment_id_for
 
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(
-        experiment, artifact_location=default_artifact_location(uri))
-    return client, client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+    return client, client.create_run(experiment_id_for(client, experiment, uri), run_name=name,
+                                     tags=tags).info.run_id

@@ -6,8 +6,7 @@ import torch
 
 from dynet import DyNet, DyNetConfig, count_flops, count_router_flops
 from dynet.router import RouterConfig, VariantRouter, choose_variant, oracle_variant
-from dyntrain.data.paired import synthetic_haze
-from dyntrain.data.synthetic import synthetic_image
+from dyntrain.data.synthetic import synthetic_haze, synthetic_image
 from dyntrain.routing import RouterError, Routing, load_router, router_path_for, save_router
 from dyntrain.routing_train import LabelSet, train_router
 
