@@ -2,7 +2,7 @@
 
     python launch/train_router.py --checkpoint CKPT --config configs/finetune_X.yaml [dotted.key=value ...]
         [--out FILE] [--epochs 60] [--lr 2e-3] [--crop 64] [--samples 2] [--tolerance-db 0.05]
-        [--cache DIR] [--device auto|cpu|cuda]
+        [--cache DIR] [--device auto|cpu|cuda (default: run.device)]
 
 Labels come from running every variant of CKPT over the degraded training inputs of data.root (the
 fine-tuning config's paired data) and are cached (--cache, default: router_labels/ beside the router).
@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance-db", type=float, default=0.05,
                         help="the policy's tolerance, for the reported agreement with the oracle")
     parser.add_argument("--cache", default=None, help="label cache folder")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
+                        help="where labels are made and the router trains (default: run.device)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     if cfg is None:
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from dyntrain.routing_train import run_train_router
 
     result = run_train_router(args.checkpoint, cfg, args.out, args.epochs, args.lr, args.crop, args.samples,
-                              args.tolerance_db, args.cache, args.device)
+                              args.tolerance_db, args.cache, args.device or cfg.run.device)
     print(f"router: {result['router']}")
     return 0
 
