@@ -127,13 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     common.set_threads(args.threads)
     tolerances = sorted(set(args.tolerances) | {0.05})
     result = run(args.checkpoint, cfg, args.router, tolerances, args.device)
+    common.write_json(args.json, result)
     text = table(result)
     print(text)
     png = plot(result, Path(args.out) / "routing.png")
     print(f"plot: {png}")
     if cfg.tracking.enabled:
         print(f"MLflow run: {log_mlflow(cfg, result, png, text)}")
-    common.write_json(args.json, result)
     common.headline("gflops_saved_vs_L_at_0.05db", result["gflops_saved_vs_largest_at_0.05db"])
     return 0
 
