@@ -100,26 +100,30 @@ def restore_paths_routed(model: torch.nn.Module, routing: Any, src: Any, dst: An
 
     from dynet.inference import gray_world
 
+    from .progress import progress_bar
     from .restore import Restorer, plan_outputs, read_image, to_tensor, write_image
 
     say = printer if printer is not None else log.info
     restorers: dict[str, Any] = {}
     records = []
-    for inp, out in plan_outputs(src, dst):
-        img = read_image(inp)
-        start = time.perf_counter()
-        x = to_tensor(img, device)
-        chosen, predicted = routing.choose(gray_world(x) if options.gray_world else x)
-        if chosen not in restorers:
-            restorers[chosen] = Restorer(model, dataclasses.replace(options, variant=chosen), device)
-        restored, tile = restorers[chosen](img)
-        seconds = time.perf_counter() - start
-        write_image(restored, out)
-        records.append({"input": str(inp), "output": str(out), "variant": chosen, "predicted": predicted,
-                        "height": img.shape[0], "width": img.shape[1], "tile": tile, "seconds": seconds})
-        guess = ", ".join(f"{n} {0.0 - predicted[n]:+.2f} dB" for n in routing.names)
-        say(f"{inp} -> {out}  {img.shape[1]}x{img.shape[0]}  DyNet-{chosen} (auto: {guess})  "
+    pairs = plan_outputs(src, dst)
+    with progress_bar(len(pairs), "DyNet-auto") as bar:
+        for inp, out in pairs:
+            img = read_image(inp)
+            start = time.perf_counter()
+            x = to_tensor(img, device)
+            chosen, predicted = routing.choose(gray_world(x) if options.gray_world else x)
+            if chosen not in restorers:
+                restorers[chosen] = Restorer(model, dataclasses.replace(options, variant=chosen), device)
+            restored, tile = restorers[chosen](img)
+            seconds = time.perf_counter() - start
+            write_image(restored, out)
+            records.append({"input": str(inp), "output": str(out), "variant": chosen, "predicted": predicted,
+                            "height": img.shape[0], "width": img.shape[1], "tile": tile, "seconds": seconds})
+            guess = ", ".join(f"{n} {0.0 - predicted[n]:+.2f} dB" for n in routing.names)
+            say(f"{inp} -> {out}  {img.shape[1]}x{img.shape[0]}  DyNet-{chosen} (auto: {guess})  "
                 f"{'tiles ' + str(tile) if tile else 'whole image'}  {seconds:.2f}s")
+            bar.update()
     return records
 
 
