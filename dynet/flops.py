@@ -99,6 +99,22 @@ def count_flops(model: nn.Module, height: int = 224, width: int = 224,
     meta = _meta_copy(model)
     meta.train(model.training)
     in_channels = getattr(getattr(model, "config", None), "in_channels", 3)
+    x = torch.empty(batch, in_channels, height, width, device="meta")
+    return _hooked_count(meta, lambda m: m(x, reuse=reuse, variant=variant))
+
+
+def count_router_flops(router: nn.Module, height: int = 224, width: int = 224,
+                       batch: int = 1) -> FlopCount:
+    """FLOPs of one variant router (dynet.router.VariantRouter) on a (batch, 3, height, width) input,
+    in the same convention: its convolutions and linear layers (the resize, the high-pass residual
+    and the pooling are elementwise work, not counted, as for DyNet)."""
+    meta = _meta_copy(router)
+    x = torch.empty(batch, 3, height, width, device="meta")
+    return _hooked_count(meta, lambda m: m(x))
+
+
+def _hooked_count(meta: nn.Module, run) -> FlopCount:
+    """Run ``run(meta)`` under no_grad with FLOP-counting hooks on every conv/linear/MDTA/GDFN."""
     totals = {"conv_linear": 0, "attention": 0, "gelu": 0}
 
     def on_conv(module: nn.Module, _inputs: tuple, out: torch.Tensor) -> None:
@@ -125,9 +141,8 @@ def count_flops(model: nn.Module, height: int = 224, width: int = 224,
         elif isinstance(m, GDFN):
             handles.append(m.register_forward_hook(on_gdfn))
     try:
-        x = torch.empty(batch, in_channels, height, width, device="meta")
         with torch.no_grad():
-            meta(x, reuse=reuse, variant=variant)
+            run(meta)
     finally:
         for h in handles:
             h.remove()

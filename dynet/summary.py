@@ -1,9 +1,11 @@
 """Print the DyNet family's parameters and FLOPs, like the paper's Table 5.
 
-    python -m dynet.summary [--size 224] [--height H --width W] [--variants S L 3,4,4,6]
+    python -m dynet.summary [--size 224] [--height H --width W] [--variants S L 3,4,4,6 XS=1,1,1,1]
                             [--dim 48] [--json PATH]
 
-A variant is a name from the config's variants table or an explicit reuse tuple "f1,f2,f3,f4".
+A variant is a name from the config's variants table, an explicit reuse tuple "f1,f2,f3,f4", or a
+named one "NAME=f1,f2,f3,f4" (e.g. a family XS=1,1,1,1 S M=3,4,4,6 L). One line gives the cost
+of the per-image variant router (dynet.router) at the same size.
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ from typing import Any, Container, Sequence
 
 from .blocks import PromptBlock
 from .config import DyNetConfig
-from .flops import count_flops, count_parameters
+from .flops import count_flops, count_parameters, count_router_flops
 from .model import DyNet
+from .router import RouterConfig, VariantRouter
 
 
 def _parse_variant(model: DyNet, spec: str) -> tuple[str, tuple[int, ...]]:
-    """A variant name, or "f1,f2,f3,f4" -> (label, reuse tuple)."""
+    """A variant name, "f1,f2,f3,f4" or "NAME=f1,f2,f3,f4" -> (label, reuse tuple)."""
+    if "=" in spec:
+        name, _, tuple_spec = spec.partition("=")
+        return name, _parse_variant(model, tuple_spec)[1]
     if "," in spec:
         try:
             reuse = tuple(int(v) for v in spec.split(","))
@@ -49,7 +55,11 @@ def summarize(config: DyNetConfig, height: int, width: int,
             "gflops_attention": flops.attention / 1e9,
             "gflops_total": flops.total / 1e9,
         })
+    router = VariantRouter(RouterConfig(variants={r["variant"]: tuple(r["reuse"]) for r in rows}
+                                        if len(rows) > 1 else model.variants))
+    router_gflops = count_router_flops(router, height, width).paper / 1e9
     return {"height": height, "width": width, "dim": config.dim, "params": params,
+            "router_gflops": router_gflops, "router_params": count_parameters(router),
             "prompt_params": prompt_params, "prompt_share": prompt_params / params,
             "variants": rows}
 
@@ -81,6 +91,8 @@ def format_table(summary: dict[str, Any]) -> str:
              text_table(header, body, right_aligned=range(2, len(header))), "",
              f"parameters: {summary['params']:,} shared by every variant; prompt path "
              f"{summary['prompt_params']:,} ({100 * summary['prompt_share']:.1f}%)",
+             f"variant router: {summary['router_gflops']:.4f} GFLOPs, "
+             f"{summary['router_params']:,} parameters (added to a routed image's figure)",
              "GFLOPs = 2 x MACs of the conv and linear layers.",
              "'+GELU (paper)' adds 1 FLOP per GELU element: the paper's Table 5 convention.",
              "'+attention' adds the channel-attention products q k^T and attn v to conv+lin:",

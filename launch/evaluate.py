@@ -1,7 +1,10 @@
 """Evaluate a checkpoint on the all-in-one test sets (the paper's Table 1 protocol).
 
-    python launch/evaluate.py --checkpoint PATH [--variant S|L|all] [--config X.yaml] [dotted.key=value ...]
-        [--run-id ID] [--child] [--device auto|cpu|cuda]
+    python launch/evaluate.py --checkpoint PATH [--variant S|L|all|auto] [--config X.yaml] [dotted.key=value ...]
+        [--run-id ID] [--child] [--device auto|cpu|cuda] [--tolerance-db 0.05] [--router FILE]
+
+--variant auto evaluates per-image routing (launch/train_router.py): PSNR/SSIM per task, mean GFLOPs per
+image (router included) and how often each variant was chosen.
 
 Test-set folders come from eval.sets (e.g. eval.sets={bsd68: data/test/bsd68, rain100l: data/test/rain100l,
 sots: data/test/sots}); metrics go to MLflow (tracking.uri): into --run-id, else the training run the
@@ -22,7 +25,9 @@ from dyntrain.logs import setup_logging  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder or exported weights file")
-    parser.add_argument("--variant", default=None, help="S, L, ... or all (default: eval.variants)")
+    parser.add_argument("--variant", default=None, help="S, L, ..., all or auto (default: eval.variants)")
+    parser.add_argument("--tolerance-db", type=float, default=0.05, help="auto: the policy's tolerance")
+    parser.add_argument("--router", default=None, help="auto: router file (default: beside the weights)")
     parser.add_argument("--run-id", default=None, help="MLflow run to log into")
     parser.add_argument("--child", action="store_true", help="log into a child run of the evaluated run")
     parser.add_argument("--step", type=int, default=None, help="metric step (default: the checkpoint's step)")
@@ -34,6 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 2
 
+    if args.variant == "auto":
+        from dyntrain.routing import RouterError
+        from dyntrain.routing_eval import run_routed_evaluation
+        try:
+            run_routed_evaluation(args.checkpoint, cfg, args.device, args.router, args.tolerance_db,
+                                  run_id=args.run_id, child=args.child, step=args.step)
+        except RouterError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     from dyntrain.evaluate import run_evaluation
 
     run_evaluation(args.checkpoint, cfg, args.variant or cfg.eval.variants, args.device,

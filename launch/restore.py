@@ -1,6 +1,7 @@
 """Restore your own images with DyNet-S or DyNet-L from one weights file.
 
     python launch/restore.py --checkpoint PATH --variant S|L INPUT OUTPUT
+    python launch/restore.py --checkpoint PATH --variant auto [--tolerance-db 0.05] [--router FILE] INPUT OUTPUT
         [--tile N | --max-memory-mb MB] [--overlap 32] [--gray-world] [--device auto|cpu|cuda]
 
 INPUT/OUTPUT: an image file and an output file (.png/.jpg), or a folder and an output folder.
@@ -24,7 +25,11 @@ log = get_logger("restore")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder or exported weights file")
-    parser.add_argument("--variant", default="L", help="family member to run (S, L, ...); default L")
+    parser.add_argument("--variant", default="L", help="family member to run (S, L, ...), or auto: the "
+                        "router trained by launch/train_router.py chooses per image; default L")
+    parser.add_argument("--tolerance-db", type=float, default=0.05, help="auto: the cheapest variant "
+                        "predicted within this many dB of the largest (default 0.05)")
+    parser.add_argument("--router", default=None, help="auto: router file (default: beside the weights)")
     parser.add_argument("--tile", type=int, default=None,
                         help="tile side in pixels (multiple of 8); 0 = never tile; default: from --max-memory-mb")
     parser.add_argument("--overlap", type=int, default=32, help="overlap between tiles in pixels")
@@ -44,7 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.checkpoint, device, cfg)
     options = RestoreOptions(variant=args.variant, tile=args.tile, overlap=args.overlap,
                              max_memory_mb=args.max_memory_mb, gray_world=args.gray_world)
-    records = restore_paths(model, args.input, args.output, options, device)
+    if args.variant == "auto":
+        from dyntrain.routing import RouterError, load_routing
+        from dyntrain.routing_eval import restore_paths_routed
+        try:
+            routing = load_routing(args.checkpoint, model, args.router, args.tolerance_db)
+        except RouterError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        records = restore_paths_routed(model, routing, args.input, args.output, options, device)
+    else:
+        records = restore_paths(model, args.input, args.output, options, device)
     log.info(f"restored {len(records)} image(s) with DyNet-{args.variant} on {device}")
     return 0
 
