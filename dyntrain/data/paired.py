@@ -195,8 +195,12 @@ def build_finetune_loader(cfg, rank: int, world_size: int, device) -> PairedLoad
         from .paired_shards import PairedShardLoader
 
         return PairedShardLoader(cfg, rank, world_size, device)  # DALI is imported only when used
+    if data.source == "synthetic":
+        from .synthetic_pairs import build_synthetic_loader
+
+        return build_synthetic_loader(cfg, rank, world_size, device)
     from ..config import ConfigError
-    raise ConfigError(f"data.source: fine-tuning reads 'paired' or 'paired_shards', got {data.source!r}")
+    raise ConfigError(f"data.source: fine-tuning reads 'paired', 'paired_shards' or 'synthetic', got {data.source!r}")
 
 
 # ----------------------------------------------------------------------------------- CLI
