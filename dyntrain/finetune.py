@@ -94,7 +94,7 @@ def make_eval_hook(cfg: Config):
 
     def hook(trainer) -> None:
         trainer.tracker.set_tags({"init_checkpoint": str(cfg.init.checkpoint or "none (from scratch)")})
-        if cfg.data.source == "synthetic":
+        if hasattr(trainer.loader, "curriculum"):  # synthetic pairs, or paired data in sequential mode
             from .curriculum import install
             install(trainer, trainer.loader.curriculum)
         if cfg.eval.every <= 0 or not cfg.eval.sets:

@@ -110,3 +110,25 @@ def test_bad_config_names_the_key():
         load_config(None, overrides=["schedule.tasks.mode=curriculum"])
     with pytest.raises(ValueError, match=r"schedule.tasks.order: tasks \['rain'\] are not in data.tasks"):
         TaskCurriculum(0, {"noise": 1}, "sequential", ["noise", "rain"])
+
+
+def test_promptir_tasks_follow_the_curriculum_and_resume_exactly(tmp_path):
+    from dyntrain.data.paired import build_finetune_loader
+    from dyntrain.data.synthetic import make_demo_data
+
+    make_demo_data(tmp_path / "demo", train_images=2, test_images=1)
+    cfg = load_config(None, ["data.source=paired", f"data.root={tmp_path / 'demo' / 'train'}",
+                             "data.crop_size=16", "data.micro_batch_size=3", "data.sigmas=[25]",
+                             "schedule.tasks.mode=sequential", "schedule.tasks.order=[derain, dehaze, denoise]",
+                             "schedule.tasks.period_steps=2", "schedule.tasks.periods=3"])
+    ld = build_finetune_loader(cfg, 0, 1, "cpu")
+    seen = [set(next(ld)["tasks"]) for _ in range(6)]
+    assert seen[0] == seen[1] == {"derain"} and seen[2] | seen[3] <= {"derain", "dehaze"}
+    assert set().union(*seen[4:]) <= {"derain", "dehaze", "denoise"}
+    state = ld.state_dict()
+    want = [next(ld) for _ in range(2)]
+    again = build_finetune_loader(cfg, 0, 1, "cpu")
+    again.load_state_dict(state)
+    for w in want:
+        got = next(again)
+        assert got["keys"] == w["keys"] and torch.equal(got["input"], w["input"])
