@@ -19,8 +19,10 @@ from typing import Any, Optional, Sequence
 
 from dynet.summary import text_table
 
+from .evaluate_data import TASK_LABELS
+
 EVAL_METRIC = re.compile(r"^eval/(?P<variant>[^/]+)/(?P<task>[^/]+)/(?P<name>psnr|ssim)$")
-TASK_ORDER = ["sots", "rain100l", "bsd68_s15", "bsd68_s25", "bsd68_s50", "average"]
+TASK_ORDER = list(TASK_LABELS) + ["average", "mio_in_average", "mio_out_average"]
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch
 
 from dynet.summary import text_table
 
+from .data.degradations import PRESETS
 from .evaluate_data import (BSD68_SIGMAS, SET_KINDS, TASK_LABELS, EvalDataError, TestPair,  # noqa: F401
                             add_test_noise, centre_crop, load_bsd68, load_rain100l, load_sots,
                             load_test_sets)
@@ -79,11 +80,16 @@ def _per_task(sums: dict[str, list[float]]) -> dict[str, dict[str, float]]:
     """{task: [psnr sum, ssim sum, n]} -> means per task in Table 1 order, plus their "average"."""
     table = {task: {"psnr": p / n, "ssim": s / n, "images": n} for task, (p, s, n) in sums.items()}
     ordered = {t: table[t] for t in TASK_LABELS if t in table}
+    groups = {f"mio_{p}_average": [v for t, v in ordered.items() if t.startswith(f"mio_{p}_")] for p in PRESETS}
     if ordered:
-        ordered["average"] = {"psnr": float(np.mean([v["psnr"] for v in ordered.values()])),
-                              "ssim": float(np.mean([v["ssim"] for v in ordered.values()])),
-                              "images": sum(v["images"] for v in ordered.values())}
+        ordered["average"] = _mean(list(ordered.values()))
+    ordered.update({name: _mean(group) for name, group in groups.items() if group})  # per MiO preset
     return ordered
+
+
+def _mean(entries: list[dict[str, float]]) -> dict[str, float]:
+    return {"psnr": float(np.mean([v["psnr"] for v in entries])),
+            "ssim": float(np.mean([v["ssim"] for v in entries])), "images": sum(v["images"] for v in entries)}
 
 
 def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:

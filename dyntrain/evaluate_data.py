@@ -12,6 +12,8 @@ Test-set layouts (``eval.sets`` maps a name below to its folder):
               norain-001.png) or gt with X's stem
     sots      hazy/ + gt/ (or outdoor/hazy + outdoor/gt, or hazy/ + clear/): hazy "0001_0.8_0.2.jpg"
               pairs with gt "0001.*" (the text before the first underscore)
+    mio       the MiO test sets of ``launch/make_testsets.py``: <preset>/<task>/{lq,gt}/<name>.png,
+              reported as tasks mio_<preset>_<task> (``dyntrain.testsets``)
 """
 from __future__ import annotations
 
@@ -21,13 +23,16 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .data.degradations import PRESETS, TABLE
 from .data.paired_base import haze_clean_stem
 from .images import list_images, read_image
+from .testsets import mio_folders, mio_task
 
-SET_KINDS = ("sots", "rain100l", "bsd68")
+SET_KINDS = ("sots", "rain100l", "bsd68", "mio")
 BSD68_SIGMAS = (15, 25, 50)
 TASK_LABELS = {"sots": "SOTS", "rain100l": "Rain100L", "bsd68_s15": "BSD68 s15",
                "bsd68_s25": "BSD68 s25", "bsd68_s50": "BSD68 s50"}
+TASK_LABELS.update({mio_task(p, t): f"MiO-{p} {t}" for p in PRESETS for t in TABLE})
 
 
 class EvalDataError(ValueError):
@@ -131,6 +136,20 @@ def load_sots(folder: Path, max_images: int = 0, base: int = 16) -> list[TestPai
     return pairs
 
 
+def load_mio(folder: Path, max_images: int = 0, base: int = 16) -> list[TestPair]:
+    pairs = []
+    for preset, task, sub in mio_folders(folder):
+        gt = _by_stem(sub / "gt")
+        for path in _limit(list_images(sub / "lq"), max_images):
+            stem = path.relative_to(sub / "lq").with_suffix("").as_posix()
+            if stem not in gt:
+                raise EvalDataError(f"mio: no clean image {sub / 'gt'}/{stem}.* for {path}")
+            pairs.append(TestPair(mio_task(preset, task), stem, *_pair(path, gt[stem], base)))
+    if not pairs:
+        raise EvalDataError(f"mio: no <preset>/<task>/lq images under {folder}")
+    return pairs
+
+
 def _pair(inp_path: Path, tgt_path: Path, base: int) -> tuple[np.ndarray, np.ndarray]:
     inp, tgt = _read(inp_path), _read(tgt_path)
     if inp.shape != tgt.shape:
@@ -157,6 +176,8 @@ def load_test_sets(sets: dict[str, str], noise_seed: int = 0, max_images: int = 
             out += load_bsd68(folder, noise_seed, max_images)
         elif name == "rain100l":
             out += load_rain100l(folder, max_images)
+        elif name == "mio":
+            out += load_mio(folder, max_images)
         else:
             out += load_sots(folder, max_images)
     return out

@@ -94,6 +94,9 @@ def make_eval_hook(cfg: Config):
 
     def hook(trainer) -> None:
         trainer.tracker.set_tags({"init_checkpoint": str(cfg.init.checkpoint or "none (from scratch)")})
+        if hasattr(trainer.loader, "curriculum"):  # synthetic pairs, or paired data in sequential mode
+            from .curriculum import install
+            install(trainer, trainer.loader.curriculum)
         if cfg.eval.every <= 0 or not cfg.eval.sets:
             return
         evaluator = PeriodicEvaluator(cfg, trainer.tracker, trainer.rank, printer=log.info)

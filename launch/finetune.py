@@ -21,9 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = training_config(argv, __doc__, "YAML config (e.g. configs/finetune_allinone.yaml)")
     if cfg is None:
         return 2
-    if cfg.data.source not in ("paired", "paired_shards"):
-        print(f"config error: data.source: fine-tuning reads 'paired' (task folders under data.root) or "
-              f"'paired_shards', got {cfg.data.source!r}", file=sys.stderr)
+    if cfg.data.source not in ("paired", "paired_shards", "synthetic"):
+        print(f"config error: data.source: fine-tuning reads 'paired' (task folders under data.root), "
+              f"'paired_shards' or 'synthetic', got {cfg.data.source!r}", file=sys.stderr)
         return 2
 
     from dyntrain.finetune import run_finetune

@@ -291,3 +291,15 @@ def test_train_step_bench_cuda_small(tmp_path):
                 assert 0 < r["mfu"] <= 1
             assert r["peak_mb"] > 0
     assert result["results"]["optimised"]["graphs_compiled_by_switching"] == 0
+
+
+def test_curriculum_bench_cpu(tmp_path):
+    result, last = run_bench("curriculum.py", tmp_path, "--steps-per-period", "1", "--periods", "3",
+                             "--batch", "2", "--train-images", "2", "--test-images", "1")
+    arms = result["arms"]
+    assert set(arms) == {"mixed", "seq_detail", "seq_luminance"}
+    seq = arms["seq_detail"]["samples"]
+    assert seq.get("samples_sr", 0) > 0 and "samples_lowlight" not in seq  # 3 periods: sr, blur, noise only
+    diff = {v: arms["seq_detail"]["psnr"][v]["mio_in_average"] - arms["mixed"]["psnr"][v]["mio_in_average"]
+            for v in ("S", "L")}
+    assert last == f"sequential_minus_mixed_db={(diff['S'] + diff['L']) / 2:.4g}"

@@ -2,7 +2,8 @@
 config, DALI shards, DeepSpeed checkpoint folder) -> generated all-in-one data -> fine-tuning on 2 CPU
 ranks under the deepspeed launcher with periodic evaluation -> launch/evaluate.py on the checkpoint ->
 export -> launch/restore.py with S and L from one file -> launch/compare.py over the real MLflow runs.
-Plus single-task / fixed-variant / from-scratch fine-tuning on packed shards, and init errors."""
+Plus single-task / fixed-variant / from-scratch fine-tuning on packed shards, init errors, and
+multiple-in-one fine-tuning (synthetic pairs, sequential curriculum, MiO test sets)."""
 from __future__ import annotations
 
 import json
@@ -206,3 +207,60 @@ def test_init_checkpoint_errors(work, tmp_path):
     launcher = subprocess.run([sys.executable, str(ROOT / "launch/finetune.py"), "data.source=shards"],
                               capture_output=True, text=True, timeout=60)
     assert launcher.returncode == 2 and "data.source" in launcher.stderr
+
+
+MIO_CKPT = "runs/mio/checkpoints"
+
+
+def test_sequential_finetune_on_synthetic_pairs_then_mio_evaluation(work):
+    """Multiple-in-one fine-tuning end to end on 2 CPU ranks: the pre-training checkpoint -> MiO test
+    sets (launch/make_testsets.py) -> sequential fine-tuning on synthetic pairs under the deepspeed
+    launcher (LR restarts, periods, active tasks into MLflow) -> launch/evaluate.py on the MiO sets,
+    per task and preset -> compare's table."""
+    from mlflow.tracking import MlflowClient
+
+    from dyntrain.data.synthetic import write_synthetic_images
+    from dyntrain.engine import free_port
+
+    first = write_synthetic_images(work / "data/mio/clean", 3, size=(40, 48), seed=4)[0]
+    np.save(first.with_suffix(".npy"), np.linspace(1, 2, 40 * 48, dtype=np.float32).reshape(40, 48))
+    _run([sys.executable, ROOT / "launch/make_testsets.py", "--src", "data/mio/clean", "--out", "data/mio/test",
+          "--tasks", "noise,rain,haze"], work)
+    args = ["run.max_steps=6", "run.log_every=1", "data.crop_size=32", "data.micro_batch_size=2",
+            "deepspeed.global_batch_size=null", "data.clean_urls=[data/mio/clean]",
+            "data.tasks={noise: 1, rain: 1, haze: 1}", "schedule.tasks.order=[noise, rain, haze]",
+            "schedule.tasks.period_steps=2", "schedule.tasks.periods=3", "optim.lr=1e-3", "optim.min_lr=1e-5",
+            f"init.checkpoint={PRETRAIN_CKPT}", f"checkpoint.dir={MIO_CKPT}", "checkpoint.every=0",
+            "eval.sets={mio: data/mio/test}", "eval.every=6", "eval.max_images=1",
+            "tracking.experiment=mio-e2e", "schedule.verify_every=1"]
+    _run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", free_port(),
+          ROOT / "tests/rank_entry.py", "--trace", work / "mio_trace", ROOT / "launch/finetune.py",
+          "--config", ROOT / "configs/finetune_mio.yaml", *args], work, timeout=600)
+    traces = [json.loads((work / f"mio_trace/trace_rank{r}.json").read_text()) for r in range(2)]
+    steps = [t["steps"] for t in traces]
+    assert [s["variant"] for s in steps[0]] == [s["variant"] for s in steps[1]]  # S/L together, same draw
+    assert {s["variant"] for s in steps[0]} <= {"S", "L"}
+
+    client = MlflowClient(f"sqlite:///{work}/mlflow.db")
+    run = client.search_runs([client.get_experiment_by_name("mio-e2e").experiment_id])[0]
+    # "lr" logged at step s is the LR step s - 1 trained with
+    lr = {m.step - 1: m.value for m in client.get_metric_history(run.info.run_id, "lr")}
+    assert lr[0] == pytest.approx(1e-3) and lr[2] == pytest.approx(1e-3) and lr[4] == pytest.approx(1e-3)
+    assert lr[1] < lr[0] and lr[3] < lr[2] and lr[5] < lr[4]  # cosine within a period, restart after
+    period = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "curriculum/period")}
+    assert period == {0: 1.0, 2: 2.0, 4: 3.0}
+    assert run.data.tags["active_tasks"] == "noise,rain,haze"
+    assert "data/samples_noise" in run.data.metrics and "data/depth_proxy" in run.data.metrics
+    assert "eval/S/mio_in_average/psnr" in run.data.metrics and "eval/L/mio_out_haze/ssim" in run.data.metrics
+
+    _run([sys.executable, ROOT / "launch/evaluate.py", "--checkpoint", MIO_CKPT, "--child", "--config",
+          ROOT / "configs/finetune_mio.yaml", "eval.sets={mio: data/mio/test}", "tracking.experiment=mio-e2e"], work)
+    children = client.search_runs([run.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    metrics = children[0].data.metrics
+    for preset in ("in", "out"):
+        for task in ("noise", "rain", "haze", "average"):
+            assert np.isfinite(metrics[f"eval/S/mio_{preset}_{task}/psnr"])
+    from dyntrain.compare import collect_runs, format_tables
+    shown = format_tables(*collect_runs(f"sqlite:///{work}/mlflow.db", ["mio-e2e"]))  # launch/compare.py's table
+    assert "mio_in_noise" in shown and "mio_out_average" in shown

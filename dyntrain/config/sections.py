@@ -36,7 +36,8 @@ class RunConfig:
 class DataConfig:
     """Args:
     source: "shards" (pre-training WebDataset shards through DALI), "paired" (fine-tuning folders
-        under ``root``) or "paired_shards" (paired WebDataset shards through DALI).
+        under ``root``), "paired_shards" (paired WebDataset shards through DALI) or "synthetic"
+        (clean images of ``clean_urls`` degraded on the fly by the MiOIR tasks of ``tasks``).
     train_urls: shard URLs: local paths, globs, brace patterns or s3:// URLs.
     crop_size: random crop side.
     micro_batch_size: samples per rank per forward pass.
@@ -50,10 +51,13 @@ class DataConfig:
     jpeg_quality, gaussian_sigma, random_noise: [low, high] ranges of the random levels
         (sigma in 8-bit units; random_noise = fraction of salt-and-pepper pixels).
     root: fine-tuning data folder holding Denoise/, Derain/, Dehaze/.
-    tasks: fine-tuning task -> repetition factor in the mixed stream (0 drops the task).
+    tasks: fine-tuning task -> repetition factor in the mixed stream (0 drops the task); for
+        "synthetic" a MiOIR degradation (sr, blur, noise, jpeg, rain, haze, lowlight) -> weight.
+    clean_urls: "synthetic": folders of clean images (a depth map beside an image drives its haze).
+    preset: "synthetic": the degradations' parameter ranges, "in" (In-Dis) or "out" (Out-Dis).
     sigmas: Gaussian noise levels (8-bit units) for the denoising task.
     """
-    source: Literal["shards", "paired", "paired_shards"] = "shards"
+    source: Literal["shards", "paired", "paired_shards", "synthetic"] = "shards"
     train_urls: list[str] = field(default_factory=list)
     crop_size: int = 128
     micro_batch_size: int = 32
@@ -71,6 +75,8 @@ class DataConfig:
     root: Optional[str] = None
     tasks: dict[str, int] = field(default_factory=lambda: {"denoise": 1, "derain": 1, "dehaze": 1})
     sigmas: list[int] = field(default_factory=lambda: [15, 25, 50])
+    clean_urls: list[str] = field(default_factory=list)
+    preset: str = "in"
 
     def __post_init__(self) -> None:
         positive("data.crop_size", self.crop_size)
@@ -84,10 +90,43 @@ class DataConfig:
         unknown = set(self.degradations) - {"jpeg", "gaussian", "random"}
         if unknown:
             raise ConfigError(f"data.degradations: unknown kinds {sorted(unknown)}")
+        if self.source == "synthetic":
+            from ..data.degradations import DegradationError, check_tasks
+            from ..data.degradations.registry import check_preset
+            try:
+                check_tasks(list(self.tasks), "data.tasks")
+                check_preset(self.preset, "data.preset")
+            except DegradationError as exc:
+                raise ConfigError(str(exc)) from None
         for key in ("jpeg_quality", "gaussian_sigma", "random_noise"):
             lo_hi = getattr(self, key)
             if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
                 raise ConfigError(f"data.{key}: expected [low, high], got {lo_hi}")
+
+
+@dataclass
+class TaskScheduleConfig:
+    """Args (the task curriculum, ``dyntrain.curriculum``):
+    mode: "mixed" (every task of data.tasks from the start, by weight) or "sequential" (period k
+        trains the first min(k, len(order)) tasks of ``order``, uniformly; the LR restarts per period).
+    order: the sequential order of tasks.
+    period_steps: optimizer steps per period.
+    periods: number of periods (after the last one, the last period's tasks and final LR stay).
+    warmup_steps: linear LR warm-up at the start of every period (sequential mode).
+    """
+    mode: Literal["mixed", "sequential"] = "mixed"
+    order: list[str] = field(default_factory=lambda: ["sr", "blur", "noise", "jpeg", "rain", "haze", "lowlight"])
+    period_steps: int = 1000
+    periods: int = 10
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        positive("schedule.tasks.period_steps", self.period_steps)
+        positive("schedule.tasks.periods", self.periods)
+        if not self.order or len(set(self.order)) != len(self.order):
+            raise ConfigError(f"schedule.tasks.order: need distinct task names, got {self.order}")
+        if not 0 <= self.warmup_steps < self.period_steps:
+            raise ConfigError(f"schedule.tasks.warmup_steps: must lie in [0, period_steps), got {self.warmup_steps}")
 
 
 @dataclass
@@ -98,12 +137,14 @@ class ScheduleConfig:
     variant_probs: variant name -> probability (normalised); every name must be in model.variants.
     verify_every: every N steps all ranks all-gather their draw and fail fast on disagreement (0 = off).
     verify_timeout_s: seconds the check waits for every rank before failing (it never hangs).
+    tasks: the fine-tuning task curriculum (``TaskScheduleConfig``).
     """
     mode: Literal["dynamic", "fixed"] = "dynamic"
     variant_probs: dict[str, float] = field(default_factory=lambda: {"S": 0.5, "L": 0.5})
     fixed_variant: str = "L"
     verify_every: int = 0
     verify_timeout_s: float = 60.0
+    tasks: TaskScheduleConfig = field(default_factory=TaskScheduleConfig)
 
     def __post_init__(self) -> None:
         if any(p < 0 for p in self.variant_probs.values()) or sum(self.variant_probs.values()) <= 0:

@@ -186,6 +186,14 @@ def build_finetune_loader(cfg, rank: int, world_size: int, device) -> PairedLoad
     data = cfg.data
     if data.source == "paired":
         per_task = scan_tasks(data.root, data.tasks, data.sigmas)
+        if cfg.schedule.tasks.mode == "sequential":
+            from ..curriculum import TaskCurriculum
+            from ..engine import build_ds_config
+            from .paired_curriculum import CurriculumPairedLoader
+
+            accum = int(build_ds_config(cfg, world_size)["gradient_accumulation_steps"])
+            return CurriculumPairedLoader(per_task, TaskCurriculum.from_config(cfg), data.crop_size,
+                                          data.micro_batch_size, cfg.run.seed, rank, world_size, accum, device)
         entries = mix(per_task, data.tasks)
         log.info("paired data: %s entries per epoch (%s)", len(entries),
                  ", ".join(f"{k} {len(v)} x{data.tasks[k]}" for k, v in per_task.items()))
@@ -195,8 +203,12 @@ def build_finetune_loader(cfg, rank: int, world_size: int, device) -> PairedLoad
         from .paired_shards import PairedShardLoader
 
         return PairedShardLoader(cfg, rank, world_size, device)  # DALI is imported only when used
+    if data.source == "synthetic":
+        from .synthetic_pairs import build_synthetic_loader
+
+        return build_synthetic_loader(cfg, rank, world_size, device)
     from ..config import ConfigError
-    raise ConfigError(f"data.source: fine-tuning reads 'paired' or 'paired_shards', got {data.source!r}")
+    raise ConfigError(f"data.source: fine-tuning reads 'paired', 'paired_shards' or 'synthetic', got {data.source!r}")
 
 
 # ----------------------------------------------------------------------------------- CLI

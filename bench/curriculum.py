@@ -1,0 +1,124 @@
+"""Mixed vs sequential task curricula for multiple-in-one fine-tuning, at equal steps.
+
+    python bench/curriculum.py [--steps-per-period 20] [--periods 10] [--batch 4] [--crop 32]
+                               [--dim 8] [--preset in] [--threads N] [--json PATH]
+
+Three arms train the same tiny DyNet (same init, S/L drawn per step by the project's schedule) on
+the same synthetic clean images through ``data.source: synthetic``'s loader, each for
+periods x steps-per-period steps with Adam:
+
+  mixed             all seven tasks from the start (uniform), cosine LR over the whole run
+  seq_detail        sequential, order sr blur noise jpeg rain haze lowlight (MiOIR's SBNJRHL),
+                    cosine LR restarted every period
+  seq_luminance     sequential, the reverse order (lowlight and haze first)
+
+Then each arm's S and L are evaluated on In-Dis MiO test sets made from held-out clean images
+(``dyntrain.testsets``): PSNR per task and averaged. Headline: ``sequential_minus_mixed_db`` =
+average PSNR of seq_detail minus mixed, over S and L.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import add_common_args, headline, resolve_device, set_threads, write_json  # noqa: E402
+from dyntrain.config import load_config  # noqa: E402
+from dyntrain.curriculum import TaskCurriculum  # noqa: E402
+from dyntrain.data.degradations import TABLE  # noqa: E402
+from dyntrain.data.synthetic import write_synthetic_images  # noqa: E402
+from dyntrain.data.synthetic_pairs import SyntheticPairLoader, scan_clean  # noqa: E402
+from dyntrain.evaluate import evaluate_model, load_test_sets  # noqa: E402
+from dyntrain.model_factory import build_model  # noqa: E402
+from dyntrain.schedule import VariantSchedule  # noqa: E402
+from dyntrain.testsets import make_testsets  # noqa: E402
+
+DETAIL = ["sr", "blur", "noise", "jpeg", "rain", "haze", "lowlight"]
+TINY = ["model.dim=8", "model.prompt_dims=[8,8,16]", "model.prompt_sizes=[16,8,4]", "model.num_refinement=1"]
+
+
+def arm(name: str, args, images, test_pairs, device) -> dict:
+    """Train one arm from the common init; return its per-variant results and wall time."""
+    weights = {t: 1 for t in DETAIL}
+    steps = args.periods * args.steps_per_period
+    if name == "mixed":
+        cur = TaskCurriculum(args.seed, weights, "mixed")
+        lr_of = TaskCurriculum(args.seed, weights, "sequential", DETAIL, steps, 1, 0, args.lr, args.lr / 100).lr_at
+    else:
+        order = DETAIL if name == "seq_detail" else DETAIL[::-1]
+        cur = TaskCurriculum(args.seed, weights, "sequential", order, args.steps_per_period, args.periods,
+                             0, args.lr, args.lr / 100)
+        lr_of = cur.lr_at
+    cfg = load_config(None, TINY + [f"model.dim={args.dim}", f"run.seed={args.seed}"])
+    torch.manual_seed(args.seed)
+    model = build_model(cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    schedule = VariantSchedule.from_config(cfg)
+    loader = SyntheticPairLoader(images, cur, args.preset, args.crop, args.batch, args.seed, 0, 1, 1, device)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_of(step)
+        batch = next(loader)
+        out = model(batch["input"], variant=schedule.variant_at(step))
+        loss = (out.clamp(0, 1) - batch["target"]).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    train_s = time.perf_counter() - t0
+    model.eval()
+    results = evaluate_model(model, test_pairs, ["S", "L"], device)
+    return {"train_s": train_s, "steps": steps, "samples": loader.stats(),
+            "psnr": {v: {t: r["psnr"] for t, r in res.items()} for v, res in results.items()}}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--steps-per-period", type=int, default=20)
+    parser.add_argument("--periods", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--crop", type=int, default=32)
+    parser.add_argument("--dim", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--preset", default="in", choices=["in", "out"])
+    parser.add_argument("--train-images", type=int, default=8)
+    parser.add_argument("--test-images", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    threads = set_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_synthetic_images(Path(tmp, "train"), args.train_images, size=(96, 96), seed=args.seed)
+        write_synthetic_images(Path(tmp, "test"), args.test_images, size=(64, 64), seed=args.seed + 1000)
+        make_testsets(Path(tmp, "test"), Path(tmp, "mio"), [args.preset], DETAIL, args.seed)
+        pairs = load_test_sets({"mio": str(Path(tmp, "mio"))})
+        images, _ = scan_clean([str(Path(tmp, "train"))], args.crop)
+        arms = {name: arm(name, args, images, pairs, device) for name in ("mixed", "seq_detail", "seq_luminance")}
+    avg = f"mio_{args.preset}_average"
+    rows = [f"{'arm':14s} {'var':3s} " + " ".join(f"{t:>8s}" for t in list(TABLE) + ["average"])]
+    for name, res in arms.items():
+        for v in ("S", "L"):
+            ps = res["psnr"][v]
+            rows.append(f"{name:14s} {v:3s} " + " ".join(
+                f"{ps.get(f'mio_{args.preset}_{t}', float('nan')):8.2f}" for t in TABLE) + f" {ps[avg]:8.2f}")
+    print("\n".join(rows))
+    diff = {v: arms["seq_detail"]["psnr"][v][avg] - arms["mixed"]["psnr"][v][avg] for v in ("S", "L")}
+    lum = {v: arms["seq_luminance"]["psnr"][v][avg] - arms["mixed"]["psnr"][v][avg] for v in ("S", "L")}
+    result = {"args": vars(args), "threads": threads, "device": str(device), "arms": arms,
+              "sequential_minus_mixed_db": diff, "luminance_first_minus_mixed_db": lum}
+    write_json(args.json, result)
+    print(f"seq_detail - mixed: S {diff['S']:+.3f} dB, L {diff['L']:+.3f} dB; "
+          f"seq_luminance - mixed: S {lum['S']:+.3f} dB, L {lum['L']:+.3f} dB")
+    headline("sequential_minus_mixed_db", (diff["S"] + diff["L"]) / 2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

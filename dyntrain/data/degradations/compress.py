@@ -1,0 +1,28 @@
+"""JPEG: a standard baseline JPEG encode and decode (libjpeg through Pillow, 4:2:0 chroma)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def jpeg_bytes(img: np.ndarray, quality: int) -> bytes:
+    """The JPEG file of an (H, W, 3) uint8 image at IJG ``quality`` (1..100)."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=int(quality))
+    return buf.getvalue()
+
+
+def jpeg(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``I = decode(encode(J, q))`` with the IJG quantisation tables scaled to quality q
+    (In-Dis U(30, 70), Out-Dis U(10, 30), rounded to an integer). The codec runs on the host, one
+    call per image (libjpeg; DALI's ``jpeg_compression_distortion`` needs a DALI pipeline around it,
+    so the torch path uses the same libjpeg tables through Pillow)."""
+    host = x.detach().round().clamp(0, 255).to("cpu", torch.uint8).permute(0, 2, 3, 1).numpy()
+    out = []
+    for img, q in zip(host, p["quality"].tolist()):
+        with Image.open(io.BytesIO(jpeg_bytes(img, round(q)))) as dec:
+            out.append(np.asarray(dec.convert("RGB")))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(x.device, torch.float32)
