@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .errors import DyntrainError
 from .data.paired_base import haze_clean_stem
 from .images import list_images, read_image
 
@@ -30,7 +31,7 @@ TASK_LABELS = {"sots": "SOTS", "rain100l": "Rain100L", "bsd68_s15": "BSD68 s15",
                "bsd68_s25": "BSD68 s25", "bsd68_s50": "BSD68 s50"}
 
 
-class EvalDataError(ValueError):
+class EvalDataError(DyntrainError, ValueError):
     """A test-set folder, file or pairing that is missing or inconsistent."""
 
 

@@ -6,7 +6,8 @@ meet at a barrier; only then does rank 0 write ``COMPLETE`` (temp file + fsync +
 replace ``latest`` the same way. A tag without ``COMPLETE`` does not exist as far as resuming is
 concerned, so a run killed while writing leaves the previous checkpoint as the newest usable one.
 Resuming picks the complete tag with the highest step (not blindly ``latest``) and checks that
-every file the marker lists is present with its recorded size.
+every file the marker lists is present with its recorded size. A fresh start into a folder that
+holds tags is refused (or, with ``checkpoint.overwrite``, clears them first): two runs' tags never mix.
 
 Retention (rank 0, after each save): keep the newest ``checkpoint.keep`` complete tags plus every
 tag whose step is a multiple of ``checkpoint.milestone_every``; delete older complete tags and
@@ -171,6 +172,7 @@ class CheckpointManager:
     def _choose(self) -> Optional[str]:
         mode = (self.cfg.resume or "auto").strip()
         if mode == "never":
+            self._clear_for_fresh_start()
             return None
         if mode in ("auto", "latest"):
             info = newest_complete(self.dir)
@@ -189,6 +191,28 @@ class CheckpointManager:
         if problem:
             raise CheckpointError(f"checkpoint.resume={mode}: {problem}")
         return tag
+
+    def _clear_for_fresh_start(self) -> None:
+        """Rank 0, before a fresh start (``checkpoint.resume=never``): tags already in
+        ``checkpoint.dir`` belong to another run, and the new run's tags would mix with them (its
+        step 200 replacing theirs while their step 300 stays the newest). Refused, naming the folder
+        and its newest tag, unless ``checkpoint.overwrite`` is set: then they are deleted first."""
+        others = list_checkpoints(self.dir)
+        if not others:
+            return
+        newest = others[-1]
+        held = (f"{len(others)} checkpoint(s) of another run, newest {newest.tag}"
+                + ("" if newest.complete else " (incomplete)"))
+        if not getattr(self.cfg, "overwrite", False):
+            raise CheckpointError(
+                f"checkpoint.dir {self.dir} holds {held}: a fresh start (checkpoint.resume=never) would "
+                f"mix its tags with them; resume it (checkpoint.resume=auto), choose another "
+                f"checkpoint.dir, or set checkpoint.overwrite=true to delete them first")
+        log.warning(f"checkpoint.overwrite=true: deleting {held} from {self.dir}")
+        for info in others:
+            remove_tag(info.path)
+        (self.dir / LATEST).unlink(missing_ok=True)
+        fsync_dir(self.dir)
 
     def load(self, tag: str) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
         """Restore weights, optimizer and LR schedule from ``tag`` (all ranks); returns

@@ -117,7 +117,7 @@ def build_shards(srcs: list[str | Path], out: str, cfg: Optional[ShardBuildConfi
                          manifest["num_samples"], manifest["num_shards"])
             manifest["up_to_date"] = True
             return manifest
-        return _Builder(sources, output, cfg, progress).run(fingerprint)
+        return _Builder(sources, output, cfg, progress, [str(s) for s in srcs]).run(fingerprint)
     finally:
         output.close()
 
@@ -126,8 +126,9 @@ class _Builder:
     """One build: consumes the per-image results in source order, cuts shards, publishes them."""
 
     def __init__(self, sources: list[Path], output: ShardOutput, cfg: ShardBuildConfig,
-                 progress: bool) -> None:
+                 progress: bool, src_names: list[str]) -> None:
         self.sources, self.output, self.cfg, self.progress = sources, output, cfg, progress
+        self.src_names = src_names
         self.counts: dict[str, Any] = {"images_found": len(sources), "images_used": 0,
                                        "images_too_small": 0, "images_corrupt": 0,
                                        "patches_total": 0, "patches_kept": 0, "patches_dropped": {}}
@@ -180,7 +181,20 @@ class _Builder:
             log.info("[make_shards] images %d/%d (%.1f/s) | patches kept %d dropped %d | shards %d",
                      n, n, n / max(seconds, 1e-9), self.counts["patches_kept"], self._dropped(),
                      len(self.shards))
+        self._refuse_empty()
         return self._finish(fingerprint, t0)
+
+    def _refuse_empty(self) -> None:
+        """No patch survived: fail naming the sources and the counts, before any manifest is written."""
+        c = self.counts
+        if c["patches_kept"] > 0:
+            return
+        dropped = ", ".join(f"{k} {v}" for k, v in sorted(c["patches_dropped"].items())) or "none"
+        raise DataSourceError(
+            f"no usable image in {', '.join(self.src_names)}: {c['images_found']} image(s) found, "
+            f"{c['images_used']} used, {c['images_too_small']} smaller than the patch size "
+            f"{self.cfg.patch_size}, {c['images_corrupt']} unreadable; patches {c['patches_total']} cut, "
+            f"0 kept (dropped: {dropped}); nothing was written to {self.output.url}")
 
     def _dropped(self) -> int:
         return sum(self.counts["patches_dropped"].values())
