@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..errors import one_line
 from ..logs import get_logger
 from .collective import all_gather, barrier, broadcast
 from .files import atomic_write_text, fsync_dir, fsync_file, remove_tag
@@ -102,17 +103,22 @@ class CheckpointManager:
             ok = self.engine.save_checkpoint(str(self.dir), tag=tag, client_state=stored,
                                              save_latest=False)
         except Exception as exc:
-            raise CheckpointError(f"DeepSpeed could not write checkpoint {tag_dir}: {exc}") from exc
+            raise CheckpointError(f"DeepSpeed could not write checkpoint {tag_dir}: "
+                                  f"{one_line(exc)}{_free_space(self.dir)}") from exc
         if ok is False:
-            raise CheckpointError(f"DeepSpeed could not write checkpoint {tag_dir}")
+            raise CheckpointError(f"DeepSpeed could not write checkpoint {tag_dir}{_free_space(self.dir)}")
         if self.before_commit is not None:
             self.before_commit(int(step), tag_dir)
-        for p in sorted(tag_dir.iterdir()):   # make what this rank wrote durable
-            if p.is_file() and owner_rank(p.name) == self.rank:
-                fsync_file(p)
-        barrier()
-        if self.rank == 0:
-            self._commit(step, tag_dir)
+        try:
+            for p in sorted(tag_dir.iterdir()):   # make what this rank wrote durable
+                if p.is_file() and owner_rank(p.name) == self.rank:
+                    fsync_file(p)
+            barrier()
+            if self.rank == 0:
+                self._commit(step, tag_dir)
+        except OSError as exc:   # a full or failing disk; `latest` still names the previous tag
+            raise CheckpointError(f"cannot complete checkpoint {tag_dir}: {exc}"
+                                  f"{_free_space(self.dir)}") from exc
         barrier()
         self._say(f"saved {tag_dir} ({self.world_size} rank(s), {time.perf_counter() - t0:.1f} s)")
         return tag
@@ -269,6 +275,14 @@ class CheckpointManager:
         if path is None or not stored or STATE_KEY not in stored:
             raise CheckpointError(f"{self.dir / load_tag} holds no dyntrain client state")
         return stored[STATE_KEY]
+
+
+def _free_space(path: Path) -> str:
+    """" (N MiB free on its filesystem)" for an error message; empty when unknown."""
+    try:
+        return f" ({shutil.disk_usage(path).free / 2**20:.1f} MiB free on its filesystem)"
+    except OSError:
+        return ""
 
 
 def _ds_version() -> str:
