@@ -143,6 +143,15 @@ def test_fresh_start_refused_then_missing_checkpoint(tmp_path, shards):
     assert "Traceback (most recent call last)" in r.stderr
 
 
+def test_quickstart_configs_can_run_twice():
+    """The quickstart starts fresh each time, so it must replace its previous run's checkpoints."""
+    from dyntrain.config import load_config
+
+    for name in ("quickstart.yaml", "finetune_quickstart.yaml"):
+        c = load_config(ROOT / "configs" / name).checkpoint
+        assert c.resume == "never" and c.overwrite is True, name
+
+
 def test_make_shards_without_usable_image(tmp_path):
     empty, small = tmp_path / "empty", tmp_path / "small"
     empty.mkdir()
@@ -166,7 +175,9 @@ def _trace(d: Path) -> dict:
 def _upload(folder: Path, bucket: str, endpoint: str) -> None:
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=endpoint)
+    s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+                      region_name=S3_ENV["AWS_REGION"])
     s3.create_bucket(Bucket=bucket)
     for p in sorted(folder.iterdir()):
         s3.upload_file(str(p), bucket, f"pre/{p.name}")
