@@ -165,9 +165,38 @@ def test_make_shards_without_usable_image(tmp_path):
     assert str(empty) in lines[0] and str(small) in lines[0]
     assert "1 image(s) found" in lines[0] and "1 smaller than the patch size 64" in lines[0]
     assert not (out / "manifest.json").exists() and not list(out.glob("*.tar"))
+    good = tmp_path / "good"   # usable images whose every patch a filter drops: no data either
+    write_synthetic_images(good, 1, size=(128, 128), seed=2)
+    r = subprocess.run([PY, str(ROOT / "launch" / "make_shards.py"), "--src", str(good), "--out", str(out),
+                        "--patch-size", "64", "--workers", "1", "--max-noise", "0"],
+                       capture_output=True, text=True, timeout=120)
+    lines = _errors(r.stderr)
+    assert r.returncode != 0 and len(lines) == 1, r.stderr
+    assert str(good) in lines[0] and "1 used" in lines[0] and "0 kept" in lines[0] and "quality:noise" in lines[0]
 
 
 # ------------------------------------------------------------------------------ faults under load
+def _finish(proc: subprocess.Popen, timeout: float) -> str:
+    """Wait for a run started by ``_start``; returns its log. A run that overstays is killed (a
+    hang must not outlive the test)."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"{proc.args[:4]} still running after {timeout} s:\n"
+                             f"{proc.log.read_text()[-3000:]}") from None
+    return proc.log.read_text()
+
+
+def _start(cmd: list[str], log: Path, env: dict, cwd: Path) -> subprocess.Popen:
+    """A run whose stdout and stderr go to ``log`` (a pipe nobody reads could fill and block it)."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    proc.log = log
+    return proc
+
+
 def _trace(d: Path) -> dict:
     return json.loads((d / "trace_rank0.json").read_text())
 
@@ -194,28 +223,33 @@ def test_s3_outage_mid_run_then_exact_resume(tmp_path, shards):
     try:
         _upload(shards, bucket, endpoint)
         env = _env(**S3_ENV, AWS_ENDPOINT_URL=endpoint)
+        runs: list[str] = []
 
         def run(name: str, *entry: str, env=env) -> subprocess.Popen:
             cmd = [PY, ENTRY, "--cli", "--trace", str(tmp_path / "trace" / name), *entry, PRETRAIN,
                    "--config", QUICKSTART, *_overrides(tmp_path, urls, tmp_path / name,
                                                        **{"run.max_steps": steps})]
-            return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
+            runs.append(name)
+            return _start(cmd, tmp_path / f"{name}-{len(runs)}.log", env, tmp_path)
 
         ref = run("straight")
-        out, err = ref.communicate(timeout=300)
+        err = _finish(ref, 600)
         assert ref.returncode == 0, err[-3000:]
         go = tmp_path / "go"
         faulted = run("outage", "--pause-at", f"3@{go}")
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 600
         while not Path(f"{go}.waiting").exists():
-            assert faulted.poll() is None and time.monotonic() < deadline, faulted.communicate()[1][-3000:]
+            if faulted.poll() is not None or time.monotonic() > deadline:
+                if faulted.poll() is None:
+                    faulted.kill()
+                faulted.wait()
+                raise AssertionError(f"the run never paused at step 3: {faulted.log.read_text()[-3000:]}")
             time.sleep(0.1)
     finally:
         stop(server)
     t0 = time.monotonic()
     go.write_text("")
-    out, err = faulted.communicate(timeout=180)
+    err = _finish(faulted, 300)
     failed_after = time.monotonic() - t0
     lines = _errors(err)
     assert faulted.returncode == 2 and len(lines) == 1, err[-3000:]
@@ -229,7 +263,7 @@ def test_s3_outage_mid_run_then_exact_resume(tmp_path, shards):
     try:
         _upload(shards, bucket, endpoint)
         resumed = run("outage", env=_env(**S3_ENV, AWS_ENDPOINT_URL=endpoint))
-        out, err = resumed.communicate(timeout=300)
+        err = _finish(resumed, 600)
     finally:
         stop(server)
     assert resumed.returncode == 0, err[-3000:]

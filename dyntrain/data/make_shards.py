@@ -12,7 +12,8 @@ from typing import Optional
 from ..errors import DyntrainError, cli_main
 from ..logs import get_logger, setup_logging
 from .patches import ShardBuildConfig
-from .shards import build_shards
+from .s3 import DataSourceError
+from .shards import build_shards, empty_build_message
 
 log = get_logger(__name__)
 
@@ -80,6 +81,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if isinstance(exc, DyntrainError):
             raise
         raise DyntrainError(f"make_shards: {exc}") from None
+    if manifest["num_samples"] == 0:   # every patch filtered out: the manifest says why, but no data
+        raise DataSourceError(empty_build_message(args.src, manifest["counts"], args.patch_size, args.out))
     print(json.dumps({"out": args.out, "num_shards": manifest["num_shards"],
                       "num_samples": manifest["num_samples"], "counts": manifest["counts"]}))
     return 0

@@ -122,6 +122,16 @@ def build_shards(srcs: list[str | Path], out: str, cfg: Optional[ShardBuildConfi
         output.close()
 
 
+def empty_build_message(srcs: list[str], counts: dict[str, Any], patch_size: int, out: str) -> str:
+    """What a build that kept no patch says: the source folders and every count."""
+    c = counts
+    dropped = ", ".join(f"{k} {v}" for k, v in sorted(c["patches_dropped"].items())) or "none"
+    return (f"no usable image in {', '.join(srcs)}: {c['images_found']} image(s) found, "
+            f"{c['images_used']} used, {c['images_too_small']} smaller than the patch size {patch_size}, "
+            f"{c['images_corrupt']} unreadable; patches {c['patches_total']} cut, {c['patches_kept']} kept "
+            f"(dropped: {dropped}); no shard in {out}")
+
+
 class _Builder:
     """One build: consumes the per-image results in source order, cuts shards, publishes them."""
 
@@ -185,16 +195,10 @@ class _Builder:
         return self._finish(fingerprint, t0)
 
     def _refuse_empty(self) -> None:
-        """No patch survived: fail naming the sources and the counts, before any manifest is written."""
-        c = self.counts
-        if c["patches_kept"] > 0:
-            return
-        dropped = ", ".join(f"{k} {v}" for k, v in sorted(c["patches_dropped"].items())) or "none"
-        raise DataSourceError(
-            f"no usable image in {', '.join(self.src_names)}: {c['images_found']} image(s) found, "
-            f"{c['images_used']} used, {c['images_too_small']} smaller than the patch size "
-            f"{self.cfg.patch_size}, {c['images_corrupt']} unreadable; patches {c['patches_total']} cut, "
-            f"0 kept (dropped: {dropped}); nothing was written to {self.output.url}")
+        """No usable image (none found, all too small or unreadable): fail before anything is written."""
+        if self.counts["images_used"] == 0:
+            raise DataSourceError(empty_build_message(self.src_names, self.counts, self.cfg.patch_size,
+                                                      self.output.url))
 
     def _dropped(self) -> int:
         return sum(self.counts["patches_dropped"].values())
