@@ -122,8 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser, "YAML with eval.sets and tracking (the fine-tuning config)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
-    if cfg is None:
-        return 2
     common.set_threads(args.threads)
     tolerances = sorted(set(args.tolerances) | {0.05})
     result = run(args.checkpoint, cfg, args.router, tolerances, args.device)

@@ -25,6 +25,7 @@ import numpy as np
 
 from .data.degradations import PRESETS, TABLE
 from .data.paired_base import haze_clean_stem
+from .errors import DyntrainError
 from .images import list_images, read_image
 from .testsets import mio_folders, mio_task
 
@@ -35,7 +36,7 @@ TASK_LABELS = {"sots": "SOTS", "rain100l": "Rain100L", "bsd68_s15": "BSD68 s15",
 TASK_LABELS.update({mio_task(p, t): f"MiO-{p} {t}" for p in PRESETS for t in TABLE})
 
 
-class EvalDataError(ValueError):
+class EvalDataError(DyntrainError, ValueError):
     """A test-set folder, file or pairing that is missing or inconsistent."""
 
 

@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 import torch
 
+from .errors import DyntrainError
 from .config import PARAMETER_FIELDS, Config, dynet_config_from_dict
 from .logs import get_logger, setup_logging
 from .model_factory import build_model
@@ -30,7 +31,7 @@ from .model_factory import build_model
 log = get_logger(__name__)
 
 
-class InitCheckpointError(ValueError):
+class InitCheckpointError(DyntrainError, ValueError):
     """``init.checkpoint`` is missing or does not fit the model."""
 
 

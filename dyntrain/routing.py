@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import torch
 
+from .errors import DyntrainError
 from .logs import get_logger
 
 log = get_logger(__name__)
@@ -27,7 +28,7 @@ HOW_TO_TRAIN = ("train one with: python launch/train_router.py --checkpoint CKPT
                 "configs/finetune_X.yaml (it is saved beside the weights), or pass --router FILE")
 
 
-class RouterError(ValueError):
+class RouterError(DyntrainError, ValueError):
     """A router file that is missing, unreadable, or belongs to another model or variant set."""
 
 

@@ -27,12 +27,13 @@ from typing import Mapping, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .errors import DyntrainError
 from .seeds import splitmix64  # noqa: F401 - re-exported: the variant draw's mixing function
 
 _MASK64 = (1 << 64) - 1
 
 
-class VariantMismatchError(RuntimeError):
+class VariantMismatchError(DyntrainError, RuntimeError):
     """Ranks disagree on the variant of an iteration (or one did not answer the check)."""
 
 

@@ -32,13 +32,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .errors import DyntrainError
 from .logs import get_logger
 from .schedule import VariantSchedule, verify_draw
 from .tracking import ConsoleTracker, GPUHourAccount, NullTracker, RunHeader, TrackerGroup
 from .tracking.window import StepWindow
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(DyntrainError, FloatingPointError):
     """The loss of a step was NaN or Inf (on at least one rank)."""
 
 

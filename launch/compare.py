@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from dyntrain.compare import collect_runs, format_tables, log_comparison  # noqa: E402
 from dyntrain.compare_plot import plot  # noqa: E402
 from dyntrain.config import load_config  # noqa: E402
+from dyntrain.errors import cli_main  # noqa: E402
 from dyntrain.logs import setup_logging  # noqa: E402
 
 
@@ -48,4 +49,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

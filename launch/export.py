@@ -19,8 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from dyntrain.checkpoint import CheckpointError, ensure_universal, resolve_tag_dir  # noqa: E402
-from dyntrain.config import ConfigError, dynet_config_from_dict  # noqa: E402
+from dyntrain.checkpoint import ensure_universal, resolve_tag_dir  # noqa: E402
+from dyntrain.config import dynet_config_from_dict  # noqa: E402
+from dyntrain.errors import cli_main  # noqa: E402
 from dyntrain.weights import consolidated_weights, save_weights  # noqa: E402
 
 
@@ -34,21 +35,17 @@ def main(argv: list[str] | None = None) -> int:
                      help="convert the tag to DeepSpeed's universal format instead")
     parser.add_argument("--workers", type=int, default=1, help="processes for --universal")
     args = parser.parse_args(argv)
-    try:
-        if args.universal:
-            where = ensure_universal(resolve_tag_dir(args.checkpoint, args.tag), workers=args.workers)
-            print(f"universal checkpoint: {where}")
-            return 0
-        weights, model_cfg, info = consolidated_weights(args.checkpoint, args.tag)
-        if model_cfg is None:
-            print(f"warning: {args.checkpoint} carries no model config; restore.py will need --config",
-                  file=sys.stderr)
-        else:  # the run's model section (any form) -> DyNetConfig's own dict
-            model_cfg = dynet_config_from_dict(model_cfg, where=f"{args.checkpoint}: model").to_dict()
-        path = save_weights(args.out, weights, model_cfg, info)
-    except (CheckpointError, ConfigError) as exc:
-        print(f"export error: {exc}", file=sys.stderr)
-        return 1
+    if args.universal:
+        where = ensure_universal(resolve_tag_dir(args.checkpoint, args.tag), workers=args.workers)
+        print(f"universal checkpoint: {where}")
+        return 0
+    weights, model_cfg, info = consolidated_weights(args.checkpoint, args.tag)
+    if model_cfg is None:
+        print(f"warning: {args.checkpoint} carries no model config; restore.py will need --config",
+              file=sys.stderr)
+    else:  # the run's model section (any form) -> DyNetConfig's own dict
+        model_cfg = dynet_config_from_dict(model_cfg, where=f"{args.checkpoint}: model").to_dict()
+    path = save_weights(args.out, weights, model_cfg, info)
     n = sum(t.numel() for t in weights.values())
     print(f"exported {len(weights)} tensors ({n:,} parameters, fp32) of {info['tag']} "
           f"(step {info['step']}) to {path}")
@@ -56,4 +53,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

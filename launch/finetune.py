@@ -14,17 +14,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from dyntrain.config import training_config  # noqa: E402
+from dyntrain.config import ConfigError, training_config  # noqa: E402
+from dyntrain.errors import cli_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = training_config(argv, __doc__, "YAML config (e.g. configs/finetune_allinone.yaml)")
-    if cfg is None:
-        return 2
     if cfg.data.source not in ("paired", "paired_shards", "synthetic"):
-        print(f"config error: data.source: fine-tuning reads 'paired' (task folders under data.root), "
-              f"'paired_shards' or 'synthetic', got {cfg.data.source!r}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"data.source: fine-tuning reads 'paired' (task folders under data.root), "
+                          f"'paired_shards' or 'synthetic', got {cfg.data.source!r}")
 
     from dyntrain.finetune import run_finetune
 
@@ -33,4 +31,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

@@ -11,12 +11,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from dyntrain.config import training_config  # noqa: E402
+from dyntrain.errors import cli_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = training_config(argv, __doc__, "YAML config (defaults: the paper's recipe)")
-    if cfg is None:
-        return 2
 
     from dyntrain.data.pipeline import build_pretrain_loader
     from dyntrain.run import run_training
@@ -26,4 +25,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from dyntrain.config import load_config  # noqa: E402
 from dyntrain.devices import choose_device  # noqa: E402
+from dyntrain.errors import cli_main  # noqa: E402
 from dyntrain.logs import get_logger, setup_logging  # noqa: E402
 from dyntrain.restore import RestoreOptions, load_model, restore_paths  # noqa: E402
 
@@ -65,4 +66,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

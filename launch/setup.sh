@@ -4,10 +4,14 @@
 #   bash launch/setup.sh --dev    plus the test tools
 # On a machine without an NVIDIA GPU the pinned CPU build of torch is installed first, so that no
 # CUDA packages are pulled by anything that depends on torch.
+# DALI's wheel follows the driver (launch/dali_flavour.sh): extra cuda12 or cuda13 by nvidia-smi's
+# "CUDA Version", cuda13 (nvidia-dali-cuda130, as always) without a GPU; DYNTRAIN_DALI_FLAVOUR overrides.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extra=""
-[ "${1:-}" = "--dev" ] && extra="[dev]"
+source launch/dali_flavour.sh
+dali=$(dali_extra "$(machine_cuda_version)")
+extra="[$dali]"
+[ "${1:-}" = "--dev" ] && extra="[dev,$dali]"
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet)
@@ -21,5 +25,11 @@ else
     .venv/bin/python -c "import torch, sys; sys.exit(0 if '+cpu' in torch.__version__ or not torch.version.cuda else 1)" 2>/dev/null \
         || echo "warning: installed torch is a CUDA build on a machine without a GPU" >&2
 fi
+other=nvidia-dali-cuda120
+[ "$dali" = cuda12 ] && other=nvidia-dali-cuda130
+if .venv/bin/python -m pip show --quiet "$other" >/dev/null 2>&1; then
+    .venv/bin/python -m pip uninstall --quiet --yes "$other"   # both flavours provide nvidia.dali
+fi
 "${pip[@]}" -e ".${extra}"
+echo "DALI: the [$dali] extra (launch/dali_flavour.sh)"
 echo "setup done: $(.venv/bin/python -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)' 2>/dev/null)"

@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from dyntrain.config import add_config_arguments, config_from_args  # noqa: E402
+from dyntrain.errors import cli_main  # noqa: E402
 from dyntrain.logs import setup_logging  # noqa: E402
 
 
@@ -37,8 +38,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="where labels are made and the router trains (default: run.device)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
-    if cfg is None:
-        return 2
     setup_logging()
 
     from dyntrain.routing_train import run_train_router
@@ -50,4 +49,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

@@ -17,6 +17,12 @@ in addition to the script's own (nothing under dyntrain/ or launch/ knows about 
     --corrupt-draw RANK@STEP
                          ``schedule_hook``: rank RANK draws the next variant (sorted order) from
                          STEP on, so that the cross-rank check (``schedule.verify_every``) must fail
+    --pause-at STEP@FILE ``trainer_hook``: after step STEP every rank writes FILE.waiting and waits
+                         (at most 300 s) until FILE exists, so that a test can break something
+                         (stop the S3 server) at a known point of the run
+    --cli                run the script's ``main`` through ``dyntrain.errors.cli_main``, as its
+                         ``__main__`` block does (one ``error:`` line and status 2 for the project's
+                         errors); without it the project's errors keep their traceback
 
 The hook builders are importable for entry points that call ``run_training`` themselves
 (``tests/test_engine_multirank.py``).
@@ -28,6 +34,7 @@ import importlib.util
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -98,6 +105,24 @@ def with_before_commit(factory: Callable, before_commit: Callable[[int, Path], N
     return make
 
 
+def pause_at(step: int, go_file: str | Path) -> Callable:
+    """``trainer_hook``: a callback that holds the run after ``step`` until ``go_file`` exists."""
+    go = Path(go_file)
+
+    def callback(trainer, done_step: int, metrics: dict) -> None:
+        if done_step != step:
+            return
+        Path(f"{go}.waiting").write_text(str(done_step))
+        deadline = time.monotonic() + 300
+        while not go.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def hook(trainer) -> None:
+        trainer.add_callback(callback)
+
+    return hook
+
+
 def _chain(first: Optional[Callable], second: Callable) -> Callable:
     if first is None:
         return second
@@ -122,6 +147,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--trace", default=None)
     parser.add_argument("--ckpt-fault", default=None)
     parser.add_argument("--corrupt-draw", default=None)
+    parser.add_argument("--pause-at", default=None)
+    parser.add_argument("--cli", action="store_true")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     parser.add_argument("script", help="launch script whose main() runs the job")
     parser.add_argument("args", nargs=argparse.REMAINDER)
@@ -131,6 +158,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     extra: dict = {}
     trainer_hook = trace_hook(a.trace) if a.trace else None
+    if a.pause_at:
+        step, _, go_file = a.pause_at.partition("@")
+        if not step.isdigit() or not go_file:
+            raise SystemExit(f"rank_entry: --pause-at wants STEP@FILE, got {a.pause_at!r}")
+        trainer_hook = _chain(trainer_hook, pause_at(int(step), go_file))
     if a.corrupt_draw:
         rank, start = _at(a.corrupt_draw, "--corrupt-draw")
         extra["schedule_hook"] = corrupt_draw(int(rank), start)
@@ -153,6 +185,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     spec = importlib.util.spec_from_file_location("launch_script", a.script)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    if a.cli:
+        from dyntrain.errors import cli_main
+        return cli_main(script.main, a.args)
     return script.main(a.args)
 
 

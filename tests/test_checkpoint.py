@@ -305,7 +305,6 @@ def test_resume_choice(tmp_path):
     _fake_tag(tmp_path, 30, complete=False)
     (tmp_path / ck.LATEST).write_text("step_00000010")   # stale pointer: a crash before it moved
     assert ck.CheckpointManager(cfg(), None, 0, 1).find_resume() == "step_00000020"
-    assert ck.CheckpointManager(cfg(resume="never"), None, 0, 1).find_resume() is None
     assert ck.CheckpointManager(cfg(resume="step_00000010"), None, 0, 1).find_resume() == "step_00000010"
     assert ck.CheckpointManager(cfg(resume="10"), None, 0, 1).find_resume() == "step_00000010"
     with pytest.raises(ck.CheckpointError, match="step_00000040 does not exist"):
@@ -313,6 +312,25 @@ def test_resume_choice(tmp_path):
     # a file that shrank after the marker was written (lost on the shared filesystem): skipped
     (tmp_path / "step_00000020" / "mp_rank_00_model_states.pt").write_bytes(b"x")
     assert ck.CheckpointManager(cfg(), None, 0, 1).find_resume() == "step_00000010"
+
+
+def test_fresh_start_refused_or_overwritten(tmp_path):
+    """resume=never into a folder with another run's tags: one error naming the folder and its
+    newest tag; checkpoint.overwrite deletes them first, so the new run's tags stand alone."""
+    cfg = lambda **kw: _ckcfg(str(tmp_path), resume="never", **kw)  # noqa: E731
+    assert ck.CheckpointManager(cfg(), None, 0, 1).find_resume() is None   # empty folder: fine
+    for s in (200, 300):
+        _fake_tag(tmp_path, s)
+    (tmp_path / ck.LATEST).write_text("step_00000300")
+    with pytest.raises(ck.CheckpointError) as err:
+        ck.CheckpointManager(cfg(), None, 0, 1).find_resume()
+    msg = str(err.value)
+    assert str(tmp_path) in msg and "step_00000300" in msg and "checkpoint.overwrite=true" in msg
+    assert "\n" not in msg and [i.tag for i in ck.list_checkpoints(tmp_path)] == ["step_00000200",
+                                                                                "step_00000300"]
+    assert ck.CheckpointManager(cfg(overwrite=True), None, 0, 1).find_resume() is None
+    assert ck.list_checkpoints(tmp_path) == [] and not (tmp_path / ck.LATEST).exists()
+    assert ck.newest_complete(tmp_path) is None   # the next auto-resume cannot pick the old run
 
 
 def test_config_section_drives_manager(tmp_path):

@@ -25,8 +25,6 @@ def progress(argv: list[str]) -> int:
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
-    if cfg is None:
-        return 2
     info = newest_complete(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
     step = info.step if info else None
     finished = int(step is not None and step >= cfg.run.max_steps)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..errors import DyntrainError
 from ..logs import get_logger
 
 log = get_logger(__package__)  # lines read "[time checkpoint] ..."
@@ -35,7 +36,7 @@ STATE_KEY = "dyntrain"          # the one key of DeepSpeed's client state that h
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DyntrainError, RuntimeError):
     """A checkpoint that cannot be found, written, read or resumed from (names the path or tag)."""
 
 

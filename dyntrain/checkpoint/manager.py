@@ -6,7 +6,8 @@ meet at a barrier; only then does rank 0 write ``COMPLETE`` (temp file + fsync +
 replace ``latest`` the same way. A tag without ``COMPLETE`` does not exist as far as resuming is
 concerned, so a run killed while writing leaves the previous checkpoint as the newest usable one.
 Resuming picks the complete tag with the highest step (not blindly ``latest``) and checks that
-every file the marker lists is present with its recorded size.
+every file the marker lists is present with its recorded size. A fresh start into a folder that
+holds tags is refused (or, with ``checkpoint.overwrite``, clears them first): two runs' tags never mix.
 
 Retention (rank 0, after each save): keep the newest ``checkpoint.keep`` complete tags plus every
 tag whose step is a multiple of ``checkpoint.milestone_every``; delete older complete tags and
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..errors import one_line
 from ..logs import get_logger
 from .collective import all_gather, barrier, broadcast
 from .files import atomic_write_text, fsync_dir, fsync_file, remove_tag
@@ -101,17 +103,22 @@ class CheckpointManager:
             ok = self.engine.save_checkpoint(str(self.dir), tag=tag, client_state=stored,
                                              save_latest=False)
         except Exception as exc:
-            raise CheckpointError(f"DeepSpeed could not write checkpoint {tag_dir}: {exc}") from exc
+            raise CheckpointError(f"DeepSpeed could not write checkpoint {tag_dir}: "
+                                  f"{one_line(exc)}{_free_space(self.dir)}") from exc
         if ok is False:
-            raise CheckpointError(f"DeepSpeed could not write checkpoint {tag_dir}")
+            raise CheckpointError(f"DeepSpeed could not write checkpoint {tag_dir}{_free_space(self.dir)}")
         if self.before_commit is not None:
             self.before_commit(int(step), tag_dir)
-        for p in sorted(tag_dir.iterdir()):   # make what this rank wrote durable
-            if p.is_file() and owner_rank(p.name) == self.rank:
-                fsync_file(p)
-        barrier()
-        if self.rank == 0:
-            self._commit(step, tag_dir)
+        try:
+            for p in sorted(tag_dir.iterdir()):   # make what this rank wrote durable
+                if p.is_file() and owner_rank(p.name) == self.rank:
+                    fsync_file(p)
+            barrier()
+            if self.rank == 0:
+                self._commit(step, tag_dir)
+        except OSError as exc:   # a full or failing disk; `latest` still names the previous tag
+            raise CheckpointError(f"cannot complete checkpoint {tag_dir}: {exc}"
+                                  f"{_free_space(self.dir)}") from exc
         barrier()
         self._say(f"saved {tag_dir} ({self.world_size} rank(s), {time.perf_counter() - t0:.1f} s)")
         return tag
@@ -171,6 +178,7 @@ class CheckpointManager:
     def _choose(self) -> Optional[str]:
         mode = (self.cfg.resume or "auto").strip()
         if mode == "never":
+            self._clear_for_fresh_start()
             return None
         if mode in ("auto", "latest"):
             info = newest_complete(self.dir)
@@ -189,6 +197,28 @@ class CheckpointManager:
         if problem:
             raise CheckpointError(f"checkpoint.resume={mode}: {problem}")
         return tag
+
+    def _clear_for_fresh_start(self) -> None:
+        """Rank 0, before a fresh start (``checkpoint.resume=never``): tags already in
+        ``checkpoint.dir`` belong to another run, and the new run's tags would mix with them (its
+        step 200 replacing theirs while their step 300 stays the newest). Refused, naming the folder
+        and its newest tag, unless ``checkpoint.overwrite`` is set: then they are deleted first."""
+        others = list_checkpoints(self.dir)
+        if not others:
+            return
+        newest = others[-1]
+        held = (f"{len(others)} checkpoint(s) of another run, newest {newest.tag}"
+                + ("" if newest.complete else " (incomplete)"))
+        if not getattr(self.cfg, "overwrite", False):
+            raise CheckpointError(
+                f"checkpoint.dir {self.dir} holds {held}: a fresh start (checkpoint.resume=never) would "
+                f"mix its tags with them; resume it (checkpoint.resume=auto), choose another "
+                f"checkpoint.dir, or set checkpoint.overwrite=true to delete them first")
+        log.warning(f"checkpoint.overwrite=true: deleting {held} from {self.dir}")
+        for info in others:
+            remove_tag(info.path)
+        (self.dir / LATEST).unlink(missing_ok=True)
+        fsync_dir(self.dir)
 
     def load(self, tag: str) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
         """Restore weights, optimizer and LR schedule from ``tag`` (all ranks); returns
@@ -245,6 +275,14 @@ class CheckpointManager:
         if path is None or not stored or STATE_KEY not in stored:
             raise CheckpointError(f"{self.dir / load_tag} holds no dyntrain client state")
         return stored[STATE_KEY]
+
+
+def _free_space(path: Path) -> str:
+    """" (N MiB free on its filesystem)" for an error message; empty when unknown."""
+    try:
+        return f" ({shutil.disk_usage(path).free / 2**20:.1f} MiB free on its filesystem)"
+    except OSError:
+        return ""
 
 
 def _ds_version() -> str:

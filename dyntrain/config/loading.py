@@ -8,11 +8,8 @@ from typing import Any, Optional
 
 import yaml
 
-from ..logs import get_logger
 from .tree import Config
 from .typed import ConfigError
-
-log = get_logger(__name__)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -63,21 +60,17 @@ def add_config_arguments(parser: Any, config_help: str = "YAML config") -> None:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value (value parsed as YAML)")
 
 
-def config_from_args(args: Any) -> Optional[Config]:
-    """Load ``args.config`` + ``args.overrides``; on a bad config log the one error naming the key
-    or file (stderr) and return None (the caller exits with status 2)."""
-    try:
-        return load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        log.error(f"config error: {exc}")
-        return None
+def config_from_args(args: Any) -> Config:
+    """Load ``args.config`` + ``args.overrides``; a bad config raises ``ConfigError`` naming the key
+    or file (``dyntrain.errors.cli_main`` prints it as one line, exit status 2)."""
+    return load_config(args.config, args.overrides)
 
 
 def training_config(argv: Optional[list[str]], description: Optional[str],
-                    config_help: str = "YAML config") -> Optional[Config]:
+                    config_help: str = "YAML config") -> Config:
     """The command line of a training entry point (pre-training, fine-tuning): ``--config``, dotted
-    overrides and the ``--local_rank`` the deepspeed launcher appends. Returns the config, or None
-    after logging the one config error (the caller exits with status 2)."""
+    overrides and the ``--local_rank`` the deepspeed launcher appends. Returns the config; a bad one
+    raises ``ConfigError``."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawTextHelpFormatter)
     add_config_arguments(parser, config_help)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed

@@ -189,12 +189,16 @@ class CheckpointConfig:
     keep: newest checkpoints kept; older ones are deleted (milestones excepted).
     milestone_every: additionally keep every checkpoint whose step is a multiple of this (0 = none).
     resume: "auto" (newest complete checkpoint in dir, if any), "never", or a tag to load.
+    overwrite: a fresh start (resume=never) into a dir that holds checkpoints deletes them first
+        (and resuming from a tag deletes the newer tags of the abandoned timeline); when False
+        (default) such a start is refused, so two runs' tags never mix.
     """
     dir: Optional[str] = "runs/checkpoints"
     every: int = 1000
     keep: int = 3
     milestone_every: int = 0
     resume: str = "auto"
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.keep < 1:

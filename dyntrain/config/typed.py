@@ -11,8 +11,10 @@ import types
 import typing
 from typing import Any, Literal, Union
 
+from ..errors import DyntrainError
 
-class ConfigError(ValueError):
+
+class ConfigError(DyntrainError, ValueError):
     """A config key that does not exist, or a value of the wrong type or range."""
 
 

@@ -9,10 +9,11 @@ import json
 import sys
 from typing import Optional
 
+from ..errors import DyntrainError, cli_main
 from ..logs import get_logger, setup_logging
 from .patches import ShardBuildConfig
 from .s3 import DataSourceError
-from .shards import build_shards
+from .shards import build_shards, empty_build_message
 
 log = get_logger(__name__)
 
@@ -76,13 +77,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                                quality_max=qmax, quality_hook=args.quality_hook,
                                workers=args.workers, prefix=args.prefix)
         manifest = build_shards(args.src, args.out, cfg, force=args.force, progress=not args.quiet)
-    except (DataSourceError, ValueError) as exc:
-        log.error("make_shards: error: %s", exc)
-        return 2
+    except ValueError as exc:  # a bad option value (ShardBuildConfig); DyntrainErrors pass through
+        if isinstance(exc, DyntrainError):
+            raise
+        raise DyntrainError(f"make_shards: {exc}") from None
+    if manifest["num_samples"] == 0:   # every patch filtered out: the manifest says why, but no data
+        raise DataSourceError(empty_build_message(args.src, manifest["counts"], args.patch_size, args.out))
     print(json.dumps({"out": args.out, "num_shards": manifest["num_shards"],
                       "num_samples": manifest["num_samples"], "counts": manifest["counts"]}))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

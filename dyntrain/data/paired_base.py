@@ -29,13 +29,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..errors import DyntrainError
 from ..images import IMAGE_EXTS, list_images
 from ..seeds import mix_seed
 
 TASKS = ("denoise", "derain", "dehaze")
 
 
-class PairedDataError(ValueError):
+class PairedDataError(DyntrainError, ValueError):
     """A fine-tuning folder, file or pairing that is missing or inconsistent."""
 
 

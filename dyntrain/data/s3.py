@@ -17,10 +17,12 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from ..errors import DyntrainError
+
 MiB = 1024 * 1024
 
 
-class DataSourceError(RuntimeError):
+class DataSourceError(DyntrainError, RuntimeError):
     """A shard, index or prefix that cannot be read or written; the message names the URL."""
 
 

@@ -32,8 +32,19 @@ def share_size(total: int, rank: int, world_size: int) -> int:
 
 
 def short_error(exc: BaseException, lines: int = 12) -> str:
-    """The last ``lines`` non-empty lines of an exception's text (DALI's errors are long)."""
-    text = [ln for ln in str(exc).splitlines() if ln.strip()]
+    """The last ``lines`` non-empty lines of an exception's text (DALI's errors are long), without
+    the pipeline-definition traceback DALI quotes (our own source lines, not the cause)."""
+    text, skip = [], 0
+    for ln in str(exc).splitlines():
+        stripped = ln.strip()
+        if skip:                     # the quoted source line under a 'File "...", line N'
+            skip -= 1
+            continue
+        if stripped.startswith('File "'):
+            skip = 1
+            continue
+        if stripped and not stripped.startswith("which was used in the pipeline definition"):
+            text.append(ln)
     return "\n".join(text[-lines:])
 
 

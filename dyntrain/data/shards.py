@@ -117,17 +117,28 @@ def build_shards(srcs: list[str | Path], out: str, cfg: Optional[ShardBuildConfi
                          manifest["num_samples"], manifest["num_shards"])
             manifest["up_to_date"] = True
             return manifest
-        return _Builder(sources, output, cfg, progress).run(fingerprint)
+        return _Builder(sources, output, cfg, progress, [str(s) for s in srcs]).run(fingerprint)
     finally:
         output.close()
+
+
+def empty_build_message(srcs: list[str], counts: dict[str, Any], patch_size: int, out: str) -> str:
+    """What a build that kept no patch says: the source folders and every count."""
+    c = counts
+    dropped = ", ".join(f"{k} {v}" for k, v in sorted(c["patches_dropped"].items())) or "none"
+    return (f"no usable image in {', '.join(srcs)}: {c['images_found']} image(s) found, "
+            f"{c['images_used']} used, {c['images_too_small']} smaller than the patch size {patch_size}, "
+            f"{c['images_corrupt']} unreadable; patches {c['patches_total']} cut, {c['patches_kept']} kept "
+            f"(dropped: {dropped}); no shard in {out}")
 
 
 class _Builder:
     """One build: consumes the per-image results in source order, cuts shards, publishes them."""
 
     def __init__(self, sources: list[Path], output: ShardOutput, cfg: ShardBuildConfig,
-                 progress: bool) -> None:
+                 progress: bool, src_names: list[str]) -> None:
         self.sources, self.output, self.cfg, self.progress = sources, output, cfg, progress
+        self.src_names = src_names
         self.counts: dict[str, Any] = {"images_found": len(sources), "images_used": 0,
                                        "images_too_small": 0, "images_corrupt": 0,
                                        "patches_total": 0, "patches_kept": 0, "patches_dropped": {}}
@@ -179,7 +190,14 @@ class _Builder:
             log.info("[make_shards] images %d/%d (%.1f/s) | patches kept %d dropped %d | shards %d",
                      n, n, n / max(seconds, 1e-9), self.counts["patches_kept"], self._dropped(),
                      len(self.shards))
+        self._refuse_empty()
         return self._finish(fingerprint, t0)
+
+    def _refuse_empty(self) -> None:
+        """No usable image (none found, all too small or unreadable): fail before anything is written."""
+        if self.counts["images_used"] == 0:
+            raise DataSourceError(empty_build_message(self.src_names, self.counts, self.cfg.patch_size,
+                                                      self.output.url))
 
     def _dropped(self) -> int:
         return sum(self.counts["patches_dropped"].values())

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from ...errors import DyntrainError
 from ...seeds import seed_sequence
 from .blur import blur
 from .compress import jpeg
@@ -26,7 +27,7 @@ PRESETS = ("in", "out")
 Range = tuple[float, float, str]
 
 
-class DegradationError(ValueError):
+class DegradationError(DyntrainError, ValueError):
     """An unknown task or preset, or parameters that do not fit a degradation."""
 
 
