@@ -203,3 +203,18 @@ def test_stop_request_on_one_rank_stops_both_after_the_same_step():
                 p.kill()
     assert [p.exitcode for p in procs] == [0, 0]
     assert results == [(0, 6, True, [6]), (1, 6, True, [6])]
+
+
+def test_gpu_suite_names_the_fastest_zero_stage_for_pretrain_yaml():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from gpu_stages import fastest_zero_stage
+
+    measured = {"2": {"S": 10.0, "L": 20.0, "dynamic": 16.0}, "0": {"S": 9.0, "L": 19.0, "dynamic": 15.5},
+                "1": {"S": 9.5, "L": 21.0, "dynamic": 16.5}}
+    assert fastest_zero_stage(measured) == 0
+    assert fastest_zero_stage({"2": measured["2"]}) == 2
+    with pytest.raises(ValueError, match="no ZeRO stage"):
+        fastest_zero_stage({})
