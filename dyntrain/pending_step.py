@@ -33,6 +33,7 @@ class StepTimer:
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
+        self.device = device
         self._t0 = time.perf_counter()
         self._t1: Optional[float] = None
         if self.cuda:
@@ -43,7 +44,7 @@ class StepTimer:
     def stop(self) -> None:
         """Mark the end of the step's work (queued, on CUDA)."""
         if self.cuda:
-            self._end.record(torch.cuda.current_stream())
+            self._end.record(torch.cuda.current_stream(self.device))
         else:
             self._t1 = time.perf_counter()
 
