@@ -339,7 +339,8 @@ def train_phase(cfg, engine, loader, schedule, info, steps: int, start: int = 0)
     trainer.step = start  # the schedule's draws continue where the previous chunk stopped
     records: list[dict[str, Any]] = []
     trainer.add_callback(lambda _t, _step, m: records.append(
-        {k: m[k] for k in ("variant", "step_time_s", "data_wait_s", "loss")}))
+        {k: m[k] for k in ("variant", "step_time_s", "data_wait_s", "loss")}),
+        at=lambda _step: False)  # records need no step read early: keep the hot path unsynchronised
     sync(info.device)
     result = trainer.train()
     sync(info.device)

@@ -195,7 +195,7 @@ def dynamic_vs_separate(rec: Recorder) -> None:
     lacking = missing(("deepspeed", "deepspeed"), ("yaml", "pyyaml"))
     if lacking:
         _skip_stage(rec, lacking, ("gpu_hours_saved_frac", "switch_penalty_s",
-                                   "zero_stage_step_ms"))
+                                   "zero_stage_step_ms", "fastest_zero_stage"))
         return
     import common
     import dynamic_vs_separate as dvs
@@ -238,6 +238,7 @@ def dynamic_vs_separate(rec: Recorder) -> None:
                    | {"steps": steps, "warmup": warmup, "bf16": ds_config["bf16"]["enabled"],
                       "compile": cfg.model.compile, "channels_last": cfg.model.channels_last})
         rec.figure("zero_stage_step_ms", step_ms)
+        rec.figure("fastest_zero_stage", fastest_zero_stage(step_ms))
         if zero == 2:
             rec.figure("gpu_hours_saved_frac", run["gpu_hours_saved_frac"])
             rec.figure("expected_saved_frac", run["expected_saved_frac"])
@@ -245,6 +246,14 @@ def dynamic_vs_separate(rec: Recorder) -> None:
             rec.figure("switch_penalty_s", run["switch_penalty_s"],
                        "no step followed both a switch and its own variant")
     shutdown_distributed()
+
+
+def fastest_zero_stage(step_ms: dict[str, dict[str, float]]) -> int:
+    """The ZeRO stage whose dynamic S/L training took the least time per step (``step_ms``: stage ->
+    {"dynamic": ms, ...}); what ``deepspeed.zero_stage`` of configs/pretrain.yaml should be."""
+    if not step_ms:
+        raise ValueError("fastest_zero_stage: no ZeRO stage was measured")
+    return int(min(step_ms, key=lambda zero: step_ms[zero]["dynamic"]))
 
 
 def _fit_first(rec: Recorder, reserve_s: float = 60.0, engine_factor: float = 1.3) -> int:

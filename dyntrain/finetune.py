@@ -105,14 +105,17 @@ def make_eval_hook(cfg: Config):
             evaluator.pairs = load_test_sets(dict(cfg.eval.sets), cfg.eval.noise_seed, cfg.eval.max_images)
         zero3 = cfg.deepspeed.zero_stage == 3
 
+        def due(step: int) -> bool:
+            return evaluator.due(step) or step == cfg.run.max_steps
+
         def callback(tr, step: int, metrics: dict) -> None:
-            if not (evaluator.due(step) or step == cfg.run.max_steps):
+            if not due(step):
                 return
             copy = plain_copy(tr.engine.module, tr.rank == 0, zero3)
             if copy is not None:
                 evaluator(copy.to(tr.device), step)
 
-        trainer.add_callback(callback)
+        trainer.add_callback(callback, at=due)  # the host waits for a step only where it evaluates
 
     return hook
 

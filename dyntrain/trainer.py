@@ -6,44 +6,39 @@ between the output clamped to [0, 1] and the clean target, and DeepSpeed does ba
 The loader is any iterator of batch dicts (see the data contract): the trainer does not care whether
 it is the DALI pre-training stream or the paired fine-tuning data.
 
-Per micro-batch the ranks all-reduce (loss, stop request): the summed loss is what is logged, and a
-NaN/Inf on any rank is seen by every rank at once, so all of them raise ``NonFiniteLossError``
-(naming step and variant) before backward — no corrupt update is applied and nothing is saved. A
+No host synchronisation inside a step: per micro-batch the (loss, stop request) flags stay on the
+device (all-reduced asynchronously across ranks, see ``dyntrain.pending_step``), and step t's flags
+are read on the host only after step t+1 has been queued, or at once where the host must know: before
+a checkpoint save, before a progress line, at the last step, after a stop request, and at steps a
+callback asks for. A NaN/Inf loss at step t therefore raises ``NonFiniteLossError`` (naming step t and
+its variant) on every rank at the latest one step later and always before any checkpoint; a
 checkpoint is written only after an all-rank check that every weight is finite. A stop request (a
-signal handler calls ``request_checkpoint``) travels in the same all-reduce, so all ranks stop after
-the same step, save, and ``train`` returns with ``stopped_early=True``.
-
-Trace (debugging, tests): after ``enable_trace(directory)`` every rank writes ``trace_rank<r>.json``
-there at the end of ``train`` (per-step variant, loss and sample keys, and a SHA-256 of the full
-fp32 weights); ``run_training(trainer_hook=...)`` is the place to switch it on.
+signal handler calls ``request_checkpoint``) travels in the flags, so all ranks see it at the same
+point and stop after the same step, save, and ``train`` returns with ``stopped_early=True``.
+Checkpoint state, resume and the trace live in ``dyntrain.trainer_state``.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from .errors import DyntrainError
 from .logs import get_logger
+from .pending_step import NonFiniteLossError, PendingStep, StepTimer
 from .schedule import VariantSchedule, verify_draw
 from .tracking import ConsoleTracker, GPUHourAccount, NullTracker, RunHeader, TrackerGroup
 from .tracking.window import StepWindow
+from .trainer_state import TrainerStateMixin
+
+__all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "CorruptWeightsError", "restoration_loss"]
 
 
-class NonFiniteLossError(DyntrainError, FloatingPointError):
-    """The loss of a step was NaN or Inf (on at least one rank)."""
-
-
-class CorruptWeightsError(FloatingPointError):
+class CorruptWeightsError(DyntrainError, FloatingPointError):
     """A weight is NaN or Inf where a checkpoint was about to be written."""
 
 
@@ -61,8 +56,10 @@ class TrainResult:
 
 log = get_logger(__name__)
 
+Callback = Callable[["Trainer", int, dict], None]
 
-class Trainer:
+
+class Trainer(TrainerStateMixin):
     """Args:
     cfg: the run's ``dyntrain.config.Config``.
     engine: a DeepSpeed engine wrapping DyNet (``engine(x, reuse=...)``).
@@ -102,12 +99,14 @@ class Trainer:
         self.account = GPUHourAccount(world_size, schedule.active)
         self.mlflow_run_id: Optional[str] = None
         self.stopped_early = False
-        self.callbacks: list[Callable[["Trainer", int, dict], None]] = []
+        self.callbacks: list[tuple[Callback, Optional[Callable[[int], bool]]]] = []
         self._stop_requested = False
         self._last_saved_step: Optional[int] = None
         self._trace: Optional[list[dict]] = None    # per-step records once enable_trace() ran
-        self._trace_dir: Optional[Path] = None
+        self._trace_dir = None
         self._last_metrics: dict[str, float] = {}
+        self._window = StepWindow()
+        self._resolved: dict[str, Any] = {}  # the last step read on the host
 
     # ------------------------------------------------------------------------------ hooks
     def request_checkpoint(self) -> None:
@@ -120,94 +119,91 @@ class Trainer:
         if getattr(tracker, "run_id", None):
             self.mlflow_run_id = tracker.run_id
 
-    def add_callback(self, fn: Callable[["Trainer", int, dict], None]) -> None:
-        """``fn(trainer, step, metrics)`` runs on every rank after every optimizer step."""
-        self.callbacks.append(fn)
-
-    def enable_trace(self, directory: str | Path) -> None:
-        """Record every step (variant, loss, sample keys) and write ``<directory>/trace_rank<r>.json``
-        with the final weights' SHA-256 when ``train`` ends (call on every rank: the digest is
-        collective under ZeRO-3)."""
-        self._trace_dir = Path(directory)
-        if self._trace is None:
-            self._trace = []
+    def add_callback(self, fn: Callback, at: Optional[Callable[[int], bool]] = None) -> None:
+        """``fn(trainer, step, metrics)`` runs on every rank for every optimizer step, in order, once
+        that step's metrics are on the host (``step`` = steps done). ``at(step)`` names the steps at
+        which ``fn`` needs the model exactly as that step left it (e.g. an evaluation): the trainer
+        then reads the step before queuing the next one. ``at`` must give the same answer on every
+        rank; None = every step (one host synchronisation per step)."""
+        self.callbacks.append((fn, at))
 
     # ------------------------------------------------------------------------------- step
-    def train_step(self, step: int) -> dict[str, Any]:
-        """Train global iteration ``step`` (all its micro-batches with one variant)."""
+    def train_step(self, step: int) -> PendingStep:
+        """Queue global iteration ``step`` (all its micro-batches with one variant); its flags,
+        loss and time are read later by ``PendingStep.resolve``."""
         variant = self.schedule.variant_at(step)
         reuse = self.schedule.variants[variant]
         every = self.cfg.schedule.verify_every
         if every and step % every == 0:
             verify_draw(step, variant, self.schedule, self.verify_group, self.rank,
                         self.world_size, self.cfg.schedule.verify_timeout_s)
-        t0 = time.perf_counter()
-        lr = _current_lr(self.engine)
-        loss_total, data_wait, samples, stop = 0.0, 0.0, 0, False
-        keys: list[str] = []
+        pending = PendingStep(step, variant, tuple(reuse), self.world_size, _current_lr(self.engine),
+                              StepTimer(self.device))
         for _ in range(self.accum):
             td = time.perf_counter()
             batch = next(self._batches)
-            data_wait += time.perf_counter() - td
+            pending.data_wait += time.perf_counter() - td
             x = batch["input"].to(self.device, self.input_dtype, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = batch["target"].to(self.device, non_blocking=True)
-            out = self.engine(x, reuse=reuse)
-            loss = restoration_loss(out, y)
-            # one small all-reduce: the logged loss, NaN/Inf seen by all ranks, agreed stop
-            shared = torch.stack([loss.detach().float(),
-                                  torch.tensor(float(self._stop_requested), device=loss.device)])
-            if self.world_size > 1:
-                dist.all_reduce(shared)
-            shared = shared.cpu()
-            mean_loss = float(shared[0]) / self.world_size
-            if not np.isfinite(mean_loss):
-                raise NonFiniteLossError(
-                    f"non-finite loss ({mean_loss}) at step {step} (variant {variant}, reuse "
-                    f"{tuple(reuse)}); stopping before the update — no checkpoint written for it")
-            stop = stop or bool(shared[1] > 0)
+            loss = restoration_loss(self.engine(x, reuse=reuse), y)
+            pending.add(loss, self._stop_requested)  # on the device: no host copy here
             self.engine.backward(loss)
             self.engine.step()
-            loss_total += mean_loss
-            samples += int(x.shape[0]) * self.world_size
+            pending.samples += int(x.shape[0]) * self.world_size
             if self._trace is not None:
-                keys.extend(batch.get("keys") or [])
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # honest per-variant step time
-        dt = time.perf_counter() - t0
-        self.account.record(variant, dt)
-        metrics = {"step": step, "variant": variant, "loss": loss_total / self.accum, "lr": lr,
-                   "step_time_s": dt, "data_wait_s": data_wait, "samples": samples, "stop": stop}
+                pending.keys.extend(batch.get("keys") or [])
+        pending.timer.stop()
+        return pending
+
+    def _finish(self, pending: PendingStep) -> bool:
+        """Read a queued step on the host (raises ``NonFiniteLossError``), account, window, trace,
+        callbacks; returns whether a stop was requested on any rank."""
+        m = pending.resolve()
+        self.account.record(m["variant"], m["step_time_s"])
+        self._window.add(m)
         if self._trace is not None:
-            self._trace.append({"step": step, "variant": variant, "loss": metrics["loss"], "keys": keys})
-        return metrics
+            self._trace.append({"step": m["step"], "variant": m["variant"], "loss": m["loss"],
+                                "keys": pending.keys})
+        for fn, _ in self.callbacks:
+            fn(self, m["step"] + 1, m)
+        self._resolved = m
+        return m["stop"]
+
+    def _host_needed(self, done: int) -> bool:
+        """Whether the step that made ``done`` steps must be read before the next is queued."""
+        total, every = self.cfg.run.max_steps, self.cfg.checkpoint.every
+        return (done >= total or done % self.cfg.run.log_every == 0 or bool(every and done % every == 0)
+                or any(at is None or at(done) for _, at in self.callbacks))
 
     # ------------------------------------------------------------------------------- loop
     def train(self) -> TrainResult:
         """Train until ``run.max_steps`` (or a stop request); checkpoints per ``checkpoint.every``."""
         total = self.cfg.run.max_steps
         every_ckpt = self.cfg.checkpoint.every
-        log_every = self.cfg.run.log_every
         self._print_header()
         self.account.start()
-        window = StepWindow()
+        self._window = StepWindow()
+        pending: Optional[PendingStep] = None
         try:
             while self.step < total:
-                m = self.train_step(self.step)
+                queued = self.train_step(self.step)
                 self.step += 1
-                window.add(m)
-                for fn in self.callbacks:
-                    fn(self, self.step, m)
-                last = self.step >= total
-                if self.step % log_every == 0 or last or m["stop"]:
-                    self._log(window, m)
-                    window = StepWindow()
-                if m["stop"]:
+                # step t-1 is read only now that step t is queued: the device never waits for the host
+                stop = self._finish(pending) if pending is not None else False
+                pending = queued
+                if stop or self._host_needed(self.step):
+                    stop = self._finish(pending) or stop
+                    pending = None
+                    if stop or self.step >= total or self.step % self.cfg.run.log_every == 0:
+                        self._log(self._window, self._resolved)
+                        self._window = StepWindow()
+                if stop:
                     self.stopped_early = True
                     self.save_checkpoint()
                     break
-                if last or (every_ckpt and self.step % every_ckpt == 0):
+                if self.step >= total or (every_ckpt and self.step % every_ckpt == 0):
                     self.save_checkpoint()
         finally:
             self.account.stop()
@@ -230,66 +226,6 @@ class Trainer:
         self.tracker.set_tags({"last_checkpoint": tag})
         return tag
 
-    def resume(self) -> Optional[str]:
-        """Load the checkpoint ``checkpoint_manager.find_resume()`` names, if any; returns its tag."""
-        if self.checkpoint_manager is None:
-            return None
-        tag = self.checkpoint_manager.find_resume()
-        if tag is None:
-            return None
-        client_state, rank_state = self.checkpoint_manager.load(tag)
-        self.load_state_dict({**client_state, "rank_state": rank_state})
-        self._last_saved_step = self.step
-        log.info(f"[{self.cfg.run.name}] resumed from {tag} at step {self.step}")
-        return tag
-
-    def state_dict(self) -> dict[str, Any]:
-        """Global client state plus ``rank_state`` (this rank's RNG and loader state)."""
-        return {
-            "step": self.step,
-            "schedule": self.schedule.describe(),
-            "account": self.account.state_dict(),
-            "mlflow_run_id": self.tracker.run_id or self.mlflow_run_id,
-            "config": self.cfg.to_dict(),
-            "world_size": self.world_size,
-            "rank_state": self.rank_state(),
-        }
-
-    def rank_state(self) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-               "python": random.getstate()}
-        if torch.cuda.is_available() and self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        loader = self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
-        return {"rank": self.rank, "world_size": self.world_size, "rng": rng, "loader": loader}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        if state.get("schedule") and state["schedule"] != self.schedule.describe() and self.rank == 0:
-            log.warning(f"[{self.cfg.run.name}] warning: the variant schedule differs from the checkpoint's "
-                        f"({state['schedule']} -> {self.schedule.describe()}); the draw sequence after "
-                        f"step {self.step} is not the one the original run would have drawn")
-        if state.get("account"):
-            self.account.load_state_dict(state["account"])
-        self.mlflow_run_id = state.get("mlflow_run_id") or self.mlflow_run_id
-        rank_state = state.get("rank_state")
-        if rank_state is None:
-            if self.rank == 0:
-                log.warning(f"[{self.cfg.run.name}] warning: no per-rank state for rank {self.rank} in the "
-                            f"checkpoint; RNG and reader positions start fresh (resume is not exact)")
-            return
-        rng = rank_state.get("rng") or {}
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if "numpy" in rng:
-            np.random.set_state(rng["numpy"])
-        if "python" in rng:
-            random.setstate(rng["python"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
-        if rank_state.get("loader") is not None and hasattr(self.loader, "load_state_dict"):
-            self.loader.load_state_dict(rank_state["loader"])
-
     # ---------------------------------------------------------------------------- helpers
     def _local_params(self):
         for p in self.engine.module.parameters():
@@ -307,30 +243,6 @@ class Trainer:
         if float(bad.cpu()) > 0:
             raise CorruptWeightsError(f"non-finite weights after step {self.step}: refusing to save "
                                       f"a checkpoint")
-
-    def weights_digest(self) -> str:
-        """SHA-256 of the full fp32 weights (collective under ZeRO-3: call on all ranks)."""
-        import deepspeed
-
-        params = list(self.engine.module.parameters())
-        stage3 = any(hasattr(p, "ds_tensor") for p in params)
-        h = hashlib.sha256()
-        with deepspeed.zero.GatheredParameters(params, enabled=stage3):
-            for name, p in self.engine.module.named_parameters():
-                h.update(name.encode())
-                h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
-
-    def _write_trace(self) -> None:
-        trace_dir = self._trace_dir
-        if trace_dir is None or self._trace is None:
-            return
-        digest = self.weights_digest()
-        trace_dir.mkdir(parents=True, exist_ok=True)
-        out = {"rank": self.rank, "world_size": self.world_size, "final_step": self.step,
-               "stopped_early": self.stopped_early, "steps": self._trace, "weights_sha256": digest,
-               "account": self.account.metrics()}
-        (trace_dir / f"trace_rank{self.rank}.json").write_text(json.dumps(out))
 
     def _log(self, window: StepWindow, last: dict[str, Any]) -> None:
         metrics = window.metrics(last["lr"])
