@@ -156,12 +156,19 @@ class MLflowTracker(Tracker):
         run = self.client.create_run(experiment_id, run_name=self.cfg.run.name, tags=resolve_tags(tags))
         self.run_id = run.info.run_id
 
+    def _run(self) -> str:
+        """The open run's id (records behind a run that could not be created are rejected)."""
+        if self.run_id is None:
+            raise ValueError("no MLflow run: it could not be created")
+        return self.run_id
+
     def _send_params(self, params: dict) -> None:
         from mlflow.entities import Param
 
+        run_id = self._run()
         items = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow's batch limit
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            self.client.log_batch(run_id, params=items[i:i + 100])
 
     def _start_system_metrics(self) -> None:
         t = self.cfg.tracking
@@ -189,7 +196,7 @@ class MLflowTracker(Tracker):
             self.sender.submit(Record("metrics", len(clean), self._send_metrics, metrics=clean))
 
     def _send_metrics(self, merged: Optional[list]) -> None:
-        self.client.log_batch(self.run_id, metrics=merged)
+        self.client.log_batch(self._run(), metrics=merged)
 
     def set_tags(self, tags: dict) -> None:
         from mlflow.entities import RunTag
@@ -197,14 +204,14 @@ class MLflowTracker(Tracker):
         items = [RunTag(k, str(v)) for k, v in tags.items()]
         if items:
             self.sender.submit(Record("tags", len(items),
-                                      lambda _m: self.client.log_batch(self.run_id, tags=items)))
+                                      lambda _m: self.client.log_batch(self._run(), tags=items)))
 
     def log_artifact(self, path: str) -> None:
         self.sender.submit(Record(f"artifact {path}", 1,
-                                  lambda _m: self.client.log_artifact(self.run_id, str(path))))
+                                  lambda _m: self.client.log_artifact(self._run(), str(path))))
 
     def log_text(self, text: str, name: str) -> None:
-        self.sender.submit(Record(name, 1, lambda _m: self.client.log_text(self.run_id, text, name)))
+        self.sender.submit(Record(name, 1, lambda _m: self.client.log_text(self._run(), text, name)))
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with ``status`` after sending what is buffered (up to
@@ -218,7 +225,7 @@ class MLflowTracker(Tracker):
             except Exception as exc:  # noqa: BLE001 - system metrics are best effort
                 log.warning("MLflow system metrics did not stop cleanly: %s", exc)
         self.sender.submit(Record(f"the run's end ({status})", 1,
-                                  lambda _m: self.client.set_terminated(self.run_id, status)))
+                                  lambda _m: self.client.set_terminated(self._run(), status)))
         unsent = self.sender.close(self.cfg.tracking.flush_timeout_s)
         if self.sender.lost:
             where = f"run {self.run_id}" if self.run_id else "no run (it was never created)"

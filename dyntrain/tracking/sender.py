@@ -28,6 +28,7 @@ from ..logs import get_logger
 log = get_logger(__name__)
 
 METRICS_PER_REQUEST = 1000  # MLflow's log_batch limit on metrics
+MAX_REJECTION_WARNINGS = 5
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Sender:
         self.where, self.capacity, self.retry_max_s = where, capacity, retry_max_s
         self.lost = 0                 # records dropped (buffer full, or rejected by the store)
         self.sent = 0
+        self.rejections = 0
         self.down = False
         self._queue: collections.deque[Record] = collections.deque()
         self._pending = 0             # records in the queue
@@ -179,8 +181,7 @@ class Sender:
                         self._cond.wait(0.5 if self._hurry else backoff)
                     backoff = min(backoff * 2, self.retry_max_s)
                     continue
-                log.warning("tracking store %s rejected %s (%d records dropped): %s", self.where,
-                            batch[0].what, sum(r.count for r in batch), _short(exc))
+                self._rejected(batch, exc)
                 self._finish(batch, sent=False)
                 continue
             backoff = 1.0
@@ -189,6 +190,13 @@ class Sender:
                 log.info("tracking store %s is reachable again; sending %d buffered records",
                          self.where, self.pending)
             self._finish(batch, sent=True)
+
+    def _rejected(self, batch: list[Record], exc: BaseException) -> None:
+        self.rejections += 1
+        if self.rejections <= MAX_REJECTION_WARNINGS:
+            more = "; further rejections are only counted" if self.rejections == MAX_REJECTION_WARNINGS else ""
+            log.warning("tracking store %s rejected %s (%d records dropped): %s%s", self.where,
+                        batch[0].what, sum(r.count for r in batch), _short(exc), more)
 
     def _outage(self, exc: BaseException) -> None:
         if not self.down:
