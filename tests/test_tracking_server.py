@@ -34,6 +34,15 @@ def _log_steps(tracker, steps) -> float:
     return slowest
 
 
+@pytest.fixture
+def warnings_seen(caplog, monkeypatch):
+    """caplog with the project's warnings in it (``setup_logging``, run by other tests of the session,
+    stops the ``dyntrain`` logger from propagating to the root logger where caplog listens)."""
+    monkeypatch.setattr(logging.getLogger("dyntrain"), "propagate", True)
+    with caplog.at_level(logging.WARNING, logger="dyntrain"):
+        yield caplog
+
+
 def _wait(predicate, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -41,7 +50,7 @@ def _wait(predicate, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
-def test_server_outage_mid_run_and_at_start_the_runs_end_finished_with_every_metric(mlflow_server, caplog):
+def test_server_outage_mid_run_and_at_start_the_runs_end_finished_with_every_metric(mlflow_server, warnings_seen):
     """Run A logs steps 0-4, the server is killed, A logs on (5-14) and run B starts while it is down;
     the server comes back on the same port with the same store; both runs end FINISHED with every
     metric, and logging never waited for the server."""
@@ -57,17 +66,16 @@ def test_server_outage_mid_run_and_at_start_the_runs_end_finished_with_every_met
     _wait(lambda: a.sender.pending == 0)
     server.stop()
     try:
-        with caplog.at_level(logging.WARNING, logger="dyntrain"):
-            slowest = _log_steps(a, range(5, 10))
-            _wait(lambda: a.sender.down)
-            slowest = max(slowest, _log_steps(a, range(10, 15)))
-            t0 = time.perf_counter()
-            b = make_tracker(_cfg(uri, "late"), rank=0)  # down at start
-            assert b.run_id is None and time.perf_counter() - t0 < 5
-            b.log_params(cfg.flatten())
-            slowest = max(slowest, _log_steps(b, range(4)))
+        slowest = _log_steps(a, range(5, 10))
+        _wait(lambda: a.sender.down)
+        slowest = max(slowest, _log_steps(a, range(10, 15)))
+        t0 = time.perf_counter()
+        b = make_tracker(_cfg(uri, "late"), rank=0)  # down at start
+        assert b.run_id is None and time.perf_counter() - t0 < 5
+        b.log_params(cfg.flatten())
+        slowest = max(slowest, _log_steps(b, range(4)))
         assert slowest < 0.05  # training never waits for the store
-        outage = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+        outage = [r.getMessage() for r in warnings_seen.records if "unreachable" in r.getMessage()]
         assert len(outage) == 2 and all(uri in line for line in outage)  # one per run
     finally:
         server.start()  # same port, same backend store
@@ -85,19 +93,18 @@ def test_server_outage_mid_run_and_at_start_the_runs_end_finished_with_every_met
     assert list((server.root / "artifacts").rglob("config.yaml"))  # artifacts in the server's store
 
 
-def test_server_never_up_the_job_ends_with_a_warning_and_a_count(caplog):
+def test_server_never_up_the_job_ends_with_a_warning_and_a_count(warnings_seen):
     cfg = _cfg(f"http://bob:hunter2@127.0.0.1:{free_port()}", "never", "tracking.flush_timeout_s=1",
                "tracking.buffer_records=20")
-    with caplog.at_level(logging.WARNING, logger="dyntrain"):
-        tracker = make_tracker(cfg, rank=0, run_id=None)
-        _log_steps(tracker, range(30))  # 60 values into a buffer of 20 (the run's creation kept)
-        t0 = time.perf_counter()
-        tracker.finish("FINISHED")  # never raises
+    tracker = make_tracker(cfg, rank=0, run_id=None)
+    _log_steps(tracker, range(30))  # 60 values into a buffer of 20 (the run's creation kept)
+    t0 = time.perf_counter()
+    tracker.finish("FINISHED")  # never raises
     assert time.perf_counter() - t0 < 10
-    text = "\n".join(r.getMessage() for r in caplog.records)
+    text = "\n".join(r.getMessage() for r in warnings_seen.records)
     assert "hunter2" not in text and "http://***@127.0.0.1" in text
     assert "buffer" in text and "is full" in text
-    lost = [r.getMessage() for r in caplog.records if "tracking records were lost" in r.getMessage()]
+    lost = [r.getMessage() for r in warnings_seen.records if "tracking records were lost" in r.getMessage()]
     assert len(lost) == 1 and "never created" in lost[0]
     assert tracker.sender.lost == 60 + 1 + 1  # every metric value, the run's creation and its end
     assert f"{tracker.sender.lost} tracking records were lost" in lost[0]

@@ -194,8 +194,9 @@ class Sender:
     def _rejected(self, batch: list[Record], exc: BaseException) -> None:
         self.rejections += 1
         if self.rejections <= MAX_REJECTION_WARNINGS:
-            more = "; further rejections are only counted" if self.rejections == MAX_REJECTION_WARNINGS else ""
-            log.warning("tracking store %s rejected %s (%d records dropped): %s%s", self.where,
+            last = self.rejections == MAX_REJECTION_WARNINGS
+            more = "; further ones are only counted" if last else ""
+            log.warning("tracking store %s: %s could not be recorded (%d records dropped): %s%s", self.where,
                         batch[0].what, sum(r.count for r in batch), _short(exc), more)
 
     def _outage(self, exc: BaseException) -> None:
