@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3 server on 127.0.0.1 (moto's standalone server).
+"""Shared fixtures: a real S3 server on 127.0.0.1 (moto's standalone server), and a real MLflow
+tracking server on 127.0.0.1 (``mlflow server``, sqlite backend, artifacts served from a local folder).
 
 The server runs as a subprocess (``python -m moto.server``), not as ``ThreadedMotoServer`` inside
 the test process: DALI's S3 reads run while the test thread sits in ``Pipeline.run()``, and an
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Iterator, Optional
 
 import pytest
@@ -96,3 +98,75 @@ def s3_bucket(s3_server: str) -> str:
     name = f"dyntrain-test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+def start_mlflow_server(root: Path, port: Optional[int] = None, timeout: float = 90
+                        ) -> tuple[subprocess.Popen, str]:
+    """Start ``mlflow server`` on 127.0.0.1 with its backend store ``root/mlflow.db`` and artifacts
+    in ``root/artifacts`` (served over HTTP: clients upload through the server). Returns (process,
+    tracking URI) once ``/health`` answers. The same ``root`` and ``port`` restart the same server."""
+    import urllib.request
+
+    port = port or free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
+    with (root / "server.log").open("ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with code {proc.returncode}: "
+                               + (root / "server.log").read_text()[-2000:])
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=1) as resp:
+                if resp.status == 200:
+                    return proc, uri
+        except OSError:
+            time.sleep(0.2)
+    stop_mlflow_server(proc)
+    raise RuntimeError(f"mlflow server did not answer on {uri} within {timeout:.0f} s")
+
+
+def stop_mlflow_server(proc: subprocess.Popen) -> None:
+    """Kill the server and its workers (it runs in its own process group)."""
+    import signal
+
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+class MlflowServer:
+    """A running ``mlflow server`` (see ``start_mlflow_server``) that a test may stop and start again
+    on the same port with the same store (an outage); ``uri`` stays the same."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, free_port()
+        self.proc: Optional[subprocess.Popen] = None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "MlflowServer":
+        self.proc, _ = start_mlflow_server(self.root, self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_mlflow_server(self.proc)
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
+    """One MLflow tracking server for the session (``.uri`` is ``http://127.0.0.1:PORT``). Tests use
+    their own experiment names: the store is shared. A test that stops it starts it again."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    try:
+        yield server
+    finally:
+        server.stop()

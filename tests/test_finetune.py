@@ -2,6 +2,8 @@
 config, DALI shards, DeepSpeed checkpoint folder) -> generated all-in-one data -> fine-tuning on 2 CPU
 ranks under the deepspeed launcher with periodic evaluation -> launch/evaluate.py on the checkpoint ->
 export -> launch/restore.py with S and L from one file -> launch/compare.py over the real MLflow runs.
+Tracking goes to the production backend: a real ``mlflow server`` on 127.0.0.1 (``conftest.mlflow_server``),
+whose store receives the runs, the metrics and the artifacts (config, DeepSpeed JSON, comparison plot).
 Plus single-task / fixed-variant / from-scratch fine-tuning on packed shards, init errors, and
 multiple-in-one fine-tuning (synthetic pairs, sequential curriculum, MiO test sets)."""
 from __future__ import annotations
@@ -40,7 +42,12 @@ def _run(cmd, cwd: Path, timeout: float = 300, env=None) -> subprocess.Completed
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
+def uri(mlflow_server) -> str:
+    return mlflow_server.uri
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, uri):
     """A fresh folder with the quickstart's pre-training checkpoint and the generated fine-tune data."""
     from dyntrain.data.synthetic import write_synthetic_images
 
@@ -49,7 +56,7 @@ def work(tmp_path_factory):
     _run([sys.executable, ROOT / "launch/make_shards.py", "--src", "data/quickstart/images",
           "--out", "data/quickstart/shards", "--patch-size", "128", "--shard-samples", "6", "--quiet"], work)
     _run([sys.executable, ROOT / "launch/pretrain.py", "--config", ROOT / "configs/quickstart.yaml",
-          "run.max_steps=2", "run.log_every=1", "schedule.verify_every=0"], work)
+          "run.max_steps=2", "run.log_every=1", "schedule.verify_every=0", f"tracking.uri={uri}"], work)
     assert (work / PRETRAIN_CKPT / "step_00000002" / "COMPLETE").is_file()
     _run([sys.executable, "-m", "dyntrain.data.paired", "demo", "--out", "data/finetune_demo",
           "--train-images", "4", "--test-images", "1", "--height", "40", "--width", "48"], work)
@@ -62,17 +69,17 @@ FT_ARGS = ["run.max_steps=4", "eval.every=2", "eval.max_images=1", "checkpoint.e
 
 
 @pytest.fixture(scope="module")
-def finetuned(work):
+def finetuned(work, uri):
     """The README's fine-tuning command, shortened: 2 CPU ranks, ZeRO-3, 4 steps, evaluation every 2."""
     from dyntrain.engine import free_port
 
     proc = _run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
                  free_port(), ENTRY, "--trace", work / "trace", ROOT / "launch/finetune.py",
-                 "--config", ROOT / "configs/finetune_quickstart.yaml", *FT_ARGS], work)
+                 "--config", ROOT / "configs/finetune_quickstart.yaml", *FT_ARGS, f"tracking.uri={uri}"], work)
     return proc
 
 
-def test_two_ranks_finetune_from_the_pretraining_checkpoint(work, finetuned):
+def test_two_ranks_finetune_from_the_pretraining_checkpoint(work, finetuned, uri):
     from mlflow.tracking import MlflowClient
 
     from dyntrain.config import load_config
@@ -108,28 +115,29 @@ def test_two_ranks_finetune_from_the_pretraining_checkpoint(work, finetuned):
             loader.close()
     assert traces[0]["steps"][0]["loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)
 
-    client = MlflowClient(f"sqlite:///{work}/mlflow.db")
+    client = MlflowClient(uri)
     exp = client.get_experiment_by_name("dynet-quickstart-finetune")
     (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`dyntrain.stage` = 'finetune'")
     assert run.data.params["data.source"] == "paired" and run.data.params["model.dim"] == "8"
     assert run.data.tags["init_checkpoint"] == PRETRAIN_CKPT
+    assert {"config.yaml", "deepspeed_config.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/L/average/psnr")] == [2, 4]
     for name in ("eval/S/sots/psnr", "eval/S/rain100l/ssim", "eval/L/bsd68_s50/psnr", "loss"):
         assert name in run.data.metrics
     assert (work / FINETUNE_CKPT / "step_00000004" / "COMPLETE").is_file()
 
 
-def test_evaluate_cli_on_the_checkpoint_matches_the_in_training_evaluation(work, finetuned):
+def test_evaluate_cli_on_the_checkpoint_matches_the_in_training_evaluation(work, finetuned, uri):
     from mlflow.tracking import MlflowClient
 
     proc = _run([sys.executable, ROOT / "launch/evaluate.py", "--checkpoint", FINETUNE_CKPT, "--variant", "all",
-                 "--config", ROOT / "configs/finetune_quickstart.yaml", "--child", "eval.max_images=1"], work)
+                 "--config", ROOT / "configs/finetune_quickstart.yaml", "--child", "eval.max_images=1", f"tracking.uri={uri}"], work)
     lines = proc.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("variant"))
     assert lines[header].split()[1:4] == ["SOTS", "Rain100L", "BSD68"] and lines[header].endswith("average")
     assert lines[header + 2].startswith("DyNet-S") and lines[header + 3].startswith("DyNet-L")
 
-    client = MlflowClient(f"sqlite:///{work}/mlflow.db")
+    client = MlflowClient(uri)
     exp = client.get_experiment_by_name("dynet-quickstart-finetune")
     (ft,) = client.search_runs([exp.experiment_id], filter_string="tags.`dyntrain.stage` = 'finetune'")
     (child,) = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{ft.info.run_id}'")
@@ -143,7 +151,7 @@ def test_evaluate_cli_on_the_checkpoint_matches_the_in_training_evaluation(work,
     assert [m.step for m in client.get_metric_history(child.info.run_id, "eval/S/average/psnr")] == [4]
 
 
-def test_export_restore_both_variants_and_compare(work, finetuned):
+def test_export_restore_both_variants_and_compare(work, finetuned, uri):
     from mlflow.tracking import MlflowClient
     from PIL import Image
 
@@ -161,12 +169,13 @@ def test_export_restore_both_variants_and_compare(work, finetuned):
         assert outs[variant].shape == np.asarray(Image.open(hazy / out.name)).shape
     assert not np.array_equal(outs["S"], outs["L"])
 
-    proc = _run([sys.executable, ROOT / "launch/compare.py", "--out", "runs/comparison.png"], work)
+    proc = _run([sys.executable, ROOT / "launch/compare.py", "--out", "runs/comparison.png",
+                 "--tracking-uri", uri], work)
     text = proc.stdout
     assert "quickstart" in text and "dynamic" in text  # the pre-training run and its GPU hours
     assert "quickstart-finetune" in text and "evaluation" in text
     assert (work / "runs/comparison.png").read_bytes()[:4] == b"\x89PNG"
-    client = MlflowClient(f"sqlite:///{work}/mlflow.db")
+    client = MlflowClient(uri)
     (cmp_run,) = client.search_runs([client.get_experiment_by_name("dynet-comparison").experiment_id])
     assert "comparison.png" in {a.path for a in client.list_artifacts(cmp_run.info.run_id)}
 

@@ -178,8 +178,11 @@ def test_world_size_change_two_to_one(setup):
     d.mkdir()
     tag = ck.tag_for_step(N + 2)   # mid-epoch: each rank had read 2 of its 4 batches of epoch 2
     shutil.copytree(s.base / "ck_straight" / tag, d / tag)
-    rc = s.run("resharded", 1, d, **{"run.max_steps": N + 2 + SAMPLES // 2})
+    # moved to "another cluster": a new MLflow store that does not know the checkpoint's run
+    moved = f"sqlite:///{s.base / 'moved.db'}"
+    rc = s.run("resharded", 1, d, **{"run.max_steps": N + 2 + SAMPLES // 2, "tracking.uri": moved})
     assert rc == 0, s.log("resharded")
+    _assert_new_run_continues(s, moved, tag)
     log = s.log("resharded")
     assert "written by 2 rank(s), this run has 1" in log and "interrupted epoch restarts" in log
     assert (d / tag / ck.UNIVERSAL / "zero").is_dir()
@@ -200,3 +203,18 @@ def test_world_size_change_two_to_one(setup):
     # the checkpoints it writes are 1-rank checkpoints that resume without conversion
     meta = ck.read_marker(d / ck.tag_for_step(N + 2 + SAMPLES // 2))
     assert meta["world_size"] == 1
+
+
+def _assert_new_run_continues(s, moved: str, tag: str) -> None:
+    """The resumed job logged into a new run of the new store that names the old one."""
+    from mlflow.tracking import MlflowClient
+
+    old = MlflowClient(s.uri)
+    old_ids = {r.info.run_id for r in old.search_runs([old.get_experiment_by_name("resume").experiment_id])}
+    client = MlflowClient(moved)
+    (run,) = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["previous_run_id"] in old_ids and run.info.run_id not in old_ids
+    assert run.data.tags["resumed_from"] == tag
+    assert run.data.params["model.dim"] == "8" and run.data.metrics["loss"] > 0
+    assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}

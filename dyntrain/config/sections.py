@@ -215,6 +215,12 @@ class TrackingConfig:
     system_metrics_interval_s: seconds between system-metric samples (MLflow's default is 10).
     artifact_location: artifact root of a newly created experiment (None = next to a sqlite
         database, or the server's default).
+    buffer_records: records (metric values, params, tags, texts) kept while the store is
+        unreachable; beyond it the oldest metrics are dropped and counted.
+    flush_timeout_s: at the end of a run, how long to wait for buffered records to be sent.
+    retry_max_s: longest wait between two attempts to reach the store during an outage.
+    request_timeout_s, request_retries: MLflow's HTTP time-out and retries per request (set as
+        MLFLOW_HTTP_REQUEST_TIMEOUT / MLFLOW_HTTP_REQUEST_MAX_RETRIES unless those are set already).
     """
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "dynet-pretrain"
@@ -222,11 +228,19 @@ class TrackingConfig:
     system_metrics: bool = False
     system_metrics_interval_s: float = 10.0
     artifact_location: Optional[str] = None
+    buffer_records: int = 100_000
+    flush_timeout_s: float = 30.0
+    retry_max_s: float = 30.0
+    request_timeout_s: int = 10
+    request_retries: int = 0
 
     def __post_init__(self) -> None:
-        if self.system_metrics_interval_s <= 0:
-            raise ConfigError(f"tracking.system_metrics_interval_s: must be positive, "
-                              f"got {self.system_metrics_interval_s}")
+        for key in ("system_metrics_interval_s", "buffer_records", "retry_max_s", "request_timeout_s"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"tracking.{key}: must be positive, got {getattr(self, key)}")
+        for key in ("flush_timeout_s", "request_retries"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"tracking.{key}: must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 - ``base``: ``Tracker`` (the interface), ``NullTracker``, ``TrackerGroup`` (fan-out), ``RunHeader``;
 - ``mlflow_tracker``: ``MLflowTracker``, ``make_tracker``, ``experiment_id_for``, redaction;
+- ``sender``: the bounded buffer and sender thread that keep tracking off the training thread;
 - ``console``: ``ConsoleTracker`` (header, progress and summary lines, rank 0);
 - ``account``: ``GPUHourAccount`` (the formulas are in its module docstring);
 """

@@ -4,18 +4,27 @@
 ``tracking.enabled`` (``tracking.uri`` defaults to ``sqlite:///mlflow.db``; any MLflow server URI
 works), and a ``NullTracker`` with the same methods everywhere else. A new run gets the flattened
 config as params (credentials never: URL user-info and secret-looking keys are redacted); a resumed
-run (``run_id`` from the checkpoint) is reopened and logs on. ``finish("FAILED")`` marks a crash.
+run (``run_id`` from the checkpoint) is reopened and logs on; when the store does not know that run
+(checkpoints moved, a new server, a lost mlflow.db) a new run takes over with tag ``previous_run_id``.
+``finish("FAILED")`` marks a crash. Nothing here stalls or stops training: records go through a
+bounded buffer and a sender thread (``sender.py``) that waits out an unreachable store.
 ``experiment_id_for`` is the one get-or-create of an experiment (training, evaluation, comparison).
 """
 from __future__ import annotations
 
 import math
+import os
 import re
+import time
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlsplit, urlunsplit
 
+from ..logs import get_logger
 from .base import NullTracker, Tracker
+from .sender import Record, Sender
+
+log = get_logger(__name__)
 
 _SECRET_KEY = re.compile(r"(password|passwd|secret|token|credential|api_?key|access_?key)", re.I)
 _MAX_PARAM_LEN = 6000
@@ -80,59 +89,166 @@ def experiment_id_for(client, name: str, tracking_uri: str, artifact_location: O
 
 
 class MLflowTracker(Tracker):
-    """MLflow run of this training job (rank 0). Args as ``make_tracker``."""
+    """MLflow run of this training job (rank 0). Args as ``make_tracker``.
 
-    def __init__(self, cfg, run_id: Optional[str] = None) -> None:
-        import mlflow
+    Every call queues its records for the sender thread (``sender.py``) and returns at once, so an
+    unreachable or slow store never stalls training. The run is opened by the first queued record:
+    ``run_id`` stays None until then (a server that is down at start gets the run when it is back).
+    ``wait_s``: how long the constructor waits for the first attempt to open it (default
+    ``tracking.request_timeout_s``).
+    """
+
+    def __init__(self, cfg, run_id: Optional[str] = None, wait_s: Optional[float] = None) -> None:
         from mlflow.tracking import MlflowClient
 
         t = cfg.tracking
-        self._mlflow = mlflow
-        mlflow.set_tracking_uri(t.uri)
+        self.cfg = cfg
+        if t.uri.startswith(("http://", "https://")):
+            _short_http_requests(t.request_timeout_s, t.request_retries)
+        self.uri = _redact_url(t.uri)
         self.client = MlflowClient(tracking_uri=t.uri)
-        self.resumed = run_id is not None
-        if run_id is None:
-            experiment_id = experiment_id_for(self.client, t.experiment, t.uri, t.artifact_location)
-            kwargs: dict[str, Any] = {"experiment_id": experiment_id, "run_name": cfg.run.name}
-        else:
-            kwargs = {"run_id": run_id}
-        if t.system_metrics and _system_metrics_available():
-            mlflow.set_system_metrics_sampling_interval(t.system_metrics_interval_s)
-            kwargs["log_system_metrics"] = True
-        if mlflow.active_run() is not None:  # never nest into a run someone else left open
-            mlflow.end_run()
-        self.run = mlflow.start_run(**kwargs)
-        self.run_id: Optional[str] = self.run.info.run_id
+        self.previous_run_id = run_id
+        self.run_id: Optional[str] = None
+        self.resumed = False            # True once the checkpoint's run was found and reopened
+        self.replaced_run_id: Optional[str] = None  # the checkpoint's run when the store lacks it
+        self._config_due = False
+        self._monitor = None
         self._finished = False
+        self.sender = Sender(self.uri, t.buffer_records, t.retry_max_s)
+        opened = self.sender.submit(Record("the run's creation", 1, self._open))
+        opened.tried.wait(t.request_timeout_s if wait_s is None else wait_s)
 
-    def log_params(self, params: dict) -> None:
-        clean = {}
-        for k, v in params.items():
-            text = str(redact(k, v))
-            clean[k] = text if len(text) <= _MAX_PARAM_LEN else text[:_MAX_PARAM_LEN - 3] + "..."
-        items = list(clean.items())
+    # ---------------------------------------------------------------- sender-thread side
+    def _open(self, _merged=None) -> None:
+        """Reopen the checkpoint's run, or create one. When the store does not know the checkpoint's
+        run (checkpoints moved to another cluster, a new server, a lost mlflow.db), a new run gets
+        tag ``previous_run_id``, the config's params and config.yaml. Safe to retry: each part is
+        skipped once done."""
+        from mlflow.exceptions import MlflowException
+
+        prev = self.previous_run_id
+        if self.run_id is None and prev is not None:
+            try:
+                self.client.get_run(prev)
+            except MlflowException as exc:
+                if exc.get_http_status_code() != 404:
+                    raise
+                log.warning("MLflow run %s is not in %s (checkpoints moved, or a new store): "
+                            "logging to a new run with tag previous_run_id", prev, self.uri)
+                self._create(tags={"previous_run_id": prev})
+                self.replaced_run_id, self._config_due = prev, True
+            else:
+                self.client.update_run(prev, status="RUNNING")
+                self.run_id, self.resumed = prev, True
+        elif self.run_id is None:
+            self._create(tags={})
+        if self._config_due:
+            self._send_params(_clean_params(self.cfg.flatten()))
+            self.client.log_text(self.run_id, self.cfg.to_yaml(), "config.yaml")
+            self._config_due = False
+        self._start_system_metrics()
+
+    def _create(self, tags: dict) -> None:
+        from mlflow.tracking.context.registry import resolve_tags
+
+        t = self.cfg.tracking
+        experiment_id = experiment_id_for(self.client, t.experiment, t.uri, t.artifact_location)
+        run = self.client.create_run(experiment_id, run_name=self.cfg.run.name, tags=resolve_tags(tags))
+        self.run_id = run.info.run_id
+
+    def _run(self) -> str:
+        """The open run's id (records behind a run that could not be created are rejected)."""
+        if self.run_id is None:
+            raise ValueError("no MLflow run: it could not be created")
+        return self.run_id
+
+    def _send_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        run_id = self._run()
+        items = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow's batch limit
-            self._mlflow.log_params(dict(items[i:i + 100]))
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def _start_system_metrics(self) -> None:
+        t = self.cfg.tracking
+        if self._monitor is not None or not t.system_metrics or not _system_metrics_available():
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=t.system_metrics_interval_s,
+                                             resume_logging=self.resumed, tracking_uri=t.uri)
+        self._monitor.start()
+
+    # -------------------------------------------------------------- training-thread side
+    def log_params(self, params: dict) -> None:
+        clean = _clean_params(params)
+        if clean:
+            self.sender.submit(Record("params", len(clean), lambda _m: self._send_params(clean)))
 
     def log_metrics(self, metrics: dict, step: Optional[int] = None) -> None:
-        clean = {metric_key(k): float(v) for k, v in metrics.items()
-                 if v is not None and isinstance(v, (int, float)) and math.isfinite(float(v))}
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        clean = [Metric(metric_key(k), float(v), now, step or 0) for k, v in metrics.items()
+                 if v is not None and isinstance(v, (int, float)) and math.isfinite(float(v))]
         if clean:
-            self._mlflow.log_metrics(clean, step=step)
+            self.sender.submit(Record("metrics", len(clean), self._send_metrics, metrics=clean))
+
+    def _send_metrics(self, merged: Optional[list]) -> None:
+        self.client.log_batch(self._run(), metrics=merged)
 
     def set_tags(self, tags: dict) -> None:
-        self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        if items:
+            self.sender.submit(Record("tags", len(items),
+                                      lambda _m: self.client.log_batch(self._run(), tags=items)))
 
     def log_artifact(self, path: str) -> None:
-        self._mlflow.log_artifact(str(path))
+        self.sender.submit(Record(f"artifact {path}", 1,
+                                  lambda _m: self.client.log_artifact(self._run(), str(path))))
 
     def log_text(self, text: str, name: str) -> None:
-        self._mlflow.log_text(text, name)
+        self.sender.submit(Record(name, 1, lambda _m: self.client.log_text(self._run(), text, name)))
 
     def finish(self, status: str = "FINISHED") -> None:
-        if not self._finished:
-            self._finished = True
-            self._mlflow.end_run(status=status)
+        """End the run with ``status`` after sending what is buffered (up to
+        ``tracking.flush_timeout_s``); never raises. What could not be sent is counted in a warning."""
+        if self._finished:
+            return
+        self._finished = True
+        if self._monitor is not None:
+            try:
+                self._monitor.finish()
+            except Exception as exc:  # noqa: BLE001 - system metrics are best effort
+                log.warning("MLflow system metrics did not stop cleanly: %s", exc)
+        self.sender.submit(Record(f"the run's end ({status})", 1,
+                                  lambda _m: self.client.set_terminated(self._run(), status)))
+        unsent = self.sender.close(self.cfg.tracking.flush_timeout_s)
+        if self.sender.lost:
+            where = f"run {self.run_id}" if self.run_id else "no run (it was never created)"
+            log.warning("MLflow at %s: %d tracking records were lost (%d unsent when the run ended after "
+                        "%.0f s of waiting); %s", self.uri, self.sender.lost, unsent,
+                        self.cfg.tracking.flush_timeout_s, where)
+
+
+def _clean_params(params: dict) -> dict[str, str]:
+    """Redacted, stringified, cut to MLflow's length limit."""
+    clean = {}
+    for k, v in params.items():
+        text = str(redact(k, v))
+        clean[k] = text if len(text) <= _MAX_PARAM_LEN else text[:_MAX_PARAM_LEN - 3] + "..."
+    return clean
+
+
+def _short_http_requests(timeout_s: int, retries: int) -> None:
+    """MLflow's HTTP defaults (120 s time-out, 7 retries with exponential back-off) can hold one
+    request for minutes; the sender retries on its own, so each request is kept short. A value the
+    user exported already wins."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_s))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries))
 
 
 def _system_metrics_available() -> bool:

@@ -1,0 +1,143 @@
+"""The MLflow tracker against a real ``mlflow server`` on 127.0.0.1: a server that goes away mid-run and
+comes back, one that is down at start, one that never comes, and a store that lacks the checkpoint's run.
+
+Each test drives ``make_tracker`` the way ``run_training`` does (params, config text, metrics every
+step, ``finish``) against the session's server (``conftest.mlflow_server``), which the outage test
+stops and starts again on the same port with the same store. The 2-rank pre-training and the fine-tune /
+evaluate / compare path against the session server are in ``test_engine_multirank.py`` and
+``test_finetune.py``; the resume into a new store is also run end to end in ``test_resume.py``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+
+from dyntrain.config import load_config
+from dyntrain.engine import free_port
+from dyntrain.tracking import make_tracker
+
+
+def _cfg(uri: str, experiment: str, *extra: str):
+    return load_config(None, [f"tracking.uri={uri}", f"tracking.experiment={experiment}", "run.name=t",
+                              "tracking.retry_max_s=1", *extra])
+
+
+def _log_steps(tracker, steps) -> float:
+    """Log a loss per step as the trainer does; returns the slowest call (s)."""
+    slowest = 0.0
+    for step in steps:
+        t0 = time.perf_counter()
+        tracker.log_metrics({"loss": 1.0 / (step + 1), "lr": 1e-4}, step=step)
+        slowest = max(slowest, time.perf_counter() - t0)
+    return slowest
+
+
+@pytest.fixture
+def warnings_seen(caplog, monkeypatch):
+    """caplog with the project's warnings in it (``setup_logging``, run by other tests of the session,
+    stops the ``dyntrain`` logger from propagating to the root logger where caplog listens)."""
+    monkeypatch.setattr(logging.getLogger("dyntrain"), "propagate", True)
+    with caplog.at_level(logging.WARNING, logger="dyntrain"):
+        yield caplog
+
+
+def _wait(predicate, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_server_outage_mid_run_and_at_start_the_runs_end_finished_with_every_metric(mlflow_server, warnings_seen):
+    """Run A logs steps 0-4, the server is killed, A logs on (5-14) and run B starts while it is down;
+    the server comes back on the same port with the same store; both runs end FINISHED with every
+    metric, and logging never waited for the server."""
+    from mlflow.tracking import MlflowClient
+
+    server, uri = mlflow_server, mlflow_server.uri
+    cfg = _cfg(uri, "outage")
+    a = make_tracker(cfg, rank=0)
+    assert a.run_id is not None
+    a.log_params(cfg.flatten())
+    a.log_text(cfg.to_yaml(), "config.yaml")
+    _log_steps(a, range(0, 5))
+    _wait(lambda: a.sender.pending == 0)
+    server.stop()
+    try:
+        slowest = _log_steps(a, range(5, 10))
+        _wait(lambda: a.sender.down)
+        slowest = max(slowest, _log_steps(a, range(10, 15)))
+        t0 = time.perf_counter()
+        b = make_tracker(_cfg(uri, "late"), rank=0)  # down at start
+        assert b.run_id is None and time.perf_counter() - t0 < 5
+        b.log_params(cfg.flatten())
+        slowest = max(slowest, _log_steps(b, range(4)))
+        assert slowest < 0.05  # training never waits for the store
+        outage = [r.getMessage() for r in warnings_seen.records if "unreachable" in r.getMessage()]
+        assert len(outage) == 2 and all(uri in line for line in outage)  # one per run
+    finally:
+        server.start()  # same port, same backend store
+    a.finish("FINISHED")
+    b.finish("FINISHED")
+    client = MlflowClient(uri)
+    for tracker, steps in ((a, 15), (b, 4)):
+        run = client.get_run(tracker.run_id)
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(steps))
+        assert run.data.params["run.seed"] == "0"
+        assert tracker.sender.lost == 0
+    (late,) = client.search_runs([client.get_experiment_by_name("late").experiment_id])
+    assert late.info.run_id == b.run_id
+    assert list((server.root / "artifacts").rglob("config.yaml"))  # artifacts in the server's store
+
+
+def test_server_never_up_the_job_ends_with_a_warning_and_a_count(warnings_seen):
+    cfg = _cfg(f"http://bob:hunter2@127.0.0.1:{free_port()}", "never", "tracking.flush_timeout_s=1",
+               "tracking.buffer_records=20")
+    tracker = make_tracker(cfg, rank=0, run_id=None)
+    _log_steps(tracker, range(30))  # 60 values into a buffer of 20 (the run's creation kept)
+    t0 = time.perf_counter()
+    tracker.finish("FINISHED")  # never raises
+    assert time.perf_counter() - t0 < 10
+    text = "\n".join(r.getMessage() for r in warnings_seen.records)
+    assert "hunter2" not in text and "http://***@127.0.0.1" in text
+    assert "buffer" in text and "is full" in text
+    lost = [r.getMessage() for r in warnings_seen.records if "tracking records were lost" in r.getMessage()]
+    assert len(lost) == 1 and "never created" in lost[0]
+    assert tracker.sender.lost == 60 + 1 + 1  # every metric value, the run's creation and its end
+    assert f"{tracker.sender.lost} tracking records were lost" in lost[0]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "server"])
+def test_resume_into_a_store_without_the_run_starts_a_new_run(backend, tmp_path, request):
+    from mlflow.tracking import MlflowClient
+
+    uri = request.getfixturevalue("mlflow_server").uri if backend == "server" else f"sqlite:///{tmp_path}/m.db"
+    cfg = _cfg(uri, f"moved-{backend}-{tmp_path.name}")
+    missing = "0123456789abcdef0123456789abcdef"  # the run id a checkpoint from elsewhere carries
+    tracker = make_tracker(cfg, rank=0, run_id=missing)
+    assert tracker.run_id not in (None, missing) and not tracker.resumed
+    tracker.set_tags({"resumed_from": "step_00000006"})
+    tracker.log_metrics({"loss": 0.5}, step=7)
+    tracker.finish("FINISHED")
+    client = MlflowClient(uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["loss"] == 0.5
+    assert run.data.tags["previous_run_id"] == missing and run.data.tags["resumed_from"] == "step_00000006"
+    assert run.data.params["run.name"] == "t"
+    assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    # the run that does exist is reopened, not replaced
+    again = make_tracker(cfg, rank=0, run_id=tracker.run_id)
+    assert again.run_id == tracker.run_id and again.resumed
+    again.finish("KILLED")
+    assert client.get_run(tracker.run_id).info.status == "KILLED"
+
+
+def test_config_rejects_bad_tracking_values():
+    from dyntrain.config import ConfigError
+
+    for bad in ("tracking.buffer_records=0", "tracking.flush_timeout_s=-1", "tracking.request_timeout_s=0"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(None, [bad])
