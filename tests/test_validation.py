@@ -92,3 +92,47 @@ def test_scores_match_a_direct_computation_and_the_rank_split(shards):
     assert {k.split("/")[2] for k in m} == {"l1", "psnr", "l1_degraded", "psnr_degraded",
                                             "l1_masked", "psnr_masked"}
     assert len(FIELDS) == 9
+
+
+@pytest.mark.slow
+def test_compare_cli_reproduces_the_saving_from_real_runs(tmp_path):
+    """Three real pre-trainings (bench/quality_saving.py at its smallest: dynamic, S alone, L alone,
+    3 steps each, validated at every step), then ``launch/compare.py --iso-quality``."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import quality_saving
+    from mlflow.tracking import MlflowClient
+
+    from dyntrain.compare import val_curves
+    from dyntrain.iso_quality import iso_quality
+
+    size = dict(quality_saving.CPU, steps=3, eval_every=1, images=4, val_samples=4)
+    r = quality_saving.run_three(tmp_path, size, 0, "cpu")
+    client = MlflowClient(r["tracking_uri"])
+    dyn = client.get_run(client.search_runs(
+        [client.get_experiment_by_name(r["experiment"]).experiment_id], "tags.mode = 'dynamic'")[0].info.run_id)
+    assert dyn.data.metrics["iso_quality_saving"] == pytest.approx(r["iso_quality_saving"])
+
+    def cli(*args):
+        return subprocess.run([sys.executable, str(ROOT / "launch" / "compare.py"), "--iso-quality",
+                               "--tracking-uri", r["tracking_uri"], "--no-log", "--out",
+                               str(tmp_path / "p.png"), *args], capture_output=True, text=True, timeout=120)
+    proc = cli("--experiment", r["experiment"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = float(proc.stdout.strip().splitlines()[-1].split("=")[1])
+    # the same figure from the metric histories, read here independently of the CLI
+    runs = {rr.data.tags["mode"]: rr.info.run_id for rr in client.search_runs(
+        [dyn.info.experiment_id], "tags.`dyntrain.stage` = 'pretrain'")}
+    curves = val_curves(client, runs["dynamic"], ["S", "L"])
+    assert sorted(p[0] for p in curves["S"]) == sorted({p[0] for p in curves["S"]})  # 4 evaluations
+    assert len(curves["S"]) == 4 and curves["S"][0][0] == 0.0
+    expected = iso_quality(curves, {"S": val_curves(client, runs["fixed:S"], ["S"])["S"],
+                                    "L": val_curves(client, runs["fixed:L"], ["L"])["L"]})
+    assert printed == pytest.approx(expected["iso_quality_saving"], rel=1e-6)
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+    # refusals, one line each: a missing baseline, a different validation set
+    proc = cli("--runs", runs["dynamic"], runs["fixed:S"])
+    assert proc.returncode == 2 and "missing L" in proc.stderr.strip().splitlines()[-1]
+    client.set_tag(runs["fixed:L"], "val.fingerprint", "0000")
+    proc = cli("--runs", runs["dynamic"], runs["fixed:S"], runs["fixed:L"])
+    assert proc.returncode == 2 and "val fingerprints differ" in proc.stderr
