@@ -319,18 +319,25 @@ def input_pipeline(rec: Recorder) -> None:
 
 # ------------------------------------------------------------ 4. iso-quality saving (a slot)
 def quality_saving(rec: Recorder) -> None:
-    """Calls ``bench/quality_saving.py``'s ``suite_stage(dry_run=..., deadline=...)`` (a dict of
-    figures) once that benchmark exists."""
+    """Calls ``bench/quality_saving.py``'s ``suite_stage(dry_run=..., deadline=...)``: the three
+    GPU-sized trainings and the equal-quality comparison (a dict of figures); the dry run only
+    builds the held-out data and the fixed validation set (three trainings do not fit its budget)."""
     if not (BENCH / "quality_saving.py").exists():
         rec.figure("quality_saving", None, "bench/quality_saving.py not present")
         return
+    lacking = missing(("deepspeed", "deepspeed"), ("nvidia.dali", "nvidia-dali"), ("mlflow", "mlflow"))
+    if lacking:
+        _skip_stage(rec, lacking, ("quality_saving",))
+        return
     import quality_saving
 
-    stage = getattr(quality_saving, "suite_stage", None)
-    if stage is None:
-        rec.figure("quality_saving", None, "bench/quality_saving.py has no suite_stage()")
+    result = quality_saving.suite_stage(dry_run=rec.dry_run, deadline=rec.deadline)
+    if rec.dry_run:
+        rec.detail("quality_saving_dry_run", result)
+        rec.figure("quality_saving", None, "dry run: data and validation set built, no trainings "
+                                           "(CPU figures: bench/RESULTS.md)")
         return
-    rec.figure("quality_saving", stage(dry_run=rec.dry_run, deadline=rec.deadline))
+    rec.figure("quality_saving", result)
 
 
 STAGES: dict[str, Callable[[Recorder], None]] = {

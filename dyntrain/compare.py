@@ -181,3 +181,99 @@ def log_comparison(tracking_uri: str, experiment: str, png: Path, text: str,
     client.set_terminated(run.info.run_id, "FINISHED")
     mlflow.set_tracking_uri(tracking_uri)
     return run.info.run_id
+
+
+# ------------------------------------------------------------------ iso-quality (dyntrain.iso_quality)
+class ComparisonError(ValueError):
+    """The runs cannot be compared at equal quality (missing baseline, different val sets, ...)."""
+
+
+def val_curves(client, run_id: str, variants: Sequence[str]) -> dict[str, list[tuple[float, float, float]]]:
+    """variant -> [(val/gpu_hours, val/<v>/own_steps, val/<v>/psnr)] of one run, one point per step."""
+    def by_step(key: str) -> dict[int, float]:
+        return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+    hours = by_step("val/gpu_hours")
+    curves = {}
+    for v in variants:
+        own, psnr = by_step(f"val/{v}/own_steps"), by_step(f"val/{v}/psnr")
+        pts = [(hours[s], own[s], psnr[s]) for s in sorted(psnr) if s in hours and s in own]
+        if pts:
+            curves[v] = pts
+    return curves
+
+
+def find_iso_runs(client, experiment: Optional[str], run_ids: Optional[Sequence[str]] = None):
+    """(dynamic run, {variant: fixed-variant run}) - the ids given, else the newest of each mode with
+    validation in ``experiment``; refuses different val fingerprints and missing baselines."""
+    if run_ids:
+        runs = [client.get_run(r) for r in run_ids]
+    else:
+        if not experiment:
+            raise ComparisonError("--iso-quality needs --experiment NAME or --runs ID ID ID")
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise ComparisonError(f"MLflow experiment {experiment!r} not found")
+        runs = client.search_runs([exp.experiment_id], "tags.`dyntrain.stage` = 'pretrain'",
+                                  order_by=["attributes.start_time DESC"], max_results=5000)
+        runs = [r for r in runs if r.data.tags.get("val.fingerprint")]
+    dynamic, fixed = None, {}
+    for r in runs:  # newest first when searched
+        mode = r.data.tags.get("mode", "")
+        if mode == "dynamic" and dynamic is None:
+            dynamic = r
+        elif mode.startswith("fixed:"):
+            fixed.setdefault(mode[6:], r)
+    if dynamic is None:
+        raise ComparisonError(f"no dynamic pre-training run with validation among "
+                              f"{run_ids or experiment!r}")
+    variants = [v for v in dynamic.data.tags.get("variants", "").split(",") if v]
+    missing = [v for v in variants if v not in fixed]
+    if missing:
+        raise ComparisonError(f"no separate baseline (schedule.mode=fixed schedule.fixed_variant="
+                              f"{missing[0]}) with validation for the dynamic run {dynamic.info.run_id}: "
+                              f"missing {', '.join(missing)}")
+    prints = {r.info.run_id: r.data.tags.get("val.fingerprint") for r in [dynamic, *fixed.values()]}
+    if len(set(prints.values())) != 1:
+        raise ComparisonError("val fingerprints differ (different val shards, seed or sizes): " +
+                              ", ".join(f"{k} {v}" for k, v in prints.items()))
+    return dynamic, {v: fixed[v] for v in variants}
+
+
+def compare_iso_quality(tracking_uri: str, experiment: Optional[str], run_ids=None,
+                        png: Optional[Path] = None, log: bool = True) -> dict[str, Any]:
+    """Find the runs, compute ``iso_quality.iso_quality``, and (``log``) store its metrics, table
+    and plot in the dynamic run. Returns the result plus ``text`` and the run ids."""
+    from mlflow.tracking import MlflowClient
+
+    from .iso_quality import as_metrics, format_result, iso_quality
+
+    client = MlflowClient(tracking_uri)
+    dynamic, baselines = find_iso_runs(client, experiment, run_ids)
+    variants = list(baselines)
+    dyn_curves = val_curves(client, dynamic.info.run_id, variants)
+    sep_curves = {v: val_curves(client, b.info.run_id, [v]).get(v, []) for v, b in baselines.items()}
+    empty = [v for v in variants if not dyn_curves.get(v) or not sep_curves[v]]
+    if empty:
+        raise ComparisonError(f"no val/<variant>/psnr history for variant(s) {', '.join(empty)} "
+                              f"(were the runs started with data.val_urls?)")
+    result = iso_quality(dyn_curves, sep_curves)
+    result["text"] = format_result(result)
+    result["dynamic_run"] = dynamic.info.run_id
+    result["baseline_runs"] = {v: b.info.run_id for v, b in baselines.items()}
+    if png is not None:
+        from .compare_plot import plot_iso
+
+        plot_iso(dyn_curves, sep_curves, png, result)
+    if log:
+        import time
+
+        from mlflow.entities import Metric
+
+        step = max(m.step for m in client.get_metric_history(dynamic.info.run_id, "val/gpu_hours"))
+        now = int(time.time() * 1000)
+        client.log_batch(dynamic.info.run_id, metrics=[Metric(k, float(v), now, step)
+                                                       for k, v in as_metrics(result).items()])
+        client.log_text(dynamic.info.run_id, result["text"] + "\n", "iso_quality.txt")
+        if png is not None:
+            client.log_artifact(dynamic.info.run_id, str(png))
+    return result

@@ -66,3 +66,34 @@ def plot(pretrain: list[PretrainRun], results: list[ResultRun], path: str | Path
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_iso(dynamic: dict, separate: dict, path: str | Path, result: dict | None = None) -> Path:
+    """Val PSNR vs GPU hours, one panel per variant: the dynamic run against its separate run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    variants = sorted(dynamic)
+    fig, axes = plt.subplots(1, len(variants), figsize=(5.5 * len(variants), 4.2), squeeze=False)
+    for ax, v in zip(axes[0], variants):
+        for curve, label, color in ((dynamic[v], "dynamic", "tab:green"),
+                                    (separate.get(v, []), f"separate ({v} only)", "tab:gray")):
+            pts = sorted(curve)
+            ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", ms=3, label=label, color=color)
+        if result is not None:
+            ax.axhline(result["target_psnr"][v], ls=":", color="tab:green", lw=1)
+            ax.axvline(result["gh_separate_to_match"][v], ls=":", color="tab:gray", lw=1)
+        ax.set_xlabel("GPU hours (validation excluded)")
+        ax.set_ylabel("val PSNR (dB)")
+        ax.set_title(f"DyNet-{v}")
+        ax.legend(fontsize=8)
+    if result is not None and result.get("iso_quality_saving") is not None:
+        fig.suptitle(f"iso_quality_saving = {result['iso_quality_saving']:.3f}"
+                     + (" (lower bound)" if result["iso_quality_saving_is_bound"] else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -9,7 +9,8 @@ exception, re-raised).
 Extension points (all optional, all called on every rank): ``model_builder`` (the model),
 ``checkpoint_factory`` (the checkpoint manager, e.g. one with a ``before_commit`` callback),
 ``schedule_hook`` (may replace the variant schedule of a rank) and ``trainer_hook`` (callbacks,
-``Trainer.enable_trace`` ...). Fine-tuning uses the first and the last; tests use them to trace runs
+``Trainer.enable_trace`` ...). Pre-training runs with ``data.val_urls`` get the validation callback
+(``dyntrain.validation``) after ``trainer_hook``. Fine-tuning uses the first and the last; tests use them to trace runs
 and to inject faults without any switch in this code path.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .model_factory import build_model
 from .schedule import VariantSchedule, new_verify_group, splitmix64
 from .tracking import make_tracker
 from .trainer import Trainer, TrainResult
+from .validation import install_validation
 
 LoaderFactory = Callable[[Config, int, int, torch.device], Any]
 ScheduleHook = Callable[[VariantSchedule, int], VariantSchedule]
@@ -89,6 +91,8 @@ def run_training(cfg: Config, loader_factory: LoaderFactory, *, mode: str = "pre
         _describe_run(tracker, cfg, ds_config, schedule, info, mode, resumed_from, step=trainer.step)
         if trainer_hook is not None:
             trainer_hook(trainer)
+        if mode == "pretrain":  # fixed held-out set, every variant every eval.every steps
+            install_validation(trainer, cfg)
         trainer.account.add_startup(time.perf_counter() - t_start)
         previous = _install_signal_handlers(trainer)
         try:

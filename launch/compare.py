@@ -3,6 +3,10 @@ PSNR/SSIM per variant and task. Prints the tables, writes a PNG and logs both to
 
     python launch/compare.py [--experiment NAME ...] [--tracking-uri URI | --config X.yaml]
                              [--out runs/comparison.png] [--log-experiment dynet-comparison] [--no-log]
+    python launch/compare.py --iso-quality --experiment NAME [--runs DYN_ID S_ID L_ID] [--out X.png]
+
+--iso-quality: the GPU-hour saving at equal validation quality of a dynamic run against its
+fixed-variant baselines (dyntrain.iso_quality): table, plot, and metrics logged to the dynamic run.
 """
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from dyntrain.compare import collect_runs, format_tables, log_comparison  # noqa: E402
+from dyntrain.compare import (ComparisonError, collect_runs, compare_iso_quality,  # noqa: E402
+                              format_tables, log_comparison)
 from dyntrain.compare_plot import plot  # noqa: E402
 from dyntrain.config import load_config  # noqa: E402
 from dyntrain.errors import cli_main  # noqa: E402
@@ -31,11 +36,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-experiment", default="dynet-comparison",
                         help="experiment of the comparison run that stores plot and tables")
     parser.add_argument("--no-log", action="store_true", help="do not log the comparison to MLflow")
+    parser.add_argument("--iso-quality", action="store_true",
+                        help="equal-quality saving of a dynamic run vs its fixed-variant baselines")
+    parser.add_argument("--runs", nargs="+", default=None, metavar="RUN_ID",
+                        help="the dynamic run and its baselines (implies --iso-quality)")
     args = parser.parse_args(argv)
     setup_logging()
 
     uri = (args.tracking_uri or (load_config(args.config).tracking.uri if args.config else None)
            or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+    if args.iso_quality or args.runs:
+        out = Path(args.out if args.out != parser.get_default("out") else "runs/iso_quality.png")
+        try:
+            result = compare_iso_quality(uri, (args.experiment or [None])[-1], args.runs, out,
+                                         log=not args.no_log)
+        except ComparisonError as exc:
+            print(f"compare: error: {exc}", file=sys.stderr)
+            return 2
+        print(result["text"])
+        print(f"plot written to {out}")
+        print(f"iso_quality_saving={result['iso_quality_saving']}")
+        return 0
     pretrain, results = collect_runs(uri, args.experiment)
     text = format_tables(pretrain, results)
     print(text)

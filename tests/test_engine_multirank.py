@@ -145,21 +145,49 @@ PROBS3 = {"S": 0.3, "M": 0.3, "L": 0.4}
 STEPS, SEED = 8, 11
 
 
-def _three_variant_run(out: Path, stage: int):
-    """8 steps, 3 variants, gradient accumulation 2, the draw checked at every step."""
+@pytest.fixture(scope="module")
+def val_shards(tmp_path_factory) -> str:
+    """Held-out validation shards (5 patches of 64x64) for the pre-training validation."""
+    from dyntrain.data.patches import ShardBuildConfig
+    from dyntrain.data.shards import build_shards
+    from dyntrain.data.synthetic import write_synthetic_images
+
+    base = tmp_path_factory.mktemp("val")
+    write_synthetic_images(base / "images", 2, size=(64, 192), seed=9)
+    build_shards([base / "images"], str(base / "shards"),
+                 ShardBuildConfig(patch_size=64, shard_samples=4, max_flat_frac=1.0, workers=1),
+                 progress=False)
+    return f"{base / 'shards'}/*.tar"
+
+
+def _three_variant_run(out: Path, stage: int, val_urls: str):
+    """8 steps, 3 variants, gradient accumulation 2, the draw checked at every step; validation of
+    every variant at steps 0, 4 and 8 into an MLflow run."""
     out.mkdir()
     proc, _ = launch(out, [
         f"run.max_steps={STEPS}", f"run.seed={SEED}", f"deepspeed.zero_stage={stage}",
         "deepspeed.gradient_accumulation_steps=2", "schedule.verify_every=1",
         "model.variants={S: [1,1,1,1], M: [1,2,1,2], L: [2,2,2,2]}",
-        "schedule.variant_probs={S: 0.3, M: 0.3, L: 0.4}", "checkpoint.every=3"])
+        "schedule.variant_probs={S: 0.3, M: 0.3, L: 0.4}", "checkpoint.every=3",
+        f"data.val_urls=[{val_urls}]", "eval.every=4", "eval.val_samples=5", "eval.val_batch_size=2",
+        "tracking.enabled=true", f"tracking.uri=sqlite:///{out / 'mlflow.db'}"], timeout=400)
     assert proc.returncode == 0, _tail(proc)
     return proc, traces(out)
 
 
+def val_history(out: Path) -> dict[str, dict[int, float]]:
+    """metric -> {step: value} of the val/ metrics of the only MLflow run in ``out``."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)}
+            for k in run.data.metrics if k.startswith("val/")}
+
+
 @pytest.fixture(scope="module")
-def zero2_run(tmp_path_factory):
-    return _three_variant_run(tmp_path_factory.mktemp("zero2") / "run", stage=2)
+def zero2_run(tmp_path_factory, val_shards):
+    return _three_variant_run(tmp_path_factory.mktemp("zero2") / "run", 2, val_shards)
 
 
 def test_two_ranks_draw_the_same_variants_and_keep_identical_weights(zero2_run):
@@ -182,15 +210,27 @@ def test_two_ranks_draw_the_same_variants_and_keep_identical_weights(zero2_run):
     assert "step 8/8" in proc.stdout and "patches/s" in proc.stdout and "ETA" in proc.stdout
 
 
-def test_zero3_with_switching_variants_matches_zero2(zero2_run, tmp_path):
+def test_zero3_with_switching_variants_matches_zero2(zero2_run, tmp_path, val_shards):
     """ZeRO-3 sees the module call pattern change whenever the variant does (its prefetch trace is
-    invalidated and re-recorded); it must train like ZeRO-2 and keep the ranks identical."""
+    invalidated and re-recorded); it must train like ZeRO-2 and keep the ranks identical. Validation
+    (weights gathered, the 5 crops split 3/2 over the ranks and reduced) gives every variant's
+    figures at steps 0, 4, 8, the same under both stages."""
     _, z2 = zero2_run
-    _, z3 = _three_variant_run(tmp_path / "z3", stage=3)
+    _, z3 = _three_variant_run(tmp_path / "z3", 3, val_shards)
     assert z3[0]["weights_sha256"] == z3[1]["weights_sha256"]
     assert [s["variant"] for s in z3[0]["steps"]] == [s["variant"] for s in z2[0]["steps"]]
     for a, b in zip(z2[0]["steps"], z3[0]["steps"]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
+    h2 = val_history(Path(z2[0]["trace_dir"]).parent)
+    h3 = val_history(tmp_path / "z3")
+    for v in VARIANTS3:               # every variant, trained or not, at the configured steps
+        for name in ("l1", "psnr", "psnr_degraded", "psnr_masked", "l1_masked", "own_steps"):
+            assert sorted(h2[f"val/{v}/{name}"]) == [0, 4, 8], (v, name)
+            for step, value in h2[f"val/{v}/{name}"].items():
+                assert h3[f"val/{v}/{name}"][step] == pytest.approx(value, rel=1e-4), (v, name, step)
+        assert h2[f"val/{v}/psnr"][8] != h2[f"val/{v}/psnr"][0]          # training moved them
+    assert h2["val/S/own_steps"][8] + h2["val/M/own_steps"][8] + h2["val/L/own_steps"][8] == STEPS
+    assert sorted(h2["val/gpu_hours"]) == [0, 4, 8] and h2["val/gpu_hours"][8] > h2["val/gpu_hours"][4]
 
 
 def test_verify_every_catches_an_injected_disagreement_quickly(tmp_path):

@@ -72,7 +72,7 @@ def test_dry_run_fills_every_figure_the_cpu_can_measure(tmp_path):
     # not measurable on a CPU: null, with the reason
     for key in ("mfu_L", "mfu_S", "driver"):
         assert result[key] is None and result["skipped"][key], key
-    assert result["skipped"]["quality_saving"] == "bench/quality_saving.py not present"
+    assert result["skipped"]["quality_saving"].startswith("dry run: data and validation set built")
     assert result["skipped"]["cuda_graphs"] == "CUDA graphs need a GPU"
     assert result["gpu_tests"]["exit_code"] == 0 and result["gpu_tests"].get("failed", 0) == 0
     assert result["stages"]["train_step"]["status"] == "done"
@@ -109,7 +109,7 @@ def test_bare_image_skips_what_it_cannot_run(tmp_path):
     skipped = result["skipped"]
     assert skipped["dynamic_vs_separate"] == "deepspeed not installed"
     assert skipped["input_pipeline"] == "nvidia-dali not installed"
-    assert skipped["quality_saving"] == "bench/quality_saving.py not present"
+    assert skipped["quality_saving"] == "deepspeed not installed"
     assert skipped["train_step"] == "not selected (--only)"
     for key in ("gpu_hours_saved_frac", "switch_penalty_s", "zero_stage_step_ms",
                 "input_wait_frac", "dali_images_per_s"):

@@ -64,6 +64,7 @@ class Setup:
             "deepspeed.zero_stage": 2, "deepspeed.bf16": "false", "tracking.uri": self.uri,
             "tracking.experiment": "resume", "checkpoint.dir": str(ckpt_dir), "checkpoint.every": 2,
             "checkpoint.keep": 10, "checkpoint.resume": "auto",
+            "data.val_urls": f"[{self.base / 'val'}/*.tar]", "eval.every": 2, "eval.val_samples": 4,
         }
         o.update(kw)
         return [f"{k}={v}" for k, v in o.items()]
@@ -108,6 +109,10 @@ def setup(tmp_path_factory):
                     "--max-flat-frac", "1.0", "--quiet"], check=True, timeout=120)
     manifest = json.loads((base / "shards" / "manifest.json").read_text())
     assert manifest["num_samples"] == SAMPLES
+    write_synthetic_images(base / "val_images", 1, size=(128, 128), seed=4)   # held out: validation
+    subprocess.run([sys.executable, str(ROOT / "launch" / "make_shards.py"), "--src", str(base / "val_images"),
+                    "--out", str(base / "val"), "--patch-size", "64", "--max-flat-frac", "1.0", "--quiet"],
+                   check=True, timeout=120)
     s = Setup(base)
     rc = s.run("straight", 2, base / "ck_straight")
     assert rc == 0, s.log("straight")
@@ -170,6 +175,21 @@ def test_exact_resume_after_kill9_and_kill_during_write(setup):
     assert first == run.info.run_id
     ids = {r.info.run_id for r in client.search_runs([exp.experiment_id])}
     assert len(ids) == 2       # the straight run and the interrupted one, nothing else
+
+    # validation: the resumed chain reports the straight run's val figures at every evaluation
+    # (steps 0, 2, 4 before the kill, 6 twice, 8), built from the same inputs
+    straight = client.get_run(ck.read_client_state(s.base / "ck_straight", ck.tag_for_step(2 * N))
+                              ["client"]["mlflow_run_id"])
+    assert run.data.tags["val.inputs_sha256"] == straight.data.tags["val.inputs_sha256"]
+    assert run.data.params["val.fingerprint"] == straight.data.params["val.fingerprint"]
+    keys = [k for k in straight.data.metrics if k.startswith("val/") and k.split("/")[-1] in (
+        "l1", "psnr", "psnr_degraded", "psnr_masked", "l1_masked", "own_steps")]
+    assert {k.split("/")[1] for k in keys} == {"S", "L"} and len(keys) == 12
+    for key in keys:
+        ref = {m.step: m.value for m in client.get_metric_history(straight.info.run_id, key)}
+        assert sorted(ref) == [0, 2, 4, 6, 8], key
+        for m in client.get_metric_history(run.info.run_id, key):
+            assert m.value == ref[m.step], f"{key} at step {m.step}"
 
 
 def test_world_size_change_two_to_one(setup):

@@ -39,6 +39,8 @@ class DataConfig:
         under ``root``), "paired_shards" (paired WebDataset shards through DALI) or "synthetic"
         (clean images of ``clean_urls`` degraded on the fly by the MiOIR tasks of ``tasks``).
     train_urls: shard URLs: local paths, globs, brace patterns or s3:// URLs.
+    val_urls: held-out validation shards (same URL forms; ``make_shards --holdout``); with
+        ``eval.every`` every variant is validated on a fixed set drawn from them (dyntrain.validation).
     crop_size: random crop side.
     micro_batch_size: samples per rank per forward pass.
     num_threads: DALI CPU threads (or DataLoader workers for "paired") per rank.
@@ -59,6 +61,7 @@ class DataConfig:
     """
     source: Literal["shards", "paired", "paired_shards", "synthetic"] = "shards"
     train_urls: list[str] = field(default_factory=list)
+    val_urls: list[str] = field(default_factory=list)
     crop_size: int = 128
     micro_batch_size: int = 32
     num_threads: int = 4
@@ -287,12 +290,23 @@ class InitConfig:
 class EvalConfig:
     """Args:
     sets: test-set name -> folder (bsd68, rain100l, sots); layouts as in dyntrain.evaluate.
-    every: evaluate every N steps during fine-tuning (0 = only when asked).
+    every: evaluate every N steps during fine-tuning, and validate every variant on the fixed
+        ``data.val_urls`` set every N steps during pre-training (0 = only at the end / when asked).
     variants: which variants to evaluate ("all" = every entry of model.variants).
     max_images: limit per set (0 = all).
+    val_samples: size of the fixed pre-training validation set (crops, capped by the val shards).
+    val_batch_size: crops per forward pass during pre-training validation.
     """
     sets: dict[str, str] = field(default_factory=dict)
     every: int = 0
     variants: list[str] = field(default_factory=lambda: ["all"])
     max_images: int = 0
     noise_seed: int = 0
+    val_samples: int = 64
+    val_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"eval.every: must be >= 0, got {self.every}")
+        positive("eval.val_samples", self.val_samples)
+        positive("eval.val_batch_size", self.val_batch_size)

@@ -1,6 +1,7 @@
 """The shard builder's command line (``python launch/make_shards.py``; logic in ``shards.py``).
 
-stdout carries one JSON line (output, shard and sample counts); the log goes to stderr.
+stdout carries one JSON line (output, shard and sample counts), and a second one for the validation
+shards with ``--holdout``; the log goes to stderr.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ..errors import DyntrainError, cli_main
 from ..logs import get_logger, setup_logging
 from .patches import ShardBuildConfig
 from .s3 import DataSourceError
-from .shards import build_shards, empty_build_message
+from .shards import build_shards, build_with_holdout, empty_build_message
 
 log = get_logger(__name__)
 
@@ -55,6 +56,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--quality-min", type=_threshold, action="append", default=[], metavar="NAME=V")
     p.add_argument("--quality-max", type=_threshold, action="append", default=[], metavar="NAME=V")
     p.add_argument("--workers", type=int, default=0, help="processes (0 = all CPUs)")
+    p.add_argument("--holdout", type=float, default=0.0, metavar="FRAC",
+                   help="hold out this fraction of the source images: every patch of a held-out "
+                        "image goes to the validation shards (--val-out), never to --out")
+    p.add_argument("--val-out", default=None, metavar="DIR_OR_S3_URL",
+                   help="where the held-out images' shards go (default: <out>-val)")
+    p.add_argument("--holdout-seed", type=int, default=0, help="seed of the held-out image draw")
     p.add_argument("--prefix", default="shard")
     p.add_argument("--force", action="store_true", help="rebuild even when up to date")
     p.add_argument("--quiet", action="store_true")
@@ -76,7 +83,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                                max_flat_frac=args.max_flat_frac, quality_min=qmin,
                                quality_max=qmax, quality_hook=args.quality_hook,
                                workers=args.workers, prefix=args.prefix)
-        manifest = build_shards(args.src, args.out, cfg, force=args.force, progress=not args.quiet)
+        val = None
+        if args.holdout:
+            val_out = args.val_out or args.out.rstrip("/") + "-val"
+            manifest, val = build_with_holdout(args.src, args.out, val_out, args.holdout, cfg,
+                                               args.holdout_seed, args.force, not args.quiet)
+        else:
+            manifest = build_shards(args.src, args.out, cfg, force=args.force, progress=not args.quiet)
     except ValueError as exc:  # a bad option value (ShardBuildConfig); DyntrainErrors pass through
         if isinstance(exc, DyntrainError):
             raise
@@ -85,6 +98,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise DataSourceError(empty_build_message(args.src, manifest["counts"], args.patch_size, args.out))
     print(json.dumps({"out": args.out, "num_shards": manifest["num_shards"],
                       "num_samples": manifest["num_samples"], "counts": manifest["counts"]}))
+    if val is not None:
+        print(json.dumps({"val_out": val["holdout"]["val_out"], "num_shards": val["num_shards"],
+                          "num_samples": val["num_samples"],
+                          "val_images": len(val["holdout"]["val_images"])}))
     return 0
 
 

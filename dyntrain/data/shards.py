@@ -100,12 +100,47 @@ def _up_to_date(output: ShardOutput, fingerprint: str) -> Optional[dict[str, Any
     return None
 
 
+def split_holdout(sources: list[Path], frac: float, seed: int = 0) -> tuple[list[Path], list[Path]]:
+    """(training images, held-out images): ``round(frac * n)`` whole source images (at least one,
+    at most n - 1) drawn with ``seed``; both lists keep the source order."""
+    import numpy as np
+
+    if not 0.0 < frac < 1.0:
+        raise ValueError(f"--holdout: a fraction in (0, 1) is needed, got {frac}")
+    n = len(sources)
+    if n < 2:
+        raise ValueError(f"--holdout: needs at least 2 source images, found {n}")
+    k = min(n - 1, max(1, round(frac * n)))
+    held = set(np.random.default_rng(seed).choice(n, size=k, replace=False).tolist())
+    return ([p for i, p in enumerate(sources) if i not in held],
+            [p for i, p in enumerate(sources) if i in held])
+
+
+def build_with_holdout(srcs: list[str | Path], out: str, val_out: str, frac: float,
+                       cfg: Optional[ShardBuildConfig] = None, seed: int = 0, force: bool = False,
+                       progress: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every patch of a held-out image goes to ``val_out``, never to ``out``; both manifests record
+    the split (``split`` and ``holdout``: fraction, seed, both outputs and the held-out images)."""
+    if str(val_out).rstrip("/") == str(out).rstrip("/"):
+        raise ValueError("--val-out must differ from --out (validation shards live apart)")
+    train, held = split_holdout(list_sources(srcs), frac, seed)
+    record = {"frac": frac, "seed": seed, "train_out": str(out), "val_out": str(val_out),
+              "val_images": [str(p) for p in held]}
+    manifests = []
+    for split, sources, dest in (("train", train, out), ("val", held, val_out)):
+        manifests.append(build_shards([], dest, cfg, force, progress, sources=sources,
+                                      extra={"split": split, "holdout": record}))
+    return manifests[0], manifests[1]
+
+
 def build_shards(srcs: list[str | Path], out: str, cfg: Optional[ShardBuildConfig] = None,
-                 force: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Build the shards of ``srcs`` into ``out`` (folder or s3:// prefix). Returns the manifest."""
+                 force: bool = False, progress: bool = True, *, sources: Optional[list[Path]] = None,
+                 extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Build the shards of ``srcs`` (or of the image list ``sources``) into ``out`` (folder or s3://
+    prefix); ``extra`` is added to the manifest. Returns the manifest."""
     cfg = cfg or ShardBuildConfig()
     cfg.quality_filter()  # a bad hook fails here, not in every worker
-    sources = list_sources(srcs)
+    sources = list_sources(srcs) if sources is None else sources
     fingerprint = _fingerprint(cfg, sources)
     output = ShardOutput(str(out))
     try:
@@ -117,7 +152,7 @@ def build_shards(srcs: list[str | Path], out: str, cfg: Optional[ShardBuildConfi
                          manifest["num_samples"], manifest["num_shards"])
             manifest["up_to_date"] = True
             return manifest
-        return _Builder(sources, output, cfg, progress, [str(s) for s in srcs]).run(fingerprint)
+        return _Builder(sources, output, cfg, progress, [str(s) for s in srcs], extra).run(fingerprint)
     finally:
         output.close()
 
@@ -136,9 +171,10 @@ class _Builder:
     """One build: consumes the per-image results in source order, cuts shards, publishes them."""
 
     def __init__(self, sources: list[Path], output: ShardOutput, cfg: ShardBuildConfig,
-                 progress: bool, src_names: list[str]) -> None:
+                 progress: bool, src_names: list[str], extra: Optional[dict[str, Any]] = None) -> None:
         self.sources, self.output, self.cfg, self.progress = sources, output, cfg, progress
         self.src_names = src_names
+        self.extra = extra or {}
         self.counts: dict[str, Any] = {"images_found": len(sources), "images_used": 0,
                                        "images_too_small": 0, "images_corrupt": 0,
                                        "patches_total": 0, "patches_kept": 0, "patches_dropped": {}}
@@ -266,6 +302,7 @@ class _Builder:
             "patch_list": PATCH_LIST,
             "index_format": f"DALI webdataset index {INDEX_VERSION}, <shard stem>.idx beside each shard",
             "seconds": round(time.perf_counter() - t0, 2),
+            **self.extra,
         }
         output.write_text(MANIFEST, json.dumps(manifest, indent=1))
         # shards of an earlier build that this manifest does not list

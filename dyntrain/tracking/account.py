@@ -16,6 +16,10 @@ before the first step — process group, model, engine, loader, resume — is re
     switch_penalty_s              = mean over steps that switched variant of (t - t_v of a
                                     non-switching step of the same variant)
 
+Validation (``dyntrain.validation``) runs between steps: its time is part of W but never of a step
+time, and is reported as ``val_s_total``; ``gpu_hours_train = (W - validation time in the loop) * A /
+3600`` is the training cost alone, the x axis of the validation curves (``val/gpu_hours``).
+
 "Separate" is what the paper compares against: training each variant alone for the same N
 iterations, at the per-variant step time measured in this run. With two variants at p = 0.5,
 sum_v n_v t_v ~ N (t_S + t_L) / 2, so the expected saving is ~50% whatever t_S and t_L are. The
@@ -48,6 +52,8 @@ class GPUHourAccount:
         self.switched = {v: [0, 0.0] for v in self.variants}
         self.prior_wall_s = 0.0
         self.startup_s = 0.0  # process start -> first step, summed over segments (not in gpu_hours)
+        self.val_s = 0.0       # validation, all of it
+        self.val_loop_s = 0.0  # validation inside the training loop's wall time
         self._segment_start: Optional[float] = None
         self._segment_wall_s = 0.0
         self._previous: Optional[str] = None
@@ -71,6 +77,17 @@ class GPUHourAccount:
     def add_startup(self, seconds: float) -> None:
         """Start-up time of this segment (distributed init, model, engine, loader, resume)."""
         self.startup_s += float(seconds)
+
+    def add_validation(self, seconds: float) -> None:
+        """Validation took ``seconds`` (between steps, or before the loop started)."""
+        self.val_s += float(seconds)
+        if self._segment_start is not None:
+            self.val_loop_s += float(seconds)
+
+    @property
+    def gpu_hours_train(self) -> float:
+        """GPU hours of the training loop without its validation time."""
+        return max(0.0, self.wall_s - self.val_loop_s) * self.accelerators / 3600.0
 
     def record(self, variant: str, seconds: float) -> None:
         """One optimizer step of ``variant`` took ``seconds``."""
@@ -104,6 +121,9 @@ class GPUHourAccount:
                                  "steps_s": step_sum}
         if wall > 0:
             out["overhead_frac"] = 1.0 - step_sum / wall
+        if self.val_s:
+            out["val_s_total"] = self.val_s
+            out["gpu_hours_train"] = self.gpu_hours_train
         if self.startup_s:
             out["startup_s_total"] = self.startup_s
             out["gpu_hours_with_startup"] = (wall + self.startup_s) * a / 3600.0
@@ -136,7 +156,8 @@ class GPUHourAccount:
                 "count": dict(self.count), "seconds": dict(self.seconds),
                 "same": {k: list(v) for k, v in self.same.items()},
                 "switched": {k: list(v) for k, v in self.switched.items()},
-                "wall_s": self.wall_s, "startup_s": self.startup_s}
+                "wall_s": self.wall_s, "startup_s": self.startup_s,
+                "val_s": self.val_s, "val_loop_s": self.val_loop_s}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for v in state["variants"]:
@@ -154,6 +175,9 @@ class GPUHourAccount:
         # a resumed run may use a different number of accelerators: convert its past wall time
         # into accelerator-seconds at the new count so gpu_hours stays the sum of both segments
         self.prior_wall_s = float(state["wall_s"]) * state["accelerators"] / self.accelerators
-        self.startup_s = float(state.get("startup_s", 0.0)) * state["accelerators"] / self.accelerators
+        scale = state["accelerators"] / self.accelerators
+        self.startup_s = float(state.get("startup_s", 0.0)) * scale
+        self.val_s = float(state.get("val_s", 0.0)) * scale
+        self.val_loop_s = float(state.get("val_loop_s", 0.0)) * scale
         self._segment_wall_s = 0.0
         self._segment_start = None
