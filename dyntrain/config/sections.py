@@ -55,7 +55,8 @@ class DataConfig:
     root: fine-tuning data folder holding Denoise/, Derain/, Dehaze/.
     tasks: fine-tuning task -> repetition factor in the mixed stream (0 drops the task); for
         "synthetic" a MiOIR degradation (sr, blur, noise, jpeg, rain, haze, lowlight) -> weight.
-    clean_urls: "synthetic": folders of clean images (a depth map beside an image drives its haze).
+    clean_urls: "synthetic": folders of clean images (a depth map beside an image drives its haze),
+        or pre-training shards as in train_urls (.tar paths/globs/braces, s3:// URLs), read by DALI.
     preset: "synthetic": the degradations' parameter ranges, "in" (In-Dis) or "out" (Out-Dis).
     sigmas: Gaussian noise levels (8-bit units) for the denoising task.
     """

@@ -10,6 +10,7 @@
     urls.py           data.train_urls -> checked shard list (globs, brace ranges, folders, s3://)
     s3.py             boto3 access with retries, multipart uploads and errors that name the URL
     pipeline.py       the DALI pre-training loader (build_pretrain_loader)
+    pipeline_recovery.py  the DALI loaders' corrupt-sample recovery (a mixin of pipeline.py's loader)
     shard_samples.py  single samples of a shard: index look-ups, decode checks (corrupt samples)
     dali_torch.py     DALI batches -> torch tensors
     degrade.py        the degradation/mask recipe of pre-training
@@ -17,6 +18,9 @@
     paired_base.py    paired fine-tuning data: task folders, pairing rules, the loaders' base class
     paired.py         the folder loader, build_finetune_loader, ``python -m dyntrain.data.paired``
     paired_shards.py  paired WebDataset shards: packing and the DALI loader (data.source: paired_shards)
+    synthetic_pairs.py   data.source: synthetic, folder form (and the choice of form)
+    synthetic_shards.py  data.source: synthetic, shards form (the pre-training DALI reader + MiOIR tasks)
+    degradations/     the seven MiOIR degradations
 
 Image files, extensions and decoding: ``dyntrain.images``; seeds: ``dyntrain.seeds``.
 Nothing is imported here, so that DALI is only loaded by the code that uses it.

@@ -30,16 +30,11 @@ Exact resume. ``state_dict()`` holds the DALI checkpoint taken after the last ba
 and the batch counter; the degradation is a pure function of the batch counter, so
 ``load_state_dict`` reproduces the next batches exactly.
 
-Corrupt samples. A JPEG that does not decode makes DALI fail the whole batch ("Critical error in
-pipeline") and leaves the pipeline unusable. The loader then (1) rebuilds the pipeline from the
-checkpoint of the last good batch with the decoder switched off for every sample of the failing
-batch (a DALI conditional driven by an external-source flag), which yields the batch's keys;
-(2) decodes each of those images alone (``shard_samples.ShardSamples``) to find the culprits; (3)
-rebuilds from the same checkpoint with the decoder switched off for the culprits only, whose slots
-are filled with copies of good samples of the same batch, counted in ``stats()["corrupt_skipped"]``
-and named in ``stats()["corrupt_keys"]``. The recovery is deterministic, so it replays identically
-after a resume. A failure in which no image is corrupt (a shard that vanished, a broken
-connection) raises :class:`DataSourceError` naming the shards.
+Corrupt samples: see ``pipeline_recovery`` (the batch is replayed without its corrupt images).
+
+Hooks for loaders built on this reader (``synthetic_shards``): ``_params`` / ``_param_types`` (the
+per-sample external-source arrays), ``_degrade_graph`` (the DALI degradation) and ``_emit`` (the
+batch from the uint8 crops and their DALI degradation).
 """
 from __future__ import annotations
 
@@ -53,18 +48,17 @@ from ..logs import get_logger
 from ..seeds import seed32
 from .dali_torch import dali_to_torch
 from .degrade import DegradeSpec, batch_params, compose
+from .pipeline_recovery import CorruptRecovery
 from .s3 import DataSourceError
-from .shard_samples import (IMAGE_COMPONENTS, ShardSamples, parse_source_info, share_size,
-                            short_error)
+from .shard_samples import IMAGE_COMPONENTS, ShardSamples, parse_source_info, share_size, short_error
 from .urls import expand_urls, index_url, missing_indices
 
 log = get_logger(__name__)
 
 READER = "Reader"
-_MAX_RECOVERY_ATTEMPTS = 3
 
 
-class DaliPretrainLoader:
+class DaliPretrainLoader(CorruptRecovery):
     """Infinite iterator of pre-training batches for one rank (see the module docstring)."""
 
     kind = "dali_pretrain"
@@ -138,12 +132,32 @@ class DaliPretrainLoader:
 
     # ------------------------------------------------------------------------------ pipeline
     def _callback(self, info) -> tuple[np.ndarray, ...]:
-        """External source, per iteration: skip decoding?, the kind flags and the levels."""
+        """External source, per iteration: skip decoding?, then ``_params`` of the iteration."""
         it = int(info.iteration)
-        p = batch_params(self.spec, self.seed, self.rank, it, self.batch_size)
         skip = np.zeros(self.batch_size, dtype=bool)
         skip[list(self._skip.get(it, ()))] = True
-        return (skip, p["is_jpeg"], p["is_gaussian"], p["jpeg_quality"], p["sigma"], p["sp_frac"])
+        return (skip, *self._params(it))
+
+    def _params(self, it: int) -> tuple[np.ndarray, ...]:
+        """Hook: per-sample arrays the degradation graph needs (here the kind flags and levels)."""
+        p = batch_params(self.spec, self.seed, self.rank, it, self.batch_size)
+        return (p["is_jpeg"], p["is_gaussian"], p["jpeg_quality"], p["sigma"], p["sp_frac"])
+
+    def _param_types(self, types) -> list:
+        """Hook: the DALI dtypes of ``_params``'s arrays."""
+        return [types.BOOL, types.BOOL, types.INT32, types.FLOAT, types.FLOAT]
+
+    def _degrade_graph(self, crop, is_jpeg, is_gaussian, quality, sigma, sp_frac):
+        """Hook: the DALI graph of the degraded crop (traced with conditionals enabled)."""
+        from nvidia.dali import fn
+
+        if is_jpeg:
+            degraded = fn.jpeg_compression_distortion(crop, quality=quality)
+        elif is_gaussian:
+            degraded = fn.noise.gaussian(crop, stddev=sigma)
+        else:
+            degraded = fn.noise.salt_and_pepper(crop, prob=sp_frac, per_channel=False)
+        return degraded
 
     def _build(self, checkpoint: Optional[bytes | str]):
         from nvidia.dali import fn, pipeline_def, types
@@ -161,9 +175,9 @@ class DaliPretrainLoader:
                 pad_last_batch=False, random_shuffle=self.shuffle_buffer > 0,
                 initial_fill=max(1, self.shuffle_buffer),
                 seed=seed32(self.seed, self.rank, 0x5EAD))
-            skip, is_jpeg, is_gaussian, quality, sigma, sp_frac = fn.external_source(
-                source=self._callback, num_outputs=6, batch=True, batch_info=True,
-                dtype=[types.BOOL, types.BOOL, types.BOOL, types.INT32, types.FLOAT, types.FLOAT])
+            dtypes = [types.BOOL, *self._param_types(types)]
+            skip, *params = fn.external_source(source=self._callback, num_outputs=len(dtypes),
+                                               batch=True, batch_info=True, dtype=dtypes)
             pos_x = fn.random.uniform(range=[0.0, 1.0])
             pos_y = fn.random.uniform(range=[0.0, 1.0])
             if skip:  # decoder switched off for this sample (corrupt-sample recovery)
@@ -173,13 +187,7 @@ class DaliPretrainLoader:
                 crop = fn.decoders.image_crop(encoded, device="mixed" if mixed else "cpu",
                                               output_type=types.RGB, crop=(S, S),
                                               crop_pos_x=pos_x, crop_pos_y=pos_y)
-            if is_jpeg:
-                degraded = fn.jpeg_compression_distortion(crop, quality=quality)
-            elif is_gaussian:
-                degraded = fn.noise.gaussian(crop, stddev=sigma)
-            else:
-                degraded = fn.noise.salt_and_pepper(crop, prob=sp_frac, per_channel=False)
-            return crop, degraded, meta
+            return crop, self._degrade_graph(crop, *params), meta
 
         pipe = pretrain_pipeline(batch_size=self.batch_size, num_threads=self.num_threads,
                                  device_id=self.device_id,
@@ -248,42 +256,18 @@ class DaliPretrainLoader:
             if bad:
                 x = x[torch.as_tensor(order, device=x.device)]
             return x.to(self.device, non_blocking=non_blocking).permute(0, 3, 1, 2).contiguous()
+        return self._emit(nchw(crop), nchw(degraded), keys, it)
+
+    def _emit(self, crop: torch.Tensor, degraded: torch.Tensor, keys: list[str],
+              it: int) -> dict[str, Any]:
+        """Hook: the batch of iteration ``it`` from the uint8 (B, 3, S, S) crops and their DALI
+        degradation (corrupt slots already refilled)."""
+        B = self.batch_size
         region_seed = batch_params(self.spec, self.seed, self.rank, it, B)["region_seed"]
-        inp, target, mask = compose(nchw(crop), nchw(degraded), region_seed, self.spec)
+        inp, target, mask = compose(crop, degraded, region_seed, self.spec)
         self.batches += 1
         self.samples += B
         return {"input": inp, "target": target, "mask": mask, "keys": keys}
-
-    # ------------------------------------------------------------------------ corrupt samples
-    def _recover(self, exc: RuntimeError, it: int):
-        """Rebuild from the last good checkpoint and run batch ``it`` again with its corrupt images
-        left undecoded (see the module docstring). Returns (crop, jpeg, meta, bad slots)."""
-        last: BaseException = exc
-        for _attempt in range(_MAX_RECOVERY_ATTEMPTS):
-            self.recoveries += 1
-            self._skip[it] = tuple(range(self.batch_size))
-            self._rebuild(self._ckpt)
-            try:
-                _, _, meta = self._pipe.run()
-            except RuntimeError as probe_exc:
-                raise DataSourceError(f"rank {self.rank}: reading batch {it} failed:\n"
-                                      f"{short_error(probe_exc)}") from probe_exc
-            refs = [parse_source_info(meta[i].source_info()) for i in range(self.batch_size)]
-            bad = tuple(i for i, (url, key) in enumerate(refs) if not self._samples.decodes(url, key))
-            if not bad:
-                shards = sorted({u for u, _ in refs})
-                raise DataSourceError(
-                    f"rank {self.rank}: DALI failed on batch {it} but every image of it decodes on "
-                    f"its own (shards {', '.join(shards)}):\n{short_error(last)}") from last
-            self._skip[it] = bad
-            self._rebuild(self._ckpt)
-            try:
-                crop, jpeg, meta = self._pipe.run()
-                return crop, jpeg, meta, bad
-            except RuntimeError as again:
-                last = again
-        raise DataSourceError(f"rank {self.rank}: batch {it} still fails after "
-                              f"{_MAX_RECOVERY_ATTEMPTS} recoveries:\n{short_error(last)}") from last
 
     # ------------------------------------------------------------------------------- state
     def _identity(self) -> dict[str, Any]:

@@ -4,10 +4,11 @@
     sample (``dyntrain.curriculum``) -> its degradation with parameters of ``data.preset`` ->
     (degraded, clean) on the training device
 
-Built: the folder source (local folders, recursive). Not built yet: clean images from the
-pre-training shards (local or s3://, through DALI).
+Two forms of ``data.clean_urls`` (``clean_form``): local folders of images (recursive; this module)
+or pre-training shards - ``.tar`` paths, globs and braces, ``s3://`` URLs or a shard folder holding
+``manifest.json`` - read through the DALI pre-training reader (``synthetic_shards``).
 
-Everything a sample gets is a pure function of (seed, step, global sample index): the image
+In the folder form, everything a sample gets is a pure function of (seed, step, global sample index): the image
 (drawn with replacement), the crop position, the task and the degradation's parameters
 (``degradations.draw_params`` keyed by (seed, step, rank, index)). The loader's state is therefore
 its batch counter alone, and a resume is exact. Images smaller than the crop are skipped at start-up
@@ -32,15 +33,29 @@ from .degradations.depth import clean_images, load_depth
 log = get_logger(__name__)
 
 
+def clean_form(urls: list[str]) -> str:
+    """"shards" when every entry of ``data.clean_urls`` names shards, "folders" when every one is a
+    local folder of images; a mixture or an empty list is an error naming the entries."""
+    if not urls:
+        raise DegradationError("data.clean_urls: nothing given (data.source=synthetic needs clean "
+                               "images: folders, or pre-training shards)")
+
+    def is_shards(url: str) -> bool:
+        return url.startswith("s3://") or url.endswith(".tar") or (Path(url) / "manifest.json").is_file()
+    shards = [u for u in urls if is_shards(u)]
+    if shards and len(shards) != len(urls):
+        raise DegradationError(f"data.clean_urls: mixes shards {shards} with folders "
+                               f"{[u for u in urls if u not in shards]}; give one form")
+    return "shards" if shards else "folders"
+
+
 def scan_clean(urls: list[str], crop: int) -> tuple[list[tuple[Path, Optional[Path]]], list[str]]:
     """(image, depth) of every clean image at least ``crop`` on each side, and the skipped names."""
-    if not urls:
-        raise DegradationError("data.clean_urls: no folder given (data.source=synthetic needs clean images)")
     found, small = [], []
     for url in urls:
-        if url.startswith("s3://") or not Path(url).is_dir():
-            raise DegradationError(f"data.clean_urls: {url} is not a local folder (the shard/s3 source "
-                                   "of clean images is not built yet)")
+        if not Path(url).is_dir():
+            raise DegradationError(f"data.clean_urls: {url} is not a local folder (nor shards: "
+                                   "*.tar, s3://, or a folder with manifest.json)")
         for path, depth in clean_images(url):
             with Image.open(path) as img:
                 width, height = img.size
@@ -135,16 +150,23 @@ class SyntheticPairLoader:
         return out
 
 
-def build_synthetic_loader(cfg, rank: int, world_size: int, device) -> SyntheticPairLoader:
-    """The ``data.source: synthetic`` loader of ``cfg`` for this rank."""
+def build_synthetic_loader(cfg, rank: int, world_size: int, device):
+    """The ``data.source: synthetic`` loader of ``cfg`` for this rank (folder or shards form)."""
     from ..curriculum import TaskCurriculum
     from ..engine import build_ds_config
 
-    images, small = scan_clean(list(cfg.data.clean_urls), cfg.data.crop_size)
-    if small and rank == 0:
-        log.info(f"synthetic data: {len(small)} images smaller than {cfg.data.crop_size} px skipped "
-                 f"(first: {small[0]})")
+    data, urls = cfg.data, list(cfg.data.clean_urls)
     accum = int(build_ds_config(cfg, world_size)["gradient_accumulation_steps"])
-    return SyntheticPairLoader(images, TaskCurriculum.from_config(cfg), cfg.data.preset, cfg.data.crop_size,
-                               cfg.data.micro_batch_size, cfg.run.seed, rank, world_size, accum, device,
-                               small_skipped=len(small))
+    curriculum = TaskCurriculum.from_config(cfg)
+    if clean_form(urls) == "shards":
+        from .synthetic_shards import ShardCleanLoader
+        return ShardCleanLoader(urls, curriculum, data.preset, data.crop_size, data.micro_batch_size,
+                                cfg.run.seed, rank, world_size, accum, device,
+                                num_threads=data.num_threads, prefetch=data.prefetch,
+                                shuffle_buffer=data.shuffle_buffer, decode=data.decode)
+    images, small = scan_clean(urls, data.crop_size)
+    if small and rank == 0:
+        log.info(f"synthetic data: {len(small)} images smaller than {data.crop_size} px skipped "
+                 f"(first: {small[0]})")
+    return SyntheticPairLoader(images, curriculum, data.preset, data.crop_size, data.micro_batch_size,
+                               cfg.run.seed, rank, world_size, accum, device, small_skipped=len(small))

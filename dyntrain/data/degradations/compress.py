@@ -17,9 +17,14 @@ def jpeg_bytes(img: np.ndarray, quality: int) -> bytes:
 
 def jpeg(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     """``I = decode(encode(J, q))`` with the IJG quantisation tables scaled to quality q
-    (In-Dis U(30, 70), Out-Dis U(10, 30), rounded to an integer). The codec runs on the host, one
-    call per image (libjpeg; DALI's ``jpeg_compression_distortion`` needs a DALI pipeline around it,
-    so the torch path uses the same libjpeg tables through Pillow)."""
+    (In-Dis U(30, 70), Out-Dis U(10, 30), rounded to an integer).
+
+    Where it runs: when clean patches come from shards (``synthetic_shards``), JPEG does not come
+    here: ``fn.jpeg_compression_distortion`` runs inside the DALI pipeline at the same drawn quality
+    (on the GPU when decoding is ``mixed``; on the CPU its output equals this function's, checked in
+    tests/test_synthetic_shards.py). The folder form and ``launch/make_testsets.py`` have no DALI
+    pipeline (images are read by Pillow on the host), so they keep this host path: libjpeg through
+    Pillow, one call per image, then the batch goes back to ``x``'s device."""
     host = x.detach().round().clamp(0, 255).to("cpu", torch.uint8).permute(0, 2, 3, 1).numpy()
     out = []
     for img, q in zip(host, p["quality"].tolist()):
