@@ -74,9 +74,18 @@ sys.exit(next((c for c in codes if c), 0))
 """
 
 
+TRACED_PYTHON = """#!/usr/bin/env bash
+# DYNTRAIN_PYTHON for the test: the training entry runs under tests/rank_entry.py with a trace
+# (per-rank variants, sample keys, weight hash) in $TWO_NODE_TRACE_DIR; other uses pass through
+[ "$1" = "-m" ] && exec {python} "$@"
+exec {python} {root}/tests/rank_entry.py --trace "$TWO_NODE_TRACE_DIR" "$@"
+"""
+
+
 def _stand_ins(bin_dir: Path) -> None:
     bin_dir.mkdir()
-    for name, text in (("scontrol", SCONTROL), ("srun", SRUN.format(python=sys.executable))):
+    for name, text in (("scontrol", SCONTROL), ("srun", SRUN.format(python=sys.executable)),
+                       ("traced-python", TRACED_PYTHON.format(python=sys.executable, root=ROOT))):
         path = bin_dir / name
         path.write_text(text)
         path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
@@ -101,7 +110,8 @@ def _run_job(tmp: Path, job: int, restarts: int, overrides: list[str]) -> list[s
            if not k.startswith("SLURM_") and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE",
                                                          "MASTER_ADDR", "MASTER_PORT")}
     env.update(PATH=f"{tmp / 'bin'}:{env['PATH']}", PYTHONPATH=str(ROOT), DYNTRAIN_ROOT=str(ROOT),
-               DYNTRAIN_PYTHON=sys.executable, DYNTRAIN_TRACE_DIR=str(tmp / f"trace{restarts}"),
+               DYNTRAIN_PYTHON=str(tmp / "bin" / "traced-python"),
+               TWO_NODE_TRACE_DIR=str(tmp / f"trace{restarts}"),
                SLURM_JOB_ID=str(job), SLURM_JOB_NODELIST=",".join(HOSTS), SLURM_NNODES="2",
                SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", SLURM_CPUS_ON_NODE="1",
                SLURM_RESTART_COUNT=str(restarts), SLURM_SUBMIT_DIR=str(ROOT))
