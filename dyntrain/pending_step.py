@@ -11,7 +11,10 @@ What the host learns at resolution is the same on every rank (the reduced flags)
 trainer decides that from the step number and the config only).
 
 Step times: on CUDA two events per step (recorded when the step starts and ends, read when it is
-resolved: no synchronisation per step); elsewhere ``time.perf_counter`` around the step.
+resolved: no synchronisation per step); elsewhere ``time.perf_counter`` around the step. Steps that
+run several passes (sandwich, a distillation teacher) also mark the end of every forward pass
+(``StepTimer.begin`` / ``mark``): the seconds of each pass are summed per label over the step's
+micro-batches (``pass_s`` in the resolved metrics).
 """
 from __future__ import annotations
 
@@ -38,10 +41,36 @@ class StepTimer:
         self.device = device
         self._t0 = time.perf_counter()
         self._t1: Optional[float] = None
+        self._marks: list[tuple[Optional[str], Any]] = []
         if self.cuda:
             self._start = torch.cuda.Event(enable_timing=True)
             self._end = torch.cuda.Event(enable_timing=True)
             self._start.record(torch.cuda.current_stream(device))
+
+    def _now(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record(torch.cuda.current_stream(self.device))
+            return ev
+        return time.perf_counter()
+
+    def begin(self) -> None:
+        """A micro-batch's passes start now."""
+        self._marks.append((None, self._now()))
+
+    def mark(self, label: str) -> None:
+        """The pass ``label`` ended now."""
+        self._marks.append((label, self._now()))
+
+    def pass_seconds(self) -> dict[str, float]:
+        """label -> summed seconds of its passes (each from the previous mark or ``begin``)."""
+        out: dict[str, float] = {}
+        for (_, t0), (label, t1) in zip(self._marks, self._marks[1:]):
+            if label is None:
+                continue
+            dt = t0.elapsed_time(t1) / 1e3 if self.cuda else t1 - t0
+            out[label] = out.get(label, 0.0) + dt
+        return out
 
     def stop(self) -> None:
         """Mark the end of the step's work (queued, on CUDA)."""
@@ -68,16 +97,21 @@ class PendingStep:
     world_size: int
     lr: float
     timer: StepTimer
+    variants: tuple[str, ...] = ()
+    teacher: Optional[str] = None  # the variant of a teacher forward without gradient, if any
     flags: list[torch.Tensor] = field(default_factory=list)
     works: list[Any] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
     data_wait: float = 0.0
     samples: int = 0
 
-    def add(self, loss: torch.Tensor, stop_requested: bool) -> None:
-        """Queue one micro-batch's (loss, stop) flags: no host copy, an async all-reduce if world > 1."""
+    def add(self, loss: torch.Tensor, stop_requested: bool,
+            parts: Optional[list[torch.Tensor]] = None) -> None:
+        """Queue one micro-batch's (loss, stop, per-variant losses) flags: no host copy, an async
+        all-reduce if world > 1."""
         flags = torch.stack([loss.detach().float(),
-                             torch.full((), float(stop_requested), device=loss.device)])
+                             torch.full((), float(stop_requested), device=loss.device),
+                             *[p.detach().float() for p in (parts or [])]])
         if self.world_size > 1:
             self.works.append(dist.all_reduce(flags, async_op=True))
         self.flags.append(flags)
@@ -89,6 +123,11 @@ class PendingStep:
             work.wait()
         shared = torch.stack(self.flags).cpu()
         loss_total, stop = 0.0, False
+        names = self.variants or (self.variant,)
+        per_variant = {}
+        if shared.shape[1] == 2 + len(names):
+            means = shared[:, 2:].double().mean(0) / self.world_size
+            per_variant = {n: float(means[i]) for i, n in enumerate(names)}
         for row in shared:
             mean_loss = float(row[0]) / self.world_size
             if not np.isfinite(mean_loss):
@@ -99,4 +138,5 @@ class PendingStep:
             loss_total += mean_loss
         return {"step": self.step, "variant": self.variant, "loss": loss_total / len(self.flags),
                 "lr": self.lr, "step_time_s": self.timer.seconds(), "data_wait_s": self.data_wait,
-                "samples": self.samples, "stop": stop}
+                "samples": self.samples, "stop": stop, "variants": names, "losses": per_variant,
+                "pass_s": self.timer.pass_seconds()}

@@ -25,6 +25,7 @@ import torch
 from .config import Config
 from .engine import ZERO3_NOTE, build_engine, init_distributed, shutdown_distributed
 from .logs import setup_logging
+from .recipes import install_cost_aware
 from .model_factory import build_model
 from .schedule import VariantSchedule, new_verify_group, splitmix64
 from .tracking import make_tracker
@@ -91,8 +92,10 @@ def run_training(cfg: Config, loader_factory: LoaderFactory, *, mode: str = "pre
         _describe_run(tracker, cfg, ds_config, schedule, info, mode, resumed_from, step=trainer.step)
         if trainer_hook is not None:
             trainer_hook(trainer)
+        validator = None
         if mode == "pretrain":  # fixed held-out set, every variant every eval.every steps
-            install_validation(trainer, cfg)
+            validator = install_validation(trainer, cfg)
+        install_cost_aware(trainer, cfg, validator)  # after the validator: reads its figures
         trainer.account.add_startup(time.perf_counter() - t_start)
         previous = _install_signal_handlers(trainer)
         try:
@@ -117,11 +120,12 @@ def _describe_run(tracker, cfg: Config, ds_config: dict, schedule: VariantSchedu
                   resumed_from: Optional[str], step: int) -> None:
     """Params, tags and artifacts of the MLflow run (rank 0; no-ops on a NullTracker)."""
     variants = schedule.active
-    schedule_mode = "dynamic" if schedule.mode == "dynamic" else f"fixed:{schedule.fixed_variant}"
+    schedule_mode = f"fixed:{schedule.fixed_variant}" if schedule.mode == "fixed" else schedule.mode
     tags = {
         "dyntrain.stage": mode,           # pretrain | finetune
-        "mode": schedule_mode,            # dynamic | fixed:<variant> (the separate baselines)
+        "mode": schedule_mode,            # dynamic | sandwich | fixed:<variant> (the separate baselines)
         "schedule": schedule_mode,
+        "recipe": schedule.recipe,        # paper | cost_aware | sandwich | sandwich_distill | ..._distill | fixed:<v>
         "variants": ",".join(variants),
         "variant_probs": json.dumps({n: round(p, 6) for n, p in schedule.probs.items() if p > 0}),
         "world_size": str(info.world_size),

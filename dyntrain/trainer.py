@@ -3,6 +3,9 @@
 One optimizer step = global iteration ``t``: the schedule names the variant of ``t`` (the same on
 every rank), every micro-batch of the step runs with that variant's reuse tuple, the loss is L1
 between the output clamped to [0, 1] and the clean target, and DeepSpeed does backward and step.
+Other recipes (``schedule.mode: sandwich``, ``schedule.distill``) give a step several passes: the
+schedule's ``plan_at(t)`` names them and ``dyntrain.recipes.plan_loss`` sums their losses into the
+one objective of each micro-batch.
 The loader is any iterator of batch dicts (see the data contract): the trainer does not care whether
 it is the DALI pre-training stream or the paired fine-tuning data.
 
@@ -25,11 +28,11 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .errors import DyntrainError
 from .logs import get_logger
 from .pending_step import NonFiniteLossError, PendingStep, StepTimer
+from .recipes import plan_loss, restoration_loss
 from .schedule import VariantSchedule, verify_draw
 from .tracking import ConsoleTracker, GPUHourAccount, NullTracker, RunHeader, TrackerGroup
 from .tracking.window import StepWindow
@@ -40,11 +43,6 @@ __all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "CorruptWeightsError"
 
 class CorruptWeightsError(DyntrainError, FloatingPointError):
     """A weight is NaN or Inf where a checkpoint was about to be written."""
-
-
-def restoration_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """L1 between the output clamped to [0, 1] and the target, in fp32."""
-    return F.l1_loss(output.float().clamp(0.0, 1.0), target.float())
 
 
 @dataclass
@@ -97,6 +95,7 @@ class Trainer(TrainerStateMixin):
         self.channels_last = bool(cfg.model.channels_last)
         self.step = 0  # optimizer steps done == index of the next global iteration
         self.account = GPUHourAccount(world_size, schedule.active)
+        self.account.flops_per_sample = _variant_flops(cfg, schedule)
         self.mlflow_run_id: Optional[str] = None
         self.stopped_early = False
         self.callbacks: list[tuple[Callback, Optional[Callable[[int], bool]]]] = []
@@ -131,14 +130,17 @@ class Trainer(TrainerStateMixin):
     def train_step(self, step: int) -> PendingStep:
         """Queue global iteration ``step`` (all its micro-batches with one variant); its flags,
         loss and time are read later by ``PendingStep.resolve``."""
-        variant = self.schedule.variant_at(step)
-        reuse = self.schedule.variants[variant]
+        plan = self.schedule.plan_at(step)
+        label = plan.label
+        reuse = self.schedule.variants[plan.variants[0]]
         every = self.cfg.schedule.verify_every
         if every and step % every == 0:
-            verify_draw(step, variant, self.schedule, self.verify_group, self.rank,
+            verify_draw(step, label, self.schedule, self.verify_group, self.rank,
                         self.world_size, self.cfg.schedule.verify_timeout_s)
-        pending = PendingStep(step, variant, tuple(reuse), self.world_size, _current_lr(self.engine),
-                              StepTimer(self.device))
+        pending = PendingStep(step, label, tuple(reuse), self.world_size, _current_lr(self.engine),
+                              StepTimer(self.device), variants=plan.variants)
+        pending.teacher = plan.teacher if plan.teacher_pass else None
+        one_pass = len(plan.variants) == 1 and not plan.teacher_pass
         for _ in range(self.accum):
             td = time.perf_counter()
             batch = next(self._batches)
@@ -147,8 +149,14 @@ class Trainer(TrainerStateMixin):
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = batch["target"].to(self.device, non_blocking=True)
-            loss = restoration_loss(self.engine(x, reuse=reuse), y)
-            pending.add(loss, self._stop_requested)  # on the device: no host copy here
+            if one_pass:  # the paper's recipe and the baselines
+                loss = restoration_loss(self.engine(x, reuse=reuse), y)
+                pending.add(loss, self._stop_requested)  # on the device: no host copy here
+            else:
+                pending.timer.begin()
+                loss, parts = plan_loss(self._forward, plan, self.schedule.variants, x, y,
+                                        pending.timer.mark)
+                pending.add(loss, self._stop_requested, parts)
             self.engine.backward(loss)
             self.engine.step()
             pending.samples += int(x.shape[0]) * self.world_size
@@ -161,10 +169,12 @@ class Trainer(TrainerStateMixin):
         """Read a queued step on the host (raises ``NonFiniteLossError``), account, window, trace,
         callbacks; returns whether a stop was requested on any rank."""
         m = pending.resolve()
-        self.account.record(m["variant"], m["step_time_s"])
+        self.account.record_step(m["variants"], m["step_time_s"], m["pass_s"], m["samples"],
+                                 teacher=pending.teacher)
         self._window.add(m)
         if self._trace is not None:
             self._trace.append({"step": m["step"], "variant": m["variant"], "loss": m["loss"],
+                                "losses": m["losses"], "teacher": pending.teacher,
                                 "keys": pending.keys})
         for fn, _ in self.callbacks:
             fn(self, m["step"] + 1, m)
@@ -227,6 +237,9 @@ class Trainer(TrainerStateMixin):
         return tag
 
     # ---------------------------------------------------------------------------- helpers
+    def _forward(self, x: torch.Tensor, reuse: tuple) -> torch.Tensor:
+        return self.engine(x, reuse=reuse)
+
     def _local_params(self):
         for p in self.engine.module.parameters():
             yield getattr(p, "ds_tensor", p)  # ZeRO-3: this rank's partition
@@ -269,6 +282,22 @@ class Trainer(TrainerStateMixin):
     def _print_summary(self, m: dict[str, float]) -> None:
         """The end of the run to the trackers (the console tracker prints the summary line)."""
         self.tracker.log_end(self.step, self.stopped_early, m)
+
+
+def _variant_flops(cfg, schedule) -> dict[str, float]:
+    """F_v: FLOPs of one forward of every variant on one crop (``dynet.flops`` on the meta device);
+    {} (work not counted) for a model ``cfg.model`` does not describe."""
+    try:
+        from dynet import DyNet, count_flops
+
+        with torch.device("meta"):
+            model = DyNet(cfg.model.to_dynet())
+        size = int(cfg.data.crop_size)
+        return {n: float(count_flops(model, size, size, reuse=tuple(r)).total)
+                for n, r in schedule.variants.items()}
+    except Exception as exc:  # noqa: BLE001 - the work count is a report, never a reason to fail
+        log.warning(f"work count (pflop) off: could not count the model's FLOPs ({exc})")
+        return {}
 
 
 def _bf16(engine) -> bool:

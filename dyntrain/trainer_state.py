@@ -1,7 +1,7 @@
 """What a ``Trainer`` saves, restores and traces (a mixin of ``dyntrain.trainer.Trainer``).
 
-Checkpoint state: the global client state (step, schedule description, GPU-hour account, MLflow run
-id, resolved config, world size) plus ``rank_state`` (this rank's torch/numpy/python/CUDA RNG and
+Checkpoint state: the global client state (step, schedule description and state - the cost-aware
+probability table -, GPU-hour account, MLflow run id, resolved config, world size) plus ``rank_state`` (this rank's torch/numpy/python/CUDA RNG and
 loader state), which makes a resume with the same number of ranks exact.
 
 Trace (debugging, tests): after ``enable_trace(directory)`` every rank writes ``trace_rank<r>.json``
@@ -48,6 +48,7 @@ class TrainerStateMixin:
         return {
             "step": self.step,
             "schedule": self.schedule.describe(),
+            "schedule_state": self.schedule.state_dict() if hasattr(self.schedule, "state_dict") else None,
             "account": self.account.state_dict(),
             "mlflow_run_id": self.tracker.run_id or self.mlflow_run_id,
             "config": self.cfg.to_dict(),
@@ -69,6 +70,8 @@ class TrainerStateMixin:
             log.warning(f"[{self.cfg.run.name}] warning: the variant schedule differs from the checkpoint's "
                         f"({state['schedule']} -> {self.schedule.describe()}); the draw sequence after "
                         f"step {self.step} is not the one the original run would have drawn")
+        if state.get("schedule_state") and hasattr(self.schedule, "load_state_dict"):
+            self.schedule.load_state_dict(state["schedule_state"])  # the cost-aware probability table
         if state.get("account"):
             self.account.load_state_dict(state["account"])
         self.mlflow_run_id = state.get("mlflow_run_id") or self.mlflow_run_id

@@ -30,10 +30,23 @@ class Config:
 
     def __post_init__(self) -> None:
         names = set(self.model.variants)
-        for key in self.schedule.variant_probs:
-            if key not in names:
-                raise ConfigError(f"schedule.variant_probs.{key}: no such variant in model.variants "
+        sch = self.schedule
+        for section, keys in (("variant_probs", sch.probs_given), ("loss_weights", sch.loss_weights)):
+            for key in keys:
+                if key not in names:
+                    raise ConfigError(f"schedule.{section}.{key}: no such variant in model.variants "
+                                      f"({sorted(names)})")
+        teacher = sch.distill.teacher
+        if teacher is not None:
+            if teacher not in names:
+                raise ConfigError(f"schedule.distill.teacher: {teacher!r} is not in model.variants "
                                   f"({sorted(names)})")
+            if sch.mode == "fixed":
+                raise ConfigError("schedule.distill.teacher: distillation needs schedule.mode dynamic "
+                                  "or sandwich (a fixed-variant run has no student)")
+            if sch.mode == "sandwich" and sch.probs_given.get(teacher, 0.0) <= 0:
+                raise ConfigError(f"schedule.distill.teacher: {teacher!r} does not run in this sandwich "
+                                  f"(its schedule.variant_probs entry is 0 or missing)")
         if self.schedule.mode == "fixed" and self.schedule.fixed_variant not in names:
             raise ConfigError(f"schedule.fixed_variant: {self.schedule.fixed_variant!r} is not in "
                               f"model.variants ({sorted(names)})")

@@ -20,6 +20,21 @@ Validation (``dyntrain.validation``) runs between steps: its time is part of W b
 time, and is reported as ``val_s_total``; ``gpu_hours_train = (W - validation time in the loop) * A /
 3600`` is the training cost alone, the x axis of the validation curves (``val/gpu_hours``).
 
+Steps that run several variants (``schedule.mode: sandwich``) count as a step of each of them
+(``steps_<v>``, ``val/<v>/own_steps``: every variant got an update), and their time is split between
+the variants in proportion to each variant's measured forward time inside the step (the backward
+pass and the optimizer step are shared out in the same proportion), so ``sum_v`` of the per-variant
+seconds stays the time of the steps, N counts optimizer steps, and ``t_v`` is v's share of such a
+step. A distillation teacher's forward without gradient (dynamic mode) is measured on its own and
+booked as ``teacher_s_total``: part of the steps' time (and of W) but of no variant's ``t_v``, so it
+lowers the saving instead of inflating the "separate" estimate.
+
+Work, independent of the machine's speed and load: with F_v = one forward of v on one sample at the
+run's crop size (FLOPs, ``dynet.flops``, attention products included) and B the samples of a step
+(all ranks), a training pass costs 3 F_v B (forward and backward), a teacher forward F_T B;
+``pflop`` is their sum so far (in 1e15), ``val/pflop`` its value at each validation. Run-to-run
+comparisons on a shared machine can use it as their cost axis (``compare --iso-quality --x pflop``).
+
 "Separate" is what the paper compares against: training each variant alone for the same N
 iterations, at the per-variant step time measured in this run. With two variants at p = 0.5,
 sum_v n_v t_v ~ N (t_S + t_L) / 2, so the expected saving is ~50% whatever t_S and t_L are. The
@@ -50,6 +65,10 @@ class GPUHourAccount:
         # steps that follow a step of the same variant vs. a switch (first step of a segment: neither)
         self.same = {v: [0, 0.0] for v in self.variants}
         self.switched = {v: [0, 0.0] for v in self.variants}
+        self.n_steps = 0       # optimizer steps (a sandwich step counts once here, once per variant above)
+        self.teacher_s = 0.0   # teacher forwards without gradient (dynamic-mode distillation)
+        self.flops = 0.0       # training work so far (FLOPs, see the module docstring)
+        self.flops_per_sample: dict[str, float] = {}  # F_v; empty = work not counted
         self.prior_wall_s = 0.0
         self.startup_s = 0.0  # process start -> first step, summed over segments (not in gpu_hours)
         self.val_s = 0.0       # validation, all of it
@@ -89,12 +108,16 @@ class GPUHourAccount:
         """GPU hours of the training loop without its validation time."""
         return max(0.0, self.wall_s - self.val_loop_s) * self.accelerators / 3600.0
 
-    def record(self, variant: str, seconds: float) -> None:
-        """One optimizer step of ``variant`` took ``seconds``."""
+    def _ensure(self, variant: str) -> None:
         if variant not in self.count:  # e.g. a variant outside the planned set
             self.variants.append(variant)
             self.count[variant], self.seconds[variant] = 0, 0.0
             self.same[variant], self.switched[variant] = [0, 0.0], [0, 0.0]
+
+    def record(self, variant: str, seconds: float) -> None:
+        """One optimizer step of ``variant`` took ``seconds``."""
+        self._ensure(variant)
+        self.n_steps += 1
         self.count[variant] += 1
         self.seconds[variant] += seconds
         if self._previous is not None:
@@ -103,10 +126,43 @@ class GPUHourAccount:
             bucket[variant][1] += seconds
         self._previous = variant
 
+    def record_step(self, variants, seconds: float, pass_s: Optional[dict[str, float]] = None,
+                    samples: int = 0, teacher: Optional[str] = None) -> None:
+        """One optimizer step that trained ``variants`` took ``seconds``; ``pass_s``: measured
+        forward seconds per variant inside it, and "teacher" for the forward without gradient of
+        the variant ``teacher``; ``samples``: samples of the step over all ranks (work count)."""
+        variants = list(variants)
+        pass_s = dict(pass_s or {})
+        teacher_s = float(pass_s.pop("teacher", 0.0))
+        train = max(0.0, seconds - teacher_s)
+        self.teacher_s += teacher_s
+        if len(variants) == 1:
+            self.record(variants[0], train)
+        else:
+            weights = [max(0.0, pass_s.get(v, 0.0)) for v in variants]
+            if sum(weights) <= 0:
+                weights = [1.0] * len(variants)
+            for v, w in zip(variants, weights):
+                self._ensure(v)
+                self.count[v] += 1
+                self.seconds[v] += train * w / sum(weights)
+            self.n_steps += 1
+            self._previous = None  # a switch penalty is a property of single-variant steps
+        if self.flops_per_sample and samples:
+            work = 3.0 * sum(self.flops_per_sample.get(v, 0.0) for v in variants)
+            if teacher is not None:
+                work += self.flops_per_sample.get(teacher, 0.0)
+            self.flops += work * samples
+
     # -------------------------------------------------------------------------------- figures
     @property
     def steps(self) -> int:
-        return sum(self.count.values())
+        """Optimizer steps recorded."""
+        return self.n_steps
+
+    @property
+    def pflop(self) -> float:
+        return self.flops / 1e15
 
     def mean_step_s(self, variant: str) -> Optional[float]:
         n = self.count.get(variant, 0)
@@ -116,9 +172,13 @@ class GPUHourAccount:
         """The account as MLflow metrics (the gpu_hours_separate family only once every trained
         variant has been measured)."""
         a, n_steps, wall = self.accelerators, self.steps, self.wall_s
-        step_sum = sum(self.seconds.values())
+        step_sum = sum(self.seconds.values()) + self.teacher_s
         out: dict[str, float] = {"gpu_hours": wall * a / 3600.0, "train_wall_s": wall,
                                  "steps_s": step_sum}
+        if self.teacher_s:
+            out["teacher_s_total"] = self.teacher_s
+        if self.flops_per_sample:
+            out["pflop"] = self.pflop
         if wall > 0:
             out["overhead_frac"] = 1.0 - step_sum / wall
         if self.val_s:
@@ -153,6 +213,7 @@ class GPUHourAccount:
     # ------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
         return {"accelerators": self.accelerators, "variants": list(self.variants),
+                "n_steps": self.n_steps, "teacher_s": self.teacher_s, "flops": self.flops,
                 "count": dict(self.count), "seconds": dict(self.seconds),
                 "same": {k: list(v) for k, v in self.same.items()},
                 "switched": {k: list(v) for k, v in self.switched.items()},
@@ -167,6 +228,9 @@ class GPUHourAccount:
             getattr(self, name).update(state[name])
         for name in ("same", "switched"):
             getattr(self, name).update({k: list(v) for k, v in state[name].items()})
+        # before multi-variant steps existed every step counted for exactly one variant
+        self.n_steps = int(state.get("n_steps", sum(int(c) for c in state["count"].values())))
+        self.flops = float(state.get("flops", 0.0))
         for v in self.variants:
             self.count.setdefault(v, 0)
             self.seconds.setdefault(v, 0.0)
@@ -179,5 +243,6 @@ class GPUHourAccount:
         self.startup_s = float(state.get("startup_s", 0.0)) * scale
         self.val_s = float(state.get("val_s", 0.0)) * scale
         self.val_loop_s = float(state.get("val_loop_s", 0.0)) * scale
+        self.teacher_s = float(state.get("teacher_s", 0.0))
         self._segment_wall_s = 0.0
         self._segment_start = None
