@@ -22,6 +22,7 @@ world size gives the same figures. Metrics at the training step (``log_metrics(s
     val/<v>/l1_masked, val/<v>/psnr_masked      over the masked region only
     val/<v>/own_steps                           optimizer steps trained with v so far
     val/gpu_hours                               training GPU hours so far, validation excluded
+    val/pflop                                   training work so far (``tracking.account``)
     val/time_s                                  this evaluation's wall time
 
 Validation time stays out of every step time; the GPU-hour account books it as time outside steps
@@ -206,6 +207,8 @@ class Validator:
         dt = time.perf_counter() - t0
         account.add_validation(dt)
         out["val/gpu_hours"] = account.gpu_hours_train
+        if account.flops_per_sample:
+            out["val/pflop"] = account.pflop
         out["val/time_s"] = dt
         self.history.append((step, out))
         trainer.tracker.log_metrics(out, step=step)
@@ -236,7 +239,7 @@ def install_validation(trainer, cfg) -> Optional[Validator]:
     trainer.tracker.log_params({"val.fingerprint": valset.fingerprint, "val.samples": len(valset)})
     trainer.tracker.set_tags({"val.fingerprint": valset.fingerprint,
                               "val.inputs_sha256": validator.digest})
-    trainer.add_callback(validator)
+    trainer.add_callback(validator, at=validator.due)  # the host reads only the steps it evaluates
     if trainer.step == 0:
         validator.evaluate(trainer, 0)
     return validator
