@@ -188,11 +188,16 @@ class ComparisonError(ValueError):
     """The runs cannot be compared at equal quality (missing baseline, different val sets, ...)."""
 
 
-def val_curves(client, run_id: str, variants: Sequence[str]) -> dict[str, list[tuple[float, float, float]]]:
-    """variant -> [(val/gpu_hours, val/<v>/own_steps, val/<v>/psnr)] of one run, one point per step."""
+ISO_AXES = ("gpu_hours", "pflop")
+
+
+def val_curves(client, run_id: str, variants: Sequence[str], x: str = "gpu_hours"
+               ) -> dict[str, list[tuple[float, float, float]]]:
+    """variant -> [(val/<x>, val/<v>/own_steps, val/<v>/psnr)] of one run, one point per step
+    (x: "gpu_hours", the default, or "pflop", the machine-independent work count)."""
     def by_step(key: str) -> dict[int, float]:
         return {m.step: m.value for m in client.get_metric_history(run_id, key)}
-    hours = by_step("val/gpu_hours")
+    hours = by_step(f"val/{x}")
     curves = {}
     for v in variants:
         own, psnr = by_step(f"val/{v}/own_steps"), by_step(f"val/{v}/psnr")
@@ -217,9 +222,9 @@ def find_iso_runs(client, experiment: Optional[str], run_ids: Optional[Sequence[
                                   order_by=["attributes.start_time DESC"], max_results=5000)
         runs = [r for r in runs if r.data.tags.get("val.fingerprint")]
     dynamic, fixed = None, {}
-    for r in runs:  # newest first when searched
+    for r in runs:  # newest first when searched; any recipe that trains several variants
         mode = r.data.tags.get("mode", "")
-        if mode == "dynamic" and dynamic is None:
+        if mode and not mode.startswith("fixed:") and dynamic is None:
             dynamic = r
         elif mode.startswith("fixed:"):
             fixed.setdefault(mode[6:], r)
@@ -240,9 +245,14 @@ def find_iso_runs(client, experiment: Optional[str], run_ids: Optional[Sequence[
 
 
 def compare_iso_quality(tracking_uri: str, experiment: Optional[str], run_ids=None,
-                        png: Optional[Path] = None, log: bool = True) -> dict[str, Any]:
+                        png: Optional[Path] = None, log: bool = True, x: str = "gpu_hours") -> dict[str, Any]:
     """Find the runs, compute ``iso_quality.iso_quality``, and (``log``) store its metrics, table
-    and plot in the dynamic run. Returns the result plus ``text`` and the run ids."""
+    and plot in the dynamic run (the "dynamic" side is any recipe's run: paper, sandwich, ...).
+    ``x``: the cost axis, "gpu_hours" (wall time) or "pflop" (work: independent of the machine's
+    load; metrics then named ``iso_pflop/...`` and ``iso_quality_saving_pflop``). Returns the
+    result plus ``text`` and the run ids."""
+    if x not in ISO_AXES:
+        raise ComparisonError(f"iso-quality axis must be one of {ISO_AXES}, got {x!r}")
     from mlflow.tracking import MlflowClient
 
     from .iso_quality import as_metrics, format_result, iso_quality
@@ -250,30 +260,41 @@ def compare_iso_quality(tracking_uri: str, experiment: Optional[str], run_ids=No
     client = MlflowClient(tracking_uri)
     dynamic, baselines = find_iso_runs(client, experiment, run_ids)
     variants = list(baselines)
-    dyn_curves = val_curves(client, dynamic.info.run_id, variants)
-    sep_curves = {v: val_curves(client, b.info.run_id, [v]).get(v, []) for v, b in baselines.items()}
+    dyn_curves = val_curves(client, dynamic.info.run_id, variants, x)
+    sep_curves = {v: val_curves(client, b.info.run_id, [v], x).get(v, []) for v, b in baselines.items()}
     empty = [v for v in variants if not dyn_curves.get(v) or not sep_curves[v]]
     if empty:
-        raise ComparisonError(f"no val/<variant>/psnr history for variant(s) {', '.join(empty)} "
-                              f"(were the runs started with data.val_urls?)")
+        raise ComparisonError(f"no val/<variant>/psnr with val/{x} history for variant(s) "
+                              f"{', '.join(empty)} (were the runs started with data.val_urls?)")
     result = iso_quality(dyn_curves, sep_curves)
+    result["x"] = x
+    result["recipe"] = dynamic.data.tags.get("recipe", dynamic.data.tags.get("mode"))
     result["text"] = format_result(result)
+    if x != "gpu_hours":
+        result["text"] = result["text"].replace("GPU h", x)
     result["dynamic_run"] = dynamic.info.run_id
     result["baseline_runs"] = {v: b.info.run_id for v, b in baselines.items()}
     if png is not None:
         from .compare_plot import plot_iso
 
-        plot_iso(dyn_curves, sep_curves, png, result)
+        plot_iso(dyn_curves, sep_curves, png, result,
+                 xlabel="GPU hours (validation excluded)" if x == "gpu_hours" else "training work (PFLOP)",
+                 label=result["recipe"] or "dynamic")
     if log:
         import time
 
         from mlflow.entities import Metric
 
-        step = max(m.step for m in client.get_metric_history(dynamic.info.run_id, "val/gpu_hours"))
+        step = max(m.step for m in client.get_metric_history(dynamic.info.run_id, f"val/{x}"))
         now = int(time.time() * 1000)
+        metrics = as_metrics(result)
+        if x != "gpu_hours":
+            metrics = {(f"{k}_{x}" if k == "iso_quality_saving" else k.replace("iso/", f"iso_{x}/", 1)): v
+                       for k, v in metrics.items()}
         client.log_batch(dynamic.info.run_id, metrics=[Metric(k, float(v), now, step)
-                                                       for k, v in as_metrics(result).items()])
-        client.log_text(dynamic.info.run_id, result["text"] + "\n", "iso_quality.txt")
+                                                       for k, v in metrics.items()])
+        client.log_text(dynamic.info.run_id, result["text"] + "\n",
+                        "iso_quality.txt" if x == "gpu_hours" else f"iso_quality_{x}.txt")
         if png is not None:
             client.log_artifact(dynamic.info.run_id, str(png))
     return result

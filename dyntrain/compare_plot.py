@@ -68,8 +68,10 @@ def plot(pretrain: list[PretrainRun], results: list[ResultRun], path: str | Path
     return path
 
 
-def plot_iso(dynamic: dict, separate: dict, path: str | Path, result: dict | None = None) -> Path:
-    """Val PSNR vs GPU hours, one panel per variant: the dynamic run against its separate run."""
+def plot_iso(dynamic: dict, separate: dict, path: str | Path, result: dict | None = None,
+             xlabel: str = "GPU hours (validation excluded)", label: str = "dynamic") -> Path:
+    """Val PSNR vs cost (GPU hours, or ``xlabel``), one panel per variant: the dynamic run (or any
+    recipe's, named ``label``) against its separate run."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -79,14 +81,14 @@ def plot_iso(dynamic: dict, separate: dict, path: str | Path, result: dict | Non
     variants = sorted(dynamic)
     fig, axes = plt.subplots(1, len(variants), figsize=(5.5 * len(variants), 4.2), squeeze=False)
     for ax, v in zip(axes[0], variants):
-        for curve, label, color in ((dynamic[v], "dynamic", "tab:green"),
-                                    (separate.get(v, []), f"separate ({v} only)", "tab:gray")):
+        for curve, name, color in ((dynamic[v], label, "tab:green"),
+                                   (separate.get(v, []), f"separate ({v} only)", "tab:gray")):
             pts = sorted(curve)
-            ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", ms=3, label=label, color=color)
+            ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", ms=3, label=name, color=color)
         if result is not None:
             ax.axhline(result["target_psnr"][v], ls=":", color="tab:green", lw=1)
             ax.axvline(result["gh_separate_to_match"][v], ls=":", color="tab:gray", lw=1)
-        ax.set_xlabel("GPU hours (validation excluded)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("val PSNR (dB)")
         ax.set_title(f"DyNet-{v}")
         ax.legend(fontsize=8)

@@ -111,7 +111,7 @@ def format_result(result: dict) -> str:
             "sep PSNR @ same own steps"]
     rows = []
     for v in result["variants"]:
-        hours = _num(result["gh_separate_to_match"][v], ".5f")
+        hours = _num(result["gh_separate_to_match"][v], ".4g")
         rows.append([v, _num(result["target_psnr"][v], ".2f"), _num(result["own_steps_dynamic"][v], ".0f"),
                      hours if result["reached"][v] else f">= {hours} (not reached)",
                      _num(result["psnr_separate_same_gpu_hours"][v], ".2f"),
@@ -121,7 +121,7 @@ def format_result(result: dict) -> str:
     saving = result["iso_quality_saving"]
     bound = " (lower bound: a baseline never reached the dynamic run's PSNR)" \
         if result["iso_quality_saving_is_bound"] else ""
-    lines.append(f"dynamic run: {result['gh_dynamic']:.5f} GPU h; separate runs to the same PSNR: "
-                 f"{result['gh_separate_total']:.5f} GPU h -> iso_quality_saving="
+    lines.append(f"dynamic run: {result['gh_dynamic']:.4g} GPU h; separate runs to the same PSNR: "
+                 f"{result['gh_separate_total']:.4g} GPU h -> iso_quality_saving="
                  f"{_num(saving, '.4f')}{bound}")
     return "\n".join(lines)

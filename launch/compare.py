@@ -4,6 +4,7 @@ PSNR/SSIM per variant and task. Prints the tables, writes a PNG and logs both to
     python launch/compare.py [--experiment NAME ...] [--tracking-uri URI | --config X.yaml]
                              [--out runs/comparison.png] [--log-experiment dynet-comparison] [--no-log]
     python launch/compare.py --iso-quality --experiment NAME [--runs DYN_ID S_ID L_ID] [--out X.png]
+                             [--x gpu_hours|pflop]
 
 --iso-quality: the GPU-hour saving at equal validation quality of a dynamic run against its
 fixed-variant baselines (dyntrain.iso_quality): table, plot, and metrics logged to the dynamic run.
@@ -39,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iso-quality", action="store_true",
                         help="equal-quality saving of a dynamic run vs its fixed-variant baselines")
     parser.add_argument("--runs", nargs="+", default=None, metavar="RUN_ID",
-                        help="the dynamic run and its baselines (implies --iso-quality)")
+                        help="the dynamic run (any recipe: paper, sandwich, ...) and its baselines "
+                             "(implies --iso-quality)")
+    parser.add_argument("--x", choices=("gpu_hours", "pflop"), default="gpu_hours",
+                        help="iso-quality cost axis: GPU hours (wall time, the default) or PFLOP of "
+                             "training work (independent of the machine's speed and load)")
     args = parser.parse_args(argv)
     setup_logging()
 
@@ -49,13 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out if args.out != parser.get_default("out") else "runs/iso_quality.png")
         try:
             result = compare_iso_quality(uri, (args.experiment or [None])[-1], args.runs, out,
-                                         log=not args.no_log)
+                                         log=not args.no_log, x=args.x)
         except ComparisonError as exc:
             print(f"compare: error: {exc}", file=sys.stderr)
             return 2
         print(result["text"])
         print(f"plot written to {out}")
-        print(f"iso_quality_saving={result['iso_quality_saving']}")
+        suffix = "" if args.x == "gpu_hours" else f"_{args.x}"
+        print(f"iso_quality_saving{suffix}={result['iso_quality_saving']}")
         return 0
     pretrain, results = collect_runs(uri, args.experiment)
     text = format_tables(pretrain, results)
