@@ -1,25 +1,34 @@
-"""The GPU-hour saving at equal quality: one dynamic run against the two separate runs.
+"""The GPU-hour saving at equal quality: each training recipe against the two separate runs.
 
-    python bench/quality_saving.py [--seed 0] [--steps N] [--eval-every E] [--images M]
+    python bench/quality_saving.py [--seed 0] [--recipes paper,sandwich,sandwich_distill,cost_aware]
+                                   [--scale toy|long] [--steps N] [--eval-every E] [--images M]
                                    [--dim 8 --crop 32 --batch 4] [--device auto|cpu|cuda]
                                    [--work DIR] [--json PATH]
 
-Three pre-trainings through the real path (``launch/pretrain.py``, one process each, one after
-another - DeepSpeed keeps process groups that a second engine in the same process cannot reuse:
-DeepSpeed engine, Trainer, DALI loader on real shards, MLflow in sqlite, validation every E steps), with the same seed, training shards and held-out validation shards (built here
-from generated photographs with ``make_shards --holdout 0.25``):
+Pre-trainings through the real path (``launch/pretrain.py``, one process each, one after another -
+DeepSpeed keeps process groups that a second engine in the same process cannot reuse: DeepSpeed
+engine, Trainer, DALI loader on real shards, MLflow in sqlite, validation every E steps), with the
+same seed, training shards and held-out validation shards (built here from generated photographs
+with ``make_shards --holdout 0.25``):
 
-    dynamic    schedule.mode=dynamic (S and L drawn with p = 0.5)      N steps
-    S alone    schedule.mode=fixed schedule.fixed_variant=S            N steps
-    L alone    schedule.mode=fixed schedule.fixed_variant=L            N steps
+    S alone           schedule.mode=fixed schedule.fixed_variant=S                 N steps
+    L alone           schedule.mode=fixed schedule.fixed_variant=L                 N steps
+    paper             schedule.mode=dynamic (S and L drawn with p = 0.5)           N steps
+    sandwich          schedule.mode=sandwich (S and L on every batch, summed)      N / 2 steps
+    sandwich_distill  sandwich + schedule.distill.teacher=L                        N / 2 steps
+    cost_aware        schedule.variant_probs=cost_aware                            N steps
+    paper_distill     dynamic + schedule.distill.teacher=L (teacher forward)       N steps
 
-then ``dyntrain.compare.compare_iso_quality`` (what ``launch/compare.py --iso-quality`` runs): for
-each variant the GPU hours its separate run needed to reach the dynamic run's final val PSNR, and
-``iso_quality_saving = 1 - gh_dynamic / sum_v gh_separate_to_match[v]``, plus the equal-budget view.
-Also reported: the equal-iterations saving of the account (``gpu_hours_saved_frac``).
+(a sandwich step trains both variants, so N / 2 of them cost about what N dynamic steps cost), then
+for each recipe ``dyntrain.compare.compare_iso_quality`` (what ``launch/compare.py --iso-quality
+--runs RECIPE S L`` runs) on both cost axes: GPU hours (wall time) and PFLOP of training work (the
+same comparison, immune to the load of a shared machine). For each variant the cost its separate run
+needed to reach the recipe's final val PSNR, and ``iso_quality_saving = 1 - cost_recipe / sum_v
+cost_separate_to_match[v]``, plus the equal-budget view and the account's equal-iterations saving.
 
-Defaults: CPU dim 8, 32x32 crops, batch 4, N=240, E=20; CUDA dim 48, 128x128, batch 32, N=2000,
-E=100. Last line: iso_quality_saving=<value>.
+Scales: ``toy`` (CPU: dim 8, 32x32 crops, batch 4, N=240, E=20; CUDA: dim 48, 128x128, batch 32,
+N=2000, E=100) and ``long`` (4x the steps, E 2x). Last line: iso_quality_saving=<value> of the first
+recipe.
 """
 from __future__ import annotations
 
@@ -37,9 +46,17 @@ CPU = {"dim": 8, "crop": 32, "batch": 4, "steps": 240, "eval_every": 20, "images
        "val_samples": 32, "lr": 2e-3}
 GPU = {"dim": 48, "crop": 128, "batch": 32, "steps": 2000, "eval_every": 100, "images": 48,
        "val_samples": 256, "lr": 1e-3}
-MODES = {"dynamic": ["schedule.mode=dynamic"],
-         "S": ["schedule.mode=fixed", "schedule.fixed_variant=S"],
-         "L": ["schedule.mode=fixed", "schedule.fixed_variant=L"]}
+BASELINES = {"S": ["schedule.mode=fixed", "schedule.fixed_variant=S"],
+             "L": ["schedule.mode=fixed", "schedule.fixed_variant=L"]}
+# recipe -> (overrides, fraction of N steps it runs)
+RECIPES = {
+    "paper": (["schedule.mode=dynamic"], 1.0),
+    "sandwich": (["schedule.mode=sandwich"], 0.5),
+    "sandwich_distill": (["schedule.mode=sandwich", "schedule.distill.teacher=L"], 0.5),
+    "cost_aware": (["schedule.mode=dynamic", "schedule.variant_probs=cost_aware"], 1.0),
+    "paper_distill": (["schedule.mode=dynamic", "schedule.distill.teacher=L"], 1.0),
+}
+MODES = {"dynamic": RECIPES["paper"][0], **BASELINES}  # the three runs of the paper's comparison
 
 
 def prepare_data(work: Path, images: int, seed: int, patch: int) -> tuple[str, str]:
@@ -55,21 +72,48 @@ def prepare_data(work: Path, images: int, seed: int, patch: int) -> tuple[str, s
     return f"{work / 'shards'}/*.tar", f"{work / 'val'}/*.tar"
 
 
-def run_three(work: Path, size: dict[str, Any], seed: int, device: str,
-              extra: Optional[list[str]] = None) -> dict[str, Any]:
-    """The three trainings and the comparison (see the module docstring); returns the figures."""
+def _train(work: Path, name: str, base: list[str], mode: list[str], steps: int, device: str,
+           extra: Optional[list[str]]) -> None:
     import os
     import subprocess
 
+    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", device))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    log = work / f"train_{name}.log"
+    with open(log, "w") as out:
+        rc = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config",
+                             str(ROOT / "configs" / "quickstart.yaml"), *base, *mode,
+                             f"run.max_steps={steps}", f"run.name={name}", *(extra or [])],
+                            env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise RuntimeError(f"training {name} failed (exit {rc}); log: {log}")
+
+
+def _run_id(client, experiment: str, name: str) -> str:
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.runName` = '{name}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise RuntimeError(f"no MLflow run named {name!r} in {experiment!r}")
+    return runs[0].info.run_id
+
+
+def run_recipes(work: Path, size: dict[str, Any], seed: int, device: str, recipes: list[str],
+                extra: Optional[list[str]] = None) -> dict[str, Any]:
+    """The baselines, every recipe, and each recipe's comparison on both axes."""
     from mlflow.tracking import MlflowClient
 
     from dyntrain.compare import compare_iso_quality
 
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        raise SystemExit(f"quality_saving: unknown recipe(s) {unknown}; known: {sorted(RECIPES)}")
     work.mkdir(parents=True, exist_ok=True)
     train, val = prepare_data(work, size["images"], seed, max(64, 2 * size["crop"]))
     uri = f"sqlite:///{work / 'mlflow.db'}"
     experiment = f"quality-saving-seed{seed}"
-    base = [f"run.seed={seed}", f"run.max_steps={size['steps']}", f"run.log_every={size['eval_every']}",
+    base = [f"run.seed={seed}", f"run.log_every={size['eval_every']}",
             f"run.device={device}", f"model.dim={size['dim']}", f"data.crop_size={size['crop']}",
             f"data.micro_batch_size={size['batch']}", f"data.train_urls=[{train}]",
             f"data.val_urls=[{val}]", "data.shuffle_buffer=64", f"eval.every={size['eval_every']}",
@@ -77,32 +121,78 @@ def run_three(work: Path, size: dict[str, Any], seed: int, device: str,
             "optim.lr_schedule=constant", "optim.warmup_steps=0", "checkpoint.dir=null",
             f"tracking.uri={uri}", f"tracking.experiment={experiment}", "tracking.system_metrics=false",
             "schedule.verify_every=0", "deepspeed.zero_stage=2"]
-    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", device))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    for name, mode in MODES.items():
-        log = work / f"train_{name}.log"
-        with open(log, "w") as out:
-            rc = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config",
-                                 str(ROOT / "configs" / "quickstart.yaml"), *base, *mode,
-                                 f"run.name=qs-{name}-seed{seed}", *(extra or [])],
-                                env=env, stdout=out, stderr=subprocess.STDOUT).returncode
-        if rc != 0:
-            raise RuntimeError(f"training {name} failed (exit {rc}); log: {log}")
-    png = work / "iso_quality.png"
-    r = compare_iso_quality(uri, experiment, None, png, log=True)
-    account = {name: MlflowClient(uri).get_run(run).data.metrics for name, run in
-               [("dynamic", r["dynamic_run"])] + list(r["baseline_runs"].items())}
-    return {"seed": seed, "size": size, "iso_quality_saving": r["iso_quality_saving"],
+    names = {v: f"qs-{v}-seed{seed}" for v in BASELINES}
+    for v, mode in BASELINES.items():
+        _train(work, names[v], base, mode, size["steps"], device, extra)
+    client = MlflowClient(uri)
+    baseline_ids = {v: _run_id(client, experiment, n) for v, n in names.items()}
+    out: dict[str, Any] = {"seed": seed, "size": size, "recipes": {}, "tracking_uri": uri,
+                           "experiment": experiment, "baseline_runs": baseline_ids}
+    for recipe in recipes:
+        mode, frac = RECIPES[recipe]
+        name = f"qs-{recipe}-seed{seed}"
+        steps = max(1, int(round(size["steps"] * frac)))
+        _train(work, name, base, mode, steps, device, extra)
+        run_id = _run_id(client, experiment, name)
+        ids = [run_id, baseline_ids["S"], baseline_ids["L"]]
+        by_axis = {x: compare_iso_quality(uri, None, ids, work / f"iso_{recipe}_{x}.png", log=True, x=x)
+                   for x in ("gpu_hours", "pflop")}
+        r = by_axis["gpu_hours"]
+        metrics = client.get_run(run_id).data.metrics
+        out["recipes"][recipe] = {
+            "run_id": run_id, "steps": steps,
+            "iso_quality_saving": r["iso_quality_saving"],
             "iso_quality_saving_is_bound": r["iso_quality_saving_is_bound"],
-            "gh_dynamic": r["gh_dynamic"], "gh_separate_to_match": r["gh_separate_to_match"],
-            "reached": r["reached"], "target_psnr": r["target_psnr"],
+            "iso_quality_saving_pflop": by_axis["pflop"]["iso_quality_saving"],
+            "iso_quality_saving_pflop_is_bound": by_axis["pflop"]["iso_quality_saving_is_bound"],
+            "final_psnr": r["target_psnr"], "own_steps": r["own_steps_dynamic"],
+            "gh_recipe": r["gh_dynamic"], "gh_separate_to_match": r["gh_separate_to_match"],
+            "reached": r["reached"], "pflop_recipe": by_axis["pflop"]["gh_dynamic"],
             "psnr_separate_same_gpu_hours": r["psnr_separate_same_gpu_hours"],
+            "psnr_separate_same_pflop": by_axis["pflop"]["psnr_separate_same_gpu_hours"],
             "psnr_separate_same_own_steps": r["psnr_separate_same_own_steps"],
-            "own_steps_dynamic": r["own_steps_dynamic"],
-            "gpu_hours_saved_frac_equal_iterations": account["dynamic"].get("gpu_hours_saved_frac"),
-            "gpu_hours_train": {k: v.get("gpu_hours_train") for k, v in account.items()},
-            "table": r["text"], "plot": str(png), "tracking_uri": uri, "experiment": experiment}
+            "gpu_hours_saved_frac_equal_iterations": metrics.get("gpu_hours_saved_frac"),
+            "table": r["text"], "table_pflop": by_axis["pflop"]["text"]}
+    out["baseline_final_psnr"] = {
+        v: max(((m.step, m.value) for m in client.get_metric_history(i, f"val/{v}/psnr")))[1]
+        for v, i in baseline_ids.items()}
+    return out
+
+
+def format_recipes(r: dict[str, Any]) -> str:
+    """One line per recipe (markdown table)."""
+    head = ("| recipe | steps | iso saving (GPU h) | iso saving (PFLOP) | final val PSNR S / L | "
+            "separate at same PFLOP S / L | equal-iterations saving |\n|---|---|---|---|---|---|---|")
+    rows = [head]
+    for name, x in r["recipes"].items():
+        def iso(key):
+            return common.fmt(x[key], ".3f") + (" (bound)" if x[key + "_is_bound"] else "")
+        same = x["psnr_separate_same_pflop"]
+        rows.append(f"| {name} | {x['steps']} | {iso('iso_quality_saving')} | "
+                    f"{iso('iso_quality_saving_pflop')} | {x['final_psnr']['S']:.2f} / "
+                    f"{x['final_psnr']['L']:.2f} | {common.fmt(same.get('S'), '.2f')} / "
+                    f"{common.fmt(same.get('L'), '.2f')} | "
+                    f"{common.fmt(x['gpu_hours_saved_frac_equal_iterations'], '.3f')} |")
+    b = r["baseline_final_psnr"]
+    rows.append(f"separate runs' final val PSNR: S {b['S']:.2f}, L {b['L']:.2f} ({r['size']['steps']} steps each)")
+    return "\n".join(rows)
+
+
+def run_three(work: Path, size: dict[str, Any], seed: int, device: str,
+              extra: Optional[list[str]] = None) -> dict[str, Any]:
+    """The paper's comparison alone (dynamic, S alone, L alone): the GPU suite's stage."""
+    r = run_recipes(work, size, seed, device, ["paper"], extra)
+    p = r["recipes"]["paper"]
+    return {"seed": seed, "size": size, "iso_quality_saving": p["iso_quality_saving"],
+            "iso_quality_saving_is_bound": p["iso_quality_saving_is_bound"],
+            "iso_quality_saving_pflop": p["iso_quality_saving_pflop"],
+            "gh_dynamic": p["gh_recipe"], "gh_separate_to_match": p["gh_separate_to_match"],
+            "reached": p["reached"], "target_psnr": p["final_psnr"],
+            "psnr_separate_same_gpu_hours": p["psnr_separate_same_gpu_hours"],
+            "psnr_separate_same_own_steps": p["psnr_separate_same_own_steps"],
+            "own_steps_dynamic": p["own_steps"],
+            "gpu_hours_saved_frac_equal_iterations": p["gpu_hours_saved_frac_equal_iterations"],
+            "table": p["table"], "tracking_uri": r["tracking_uri"], "experiment": r["experiment"]}
 
 
 def suite_stage(dry_run: bool = False, deadline: Optional[float] = None) -> dict[str, Any]:
@@ -137,10 +227,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recipes", default="paper",
+                        help=f"comma-separated, from {','.join(RECIPES)} (default paper)")
+    parser.add_argument("--scale", choices=("toy", "long"), default="toy",
+                        help="long: 4x the steps, validation half as often")
     for key in ("steps", "eval_every", "images", "dim", "crop", "batch", "val_samples"):
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
-    parser.add_argument("--work", default=None, help="where shards, mlflow.db and the plot go "
-                                                     "(default runs/quality_saving/seed<S>)")
+    parser.add_argument("--work", default=None, help="where shards, mlflow.db and the plots go "
+                                                     "(default runs/quality_saving/<scale>-seed<S>)")
     parser.add_argument("--set", action="append", default=[], metavar="dotted.key=value")
     common.add_common_args(parser)
     args = parser.parse_args(argv)
@@ -148,17 +242,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.threads:
         common.set_threads(args.threads)
     size = dict(GPU if device.type == "cuda" else CPU)
+    if args.scale == "long":
+        size["steps"] *= 4
+        size["eval_every"] *= 2
     for key in list(size):
         if getattr(args, key, None) is not None:
             size[key] = getattr(args, key)
-    work = Path(args.work or f"runs/quality_saving/seed{args.seed}")
-    r = run_three(work, size, args.seed, device.type, args.set)
-    print(r["table"])
-    print(f"equal iterations (the account): gpu_hours_saved_frac="
-          f"{common.fmt(r['gpu_hours_saved_frac_equal_iterations'], '.4f')}; plot {r['plot']}")
+    recipes = [r for r in args.recipes.split(",") if r]
+    work = Path(args.work or f"runs/quality_saving/{args.scale}-seed{args.seed}")
+    r = run_recipes(work, size, args.seed, device.type, recipes, args.set)
+    for name, x in r["recipes"].items():
+        print(f"== {name} (GPU hours)\n{x['table']}\n== {name} (PFLOP)\n{x['table_pflop']}")
+    print(format_recipes(r))
+    r["scale"] = args.scale
     r["environment"] = common.environment(device)
     common.write_json(args.json, r)
-    common.headline("iso_quality_saving", r["iso_quality_saving"])
+    common.headline("iso_quality_saving", r["recipes"][recipes[0]]["iso_quality_saving"])
     return 0
 
 
