@@ -25,7 +25,7 @@ import torch
 from .config import Config
 from .engine import ZERO3_NOTE, build_engine, init_distributed, shutdown_distributed
 from .logs import setup_logging
-from .recipes import install_cost_aware
+from .schedule import install_cost_aware
 from .model_factory import build_model
 from .schedule import VariantSchedule, new_verify_group, splitmix64
 from .tracking import make_tracker

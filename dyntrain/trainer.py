@@ -4,7 +4,7 @@ One optimizer step = global iteration ``t``: the schedule names the variant of `
 every rank), every micro-batch of the step runs with that variant's reuse tuple, the loss is L1
 between the output clamped to [0, 1] and the clean target, and DeepSpeed does backward and step.
 Other recipes (``schedule.mode: sandwich``, ``schedule.distill``) give a step several passes: the
-schedule's ``plan_at(t)`` names them and ``dyntrain.recipes.plan_loss`` sums their losses into the
+schedule's ``plan_at(t)`` names them and ``dyntrain.schedule.recipes.plan_loss`` sums their losses into the
 one objective of each micro-batch.
 The loader is any iterator of batch dicts (see the data contract): the trainer does not care whether
 it is the DALI pre-training stream or the paired fine-tuning data.
@@ -32,7 +32,7 @@ import torch.distributed as dist
 from .errors import DyntrainError
 from .logs import get_logger
 from .pending_step import NonFiniteLossError, PendingStep, StepTimer
-from .recipes import plan_loss, restoration_loss
+from .schedule import plan_loss, restoration_loss
 from .schedule import VariantSchedule, verify_draw
 from .tracking import ConsoleTracker, GPUHourAccount, NullTracker, RunHeader, TrackerGroup
 from .tracking.window import StepWindow

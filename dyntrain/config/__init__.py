@@ -12,14 +12,16 @@ Modules: ``typed`` (type-checked building, ``ConfigError``), ``model`` (the ``mo
 from .loading import add_config_arguments, apply_override, config_from_args, load_config, training_config
 from .model import (ARCHITECTURE_FIELDS, PARAMETER_FIELDS, RUNTIME_FIELDS, ModelConfig, ModelRuntime,
                     dynet_config_from_dict)
+from .schedule import CostAwareConfig, DistillConfig, ScheduleConfig, TaskScheduleConfig
 from .sections import (CheckpointConfig, DataConfig, DeepSpeedConfig, EvalConfig, InitConfig, OptimConfig,
-                       RunConfig, ScheduleConfig, TrackingConfig)
+                       RunConfig, TrackingConfig)
 from .tree import Config
 from .typed import ConfigError
 
 __all__ = [
     "ARCHITECTURE_FIELDS", "PARAMETER_FIELDS", "RUNTIME_FIELDS", "CheckpointConfig", "Config", "ConfigError",
     "DataConfig", "DeepSpeedConfig", "EvalConfig", "InitConfig", "ModelConfig", "ModelRuntime",
-    "OptimConfig", "RunConfig", "ScheduleConfig", "TrackingConfig", "add_config_arguments",
+    "OptimConfig", "RunConfig", "ScheduleConfig", "TaskScheduleConfig", "DistillConfig", "CostAwareConfig",
+    "TrackingConfig", "add_config_arguments",
     "apply_override", "config_from_args", "dynet_config_from_dict", "load_config", "training_config",
 ]

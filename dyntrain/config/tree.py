@@ -10,8 +10,9 @@ from typing import Any
 import yaml
 
 from .model import ModelConfig
+from .schedule import ScheduleConfig
 from .sections import (CheckpointConfig, DataConfig, DeepSpeedConfig, EvalConfig, InitConfig, OptimConfig,
-                       RunConfig, ScheduleConfig, TrackingConfig)
+                       RunConfig, TrackingConfig)
 from .typed import ConfigError, build
 
 

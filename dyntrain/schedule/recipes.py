@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .logs import get_logger
-from .schedule import StepPlan
+from ..logs import get_logger
+from .draw import StepPlan
 
 log = get_logger(__name__)
 
@@ -156,7 +156,7 @@ def install_cost_aware(trainer, cfg, validator) -> Optional[CostAwareUpdater]:
     if getattr(trainer.schedule, "probs_policy", "given") != "cost_aware":
         return None
     if validator is None:
-        from .config import ConfigError
+        from ..config import ConfigError
 
         raise ConfigError("schedule.variant_probs=cost_aware needs validation: set data.val_urls")
     updater = CostAwareUpdater(cfg, validator)

@@ -16,7 +16,7 @@ all-gathers (step, variant index) over a dedicated gloo group with a short timeo
 ``VariantMismatchError`` naming the ranks when they disagree — or when a rank does not answer within
 the timeout — so a disagreement can never hang the job.
 
-Recipes (``dyntrain.recipes`` computes their losses). ``plan_at(step)`` says what step ``step`` runs:
+Recipes (``dyntrain.schedule.recipes`` computes their losses). ``plan_at(step)`` says what step ``step`` runs:
 
     dynamic   one drawn variant (the paper's recipe, the default)
     fixed     ``fixed_variant`` every step (the separate baselines)
@@ -46,8 +46,8 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .errors import DyntrainError
-from .seeds import splitmix64  # noqa: F401 - re-exported: the variant draw's mixing function
+from ..errors import DyntrainError
+from ..seeds import splitmix64  # noqa: F401 - re-exported: the variant draw's mixing function
 
 _MASK64 = (1 << 64) - 1
 
