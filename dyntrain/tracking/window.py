@@ -1,7 +1,7 @@
 """The statistics of one logging window: the steps between two progress lines.
 
 The trainer adds every step's record (``samples``, ``loss``, ``data_wait_s``, ``variant``,
-``step_time_s``) and, at the window's end, turns it into the metrics every tracker receives. The
+``step_time_s``; for a step of several variants also ``variants``, ``losses`` and ``pass_s``) and, at the window's end, turns it into the metrics every tracker receives. The
 figures are identical on every rank except the times.
 """
 from __future__ import annotations
@@ -24,10 +24,24 @@ class StepWindow:
         self.samples += m["samples"]
         self.loss_sum += m["loss"]
         self.data_wait += m["data_wait_s"]
-        pv = self.per_variant.setdefault(m["variant"], [0, 0.0, 0.0])
-        pv[0] += 1
-        pv[1] += m["loss"]
-        pv[2] += m["step_time_s"]
+        variants = m.get("variants") or (m["variant"],)
+        if len(variants) == 1:
+            pv = self.per_variant.setdefault(variants[0], [0, 0.0, 0.0])
+            pv[0] += 1
+            pv[1] += m["loss"]
+            pv[2] += m["step_time_s"]
+            return
+        # a step of several variants (sandwich): each one's own L1, and its share of the step time
+        # in proportion to its measured forward time (as the GPU-hour account splits it)
+        pass_s = m.get("pass_s") or {}
+        weights = [max(0.0, pass_s.get(v, 0.0)) for v in variants]
+        if sum(weights) <= 0:
+            weights = [1.0] * len(variants)
+        for v, w in zip(variants, weights):
+            pv = self.per_variant.setdefault(v, [0, 0.0, 0.0])
+            pv[0] += 1
+            pv[1] += m.get("losses", {}).get(v, float("nan"))
+            pv[2] += m["step_time_s"] * w / sum(weights)
 
     def metrics(self, lr: float) -> dict[str, float]:
         """loss, lr, patches_per_s, step_time_s, data_wait_frac, and loss_<v> / step_time_<v> per
