@@ -13,6 +13,7 @@ Timeline (N = 4 steps, 2N = 8; each rank's share of the 16 samples is 8 = 4 step
     faulted      resume (auto, from 4), checkpoints every 2, SIGKILL while writing step 6
     resumed      resume (auto: step 6 is incomplete -> step 4) to step 8     -> compared with straight
     resharded    1 rank resumes the straight run's step 6 and reads 8 steps (one full epoch)
+    ca_*         the cost-aware draw: straight, killed after step 4, resumed (same comparison)
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from dyntrain import checkpoint as ck  # noqa: E402
 from dyntrain.engine import free_port  # noqa: E402
+from dyntrain.schedule import VariantSchedule  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -238,3 +240,42 @@ def _assert_new_run_continues(s, moved: str, tag: str) -> None:
     assert run.data.tags["resumed_from"] == tag
     assert run.data.params["model.dim"] == "8" and run.data.metrics["loss"] > 0
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_cost_aware_draw_resumes_exactly_and_agrees_across_ranks(setup):
+    """``schedule.variant_probs=cost_aware``: the probabilities change after each validation (every
+    2 steps) from all-reduced figures; a run killed -9 after step N's checkpoint and resumed draws,
+    trains and ends exactly like the uninterrupted run, on both ranks."""
+    s = setup
+    ca = {"schedule.variant_probs": "cost_aware", "schedule.cost_aware.min_prob": 0.05,
+          "schedule.cost_aware.headroom_db": 0.05, "run.seed": 3}
+    assert s.run("ca_straight", 2, s.base / "ck_ca_straight", **ca) == 0, s.log("ca_straight")
+    d = s.base / "ck_ca"
+    proc = s.start("ca_killed", 2, d, **ca, **{"checkpoint.every": N})
+    deadline = time.time() + 300
+    while not (d / ck.tag_for_step(N) / ck.COMPLETE).exists():
+        assert proc.poll() is None, s.log("ca_killed")
+        assert time.time() < deadline, s.log("ca_killed")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert s.run("ca_resumed", 2, d, **ca) == 0, s.log("ca_resumed")
+    assert "resumed from step_00000004 at step 4" in s.log("ca_resumed")
+
+    straight = ck.read_client_state(s.base / "ck_ca_straight", ck.tag_for_step(2 * N))["client"]
+    resumed = ck.read_client_state(d, ck.tag_for_step(2 * N))["client"]
+    table = straight["schedule_state"]["table"]
+    assert resumed["schedule_state"]["table"] == table
+    assert len(table) >= 2 and [e[0] for e in table] == sorted({e[0] for e in table})
+    assert any(abs(p["S"] - 0.5) > 0.01 for _, p in table[1:])      # the draw really changed
+    assert f"cost-aware draw from step {table[-1][0]}" in s.log("ca_straight")
+    for rank in range(2):
+        ref, got = _steps(s.trace("ca_straight", rank)), _steps(s.trace("ca_resumed", rank))
+        for t in range(N, 2 * N):
+            assert (got[t]["variant"], got[t]["loss"]) == (ref[t]["variant"], ref[t]["loss"]), t
+        assert s.trace("ca_resumed", rank)["weights_sha256"] == s.trace("ca_straight", rank)["weights_sha256"]
+    v0 = [x["variant"] for x in s.trace("ca_straight", 0)["steps"]]
+    assert v0 == [x["variant"] for x in s.trace("ca_straight", 1)["steps"]]
+    sched = VariantSchedule(3, {"S": (2, 3, 3, 4), "L": (4, 6, 6, 8)}, None, probs_policy="cost_aware")
+    sched.load_state_dict(straight["schedule_state"])
+    assert v0 == sched.sequence(0, 2 * N)                  # the logged table explains every draw
