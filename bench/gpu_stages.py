@@ -319,8 +319,9 @@ def input_pipeline(rec: Recorder) -> None:
 
 # ------------------------------------------------------------ 4. iso-quality saving (a slot)
 def quality_saving(rec: Recorder) -> None:
-    """Calls ``bench/quality_saving.py``'s ``suite_stage(dry_run=..., deadline=...)``: the three
-    GPU-sized trainings and the equal-quality comparison (a dict of figures); the dry run only
+    """Calls ``bench/quality_saving.py``'s ``suite_stage(dry_run=..., deadline=...)``: the GPU-sized
+    baselines, the paper's recipe and, while time is left, sandwich, sandwich_distill and cost_aware,
+    each with its equal-quality comparison (a dict of figures); the dry run only
     builds the held-out data and the fixed validation set (three trainings do not fit its budget)."""
     if not (BENCH / "quality_saving.py").exists():
         rec.figure("quality_saving", None, "bench/quality_saving.py not present")

@@ -56,6 +56,7 @@ RECIPES = {
     "cost_aware": (["schedule.mode=dynamic", "schedule.variant_probs=cost_aware"], 1.0),
     "paper_distill": (["schedule.mode=dynamic", "schedule.distill.teacher=L"], 1.0),
 }
+SUITE_RECIPES = ["paper", "sandwich", "sandwich_distill", "cost_aware"]
 MODES = {"dynamic": RECIPES["paper"][0], **BASELINES}  # the three runs of the paper's comparison
 
 
@@ -100,8 +101,12 @@ def _run_id(client, experiment: str, name: str) -> str:
 
 
 def run_recipes(work: Path, size: dict[str, Any], seed: int, device: str, recipes: list[str],
-                extra: Optional[list[str]] = None) -> dict[str, Any]:
-    """The baselines, every recipe, and each recipe's comparison on both axes."""
+                extra: Optional[list[str]] = None, deadline: Optional[float] = None) -> dict[str, Any]:
+    """The baselines, every recipe, and each recipe's comparison on both axes. With ``deadline``
+    (time.time()), a recipe after the first is skipped when the time left is under 1.2x the longest
+    training so far."""
+    import time
+
     from mlflow.tracking import MlflowClient
 
     from dyntrain.compare import compare_iso_quality
@@ -122,17 +127,25 @@ def run_recipes(work: Path, size: dict[str, Any], seed: int, device: str, recipe
             f"tracking.uri={uri}", f"tracking.experiment={experiment}", "tracking.system_metrics=false",
             "schedule.verify_every=0", "deepspeed.zero_stage=2"]
     names = {v: f"qs-{v}-seed{seed}" for v in BASELINES}
+    longest = 0.0
     for v, mode in BASELINES.items():
+        t0 = time.time()
         _train(work, names[v], base, mode, size["steps"], device, extra)
+        longest = max(longest, time.time() - t0)
     client = MlflowClient(uri)
     baseline_ids = {v: _run_id(client, experiment, n) for v, n in names.items()}
     out: dict[str, Any] = {"seed": seed, "size": size, "recipes": {}, "tracking_uri": uri,
-                           "experiment": experiment, "baseline_runs": baseline_ids}
-    for recipe in recipes:
+                           "experiment": experiment, "baseline_runs": baseline_ids, "skipped": {}}
+    for i, recipe in enumerate(recipes):
         mode, frac = RECIPES[recipe]
         name = f"qs-{recipe}-seed{seed}"
         steps = max(1, int(round(size["steps"] * frac)))
+        if i and deadline is not None and deadline - time.time() < 1.2 * longest:
+            out["skipped"][recipe] = "out of time"
+            continue
+        t0 = time.time()
         _train(work, name, base, mode, steps, device, extra)
+        longest = max(longest, time.time() - t0)
         run_id = _run_id(client, experiment, name)
         ids = [run_id, baseline_ids["S"], baseline_ids["L"]]
         by_axis = {x: compare_iso_quality(uri, None, ids, work / f"iso_{recipe}_{x}.png", log=True, x=x)
@@ -197,7 +210,9 @@ def run_three(work: Path, size: dict[str, Any], seed: int, device: str,
 
 def suite_stage(dry_run: bool = False, deadline: Optional[float] = None) -> dict[str, Any]:
     """The GPU suite's "quality saving" stage (bench/gpu_stages.py): the GPU-sized setting (steps
-    cut to what the deadline leaves, at least 500). The dry run builds the held-out shards and the
+    cut to what the deadline leaves, at least 500): the baselines and the paper's recipe, then
+    sandwich, sandwich_distill and cost_aware as long as the deadline leaves room for one more run
+    (the rest are listed under ``skipped``). The dry run builds the held-out shards and the
     fixed validation set only (seconds) and returns their description."""
     import tempfile
     import time
@@ -218,8 +233,14 @@ def suite_stage(dry_run: bool = False, deadline: Optional[float] = None) -> dict
             left = deadline - time.time() - 120
             size["steps"] = max(500, min(size["steps"], int(left / 0.3)))
             size["eval_every"] = max(1, size["steps"] // 20)
-        r = run_three(Path(tmp), size, 0, "cuda" if gpu else "cpu")
-    r.pop("plot")
+        # the paper's comparison first; the other recipes while the deadline leaves time for them
+        r = run_recipes(Path(tmp), size, 0, "cuda" if gpu else "cpu", SUITE_RECIPES, deadline=deadline)
+    for x in r["recipes"].values():
+        x.pop("table_pflop", None)
+    p = r["recipes"]["paper"]
+    r["iso_quality_saving"] = p["iso_quality_saving"]
+    r["iso_quality_saving_pflop"] = p["iso_quality_saving_pflop"]
+    r["table"] = format_recipes(r)
     return r
 
 
