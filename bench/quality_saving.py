@@ -100,11 +100,21 @@ def _run_id(client, experiment: str, name: str) -> str:
     return runs[0].info.run_id
 
 
+def _finished(client, experiment: str, name: str) -> bool:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return False
+    runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.runName` = '{name}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return bool(runs) and runs[0].info.status == "FINISHED"
+
+
 def run_recipes(work: Path, size: dict[str, Any], seed: int, device: str, recipes: list[str],
-                extra: Optional[list[str]] = None, deadline: Optional[float] = None) -> dict[str, Any]:
+                extra: Optional[list[str]] = None, deadline: Optional[float] = None,
+                reuse_baselines: bool = False) -> dict[str, Any]:
     """The baselines, every recipe, and each recipe's comparison on both axes. With ``deadline``
     (time.time()), a recipe after the first is skipped when the time left is under 1.2x the longest
-    training so far."""
+    training so far. ``reuse_baselines``: keep finished S/L runs of an earlier call in ``work``."""
     import time
 
     from mlflow.tracking import MlflowClient
@@ -128,11 +138,13 @@ def run_recipes(work: Path, size: dict[str, Any], seed: int, device: str, recipe
             "schedule.verify_every=0", "deepspeed.zero_stage=2"]
     names = {v: f"qs-{v}-seed{seed}" for v in BASELINES}
     longest = 0.0
+    client = MlflowClient(uri)
     for v, mode in BASELINES.items():
+        if reuse_baselines and _finished(client, experiment, names[v]):
+            continue
         t0 = time.time()
         _train(work, names[v], base, mode, size["steps"], device, extra)
         longest = max(longest, time.time() - t0)
-    client = MlflowClient(uri)
     baseline_ids = {v: _run_id(client, experiment, n) for v, n in names.items()}
     out: dict[str, Any] = {"seed": seed, "size": size, "recipes": {}, "tracking_uri": uri,
                            "experiment": experiment, "baseline_runs": baseline_ids, "skipped": {}}
@@ -257,6 +269,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--work", default=None, help="where shards, mlflow.db and the plots go "
                                                      "(default runs/quality_saving/<scale>-seed<S>)")
     parser.add_argument("--set", action="append", default=[], metavar="dotted.key=value")
+    parser.add_argument("--reuse-baselines", action="store_true",
+                        help="keep the finished S/L runs of an earlier call with the same --work")
     common.add_common_args(parser)
     args = parser.parse_args(argv)
     device = common.resolve_device(args.device)
@@ -271,7 +285,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             size[key] = getattr(args, key)
     recipes = [r for r in args.recipes.split(",") if r]
     work = Path(args.work or f"runs/quality_saving/{args.scale}-seed{args.seed}")
-    r = run_recipes(work, size, args.seed, device.type, recipes, args.set)
+    r = run_recipes(work, size, args.seed, device.type, recipes, args.set,
+                    reuse_baselines=args.reuse_baselines)
     for name, x in r["recipes"].items():
         print(f"== {name} (GPU hours)\n{x['table']}\n== {name} (PFLOP)\n{x['table_pflop']}")
     print(format_recipes(r))

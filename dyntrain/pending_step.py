@@ -136,6 +136,8 @@ class PendingStep:
                     f"reuse {tuple(self.reuse)}); stopping before any checkpoint is written")
             stop = stop or bool(row[1] > 0)
             loss_total += mean_loss
+        if not per_variant and len(names) == 1:  # one pass: the loss is that variant's L1
+            per_variant = {names[0]: loss_total / len(self.flags)}
         return {"step": self.step, "variant": self.variant, "loss": loss_total / len(self.flags),
                 "lr": self.lr, "step_time_s": self.timer.seconds(), "data_wait_s": self.data_wait,
                 "samples": self.samples, "stop": stop, "variants": names, "losses": per_variant,

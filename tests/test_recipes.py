@@ -114,7 +114,7 @@ def test_distillation_target_is_detached(teacher_pass):
 
 # ------------------------------------------------------------------------------- cost-aware
 def test_cost_aware_probabilities_follow_gap_and_cost():
-    # gaps: S 1.0 + 0.5 = 1.5, L 0.5 -> time shares 0.75 / 0.25; per step / cost (S 1, L 2)
+    # gaps: S 1.0 + 0.5 = 1.5, L 0.5 -> time shares 0.75 / 0.25; divided by the cost (S 1, L 2)
     p = cost_aware_probs({"S": 20.0, "L": 21.0}, {"S": 1.0, "L": 2.0}, headroom_db=0.5, min_prob=0.0)
     assert p["S"] == pytest.approx(0.75 / (0.75 + 0.125)) and sum(p.values()) == pytest.approx(1)
     # equal quality: equal GPU-time shares, so the cheap variant is drawn in proportion 1/t
@@ -136,6 +136,9 @@ def test_probability_table_drives_the_draw_and_survives_a_state_round_trip():
     assert a.probs_at(120) == pytest.approx({"S": 0.95, "L": 0.05})
     b = VariantSchedule(5, SL, None, probs_policy="cost_aware")
     assert b.describe() == a.describe()                        # the description is the static part
+    c = VariantSchedule(5, SL, None, probs_policy="cost_aware")
+    c.set_probs(0, {"S": 0.9, "L": 0.1})                      # after the validation before step 0
+    assert c.describe() == b.describe() and c.probs_at(0) == pytest.approx({"S": 0.9, "L": 0.1})
     b.load_state_dict(a.state_dict())
     assert b.sequence(0, 400) == seq
     assert [b.variant_at(t) for t in range(399, 99, -1)] == seq[100:][::-1]  # random access

@@ -141,6 +141,7 @@ class VariantSchedule:
         self.loss_weights = {n: float((loss_weights or {}).get(n, 1.0)) for n in self.names}
         self._cum = self._cumulative(self.probs)
         # the cost-aware table: from_step -> probabilities (entry 0: the initial ones)
+        self._initial = dict(self.probs)  # what ``describe`` reports (the table may replace step 0)
         self._table: list[tuple[int, dict[str, float]]] = [(0, dict(self.probs))]
         self._table_cum: list[list[tuple[float, str]]] = [self._cum]
 
@@ -259,7 +260,7 @@ class VariantSchedule:
     def describe(self) -> dict:
         """Everything the draw depends on (saved with checkpoints to detect a changed schedule)."""
         out = {"seed": self.seed, "mode": self.mode, "fixed_variant": self.fixed_variant,
-               "probs": dict(self._table[0][1]),
+               "probs": dict(self._initial),
                "variants": {n: list(r) for n, r in self.variants.items()}}
         if self.probs_policy != "given":
             out["probs_policy"] = self.probs_policy

@@ -18,23 +18,27 @@ T step), paid only on the steps that use it, instead of running T's training pas
 sandwich would. The per-variant L1 (without the distillation term) is reported as ``loss_<v>``.
 
 Cost-aware probabilities (``schedule.variant_probs: cost_aware``) are recomputed after every
-validation from figures that every rank holds identically (the all-reduced validation PSNR and the
-all-reduced mean step times), so every rank sets the same table entry at the same step:
+validation from figures that every rank holds identically and that a resumed run reproduces exactly
+(the all-reduced validation PSNR, and each variant's cost from the model and the config):
 
     gap_v   = max_u psnr_u - psnr_v + headroom_db     (how far v is below the best variant)
     share_v = gap_v / sum_u gap_u                     (the share of GPU time v should get)
-    p_v     ~ share_v / t_v                           (t_v: v's mean step time: cheap steps are drawn
-                                                       more often for the same GPU time)
+    p_v     ~ share_v / c_v                           (c_v: v's cost per step, its forward FLOPs at the
+                                                       crop size: cheap steps are drawn more often
+                                                       for the same GPU time)
     then every p_v is raised to at least min_prob and the whole renormalised.
 
-The table is saved with checkpoints, so a resumed run draws exactly what the uninterrupted one did.
+The cost is the FLOP count, not the measured step time: measured times differ from run to run (and
+between an interrupted run and its resumption), so probabilities built on them would make the draw
+after a resume differ from the uninterrupted run's. With FLOPs the whole table is a function of
+(seed, config, validation history). The table is also saved with checkpoints and logged as
+``schedule/p_<v>`` metrics.
 """
 from __future__ import annotations
 
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..logs import get_logger
@@ -83,14 +87,14 @@ def plan_loss(forward: Forward, plan: StepPlan, variants: Mapping[str, Sequence[
 
 
 # ----------------------------------------------------------------------------------- cost-aware
-def cost_aware_probs(psnr: Mapping[str, float], step_s: Mapping[str, float], headroom_db: float,
+def cost_aware_probs(psnr: Mapping[str, float], cost: Mapping[str, float], headroom_db: float,
                      min_prob: float) -> dict[str, float]:
-    """The probabilities of the module docstring (variants in ``psnr``; ``step_s`` > 0 each)."""
+    """The probabilities of the module docstring (variants in ``psnr``; ``cost`` > 0 each)."""
     names = sorted(psnr)
     best = max(psnr[n] for n in names)
     gap = {n: best - psnr[n] + headroom_db for n in names}
     total_gap = sum(gap.values())
-    raw = {n: gap[n] / total_gap / step_s[n] for n in names}
+    raw = {n: gap[n] / total_gap / cost[n] for n in names}
     s = sum(raw.values())
     p = {n: raw[n] / s for n in names}
     floor = min(min_prob, 1.0 / len(names))
@@ -120,28 +124,23 @@ class CostAwareUpdater:
             return
         self.update(trainer, step, self.validator.history[-1][1])
 
-    def step_times(self, trainer, names: Sequence[str]) -> Optional[dict[str, float]]:
-        """Every variant's mean step time, averaged over the ranks (identical on every rank); None
-        until every variant has been timed on every rank."""
-        local = [trainer.account.mean_step_s(n) or 0.0 for n in names]
-        t = torch.tensor(local + [float(all(v > 0 for v in local))], dtype=torch.float64,
-                         device=trainer.device)
-        if trainer.world_size > 1:
-            dist.all_reduce(t)
-        t = t.cpu()
-        if float(t[-1]) < trainer.world_size:
-            return None
-        return {n: float(t[i]) / trainer.world_size for i, n in enumerate(names)}
+    @staticmethod
+    def costs(trainer, names: Sequence[str]) -> dict[str, float]:
+        """c_v: forward FLOPs of one sample (the account's work count), or, where the model's FLOPs
+        could not be counted, the sum of v's reuse factors (identical on every rank either way)."""
+        flops = trainer.account.flops_per_sample
+        if all(flops.get(n, 0.0) > 0 for n in names):
+            return {n: flops[n] for n in names}
+        return {n: float(sum(trainer.schedule.variants[n])) for n in names}
 
     def update(self, trainer, step: int, val: Mapping[str, float]) -> Optional[dict[str, float]]:
         schedule = trainer.schedule
         names = [n for n in schedule.names if f"val/{n}/psnr" in val]
-        times = self.step_times(trainer, names)
-        if times is None or len(names) < 2:
+        if len(names) < 2:
             return None
         c = self.cfg.schedule.cost_aware
-        probs = cost_aware_probs({n: val[f"val/{n}/psnr"] for n in names}, times, c.headroom_db,
-                                 c.min_prob)
+        probs = cost_aware_probs({n: val[f"val/{n}/psnr"] for n in names}, self.costs(trainer, names),
+                                 c.headroom_db, c.min_prob)
         schedule.set_probs(step, probs)
         self.history.append((step, probs))
         trainer.tracker.log_metrics({f"schedule/p_{n}": p for n, p in probs.items()}, step=step)
