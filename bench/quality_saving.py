@@ -18,6 +18,7 @@ with ``make_shards --holdout 0.25``):
     sandwich_distill  sandwich + schedule.distill.teacher=L                        N / 2 steps
     cost_aware        schedule.variant_probs=cost_aware                            N steps
     paper_distill     dynamic + schedule.distill.teacher=L (teacher forward)       N steps
+    sandwich_distill_0.1, paper_distill_0.1   the same with schedule.distill.weight=0.1
 
 (a sandwich step trains both variants, so N / 2 of them cost about what N dynamic steps cost), then
 for each recipe ``dyntrain.compare.compare_iso_quality`` (what ``launch/compare.py --iso-quality
@@ -55,6 +56,11 @@ RECIPES = {
     "sandwich_distill": (["schedule.mode=sandwich", "schedule.distill.teacher=L"], 0.5),
     "cost_aware": (["schedule.mode=dynamic", "schedule.variant_probs=cost_aware"], 1.0),
     "paper_distill": (["schedule.mode=dynamic", "schedule.distill.teacher=L"], 1.0),
+    # the same two with a tenth of the distillation weight
+    "sandwich_distill_0.1": (["schedule.mode=sandwich", "schedule.distill.teacher=L",
+                              "schedule.distill.weight=0.1"], 0.5),
+    "paper_distill_0.1": (["schedule.mode=dynamic", "schedule.distill.teacher=L",
+                           "schedule.distill.weight=0.1"], 1.0),
 }
 SUITE_RECIPES = ["paper", "sandwich", "sandwich_distill", "cost_aware"]
 MODES = {"dynamic": RECIPES["paper"][0], **BASELINES}  # the three runs of the paper's comparison

@@ -274,3 +274,50 @@ def test_dynamic_distillation_zero1_teacher_on_student_steps(tmp_path):
         else:
             assert s["loss"] == pytest.approx(s["losses"][s["variant"]], rel=1e-6)
     assert any(s["teacher"] for s in t["steps"])                    # seed 5: a teacher pass at step 0
+
+
+# ---------------------------------------------------------------------- the recipe benchmark
+@pytest.mark.slow
+def test_quality_saving_bench_compares_recipes_on_both_axes(tmp_path):
+    """bench/quality_saving.py at its smallest (S alone, L alone, sandwich and cost_aware, 2 steps
+    each, validated every step) and ``launch/compare.py --runs RECIPE S L --x pflop``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from dyntrain.compare import val_curves
+    from dyntrain.iso_quality import iso_quality
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "bench"))
+    import quality_saving
+
+    size = dict(quality_saving.CPU, steps=4, eval_every=2, images=4, val_samples=4)
+    r = quality_saving.run_recipes(tmp_path, size, 0, "cpu", ["sandwich", "cost_aware"])
+    assert set(r["recipes"]) == {"sandwich", "cost_aware"} and r["recipes"]["sandwich"]["steps"] == 2
+    client = MlflowClient(r["tracking_uri"])
+    sw = r["recipes"]["sandwich"]
+    run = client.get_run(sw["run_id"])
+    assert run.data.tags["recipe"] == "sandwich"
+    assert sw["own_steps"] == {"S": 2.0, "L": 2.0}                  # both variants every step
+    ca = client.get_run(r["recipes"]["cost_aware"]["run_id"])
+    assert {"schedule/p_S", "schedule/p_L"} <= set(ca.data.metrics)
+    # the PFLOP-axis saving, recomputed here from the metric histories
+    S, L = r["baseline_runs"]["S"], r["baseline_runs"]["L"]
+    mine = iso_quality(val_curves(client, sw["run_id"], ["S", "L"], "pflop"),
+                       {"S": val_curves(client, S, ["S"], "pflop")["S"],
+                        "L": val_curves(client, L, ["L"], "pflop")["L"]})
+    assert mine["iso_quality_saving"] == pytest.approx(sw["iso_quality_saving_pflop"])
+    # work: a sandwich step is 3 x (F_S + F_L) x samples, the same as one S step plus one L step
+    pf = {k: val_curves(client, i, [v], "pflop")[v][-1][0] for k, i, v in
+          (("sw", sw["run_id"], "S"), ("S", S, "S"), ("L", L, "L"))}
+    assert pf["sw"] == pytest.approx((pf["S"] + pf["L"]) / 2, rel=1e-9)
+    proc = subprocess.run([sys.executable, str(root / "launch" / "compare.py"), "--tracking-uri",
+                           r["tracking_uri"], "--runs", sw["run_id"], S, L, "--x", "pflop", "--no-log",
+                           "--out", str(tmp_path / "p.png")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("iso_quality_saving_pflop=")
+    assert float(line.split("=")[1]) == pytest.approx(sw["iso_quality_saving_pflop"])
