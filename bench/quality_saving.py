@@ -3,7 +3,8 @@
     python bench/quality_saving.py [--seed 0] [--recipes paper,sandwich,sandwich_distill,cost_aware]
                                    [--scale toy|long] [--steps N] [--eval-every E] [--images M]
                                    [--dim 8 --crop 32 --batch 4] [--device auto|cpu|cuda]
-                                   [--work DIR] [--json PATH]
+                                   [--work DIR] [--json PATH] [--reuse-baselines]
+    python bench/quality_saving.py --summarize A.json B.json ...    # one table over scales x seeds
 
 Pre-trainings through the real path (``launch/pretrain.py``, one process each, one after another -
 DeepSpeed keeps process groups that a second engine in the same process cannot reuse: DeepSpeed
@@ -209,6 +210,46 @@ def format_recipes(r: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def summarize(paths: list[str]) -> str:
+    """One markdown table over several JSONs of this benchmark (scales x seeds, recipes merged):
+    per recipe and scale, the PFLOP- and GPU-hour-axis savings of every seed and their mean, and the
+    final val PSNR of S and L (mean over seeds)."""
+    import json
+    from collections import defaultdict
+
+    rows: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
+    base: dict[str, dict[int, dict]] = defaultdict(dict)
+    for path in paths:
+        r = json.loads(Path(path).read_text())
+        scale = r.get("scale", "?")
+        base[scale][r["seed"]] = r["baseline_final_psnr"]
+        for name, x in r["recipes"].items():
+            rows[(scale, name)][r["seed"]] = x
+
+    def cell(values: list[tuple[float, bool]]) -> str:
+        parts = [f"{v:+.2f}{'*' if b else ''}" for v, b in values]
+        mean = sum(v for v, _ in values) / len(values)
+        return f"{' / '.join(parts)} (mean {mean:+.2f})"
+
+    order = list(RECIPES)
+    out = ["| scale | recipe | seeds | iso saving, PFLOP axis | iso saving, GPU-hour axis | final val PSNR S / L |",
+           "|---|---|---|---|---|---|"]
+    for scale in sorted(base, key=lambda k: (k != "toy", k)):
+        for name in sorted({n for (sc, n) in rows if sc == scale}, key=order.index):
+            per = rows[(scale, name)]
+            seeds = sorted(per)
+            pf = cell([(per[k]["iso_quality_saving_pflop"], per[k]["iso_quality_saving_pflop_is_bound"]) for k in seeds])
+            gh = cell([(per[k]["iso_quality_saving"], per[k]["iso_quality_saving_is_bound"]) for k in seeds])
+            s_ = sum(per[k]["final_psnr"]["S"] for k in seeds) / len(seeds)
+            l_ = sum(per[k]["final_psnr"]["L"] for k in seeds) / len(seeds)
+            out.append(f"| {scale} | {name} | {','.join(map(str, seeds))} | {pf} | {gh} | {s_:.2f} / {l_:.2f} |")
+        b = base[scale]
+        out.append(f"| {scale} | S alone / L alone | {','.join(map(str, sorted(b)))} | | | "
+                   f"{sum(x['S'] for x in b.values()) / len(b):.2f} / {sum(x['L'] for x in b.values()) / len(b):.2f} |")
+    out.append("(* = a lower bound: a separate run never reached the recipe's PSNR)")
+    return "\n".join(out)
+
+
 def run_three(work: Path, size: dict[str, Any], seed: int, device: str,
               extra: Optional[list[str]] = None) -> dict[str, Any]:
     """The paper's comparison alone (dynamic, S alone, L alone): the GPU suite's stage."""
@@ -275,10 +316,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--work", default=None, help="where shards, mlflow.db and the plots go "
                                                      "(default runs/quality_saving/<scale>-seed<S>)")
     parser.add_argument("--set", action="append", default=[], metavar="dotted.key=value")
+    parser.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
+                        help="print one table over earlier --json outputs (scales x seeds) and exit")
     parser.add_argument("--reuse-baselines", action="store_true",
                         help="keep the finished S/L runs of an earlier call with the same --work")
     common.add_common_args(parser)
     args = parser.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return 0
     device = common.resolve_device(args.device)
     if args.threads:
         common.set_threads(args.threads)
