@@ -120,6 +120,11 @@ def _verify_worker(rank, port, result_dir, skip_rank):
         out["error"] = str(exc)
     out["elapsed"] = time.monotonic() - t0
     (result_dir / f"r{rank}.json").write_text(json.dumps(out))
+    # After a timed-out collective the gloo group cannot be torn down cleanly: left to interpreter
+    # exit, its threads sometimes abort the process ("terminate called without an active
+    # exception", SIGABRT) after the result above is written. What is under test is the check, so
+    # leave without that teardown.
+    os._exit(0)
 
 
 @pytest.mark.slow
