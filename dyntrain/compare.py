@@ -269,9 +269,7 @@ def compare_iso_quality(tracking_uri: str, experiment: Optional[str], run_ids=No
     result = iso_quality(dyn_curves, sep_curves)
     result["x"] = x
     result["recipe"] = dynamic.data.tags.get("recipe", dynamic.data.tags.get("mode"))
-    result["text"] = format_result(result)
-    if x != "gpu_hours":
-        result["text"] = result["text"].replace("GPU h", x)
+    result["text"] = format_result(result, "GPU h" if x == "gpu_hours" else x)
     result["dynamic_run"] = dynamic.info.run_id
     result["baseline_runs"] = {v: b.info.run_id for v, b in baselines.items()}
     if png is not None:
@@ -287,12 +285,8 @@ def compare_iso_quality(tracking_uri: str, experiment: Optional[str], run_ids=No
 
         step = max(m.step for m in client.get_metric_history(dynamic.info.run_id, f"val/{x}"))
         now = int(time.time() * 1000)
-        metrics = as_metrics(result)
-        if x != "gpu_hours":
-            metrics = {(f"{k}_{x}" if k == "iso_quality_saving" else k.replace("iso/", f"iso_{x}/", 1)): v
-                       for k, v in metrics.items()}
         client.log_batch(dynamic.info.run_id, metrics=[Metric(k, float(v), now, step)
-                                                       for k, v in metrics.items()])
+                                                       for k, v in as_metrics(result, x).items()])
         client.log_text(dynamic.info.run_id, result["text"] + "\n",
                         "iso_quality.txt" if x == "gpu_hours" else f"iso_quality_{x}.txt")
         if png is not None:

@@ -83,21 +83,24 @@ def iso_quality(dynamic: dict[str, Sequence[Point]], separate: dict[str, Sequenc
     return out
 
 
-def as_metrics(result: dict) -> dict[str, float]:
-    """The comparison as MLflow metrics of the dynamic run (None values left out)."""
-    m: dict[str, float] = {"iso/gh_dynamic": result["gh_dynamic"],
-                           "iso/gh_separate_total": result["gh_separate_total"],
-                           "iso/saving_is_lower_bound": float(result["iso_quality_saving_is_bound"])}
+def as_metrics(result: dict, axis: str = "gpu_hours") -> dict[str, float]:
+    """The comparison as MLflow metrics of the dynamic run (None values left out): ``iso/...`` and
+    ``iso_quality_saving`` on the GPU-hour axis, ``iso_<axis>/...`` and ``iso_quality_saving_<axis>``
+    on another cost axis."""
+    pre = "iso" if axis == "gpu_hours" else f"iso_{axis}"
+    m: dict[str, float] = {f"{pre}/gh_dynamic": result["gh_dynamic"],
+                           f"{pre}/gh_separate_total": result["gh_separate_total"],
+                           f"{pre}/saving_is_lower_bound": float(result["iso_quality_saving_is_bound"])}
     if result["iso_quality_saving"] is not None:
-        m["iso_quality_saving"] = result["iso_quality_saving"]
+        m["iso_quality_saving" if axis == "gpu_hours" else f"iso_quality_saving_{axis}"] = \
+            result["iso_quality_saving"]
     for v in result["variants"]:
-        m[f"iso/{v}/gh_separate_to_match"] = result["gh_separate_to_match"][v]
-        m[f"iso/{v}/reached"] = float(result["reached"][v])
-        m[f"iso/{v}/psnr_dynamic"] = result["target_psnr"][v]
-        for key, name in (("psnr_separate_same_gpu_hours", "psnr_separate_same_gpu_hours"),
-                          ("psnr_separate_same_own_steps", "psnr_separate_same_own_steps")):
+        m[f"{pre}/{v}/gh_separate_to_match"] = result["gh_separate_to_match"][v]
+        m[f"{pre}/{v}/reached"] = float(result["reached"][v])
+        m[f"{pre}/{v}/psnr_dynamic"] = result["target_psnr"][v]
+        for key in ("psnr_separate_same_gpu_hours", "psnr_separate_same_own_steps"):
             if result[key][v] is not None:
-                m[f"iso/{v}/{name}"] = result[key][v]
+                m[f"{pre}/{v}/{key}"] = result[key][v]
     return m
 
 
@@ -105,9 +108,9 @@ def _num(x: Optional[float], spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def format_result(result: dict) -> str:
-    """A table per variant and the headline line."""
-    head = ["variant", "dyn PSNR", "own steps", "sep GPU h to match", "sep PSNR @ same GPU h",
+def format_result(result: dict, unit: str = "GPU h") -> str:
+    """A table per variant and the headline line (costs in ``unit``)."""
+    head = ["variant", "dyn PSNR", "own steps", f"sep {unit} to match", f"sep PSNR @ same {unit}",
             "sep PSNR @ same own steps"]
     rows = []
     for v in result["variants"]:
@@ -121,7 +124,7 @@ def format_result(result: dict) -> str:
     saving = result["iso_quality_saving"]
     bound = " (lower bound: a baseline never reached the dynamic run's PSNR)" \
         if result["iso_quality_saving_is_bound"] else ""
-    lines.append(f"dynamic run: {result['gh_dynamic']:.4g} GPU h; separate runs to the same PSNR: "
-                 f"{result['gh_separate_total']:.4g} GPU h -> iso_quality_saving="
+    lines.append(f"dynamic run: {result['gh_dynamic']:.4g} {unit}; separate runs to the same PSNR: "
+                 f"{result['gh_separate_total']:.4g} {unit} -> iso_quality_saving="
                  f"{_num(saving, '.4f')}{bound}")
     return "\n".join(lines)

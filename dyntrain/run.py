@@ -25,9 +25,8 @@ import torch
 from .config import Config
 from .engine import ZERO3_NOTE, build_engine, init_distributed, shutdown_distributed
 from .logs import setup_logging
-from .schedule import install_cost_aware
 from .model_factory import build_model
-from .schedule import VariantSchedule, new_verify_group, splitmix64
+from .schedule import VariantSchedule, install_cost_aware, new_verify_group, splitmix64
 from .tracking import make_tracker
 from .trainer import Trainer, TrainResult
 from .validation import install_validation

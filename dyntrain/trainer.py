@@ -138,8 +138,8 @@ class Trainer(TrainerStateMixin):
             verify_draw(step, label, self.schedule, self.verify_group, self.rank,
                         self.world_size, self.cfg.schedule.verify_timeout_s)
         pending = PendingStep(step, label, tuple(reuse), self.world_size, _current_lr(self.engine),
-                              StepTimer(self.device), variants=plan.variants)
-        pending.teacher = plan.teacher if plan.teacher_pass else None
+                              StepTimer(self.device), variants=plan.variants,
+                              teacher=plan.teacher if plan.teacher_pass else None)
         one_pass = len(plan.variants) == 1 and not plan.teacher_pass
         for _ in range(self.accum):
             td = time.perf_counter()

@@ -41,6 +41,7 @@ from __future__ import annotations
 import datetime
 from bisect import bisect_right
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -144,6 +145,12 @@ class VariantSchedule:
         self._initial = dict(self.probs)  # what ``describe`` reports (the table may replace step 0)
         self._table: list[tuple[int, dict[str, float]]] = [(0, dict(self.probs))]
         self._table_cum: list[list[tuple[float, str]]] = [self._cum]
+        self._sandwich: Optional[StepPlan] = None  # the same plan at every step
+        if mode == "sandwich":
+            # largest first (BigNAS order): the teacher's pass exists before its students'
+            order = sorted(self.active, key=lambda n: (n != self.teacher, -sum(self.variants[n]), n))
+            self._sandwich = StepPlan(tuple(order), tuple(self.loss_weights[n] for n in order),
+                                      self.teacher, self.distill_weight if self.teacher else 0.0)
 
     def _cumulative(self, probs: Mapping[str, float]) -> list[tuple[float, str]]:
         out, acc = [], 0.0
@@ -185,26 +192,27 @@ class VariantSchedule:
         """The drawn variant of ``step`` (sandwich mode: the plan's label, e.g. "L+S")."""
         if self.fixed_variant is not None:
             return self.fixed_variant
-        if self.mode == "sandwich":
-            return self.plan_at(step).label
-        cum = self._table_cum[bisect_right([s for s, _ in self._table], step) - 1]
+        if self._sandwich is not None:
+            return self._sandwich.label
+        cum = self._table_cum[self._entry(step)]
         u = uniform_at(self.seed, step)
         for c, name in cum:
             if u < c:
                 return name
         return cum[-1][1]  # u within rounding of 1.0
 
+    def _entry(self, step: int) -> int:
+        """Index of the table entry the draw of ``step`` uses (the newest with from_step <= step)."""
+        return bisect_right(self._table, step, key=itemgetter(0)) - 1
+
     def probs_at(self, step: int) -> dict[str, float]:
         """The probabilities the draw of ``step`` uses."""
-        return dict(self._table[bisect_right([s for s, _ in self._table], step) - 1][1])
+        return dict(self._table[self._entry(step)][1])
 
     def plan_at(self, step: int) -> StepPlan:
         """What step ``step`` trains (see ``StepPlan``)."""
-        if self.mode == "sandwich":
-            # largest first (BigNAS order): the teacher's pass exists before its students'
-            order = sorted(self.active, key=lambda n: (n != self.teacher, -sum(self.variants[n]), n))
-            return StepPlan(tuple(order), tuple(self.loss_weights[n] for n in order), self.teacher,
-                            self.distill_weight if self.teacher else 0.0)
+        if self._sandwich is not None:
+            return self._sandwich
         name = self.variant_at(step)
         if self.teacher is not None and name != self.teacher and step % self.distill_every == 0:
             return StepPlan((name,), (1.0,), self.teacher, self.distill_weight, teacher_pass=True)

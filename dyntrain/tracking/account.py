@@ -49,6 +49,16 @@ import time
 from typing import Any, Iterable, Optional
 
 
+def forward_shares(variants, pass_s: Optional[dict[str, float]]) -> list[float]:
+    """Each variant's share of a multi-variant step (fractions summing to 1): in proportion to its
+    measured forward seconds in ``pass_s``, equal shares when none was measured."""
+    weights = [max(0.0, (pass_s or {}).get(v, 0.0)) for v in variants]
+    total = sum(weights)
+    if total <= 0:
+        return [1.0 / len(variants)] * len(variants)
+    return [w / total for w in weights]
+
+
 class GPUHourAccount:
     """Per-variant step counts and times plus the training loop's wall time (see module docstring).
 
@@ -139,13 +149,10 @@ class GPUHourAccount:
         if len(variants) == 1:
             self.record(variants[0], train)
         else:
-            weights = [max(0.0, pass_s.get(v, 0.0)) for v in variants]
-            if sum(weights) <= 0:
-                weights = [1.0] * len(variants)
-            for v, w in zip(variants, weights):
+            for v, share in zip(variants, forward_shares(variants, pass_s)):
                 self._ensure(v)
                 self.count[v] += 1
-                self.seconds[v] += train * w / sum(weights)
+                self.seconds[v] += train * share
             self.n_steps += 1
             self._previous = None  # a switch penalty is a property of single-variant steps
         if self.flops_per_sample and samples:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from .account import forward_shares
+
 
 class StepWindow:
     def __init__(self) -> None:
@@ -33,15 +35,11 @@ class StepWindow:
             return
         # a step of several variants (sandwich): each one's own L1, and its share of the step time
         # in proportion to its measured forward time (as the GPU-hour account splits it)
-        pass_s = m.get("pass_s") or {}
-        weights = [max(0.0, pass_s.get(v, 0.0)) for v in variants]
-        if sum(weights) <= 0:
-            weights = [1.0] * len(variants)
-        for v, w in zip(variants, weights):
+        for v, share in zip(variants, forward_shares(variants, m.get("pass_s"))):
             pv = self.per_variant.setdefault(v, [0, 0.0, 0.0])
             pv[0] += 1
             pv[1] += m.get("losses", {}).get(v, float("nan"))
-            pv[2] += m["step_time_s"] * w / sum(weights)
+            pv[2] += m["step_time_s"] * share
 
     def metrics(self, lr: float) -> dict[str, float]:
         """loss, lr, patches_per_s, step_time_s, data_wait_frac, and loss_<v> / step_time_<v> per
