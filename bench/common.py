@@ -315,13 +315,13 @@ class SyntheticBatches:
 
 
 def fixed_schedule(cfg, variant: str):
-    from dyntrain.schedule import VariantSchedule
+    from dyntrain.train.schedule import VariantSchedule
 
     return VariantSchedule(cfg.run.seed, cfg.model.variants, mode="fixed", fixed_variant=variant)
 
 
 def dynamic_schedule(cfg):
-    from dyntrain.schedule import VariantSchedule
+    from dyntrain.train.schedule import VariantSchedule
 
     return VariantSchedule(cfg.run.seed, cfg.model.variants, cfg.schedule.variant_probs,
                            mode="dynamic")
@@ -331,7 +331,7 @@ def train_phase(cfg, engine, loader, schedule, info, steps: int, start: int = 0)
     """Train global iterations ``start .. start + steps - 1`` through the project's Trainer (a
     fresh Trainer and GPU-hour account on the given engine and loader); returns the account's
     metrics plus the per-step records."""
-    from dyntrain.trainer import Trainer
+    from dyntrain.train.trainer import Trainer
 
     phase_cfg = with_overrides(cfg, [f"run.max_steps={start + steps}", f"run.log_every={steps}"])
     trainer = Trainer(phase_cfg, engine, loader, schedule, None, info.rank, info.world_size,

@@ -13,7 +13,7 @@ periods x steps-per-period steps with Adam:
   seq_luminance     sequential, the reverse order (lowlight and haze first)
 
 Then each arm's S and L are evaluated on In-Dis MiO test sets made from held-out clean images
-(``dyntrain.testsets``): PSNR per task and averaged. Headline: ``sequential_minus_mixed_db`` =
+(``dyntrain.eval.testsets``): PSNR per task and averaged. Headline: ``sequential_minus_mixed_db`` =
 average PSNR of seq_detail minus mixed, over S and L.
 """
 from __future__ import annotations
@@ -30,14 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import add_common_args, headline, resolve_device, set_threads, write_json  # noqa: E402
 from dyntrain.config import load_config  # noqa: E402
-from dyntrain.curriculum import TaskCurriculum  # noqa: E402
-from dyntrain.data.degradations import TABLE  # noqa: E402
+from dyntrain.data.finetune.tasks import TaskCurriculum  # noqa: E402
+from dyntrain.data.finetune.degradations import TABLE  # noqa: E402
 from dyntrain.data.synthetic import write_synthetic_images  # noqa: E402
-from dyntrain.data.synthetic_pairs import SyntheticPairLoader, scan_clean  # noqa: E402
-from dyntrain.evaluate import evaluate_model, load_test_sets  # noqa: E402
-from dyntrain.model_factory import build_model  # noqa: E402
-from dyntrain.schedule import VariantSchedule  # noqa: E402
-from dyntrain.testsets import make_testsets  # noqa: E402
+from dyntrain.data.finetune.synthetic_pairs import SyntheticPairLoader, scan_clean  # noqa: E402
+from dyntrain.eval.evaluate import evaluate_model, load_test_sets  # noqa: E402
+from dyntrain.train.model import build_model  # noqa: E402
+from dyntrain.train.schedule import VariantSchedule  # noqa: E402
+from dyntrain.eval.testsets import make_testsets  # noqa: E402
 
 DETAIL = ["sr", "blur", "noise", "jpeg", "rain", "haze", "lowlight"]
 TINY = ["model.dim=8", "model.prompt_dims=[8,8,16]", "model.prompt_sizes=[16,8,4]", "model.num_refinement=1"]

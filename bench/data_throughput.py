@@ -9,7 +9,7 @@ Both pipelines, per sample: decode a 512x512 patch, take a random crop, pick a d
 mask another 30%, and deliver float32 NCHW (input, target, mask) batches in [0, 1] to the main
 process (on the GPU for the DALI loader when one is used).
 
-  dali:  dyntrain.data.pipeline.DaliPretrainLoader, DALI with ``--workers`` CPU threads (decode
+  dali:  dyntrain.data.pretrain.pipeline.DaliPretrainLoader, DALI with ``--workers`` CPU threads (decode
          "cpu", or "mixed" = nvJPEG when a GPU is present), the region/noise step vectorised in
          torch on the training device.
   plain: webdataset.WebDataset -> shuffle -> per-sample PIL decode, crop, PIL JPEG round trip /
@@ -37,9 +37,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dyntrain.data.degrade import DegradeSpec, batch_params, degrade_reference  # noqa: E402
-from dyntrain.data.pipeline import DaliPretrainLoader  # noqa: E402
-from dyntrain.data.urls import expand_urls  # noqa: E402
+from dyntrain.data.pretrain.degrade import DegradeSpec, batch_params, degrade_reference  # noqa: E402
+from dyntrain.data.pretrain.pipeline import DaliPretrainLoader  # noqa: E402
+from dyntrain.data.storage.urls import expand_urls  # noqa: E402
 from dyntrain.logs import get_logger, setup_logging  # noqa: E402
 
 log = get_logger("data_throughput")
@@ -67,7 +67,7 @@ class PlainTransform:
         crop_img = img.crop((x0, y0, x0 + S, y0 + S))
         clean = np.asarray(crop_img, dtype=np.uint8)
         # the sample's kind and level, then the whole-crop degradation (PIL JPEG round trip or
-        # NumPy noise, as in dyntrain.data.degrade.degrade_reference)
+        # NumPy noise, as in dyntrain.data.pretrain.degrade.degrade_reference)
         params = batch_params(spec, self.seed, int(rng.integers(0, 2**31)), 0, 1)
         degraded = degrade_reference(clean, params, 0)
         # regions: a random permutation of the blocks, blended in uint8, masked pixels 0
@@ -128,7 +128,7 @@ def dali_rate(urls: list[str], spec: DegradeSpec, batch: int, device: torch.devi
 
 
 def make_shards(folder: Path, images: int, patch: int, shard_samples: int, workers: int) -> list[str]:
-    from dyntrain.data.shards import ShardBuildConfig, build_shards
+    from dyntrain.data.shards.writer import ShardBuildConfig, build_shards
     from dyntrain.data.synthetic import write_synthetic_images
 
     src = folder / "images"

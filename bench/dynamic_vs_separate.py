@@ -7,7 +7,7 @@
                                         [--device auto|cpu|cuda] [--threads N] [--json PATH]
     deepspeed --num_gpus G bench/dynamic_vs_separate.py ...      # the same on G GPUs
 
-One DeepSpeed engine (``dyntrain.engine.build_engine`` on ``dyntrain.model_factory.build_model``,
+One DeepSpeed engine (``dyntrain.train.engine.build_engine`` on ``dyntrain.train.model.build_model``,
 ZeRO/bf16 as the config says) is trained by the project's ``Trainer`` in the phases below, each
 chunk of a phase a fresh Trainer with its own GPU-hour account, all fed by the same in-memory
 batches (so the figures are the training system's; the input pipeline has its own benchmark).
@@ -62,7 +62,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     import torch
 
-    from dyntrain.engine import init_distributed
+    from dyntrain.train.engine import init_distributed
 
     device, gpu, sizes = common.engine_setup(args)
     steps = args.steps if args.steps is not None else (300 if gpu else 4)
@@ -113,8 +113,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 def engine_for(cfg, info, compile_backend: Optional[str] = None):
     """The project's model and DeepSpeed engine for ``cfg``: (engine, DeepSpeed JSON). A
     ``compile_backend`` other than model.compile's inductor compiles the blocks with it instead."""
-    from dyntrain.engine import build_engine
-    from dyntrain.model_factory import build_model
+    from dyntrain.train.engine import build_engine
+    from dyntrain.train.model import build_model
 
     if compile_backend and cfg.model.compile and cfg.deepspeed.zero_stage < 3:
         model = build_model(common.with_overrides(cfg, ["model.compile=false"]))
@@ -197,7 +197,7 @@ def _switch_penalty(records: list[dict[str, Any]]) -> Optional[float]:
 
 
 def _dynet_config(cfg):
-    from dyntrain.model_factory import dynet_config
+    from dyntrain.train.model import dynet_config
 
     return dynet_config(cfg)
 

@@ -199,7 +199,7 @@ def dynamic_vs_separate(rec: Recorder) -> None:
         return
     import common
     import dynamic_vs_separate as dvs
-    from dyntrain.engine import init_distributed, shutdown_distributed
+    from dyntrain.train.engine import init_distributed, shutdown_distributed
 
     device, gpu = _device()
     sizes = dict(common.PAPER) if gpu else dict(DRY_SIZES)
@@ -281,7 +281,7 @@ def input_pipeline(rec: Recorder) -> None:
     import data_throughput as dt
     import dynamic_vs_separate as dvs
     import input_pipeline as ip
-    from dyntrain.data.degrade import DegradeSpec
+    from dyntrain.data.pretrain.degrade import DegradeSpec
 
     device, gpu = _device()
     sizes = dict(common.PAPER) if gpu else dict(DRY_SIZES)
@@ -304,7 +304,7 @@ def input_pipeline(rec: Recorder) -> None:
         if rec.time_left() < (40 if gpu else 5):
             rec.figure("input_wait_frac", None, "out of time")
             return
-        from dyntrain.engine import init_distributed, shutdown_distributed
+        from dyntrain.train.engine import init_distributed, shutdown_distributed
 
         overrides = ip.loader_overrides(urls, samples, decode, threads, None)
         cfg = common.training_config(None, overrides, device, sizes, steps, gpu, gpu)

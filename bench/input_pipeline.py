@@ -10,7 +10,7 @@ consumption rate, and the fraction of each training step spent waiting for input
                                    [--json PATH]
 
 Without ``--urls`` the benchmark first builds its own WebDataset shards (synthetic photographs cut
-into --patch-size patches by ``dyntrain.data.shards.build_shards``) in a temporary folder.
+into --patch-size patches by ``dyntrain.data.shards.writer.build_shards``) in a temporary folder.
 One process, one DeepSpeed engine (the project's ``build_model`` + ``build_engine``), the project's
 ``Trainer`` and the project's DALI loader (``build_pretrain_loader``: ``mixed`` nvJPEG decoding on
 a GPU, ``data.num_threads`` CPU threads, ``data.prefetch`` batches queued):
@@ -47,7 +47,7 @@ log = get_logger("input_pipeline")
 
 def make_shards(folder: Path, images: int, patch: int) -> tuple[list[str], int]:
     """Synthetic photographs -> shards through the project's shard builder; (urls, samples)."""
-    from dyntrain.data.shards import ShardBuildConfig, build_shards
+    from dyntrain.data.shards.writer import ShardBuildConfig, build_shards
     from dyntrain.data.synthetic import write_synthetic_images
 
     src = folder / "images"
@@ -91,7 +91,7 @@ def measure_feed(cfg, engine, info, steps: int, warmup: int,
     """The three measurements of the module docstring on one engine: training from memory, the
     project's DALI loader alone, and training fed by it; returns each one's rates, the input wait
     fraction, the fed run's slow-down, the decode actually used and the loader's counters."""
-    from dyntrain.data.pipeline import build_pretrain_loader
+    from dyntrain.data.pretrain.pipeline import build_pretrain_loader
 
     batch = cfg.data.micro_batch_size
     dynamic = common.dynamic_schedule(cfg)
@@ -154,8 +154,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     import torch
 
-    from dyntrain.engine import build_engine, init_distributed
-    from dyntrain.model_factory import build_model
+    from dyntrain.train.engine import build_engine, init_distributed
+    from dyntrain.train.model import build_model
 
     device, gpu, sizes = common.engine_setup(args)
     steps = args.steps if args.steps is not None else (100 if gpu else 4)

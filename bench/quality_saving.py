@@ -22,7 +22,7 @@ with ``make_shards --holdout 0.25``):
     sandwich_distill_0.1, paper_distill_0.1   the same with schedule.distill.weight=0.1
 
 (a sandwich step trains both variants, so N / 2 of them cost about what N dynamic steps cost), then
-for each recipe ``dyntrain.compare.compare_iso_quality`` (what ``launch/compare.py --iso-quality
+for each recipe ``dyntrain.analysis.compare.compare_iso_quality`` (what ``launch/compare.py --iso-quality
 --runs RECIPE S L`` runs) on both cost axes: GPU hours (wall time) and PFLOP of training work (the
 same comparison, immune to the load of a shared machine). For each variant the cost its separate run
 needed to reach the recipe's final val PSNR, and ``iso_quality_saving = 1 - cost_recipe / sum_v
@@ -69,8 +69,8 @@ MODES = {"dynamic": RECIPES["paper"][0], **BASELINES}  # the three runs of the p
 
 def prepare_data(work: Path, images: int, seed: int, patch: int) -> tuple[str, str]:
     """Generated photographs -> training and held-out validation shards; returns their globs."""
-    from dyntrain.data.patches import ShardBuildConfig
-    from dyntrain.data.shards import build_with_holdout
+    from dyntrain.data.shards.patches import ShardBuildConfig
+    from dyntrain.data.shards.writer import build_with_holdout
     from dyntrain.data.synthetic import write_synthetic_images
 
     write_synthetic_images(work / "images", images, size=(4 * patch, 4 * patch), seed=seed)
@@ -126,7 +126,7 @@ def run_recipes(work: Path, size: dict[str, Any], seed: int, device: str, recipe
 
     from mlflow.tracking import MlflowClient
 
-    from dyntrain.compare import compare_iso_quality
+    from dyntrain.analysis.compare import compare_iso_quality
 
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
@@ -280,8 +280,8 @@ def suite_stage(dry_run: bool = False, deadline: Optional[float] = None) -> dict
 
     with tempfile.TemporaryDirectory(prefix="quality_saving_") as tmp:
         if dry_run:
-            from dyntrain.data.degrade import DegradeSpec
-            from dyntrain.validation import build_val_set
+            from dyntrain.data.pretrain.degrade import DegradeSpec
+            from dyntrain.eval.validation import build_val_set
 
             _, val = prepare_data(Path(tmp), 4, 0, 64)
             vs = build_val_set([val], DegradeSpec(crop_size=32), 8, seed=0)

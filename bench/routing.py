@@ -30,11 +30,11 @@ TOLERANCES = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 def run(checkpoint: str, cfg: Any, router: str | None, tolerances: list[float], device: str) -> dict[str, Any]:
-    from dyntrain.evaluate import load_test_sets
+    from dyntrain.eval.evaluate import load_test_sets
     from dyntrain.devices import choose_device
     from dyntrain.restore import load_model
-    from dyntrain.routing import load_routing
-    from dyntrain.routing_eval import score_every_variant, sweep
+    from dyntrain.routing.router import load_routing
+    from dyntrain.routing.evaluate import score_every_variant, sweep
 
     dev = choose_device(device)
     model = load_model(checkpoint, dev, cfg)
@@ -90,7 +90,7 @@ def table(result: dict[str, Any]) -> str:
 def log_mlflow(cfg: Any, result: dict[str, Any], png: Path, text: str) -> str:
     from mlflow.entities import Metric
 
-    from dyntrain.routing_train import new_mlflow_run
+    from dyntrain.routing.train import new_mlflow_run
 
     client, run_id = new_mlflow_run(cfg.tracking.uri, cfg.tracking.experiment, "routing-bench",
                                     {"dyntrain.stage": "routing-bench", "dyntrain.checkpoint": result["checkpoint"]})

@@ -16,7 +16,7 @@ Inputs (measured where this machine can, otherwise a documented parameter):
   parameters and communication bytes: counted on the model of the run config (paper's DyNet,
       16,613,135 parameters, 179 tensors); 2 bytes per element with bf16, 4 in fp32 (DeepSpeed's
       default communication dtype); buckets, overlap and ZeRO-3 persistence threshold read from
-      the JSON that ``dyntrain.engine.build_ds_config`` generates for a CUDA run of each stage.
+      the JSON that ``dyntrain.train.engine.build_ds_config`` generates for a CUDA run of each stage.
   bandwidths (NCCL bus bandwidth, the figure nccl-tests reports): intra-node 360 GB/s — H100 SXM
       NVLink 4 is 900 GB/s bidirectional per GPU (NVIDIA H100 datasheet), of which NCCL all-reduce
       reaches about 360-480 GB/s busbw on 8 GPUs of a DGX/HGX H100 (NVIDIA nccl-tests reports);
@@ -39,9 +39,9 @@ Model (DeepSpeed 0.19's collectives; n ranks; G = parameters x comm bytes):
                    in allgather_bucket_size pieces (nothing to overlap: exposed).
   ZeRO 3           non-persistent parameters gathered in forward and again in backward, prefetched
                    in stage3_prefetch_bucket_size pieces along the recorded trace; after a variant
-                   switch the trace is invalid (dyntrain.engine.ZERO3_NOTE) and that step's gathers
+                   switch the trace is invalid (dyntrain.train.engine.ZERO3_NOTE) and that step's gathers
                    are exposed; gradients reduce-scattered in buckets overlapping backward.
-  every step       one small all-reduce of the loss (dyntrain.trainer), latency only.
+  every step       one small all-reduce of the loss (dyntrain.train.trainer), latency only.
   dynamic mix      the step is S or L (schedule.variant_probs): t(n) = sum_v p_v t_v(n), each
                    variant with its own compute/communication ratio; efficiency = t(1) / t(n)
                    (weak scaling: per-GPU micro-batch fixed, the global batch grows with n).
@@ -161,7 +161,7 @@ def model_shape(cfg, threshold: int) -> dict[str, int]:
     import torch
 
     from dynet import DyNet
-    from dyntrain.model_factory import dynet_config
+    from dyntrain.train.model import dynet_config
 
     with torch.device("meta"):
         sizes = [p.numel() for p in DyNet(dynet_config(cfg)).parameters()]
@@ -223,7 +223,7 @@ def bytes_per_sample(manifest: Optional[str]) -> tuple[float, str]:
 
 
 def _dynet_config(cfg):
-    from dyntrain.model_factory import dynet_config
+    from dyntrain.train.model import dynet_config
 
     return dynet_config(cfg)
 
@@ -231,7 +231,7 @@ def _dynet_config(cfg):
 # ---------------------------------------------------------------------------- the table
 def scaling_table(cfg, step_s, probs, batch: int, intra: float, inter: float,
                   bytes_sample: float) -> dict[str, Any]:
-    from dyntrain.engine import build_ds_config
+    from dyntrain.train.engine import build_ds_config
 
     rows, shapes = [], {}
     comm_bytes = 2 if cfg.deepspeed.bf16 is not False else 4

@@ -4,7 +4,7 @@ gloo all-reduce / all-gather of the real gradient size, to check the step-time m
     python bench/scaling_check.py --out ONE.json [--steps 8 --warmup 2 --threads 1] [--set k=v ...]
     deepspeed --num_gpus 2 bench/scaling_check.py --out TWO.json [...]    # the same on 2 ranks
 
-Each rank trains DyNet-S and DyNet-L in turns through ``dyntrain.engine.build_engine`` and the
+Each rank trains DyNet-S and DyNet-L in turns through ``dyntrain.train.engine.build_engine`` and the
 project's Trainer (in-memory batches, so the figures are the training system's), --warmup untimed
 steps per variant, then --steps timed ones per variant in two interleaved rounds. The step time of a
 variant is its fastest timed step: on a shared machine other jobs only ever add time (the median is
@@ -88,8 +88,8 @@ def worker(argv: Optional[list[str]] = None) -> int:
 
     import torch
 
-    from dyntrain.engine import build_engine, init_distributed, shutdown_distributed
-    from dyntrain.model_factory import build_model
+    from dyntrain.train.engine import build_engine, init_distributed, shutdown_distributed
+    from dyntrain.train.model import build_model
 
     cfg = check_config(args.set, args.steps)
     info = init_distributed(cfg)
@@ -127,7 +127,7 @@ def worker(argv: Optional[list[str]] = None) -> int:
 
 def _launch(ranks: int, outs: list[Path], args, timeout: float = 600) -> list[dict[str, Any]]:
     """One ``ranks``-rank run per path in ``outs``, side by side; their results."""
-    from dyntrain.engine import free_port
+    from dyntrain.train.engine import free_port
 
     script = str(Path(__file__).resolve())
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(args.check_threads),

@@ -13,7 +13,7 @@ from typing import Iterator
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .logs import ROOT, env_rank
+from dyntrain.logs import ROOT, env_rank
 
 
 def bar_wanted() -> bool:

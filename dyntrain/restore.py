@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import Config, ConfigError, dynet_config_from_dict
-from .images import IMAGE_EXTS, list_images, read_image as _decode_image
-from .logs import get_logger
+from dyntrain.config import Config, ConfigError, dynet_config_from_dict
+from dyntrain.images import IMAGE_EXTS, list_images, read_image as _decode_image
+from dyntrain.logs import get_logger
 
 MIN_TILE = 64
 log = get_logger(__name__)
@@ -29,7 +29,7 @@ log = get_logger(__name__)
 # --------------------------------------------------------------------------------- loading
 def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
     """What a checkpoint says about its run: {"step", "mlflow_run_id", ...} where known, else {}."""
-    from .weights import checkpoint_info
+    from dyntrain.checkpoint.weights import checkpoint_info
 
     try:
         return checkpoint_info(path)
@@ -43,7 +43,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", cfg: Option
     checkpoint; ``cfg.model`` is used only when the checkpoint carries none."""
     from dynet import DyNet
 
-    from .weights import load_weights
+    from dyntrain.checkpoint.weights import load_weights
 
     path = Path(path)
     if not path.exists():
@@ -199,7 +199,7 @@ def restore_paths(model: torch.nn.Module, src: str | Path, dst: str | Path, opti
                   device: torch.device, printer: Optional[Callable[[str], None]] = None) -> list[dict[str, Any]]:
     """Restore every image of ``src`` into ``dst``; one line per image to ``printer`` (default: an
     INFO log line) under a progress bar (rank 0, on a terminal); returns the records."""
-    from .progress import progress_bar
+    from dyntrain.progress import progress_bar
 
     say = printer if printer is not None else log.info
     restorer = Restorer(model, options, device)

@@ -7,7 +7,7 @@ PSNR/SSIM per variant and task. Prints the tables, writes a PNG and logs both to
                              [--x gpu_hours|pflop]
 
 --iso-quality: the GPU-hour saving at equal validation quality of a dynamic run against its
-fixed-variant baselines (dyntrain.iso_quality): table, plot, and metrics logged to the dynamic run.
+fixed-variant baselines (dyntrain.eval.iso_quality): table, plot, and metrics logged to the dynamic run.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from dyntrain.compare import (ComparisonError, collect_runs, compare_iso_quality,  # noqa: E402
+from dyntrain.analysis.compare import (ComparisonError, collect_runs, compare_iso_quality,  # noqa: E402
                               format_tables, log_comparison)
-from dyntrain.compare_plot import plot  # noqa: E402
+from dyntrain.analysis.plot import plot  # noqa: E402
 from dyntrain.config import load_config  # noqa: E402
 from dyntrain.errors import cli_main  # noqa: E402
 from dyntrain.logs import setup_logging  # noqa: E402

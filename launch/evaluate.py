@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
 
     if args.variant == "auto":
-        from dyntrain.routing import RouterError
-        from dyntrain.routing_eval import run_routed_evaluation
+        from dyntrain.routing.router import RouterError
+        from dyntrain.routing.evaluate import run_routed_evaluation
         try:
             run_routed_evaluation(args.checkpoint, cfg, args.device, args.router, args.tolerance_db,
                                   run_id=args.run_id, child=args.child, step=args.step)
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         return 0
-    from dyntrain.evaluate import run_evaluation
+    from dyntrain.eval.evaluate import run_evaluation
 
     run_evaluation(args.checkpoint, cfg, args.variant or cfg.eval.variants, args.device,
                    run_id=args.run_id, child=args.child, step=args.step)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from dyntrain.checkpoint import ensure_universal, resolve_tag_dir  # noqa: E402
 from dyntrain.config import dynet_config_from_dict  # noqa: E402
 from dyntrain.errors import cli_main  # noqa: E402
-from dyntrain.weights import consolidated_weights, save_weights  # noqa: E402
+from dyntrain.checkpoint.weights import consolidated_weights, save_weights  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

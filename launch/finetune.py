@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"data.source: fine-tuning reads 'paired' (task folders under data.root), "
                           f"'paired_shards' or 'synthetic', got {cfg.data.source!r}")
 
-    from dyntrain.finetune import run_finetune
+    from dyntrain.jobs.finetune import run_finetune
 
     result = run_finetune(cfg)
     return 0 if result.step >= cfg.run.max_steps or result.stopped_early else 1

@@ -3,15 +3,15 @@
     python launch/make_shards.py --src DIR [--src DIR ...] --out DIR_OR_S3_URL \
         [--patch-size 512] [--shard-samples N]
 
-All options: ``python launch/make_shards.py --help``; the logic lives in ``dyntrain.data.shards``
-(command line: ``dyntrain.data.make_shards``).
+All options: ``python launch/make_shards.py --help``; the logic lives in ``dyntrain.data.shards.writer``
+(command line: ``dyntrain.data.shards.build``).
 """
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dyntrain.data.make_shards import main  # noqa: E402
+from dyntrain.data.shards.build import main  # noqa: E402
 from dyntrain.errors import cli_main  # noqa: E402
 
 if __name__ == "__main__":

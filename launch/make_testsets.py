@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
 
-    from dyntrain.data.degradations import DegradationError
-    from dyntrain.testsets import make_testsets
+    from dyntrain.data.finetune.degradations import DegradationError
+    from dyntrain.eval.testsets import make_testsets
 
     presets = ["in", "out"] if args.preset == "both" else [args.preset]
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None

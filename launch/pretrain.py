@@ -17,8 +17,8 @@ from dyntrain.errors import cli_main  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     cfg = training_config(argv, __doc__, "YAML config (defaults: the paper's recipe)")
 
-    from dyntrain.data.pipeline import build_pretrain_loader
-    from dyntrain.run import run_training
+    from dyntrain.data.pretrain.pipeline import build_pretrain_loader
+    from dyntrain.train.run import run_training
 
     result = run_training(cfg, build_pretrain_loader, mode="pretrain")
     return 0 if result.step >= cfg.run.max_steps or result.stopped_early else 1

@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     options = RestoreOptions(variant=args.variant, tile=args.tile, overlap=args.overlap,
                              max_memory_mb=args.max_memory_mb, gray_world=args.gray_world)
     if args.variant == "auto":
-        from dyntrain.routing import RouterError, load_routing
-        from dyntrain.routing_eval import restore_paths_routed
+        from dyntrain.routing.router import RouterError, load_routing
+        from dyntrain.routing.evaluate import restore_paths_routed
         try:
             routing = load_routing(args.checkpoint, model, args.router, args.tolerance_db)
         except RouterError as exc:

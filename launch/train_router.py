@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     setup_logging()
 
-    from dyntrain.routing_train import run_train_router
+    from dyntrain.routing.train import run_train_router
 
     result = run_train_router(args.checkpoint, cfg, args.out, args.epochs, args.lr, args.crop, args.samples,
                               args.tolerance_db, args.cache, args.device or cfg.run.device)

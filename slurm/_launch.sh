@@ -10,7 +10,7 @@
 #      on the node, else 1 (no GPU: DS_ACCELERATOR=cpu, gloo);
 #   2. starts ONE srun step with one task per rank; each task exports RANK=SLURM_PROCID,
 #      LOCAL_RANK=SLURM_LOCALID, WORLD_SIZE=SLURM_NTASKS and execs the python entry point, which
-#      joins the env:// process group (bf16/ZeRO come from the YAML through dyntrain.engine).
+#      joins the env:// process group (bf16/ZeRO come from the YAML through dyntrain.train.engine).
 #      DeepSpeed's own launchers are not used: its slurm launcher does not read Slurm's rank
 #      variables, and a per-node launcher would sit between srun and the training processes and
 #      swallow the preemption signal;

@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 
 import pytest
 
-from dyntrain.engine import free_port
+from dyntrain.train.engine import free_port
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",

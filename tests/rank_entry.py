@@ -6,7 +6,7 @@
     python tests/rank_entry.py --trace DIR launch/finetune.py --config C [...]   # one process
 
 The launch script's own ``main`` parses its arguments and builds the run exactly as for a user; the
-only difference is that ``dyntrain.run.run_training`` receives the extension-point arguments below
+only difference is that ``dyntrain.train.run.run_training`` receives the extension-point arguments below
 in addition to the script's own (nothing under dyntrain/ or launch/ knows about tests):
 
     --trace DIR          ``trainer_hook``: ``Trainer.enable_trace(DIR)`` on every rank (variant, loss,
@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dyntrain.schedule import VariantSchedule  # noqa: E402
+from dyntrain.train.schedule import VariantSchedule  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------- hooks
@@ -154,7 +154,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("args", nargs=argparse.REMAINDER)
     a = parser.parse_args(argv)
 
-    import dyntrain.run as run_module
+    import dyntrain.train.run as run_module
 
     extra: dict = {}
     trainer_hook = trace_hook(a.trace) if a.trace else None

@@ -115,7 +115,7 @@ def plain_weights_changed(model) -> bool:
 
 def test_model_factory_applies_compile_and_channels_last():
     from dyntrain.config import load_config
-    from dyntrain.model_factory import build_model
+    from dyntrain.train.model import build_model
 
     def blocks(model):
         return [m for m in model.modules() if isinstance(m, TransformerBlock)]
@@ -205,7 +205,7 @@ def test_dynamic_vs_separate_bench_cpu(tmp_path):
     assert sum(result["draws"].values()) == n
     assert sum(a.get("steps_S", 0) for a in accounts["dynamic"]) == result["draws"]["S"]
     # the rounds continue one draw sequence: the dynamic phase drew the schedule's steps 0..N-1
-    from dyntrain.schedule import VariantSchedule
+    from dyntrain.train.schedule import VariantSchedule
     expected = VariantSchedule(0, {"S": (2, 3, 3, 4), "L": (4, 6, 6, 8)}, {"S": 0.5, "L": 0.5})
     assert [v for v, _ in result["step_records"]["dynamic"]] == expected.sequence(0, n)
     saved = result["gpu_hours_saved_frac"]

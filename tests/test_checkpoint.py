@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from dyntrain import checkpoint as ck  # noqa: E402
 from dyntrain import weights as wt  # noqa: E402
 from dyntrain.config import CheckpointConfig  # noqa: E402
-from dyntrain.engine import free_port  # noqa: E402
+from dyntrain.train.engine import free_port  # noqa: E402
 
 PY = sys.executable
 
@@ -143,7 +143,7 @@ def worker(mode: str, out: str, stage: int) -> None:
         if rank == 0:
             torch.save(final, outp / "export_ref.pt")
     (outp / f"report_{mode}_{rank}.json").write_text(json.dumps(report, default=str))
-    from dyntrain.engine import shutdown_distributed
+    from dyntrain.train.engine import shutdown_distributed
 
     shutdown_distributed()
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from dyntrain.compare import collect_runs, format_tables, separate_vs_dynamic
+from dyntrain.analysis.compare import collect_runs, format_tables, separate_vs_dynamic
 from dyntrain.config import load_config
-from dyntrain.evaluate import log_to_mlflow
+from dyntrain.eval.evaluate import log_to_mlflow
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -74,7 +74,7 @@ def test_shipped_configs_load(name):
 def test_pretrain_yaml_is_the_papers_recipe():
     cfg = load_config(ROOT / "configs" / "pretrain.yaml")
     assert cfg.data.crop_size == 128
-    from dyntrain.engine import build_ds_config
+    from dyntrain.train.engine import build_ds_config
     for world in (1, 2, 4):  # 32 samples per optimizer step whatever the GPU count
         assert build_ds_config(cfg, world)["train_batch_size"] == 32
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.betas) == ("adam", 1e-4, [0.9, 0.999])
@@ -90,7 +90,7 @@ def test_model_section_is_dynet_config_every_field_from_yaml_and_command_line(tm
     from dynet import DyNetConfig
 
     from dyntrain.config import ARCHITECTURE_FIELDS, RUNTIME_FIELDS
-    from dyntrain.model_factory import build_model
+    from dyntrain.train.model import build_model
 
     section = {f.name for f in dataclasses.fields(Config().model)}
     assert section == set(ARCHITECTURE_FIELDS) | set(RUNTIME_FIELDS)

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from dyntrain.config import ConfigError, load_config
-from dyntrain.curriculum import TaskCurriculum
-from dyntrain.data.degradations import DegradationError
-from dyntrain.data.synthetic_pairs import SyntheticPairLoader, scan_clean
-from dyntrain.schedule import uniform_at
+from dyntrain.data.finetune.tasks import TaskCurriculum
+from dyntrain.data.finetune.degradations import DegradationError
+from dyntrain.data.finetune.synthetic_pairs import SyntheticPairLoader, scan_clean
+from dyntrain.train.schedule import uniform_at
 
 ORDER = ["sr", "blur", "noise", "jpeg", "rain", "haze", "lowlight"]
 
@@ -113,7 +113,7 @@ def test_bad_config_names_the_key():
 
 
 def test_promptir_tasks_follow_the_curriculum_and_resume_exactly(tmp_path):
-    from dyntrain.data.paired import build_finetune_loader
+    from dyntrain.data.finetune.paired import build_finetune_loader
     from dyntrain.data.synthetic import make_demo_data
 
     make_demo_data(tmp_path / "demo", train_images=2, test_images=1)

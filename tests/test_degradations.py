@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dyntrain.data.degradations import TABLE, DegradationError, degrade, draw_params
-from dyntrain.data.degradations.compress import jpeg_bytes
-from dyntrain.data.degradations.registry import sample_params
+from dyntrain.data.finetune.degradations import TABLE, DegradationError, degrade, draw_params
+from dyntrain.data.finetune.degradations.compress import jpeg_bytes
+from dyntrain.data.finetune.degradations.registry import sample_params
 
 
 def p(**kw):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dyntrain.config import ConfigError, load_config
-from dyntrain.engine import build_ds_config, resolve_bf16
+from dyntrain.train.engine import build_ds_config, resolve_bf16
 
 
 def ds(overrides, world=1, device="cpu"):

@@ -1,7 +1,7 @@
 """The engine on 2 CPU ranks under the real ``deepspeed`` launcher (gloo).
 
 This file is also the rank entry point the launcher starts (``__main__`` below): it runs
-``dyntrain.run.run_training`` — the code path of ``launch/pretrain.py`` — with an in-memory loader
+``dyntrain.train.run.run_training`` — the code path of ``launch/pretrain.py`` — with an in-memory loader
 that obeys the data contract, and a checkpoint manager that only records what it was asked to save.
 Every rank writes its trace (``--trace``, see ``tests/rank_entry.py``) and the tests compare the ranks.
 """
@@ -86,7 +86,7 @@ def _rank_main() -> int:
     from rank_entry import corrupt_draw, trace_hook
 
     from dyntrain.config import load_config
-    from dyntrain.run import run_training
+    from dyntrain.train.run import run_training
 
     p = argparse.ArgumentParser()
     p.add_argument("--config", default=None)
@@ -111,7 +111,7 @@ def _rank_main() -> int:
 def launch(tmp_path: Path, overrides: list[str], env_extra: dict | None = None, ranks: int = 2,
            timeout: float = 240, entry_args: list[str] | None = None
            ) -> tuple[subprocess.CompletedProcess, float]:
-    from dyntrain.engine import free_port
+    from dyntrain.train.engine import free_port
 
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.update(env_extra or {})
@@ -148,8 +148,8 @@ STEPS, SEED = 8, 11
 @pytest.fixture(scope="module")
 def val_shards(tmp_path_factory) -> str:
     """Held-out validation shards (5 patches of 64x64) for the pre-training validation."""
-    from dyntrain.data.patches import ShardBuildConfig
-    from dyntrain.data.shards import build_shards
+    from dyntrain.data.shards.patches import ShardBuildConfig
+    from dyntrain.data.shards.writer import build_shards
     from dyntrain.data.synthetic import write_synthetic_images
 
     base = tmp_path_factory.mktemp("val")
@@ -192,7 +192,7 @@ def zero2_run(tmp_path_factory, val_shards):
 
 def test_two_ranks_draw_the_same_variants_and_keep_identical_weights(zero2_run):
     """ZeRO-2, gradient accumulation 2, three variants, verify_every=1."""
-    from dyntrain.schedule import VariantSchedule
+    from dyntrain.train.schedule import VariantSchedule
 
     proc, (t0, t1) = zero2_run
     seq0 = [s["variant"] for s in t0["steps"]]

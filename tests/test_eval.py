@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from dyntrain.evaluate import (EvalDataError, PeriodicEvaluator, centre_crop, evaluate_model, format_table,
+from dyntrain.eval.evaluate import (EvalDataError, PeriodicEvaluator, centre_crop, evaluate_model, format_table,
                                load_test_sets, log_to_mlflow, metrics_dict)
 
 

@@ -20,7 +20,7 @@ import pytest
 from conftest import S3_ENV, start_moto, stop
 from dyntrain import checkpoint as ck
 from dyntrain.data.synthetic import write_synthetic_images
-from dyntrain.engine import free_port
+from dyntrain.train.engine import free_port
 from dyntrain.errors import DyntrainError, cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def _errors(stderr: str) -> list[str]:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """Local shards: 2 generated photographs cut into 64 px patches, 4 per shard."""
-    from dyntrain.data.shards import ShardBuildConfig, build_shards
+    from dyntrain.data.shards.writer import ShardBuildConfig, build_shards
 
     base = tmp_path_factory.mktemp("fail_shards")
     write_synthetic_images(base / "images", 2, size=(192, 256), seed=11)
@@ -94,12 +94,12 @@ def test_cli_main_one_line_rank0_traceback(capsys, monkeypatch):
     with pytest.raises(KeyError):                 # a bug keeps its traceback
         cli_main(lambda argv: {}["missing"], [])
     from dyntrain.config import ConfigError
-    from dyntrain.data.s3 import DataSourceError
-    from dyntrain.evaluate_data import EvalDataError
-    from dyntrain.schedule import VariantMismatchError
-    from dyntrain.data.degradations.registry import DegradationError
-    from dyntrain.routing import RouterError
-    from dyntrain.trainer import NonFiniteLossError
+    from dyntrain.data.storage.s3 import DataSourceError
+    from dyntrain.eval.testdata import EvalDataError
+    from dyntrain.train.schedule import VariantMismatchError
+    from dyntrain.data.finetune.degradations.registry import DegradationError
+    from dyntrain.routing.router import RouterError
+    from dyntrain.train.trainer import NonFiniteLossError
     for cls in (ConfigError, DataSourceError, EvalDataError, VariantMismatchError, NonFiniteLossError,
                 ck.CheckpointError, RouterError, DegradationError):
         assert issubclass(cls, DyntrainError), cls

@@ -58,7 +58,7 @@ def work(tmp_path_factory, uri):
     _run([sys.executable, ROOT / "launch/pretrain.py", "--config", ROOT / "configs/quickstart.yaml",
           "run.max_steps=2", "run.log_every=1", "schedule.verify_every=0", f"tracking.uri={uri}"], work)
     assert (work / PRETRAIN_CKPT / "step_00000002" / "COMPLETE").is_file()
-    _run([sys.executable, "-m", "dyntrain.data.paired", "demo", "--out", "data/finetune_demo",
+    _run([sys.executable, "-m", "dyntrain.data.finetune.paired", "demo", "--out", "data/finetune_demo",
           "--train-images", "4", "--test-images", "1", "--height", "40", "--width", "48"], work)
     return work
 
@@ -71,7 +71,7 @@ FT_ARGS = ["run.max_steps=4", "eval.every=2", "eval.max_images=1", "checkpoint.e
 @pytest.fixture(scope="module")
 def finetuned(work, uri):
     """The README's fine-tuning command, shortened: 2 CPU ranks, ZeRO-3, 4 steps, evaluation every 2."""
-    from dyntrain.engine import free_port
+    from dyntrain.train.engine import free_port
 
     proc = _run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
                  free_port(), ENTRY, "--trace", work / "trace", ROOT / "launch/finetune.py",
@@ -83,11 +83,11 @@ def test_two_ranks_finetune_from_the_pretraining_checkpoint(work, finetuned, uri
     from mlflow.tracking import MlflowClient
 
     from dyntrain.config import load_config
-    from dyntrain.data.paired import build_finetune_loader
+    from dyntrain.data.finetune.paired import build_finetune_loader
     from dyntrain.config import dynet_config_from_dict
-    from dyntrain.schedule import VariantSchedule
-    from dyntrain.trainer import restoration_loss
-    from dyntrain.weights import load_weights
+    from dyntrain.train.schedule import VariantSchedule
+    from dyntrain.train.trainer import restoration_loss
+    from dyntrain.checkpoint.weights import load_weights
     from dynet import DyNet
 
     assert "evaluation at step 2" in finetuned.stdout and "evaluation at step 4" in finetuned.stdout
@@ -182,7 +182,7 @@ def test_export_restore_both_variants_and_compare(work, finetuned, uri):
 
 def test_single_task_fixed_variant_from_scratch_on_paired_shards(work, tmp_path):
     """Single-task mode, fixed-variant mode and no pre-training, reading packed shards through DALI."""
-    from dyntrain.data.paired_shards import pack_paired_shards
+    from dyntrain.data.finetune.paired_shards import pack_paired_shards
 
     pack_paired_shards(work / "data/finetune_demo/train", str(tmp_path / "shards"), shard_samples=3,
                        printer=lambda s: None)
@@ -200,7 +200,7 @@ def test_single_task_fixed_variant_from_scratch_on_paired_shards(work, tmp_path)
 
 def test_init_checkpoint_errors(work, tmp_path):
     from dyntrain.config import load_config
-    from dyntrain.finetune import InitCheckpointError, adopt_architecture, make_model_builder, read_init_weights
+    from dyntrain.jobs.finetune import InitCheckpointError, adopt_architecture, make_model_builder, read_init_weights
 
     cfg = load_config(None, [f"init.checkpoint={tmp_path / 'missing.pt'}"])
     with pytest.raises(InitCheckpointError, match="missing.pt"):
@@ -229,7 +229,7 @@ def test_sequential_finetune_on_synthetic_pairs_then_mio_evaluation(work):
     from mlflow.tracking import MlflowClient
 
     from dyntrain.data.synthetic import write_synthetic_images
-    from dyntrain.engine import free_port
+    from dyntrain.train.engine import free_port
 
     first = write_synthetic_images(work / "data/mio/clean", 3, size=(40, 48), seed=4)[0]
     np.save(first.with_suffix(".npy"), np.linspace(1, 2, 40 * 48, dtype=np.float32).reshape(40, 48))
@@ -270,6 +270,6 @@ def test_sequential_finetune_on_synthetic_pairs_then_mio_evaluation(work):
     for preset in ("in", "out"):
         for task in ("noise", "rain", "haze", "average"):
             assert np.isfinite(metrics[f"eval/S/mio_{preset}_{task}/psnr"])
-    from dyntrain.compare import collect_runs, format_tables
+    from dyntrain.analysis.compare import collect_runs, format_tables
     shown = format_tables(*collect_runs(f"sqlite:///{work}/mlflow.db", ["mio-e2e"]))  # launch/compare.py's table
     assert "mio_in_noise" in shown and "mio_out_average" in shown

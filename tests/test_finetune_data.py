@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from dyntrain.config import load_config
-from dyntrain.data.paired import build_finetune_loader
-from dyntrain.data.paired_base import PairedDataError, dihedral, haze_clean_stem, mix, scan_tasks
+from dyntrain.data.finetune.paired import build_finetune_loader
+from dyntrain.data.finetune.base import PairedDataError, dihedral, haze_clean_stem, mix, scan_tasks
 from dyntrain.data.synthetic import make_demo_data
 
 

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from dyntrain.config import load_config
-from dyntrain.data.paired import build_finetune_loader
-from dyntrain.data.paired_base import PairedDataError, dihedral
-from dyntrain.data.paired_shards import pack_paired_shards
+from dyntrain.data.finetune.paired import build_finetune_loader
+from dyntrain.data.finetune.base import PairedDataError, dihedral
+from dyntrain.data.finetune.paired_shards import pack_paired_shards
 
 
 def _save(arr, path: Path):
@@ -124,7 +124,7 @@ def test_pack_to_s3_and_stream_pairs_from_s3(packed, s3_bucket):
 
     root, _, _ = packed
     prefix = f"{s3_bucket}/paired"
-    proc = subprocess.run([sys.executable, "-m", "dyntrain.data.paired", "pack", "--root", str(root), "--out", prefix,
+    proc = subprocess.run([sys.executable, "-m", "dyntrain.data.finetune.paired", "pack", "--root", str(root), "--out", prefix,
                            "--shard-samples", "2"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"data.train_urls=[{prefix}]" in proc.stdout

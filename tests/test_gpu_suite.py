@@ -93,8 +93,8 @@ def test_bare_image_skips_what_it_cannot_run(tmp_path):
     code = ("import gpu_suite, gpu_stages, common, train_step, dynamic_vs_separate, "
             "input_pipeline, data_throughput, sys\n"
             # what the stages import from dyntrain once DeepSpeed/DALI are there
-            "import dyntrain.engine, dyntrain.model_factory, dyntrain.trainer, dyntrain.config, "
-            "dyntrain.data.pipeline, dyntrain.data.shards, dyntrain.data.synthetic\n"
+            "import dyntrain.train.engine, dyntrain.train.model, dyntrain.train.trainer, dyntrain.config, "
+            "dyntrain.data.pretrain.pipeline, dyntrain.data.shards.writer, dyntrain.data.synthetic\n"
             "import importlib.util as u\n"
             "assert u.find_spec('torch')\n"
             "for m in ('deepspeed', 'mlflow', 'webdataset', 'boto3', 'nvidia.dali'):\n"

@@ -1,11 +1,11 @@
-"""The equal-quality comparison (``dyntrain.iso_quality``) on hand-made curves with known answers."""
+"""The equal-quality comparison (``dyntrain.eval.iso_quality``) on hand-made curves with known answers."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from dyntrain.iso_quality import as_metrics, format_result, hours_to_reach, interpolate, iso_quality
+from dyntrain.eval.iso_quality import as_metrics, format_result, hours_to_reach, interpolate, iso_quality
 
 # (gpu_hours, own_steps, psnr)
 DYN = {"S": [(0.0, 0, 10.0), (1.0, 50, 20.0), (2.0, 100, 24.0)],

@@ -4,7 +4,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from dyntrain.metrics import psnr, ssim
+from dyntrain.eval.metrics import psnr, ssim
 
 
 def _pairs(seed: int):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dyntrain.config import dynet_config_from_dict, load_config
-from dyntrain.weights import checkpoint_info, consolidated_weights, load_weights, save_weights
+from dyntrain.checkpoint.weights import checkpoint_info, consolidated_weights, load_weights, save_weights
 
 OLD = Path(__file__).resolve().parent / "fixtures" / "old_format"
 CKPT, EXPORT = OLD / "checkpoint", OLD / "export.safetensors"
@@ -61,7 +61,7 @@ def test_old_files_restore_the_stored_outputs(reference, name, path):
 
 
 def test_old_checkpoint_as_init_checkpoint_sets_the_architecture(reference):
-    from dyntrain.finetune import adopt_architecture, make_model_builder, read_init_weights
+    from dyntrain.jobs.finetune import adopt_architecture, make_model_builder, read_init_weights
 
     cfg = load_config(None, [f"init.checkpoint={CKPT}"])  # the paper's widths: they must be replaced
     state, model_cfg = read_init_weights(cfg)

@@ -15,12 +15,12 @@ import torch
 from PIL import Image
 
 from dyntrain.config import ConfigError, load_config
-from dyntrain.data.degrade import DegradeSpec, batch_params, region_masks
-from dyntrain.data.pipeline import DaliPretrainLoader, build_pretrain_loader
-from dyntrain.data.s3 import DataSourceError
-from dyntrain.data.shards import ShardBuildConfig, build_shards
+from dyntrain.data.pretrain.degrade import DegradeSpec, batch_params, region_masks
+from dyntrain.data.pretrain.pipeline import DaliPretrainLoader, build_pretrain_loader
+from dyntrain.data.storage.s3 import DataSourceError
+from dyntrain.data.shards.writer import ShardBuildConfig, build_shards
 from dyntrain.data.synthetic import write_synthetic_images
-from dyntrain.data.wds import parse_index
+from dyntrain.data.shards.wds import parse_index
 
 CROP, BLOCK, BATCH = 32, 8, 4
 SPEC = DegradeSpec(crop_size=CROP, region_block=BLOCK)

@@ -18,13 +18,13 @@ from PIL import Image
 
 from conftest import start_moto, stop
 from dyntrain.data import s3
-from dyntrain.data.degrade import DegradeSpec
-from dyntrain.data.pipeline import DaliPretrainLoader
-from dyntrain.data.s3 import DataSourceError
-from dyntrain.data.shards import ShardBuildConfig, build_shards
+from dyntrain.data.pretrain.degrade import DegradeSpec
+from dyntrain.data.pretrain.pipeline import DaliPretrainLoader
+from dyntrain.data.storage.s3 import DataSourceError
+from dyntrain.data.shards.writer import ShardBuildConfig, build_shards
 from dyntrain.data.synthetic import write_synthetic_images
-from dyntrain.data.urls import expand_urls
-from dyntrain.data.wds import parse_index
+from dyntrain.data.storage.urls import expand_urls
+from dyntrain.data.shards.wds import parse_index
 
 pytestmark = pytest.mark.slow
 

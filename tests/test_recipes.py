@@ -1,8 +1,8 @@
-"""The training recipes (dyntrain.schedule.recipes): sandwich, in-place distillation, cost-aware draws.
+"""The training recipes (dyntrain.train.schedule.recipes): sandwich, in-place distillation, cost-aware draws.
 
 Unit tests check the plans, the losses and their gradients on a tiny DyNet, the cost-aware
 probabilities and their table, the account of multi-variant steps and the config's checks; the
-2-rank tests run each recipe through ``dyntrain.run.run_training`` under the real ``deepspeed``
+2-rank tests run each recipe through ``dyntrain.train.run.run_training`` under the real ``deepspeed``
 launcher (ZeRO 0-3, gradient accumulation 2, the cross-rank check at every step). The cost-aware
 draw's exact resume is in ``tests/test_resume.py`` (it needs real shards and validation).
 """
@@ -13,8 +13,8 @@ import torch
 
 from dynet import DyNet, DyNetConfig
 from dyntrain.config import ConfigError, load_config
-from dyntrain.schedule import cost_aware_probs, plan_loss, restoration_loss
-from dyntrain.schedule import StepPlan, VariantSchedule
+from dyntrain.train.schedule import cost_aware_probs, plan_loss, restoration_loss
+from dyntrain.train.schedule import StepPlan, VariantSchedule
 from dyntrain.tracking import GPUHourAccount
 from test_engine_multirank import _tail, launch, traces
 
@@ -287,8 +287,8 @@ def test_quality_saving_bench_compares_recipes_on_both_axes(tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    from dyntrain.compare import val_curves
-    from dyntrain.iso_quality import iso_quality
+    from dyntrain.analysis.compare import val_curves
+    from dyntrain.eval.iso_quality import iso_quality
 
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root / "bench"))

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from dyntrain.data.synthetic import synthetic_haze, synthetic_image
-from dyntrain.metrics import psnr
+from dyntrain.eval.metrics import psnr
 from dyntrain.restore import (RestoreOptions, Restorer, estimate_bytes_per_pixel, load_model, plan_outputs,
                               tile_for_budget)
 
@@ -24,8 +24,8 @@ def weights(tmp_path_factory):
     """A tiny DyNet whose residual branch is small, as in a trained restorer (output = input + small
     correction), saved as one weights file with its model config."""
     from dyntrain.config import load_config
-    from dyntrain.model_factory import build_model
-    from dyntrain.weights import save_weights
+    from dyntrain.train.model import build_model
+    from dyntrain.checkpoint.weights import save_weights
 
     cfg = load_config(None, TINY + ["run.seed=3"])
     model = build_model(cfg)

@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dyntrain import checkpoint as ck  # noqa: E402
-from dyntrain.engine import free_port  # noqa: E402
-from dyntrain.schedule import VariantSchedule  # noqa: E402
+from dyntrain.train.engine import free_port  # noqa: E402
+from dyntrain.train.schedule import VariantSchedule  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

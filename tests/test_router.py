@@ -7,8 +7,8 @@ import torch
 from dynet import DyNet, DyNetConfig, count_flops, count_router_flops
 from dynet.router import RouterConfig, VariantRouter, choose_variant, oracle_variant
 from dyntrain.data.synthetic import synthetic_haze, synthetic_image
-from dyntrain.routing import RouterError, Routing, load_router, router_path_for, save_router
-from dyntrain.routing_train import LabelSet, train_router
+from dyntrain.routing.router import RouterError, Routing, load_router, router_path_for, save_router
+from dyntrain.routing.train import LabelSet, train_router
 
 THREE = {"XS": (1, 1, 1, 1), "S": (2, 3, 3, 4), "L": (4, 6, 6, 8)}
 COSTS = {"XS": 1.0, "S": 2.0, "L": 3.0}

@@ -34,7 +34,7 @@ def _run(cmd, cwd: Path, ok: bool = True, timeout: float = 300) -> subprocess.Co
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     work = tmp_path_factory.mktemp("routing")
-    _run([sys.executable, "-m", "dyntrain.data.paired", "demo", "--out", "data/demo", "--train-images", "3",
+    _run([sys.executable, "-m", "dyntrain.data.finetune.paired", "demo", "--out", "data/demo", "--train-images", "3",
           "--test-images", "1", "--height", "40", "--width", "48"], work)
     ft = _run([sys.executable, ROOT / "launch/finetune.py", *CONFIG, "init.checkpoint=null", *TINY, *THREE, *DATA,
                "run.max_steps=6", "run.log_every=2", "eval.every=0", "checkpoint.every=0",
@@ -58,10 +58,10 @@ def test_train_router_then_restore_evaluate_and_bench_with_auto(work):
 
     from dynet import count_flops, count_router_flops
     from dyntrain.config import load_config
-    from dyntrain.evaluate import run_evaluation
+    from dyntrain.eval.evaluate import run_evaluation
     from dyntrain.restore import load_model
-    from dyntrain.routing import load_router
-    from dyntrain.routing_eval import run_routed_evaluation
+    from dyntrain.routing.router import load_router
+    from dyntrain.routing.evaluate import run_routed_evaluation
 
     train = [sys.executable, ROOT / "launch/train_router.py", "--checkpoint", "runs/ft/dynet.safetensors",
              *CONFIG, *DATA, "--epochs", "5", "--samples", "1"]

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import scaling  # noqa: E402
 
 from dyntrain.config import load_config  # noqa: E402
-from dyntrain.engine import build_ds_config  # noqa: E402
+from dyntrain.train.engine import build_ds_config  # noqa: E402
 
 PROBS = {"S": 0.5, "L": 0.5}
 STEP = {"S": 0.020, "L": 0.030}  # seconds on one GPU

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from dyntrain.config import load_config
-from dyntrain.schedule import VariantSchedule, splitmix64, uniform_at, verify_draw
+from dyntrain.train.schedule import VariantSchedule, splitmix64, uniform_at, verify_draw
 from rank_entry import corrupt_draw
 
 SL = {"S": (2, 3, 3, 4), "L": (4, 6, 6, 8)}
@@ -34,7 +34,7 @@ def test_draw_is_a_pure_function_of_seed_and_step():
 
 def test_draw_is_stable_across_processes():
     """No salted hash(): a fresh interpreter with another PYTHONHASHSEED draws the same."""
-    code = ("from dyntrain.schedule import VariantSchedule as V;"
+    code = ("from dyntrain.train.schedule import VariantSchedule as V;"
             "print(''.join(V(3, {'S': (1,1,1,1), 'L': (2,2,2,2)}, {'S': .5, 'L': .5}).sequence(0, 64)))")
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env=dict(os.environ, PYTHONHASHSEED=str(h))).stdout for h in (1, 2)}
@@ -102,7 +102,7 @@ def _verify_worker(rank, port, result_dir, skip_rank):
 
     import torch.distributed as dist
 
-    from dyntrain.schedule import VariantMismatchError, new_verify_group
+    from dyntrain.train.schedule import VariantMismatchError, new_verify_group
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=120))
@@ -133,7 +133,7 @@ def test_verify_draw_times_out_instead_of_hanging(tmp_path):
 
     import torch.multiprocessing as mp
 
-    from dyntrain.engine import free_port
+    from dyntrain.train.engine import free_port
 
     mp.start_processes(_verify_worker, args=(free_port(), tmp_path, 1), nprocs=2, join=True,
                        start_method="spawn")

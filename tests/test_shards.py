@@ -16,13 +16,13 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from dyntrain.data import quality
-from dyntrain.data.make_shards import main
-from dyntrain.data.patches import ShardBuildConfig, patch_grid
-from dyntrain.data.s3 import DataSourceError
-from dyntrain.data.shards import build_shards
+from dyntrain.data.shards.build import main
+from dyntrain.data.shards.patches import ShardBuildConfig, patch_grid
+from dyntrain.data.storage.s3 import DataSourceError
+from dyntrain.data.shards.writer import build_shards
 from dyntrain.data.synthetic import write_synthetic_images
-from dyntrain.data.urls import expand_urls, index_url
-from dyntrain.data.wds import make_index, parse_index
+from dyntrain.data.storage.urls import expand_urls, index_url
+from dyntrain.data.shards.wds import make_index, parse_index
 
 
 def expand_braces(pattern: str) -> list[str]:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dyntrain import checkpoint as ck  # noqa: E402
-from dyntrain.engine import free_port  # noqa: E402
+from dyntrain.train.engine import free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

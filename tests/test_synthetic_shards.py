@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 
 from dyntrain.config import load_config
-from dyntrain.curriculum import TaskCurriculum
-from dyntrain.data.degradations import DegradationError, degrade
-from dyntrain.data.degradations.compress import jpeg_bytes
+from dyntrain.data.finetune.tasks import TaskCurriculum
+from dyntrain.data.finetune.degradations import DegradationError, degrade
+from dyntrain.data.finetune.degradations.compress import jpeg_bytes
 from dyntrain.data.synthetic import write_synthetic_images
-from dyntrain.data.synthetic_pairs import build_synthetic_loader, clean_form
-from dyntrain.data.synthetic_shards import ShardCleanLoader
+from dyntrain.data.finetune.synthetic_pairs import build_synthetic_loader, clean_form
+from dyntrain.data.finetune.synthetic_shards import ShardCleanLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 CROP, BATCH = 32, 4

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
-from dyntrain.evaluate import evaluate_model, format_table, load_test_sets
+from dyntrain.eval.evaluate import evaluate_model, format_table, load_test_sets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
 import make_testsets  # noqa: E402

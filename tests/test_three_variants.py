@@ -5,7 +5,7 @@ import json
 import pytest
 
 from dynet.summary import main as summary_main
-from dyntrain.compare import PretrainRun, separate_vs_dynamic
+from dyntrain.analysis.compare import PretrainRun, separate_vs_dynamic
 from dyntrain.tracking import GPUHourAccount
 
 STEP_S = {"XS": 1.0, "S": 2.0, "L": 4.0}

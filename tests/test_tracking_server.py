@@ -15,7 +15,7 @@ import time
 import pytest
 
 from dyntrain.config import load_config
-from dyntrain.engine import free_port
+from dyntrain.train.engine import free_port
 from dyntrain.tracking import make_tracker
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from dyntrain.config import load_config
-from dyntrain.schedule import VariantSchedule
-from dyntrain.trainer import NonFiniteLossError, Trainer, restoration_loss
+from dyntrain.train.schedule import VariantSchedule
+from dyntrain.train.trainer import NonFiniteLossError, Trainer, restoration_loss
 
 TINY = ["run.name=hot", "run.seed=3", "run.log_every=1000", "checkpoint.every=0",
         "model.variants={S: [1, 1, 1, 1], L: [2, 2, 2, 2]}", "schedule.variant_probs={S: 0.5, L: 0.5}"]
@@ -187,7 +187,7 @@ def _stop_rank(rank: int, port: int, queue) -> None:
 
 
 def test_stop_request_on_one_rank_stops_both_after_the_same_step():
-    from dyntrain.engine import free_port
+    from dyntrain.train.engine import free_port
 
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()

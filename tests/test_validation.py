@@ -13,8 +13,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dyntrain.data.degrade import DegradeSpec  # noqa: E402
-from dyntrain.validation import (FIELDS, build_val_set, reduce_scores, score_variants,  # noqa: E402
+from dyntrain.data.pretrain.degrade import DegradeSpec  # noqa: E402
+from dyntrain.eval.validation import (FIELDS, build_val_set, reduce_scores, score_variants,  # noqa: E402
                                  to_metrics)
 
 SPEC = DegradeSpec(crop_size=32, region_block=8)
@@ -102,8 +102,8 @@ def test_compare_cli_reproduces_the_saving_from_real_runs(tmp_path):
     import quality_saving
     from mlflow.tracking import MlflowClient
 
-    from dyntrain.compare import val_curves
-    from dyntrain.iso_quality import iso_quality
+    from dyntrain.analysis.compare import val_curves
+    from dyntrain.eval.iso_quality import iso_quality
 
     size = dict(quality_saving.CPU, steps=3, eval_every=1, images=4, val_samples=4)
     r = quality_saving.run_three(tmp_path, size, 0, "cpu")

@@ -1,7 +1,7 @@
 """``python -m dyntrain.checkpoint progress ...`` (see ``dyntrain.checkpoint.cli``)."""
 import sys
 
-from ..errors import cli_main
-from .cli import main
+from dyntrain.errors import cli_main
+from dyntrain.checkpoint.cli import main
 
 sys.exit(cli_main(main))

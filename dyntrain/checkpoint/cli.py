@@ -10,8 +10,8 @@ import argparse
 import sys
 from typing import Optional
 
-from ..logs import setup_logging
-from .layout import newest_complete
+from dyntrain.logs import setup_logging
+from dyntrain.checkpoint.layout import newest_complete
 
 USAGE = ("usage: python -m dyntrain.checkpoint progress --config C [dotted.key=value ...]\n"
          "(export and universal conversion: python launch/export.py --help)")
@@ -19,7 +19,7 @@ USAGE = ("usage: python -m dyntrain.checkpoint progress --config C [dotted.key=v
 
 def progress(argv: list[str]) -> int:
     """The ``progress`` command (see the module docstring)."""
-    from ..config import add_config_arguments, config_from_args
+    from dyntrain.config import add_config_arguments, config_from_args
 
     parser = argparse.ArgumentParser(prog="python -m dyntrain.checkpoint progress")
     add_config_arguments(parser)

@@ -5,7 +5,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .layout import COMPLETE, CheckpointError
+from dyntrain.checkpoint.layout import COMPLETE, CheckpointError
 
 
 def fsync_file(path: Path) -> None:

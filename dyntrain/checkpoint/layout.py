@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import DyntrainError
-from ..logs import get_logger
+from dyntrain.errors import DyntrainError
+from dyntrain.logs import get_logger
 
 log = get_logger(__package__)  # lines read "[time checkpoint] ..."
 

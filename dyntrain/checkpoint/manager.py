@@ -25,14 +25,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..errors import one_line
-from ..logs import get_logger
-from .collective import all_gather, barrier, broadcast
-from .files import atomic_write_text, fsync_dir, fsync_file, remove_tag
-from .layout import (COMPLETE, FORMAT_VERSION, LATEST, STATE_KEY, UNIVERSAL, CheckpointError,
+from dyntrain.errors import one_line
+from dyntrain.logs import get_logger
+from dyntrain.checkpoint.collective import all_gather, barrier, broadcast
+from dyntrain.checkpoint.files import atomic_write_text, fsync_dir, fsync_file, remove_tag
+from dyntrain.checkpoint.layout import (COMPLETE, FORMAT_VERSION, LATEST, STATE_KEY, UNIVERSAL, CheckpointError,
                      CheckpointInfo, list_checkpoints, newest_complete, owner_rank, read_marker,
                      step_of_tag, tag_for_step, verify_files)
-from .reshard import ensure_universal, reshard_note, reshard_rank_states
+from dyntrain.checkpoint.reshard import ensure_universal, reshard_note, reshard_rank_states
 
 log = get_logger(__package__)  # lines read "[time checkpoint] ..."
 

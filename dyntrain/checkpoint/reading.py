@@ -1,7 +1,7 @@
 """Reading a checkpoint without an engine: which tag folder a path means, and its client state.
 
 Exporting the weights of a checkpoint (consolidated fp32, ``.pt`` or ``.safetensors``) and loading
-them back is ``dyntrain.weights``.
+them back is ``dyntrain.checkpoint.weights``.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch
 
-from .layout import STATE_KEY, CheckpointError, list_checkpoints, newest_complete
+from dyntrain.checkpoint.layout import STATE_KEY, CheckpointError, list_checkpoints, newest_complete
 
 
 def resolve_tag_dir(path: str | Path, tag: Optional[str] = None) -> Path:

@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .files import fsync_dir, fsync_file
-from .layout import UNIVERSAL, CheckpointError
+from dyntrain.checkpoint.files import fsync_dir, fsync_file
+from dyntrain.checkpoint.layout import UNIVERSAL, CheckpointError
 
 
 def reshard_rank_states(saved: list[dict[str, Any]], rank: int, world_size: int) -> dict[str, Any]:

@@ -8,8 +8,8 @@ from typing import Any, Optional
 
 import yaml
 
-from .tree import Config
-from .typed import ConfigError
+from dyntrain.config.tree import Config
+from dyntrain.config.typed import ConfigError
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -1,16 +1,16 @@
-"""The ``schedule`` section: the variant draw and the training recipes (``dyntrain.schedule``), and the
-fine-tuning task curriculum (``dyntrain.curriculum``)."""
+"""The ``schedule`` section: the variant draw and the training recipes (``dyntrain.train.schedule``), and the
+fine-tuning task curriculum (``dyntrain.data.finetune.tasks``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from .typed import ConfigError, positive
+from dyntrain.config.typed import ConfigError, positive
 
 
 @dataclass
 class TaskScheduleConfig:
-    """Args (the task curriculum, ``dyntrain.curriculum``):
+    """Args (the task curriculum, ``dyntrain.data.finetune.tasks``):
     mode: "mixed" (every task of data.tasks from the start, by weight) or "sequential" (period k
         trains the first min(k, len(order)) tasks of ``order``, uniformly; the LR restarts per period).
     order: the sequential order of tasks.
@@ -35,7 +35,7 @@ class TaskScheduleConfig:
 
 @dataclass
 class DistillConfig:
-    """Args (in-place distillation, ``dyntrain.schedule.recipes``):
+    """Args (in-place distillation, ``dyntrain.train.schedule.recipes``):
     teacher: the variant whose output (detached) the other variants also learn from; None = off.
     weight: weight of the student's L1 to the teacher's output, added to its L1 to the target.
     every: dynamic mode only: a teacher forward (no gradient) every ``every`` steps whose drawn
@@ -53,7 +53,7 @@ class DistillConfig:
 
 @dataclass
 class CostAwareConfig:
-    """Args (``schedule.variant_probs: cost_aware``, ``dyntrain.schedule.recipes.cost_aware_probs``):
+    """Args (``schedule.variant_probs: cost_aware``, ``dyntrain.train.schedule.recipes.cost_aware_probs``):
     headroom_db: every variant's quality gap is its distance in val PSNR below the best variant
         plus this headroom (so the leading variant keeps a share).
     min_prob: no variant is drawn with a probability below this.
@@ -73,7 +73,7 @@ class ScheduleConfig:
     """Args:
     mode: "dynamic" draws a variant every iteration (the paper's recipe); "fixed" always trains
         ``fixed_variant`` (the separate-training baselines the paper compares against); "sandwich"
-        runs every active variant on every micro-batch and sums their losses (``dyntrain.schedule.recipes``).
+        runs every active variant on every micro-batch and sums their losses (``dyntrain.train.schedule.recipes``).
     variant_probs: variant name -> probability (normalised); every name must be in model.variants.
         In sandwich mode the variants with a positive weight are the ones that run. "cost_aware"
         (dynamic mode): every variant of model.variants, drawn uniformly until the first validation,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from .typed import ConfigError
-from .typed import positive
+from dyntrain.config.typed import ConfigError
+from dyntrain.config.typed import positive
 
 
 # --------------------------------------------------------------------------------------- sections
@@ -40,7 +40,7 @@ class DataConfig:
         (clean images of ``clean_urls`` degraded on the fly by the MiOIR tasks of ``tasks``).
     train_urls: shard URLs: local paths, globs, brace patterns or s3:// URLs.
     val_urls: held-out validation shards (same URL forms; ``make_shards --holdout``); with
-        ``eval.every`` every variant is validated on a fixed set drawn from them (dyntrain.validation).
+        ``eval.every`` every variant is validated on a fixed set drawn from them (dyntrain.eval.validation).
     crop_size: random crop side.
     micro_batch_size: samples per rank per forward pass.
     num_threads: DALI CPU threads (or DataLoader workers for "paired") per rank.
@@ -95,8 +95,8 @@ class DataConfig:
         if unknown:
             raise ConfigError(f"data.degradations: unknown kinds {sorted(unknown)}")
         if self.source == "synthetic":
-            from ..data.degradations import DegradationError, check_tasks
-            from ..data.degradations.registry import check_preset
+            from dyntrain.data.finetune.degradations import DegradationError, check_tasks
+            from dyntrain.data.finetune.degradations.registry import check_preset
             try:
                 check_tasks(list(self.tasks), "data.tasks")
                 check_preset(self.preset, "data.preset")
@@ -238,7 +238,7 @@ class InitConfig:
 @dataclass
 class EvalConfig:
     """Args:
-    sets: test-set name -> folder (bsd68, rain100l, sots); layouts as in dyntrain.evaluate.
+    sets: test-set name -> folder (bsd68, rain100l, sots); layouts as in dyntrain.eval.evaluate.
     every: evaluate every N steps during fine-tuning, and validate every variant on the fixed
         ``data.val_urls`` set every N steps during pre-training (0 = only at the end / when asked).
     variants: which variants to evaluate ("all" = every entry of model.variants).

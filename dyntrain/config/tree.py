@@ -9,11 +9,11 @@ from typing import Any
 
 import yaml
 
-from .model import ModelConfig
-from .schedule import ScheduleConfig
-from .sections import (CheckpointConfig, DataConfig, DeepSpeedConfig, EvalConfig, InitConfig, OptimConfig,
+from dyntrain.config.model import ModelConfig
+from dyntrain.config.schedule import ScheduleConfig
+from dyntrain.config.sections import (CheckpointConfig, DataConfig, DeepSpeedConfig, EvalConfig, InitConfig, OptimConfig,
                        RunConfig, TrackingConfig)
-from .typed import ConfigError, build
+from dyntrain.config.typed import ConfigError, build
 
 
 @dataclass

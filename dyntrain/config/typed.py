@@ -11,7 +11,7 @@ import types
 import typing
 from typing import Any, Literal, Union
 
-from ..errors import DyntrainError
+from dyntrain.errors import DyntrainError
 
 
 class ConfigError(DyntrainError, ValueError):

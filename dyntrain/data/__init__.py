@@ -16,7 +16,7 @@
     degrade.py        the degradation/mask recipe of pre-training
     synthetic.py      synthetic photographs and fine-tuning demo data for tests and the quickstart
     paired_base.py    paired fine-tuning data: task folders, pairing rules, the loaders' base class
-    paired.py         the folder loader, build_finetune_loader, ``python -m dyntrain.data.paired``
+    paired.py         the folder loader, build_finetune_loader, ``python -m dyntrain.data.finetune.paired``
     paired_shards.py  paired WebDataset shards: packing and the DALI loader (data.source: paired_shards)
     synthetic_pairs.py   data.source: synthetic, folder form (and the choice of form)
     synthetic_shards.py  data.source: synthetic, shards form (the pre-training DALI reader + MiOIR tasks)

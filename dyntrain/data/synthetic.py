@@ -2,7 +2,7 @@
 sharp-edged shapes, oriented gratings and some flat regions - deterministic by seed, fast (numpy +
 PIL; a 1024x768 image takes a few tens of milliseconds). Also the fine-tuning demo data
 (``make_demo_data``: rain streaks and haze over synthetic photographs, in every folder layout;
-``python -m dyntrain.data.paired demo``).
+``python -m dyntrain.data.finetune.paired demo``).
 
 The flat regions are real: a constant-colour rectangle covering roughly 10-35% of the image, so the
 shard builder's flat filter has something to drop.

@@ -6,10 +6,10 @@
 - ``console``: ``ConsoleTracker`` (header, progress and summary lines, rank 0);
 - ``account``: ``GPUHourAccount`` (the formulas are in its module docstring);
 """
-from .account import GPUHourAccount
-from .base import NullTracker, RunHeader, Tracker, TrackerGroup
-from .console import ConsoleTracker
-from .mlflow_tracker import (MLflowTracker, default_artifact_location, experiment_id_for, make_tracker,
+from dyntrain.tracking.account import GPUHourAccount
+from dyntrain.tracking.base import NullTracker, RunHeader, Tracker, TrackerGroup
+from dyntrain.tracking.console import ConsoleTracker
+from dyntrain.tracking.mlflow_tracker import (MLflowTracker, default_artifact_location, experiment_id_for, make_tracker,
                              metric_key, redact)
 
 __all__ = ["GPUHourAccount", "NullTracker", "RunHeader", "Tracker", "TrackerGroup", "ConsoleTracker",

@@ -16,7 +16,7 @@ before the first step — process group, model, engine, loader, resume — is re
     switch_penalty_s              = mean over steps that switched variant of (t - t_v of a
                                     non-switching step of the same variant)
 
-Validation (``dyntrain.validation``) runs between steps: its time is part of W but never of a step
+Validation (``dyntrain.eval.validation``) runs between steps: its time is part of W but never of a step
 time, and is reported as ``val_s_total``; ``gpu_hours_train = (W - validation time in the loop) * A /
 3600`` is the training cost alone, the x axis of the validation curves (``val/gpu_hours``).
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import datetime
 from typing import Optional
 
-from ..logs import get_logger
-from .base import RunHeader, Tracker
+from dyntrain.logs import get_logger
+from dyntrain.tracking.base import RunHeader, Tracker
 
 log = get_logger(__name__)
 

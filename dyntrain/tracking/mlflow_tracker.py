@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlsplit, urlunsplit
 
-from ..logs import get_logger
-from .base import NullTracker, Tracker
-from .sender import Record, Sender
+from dyntrain.logs import get_logger
+from dyntrain.tracking.base import NullTracker, Tracker
+from dyntrain.tracking.sender import Record, Sender
 
 log = get_logger(__name__)
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from ..logs import get_logger
+from dyntrain.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .account import forward_shares
+from dyntrain.tracking.account import forward_shares
 
 
 class StepWindow:

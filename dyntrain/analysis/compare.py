@@ -1,0 +1,294 @@
+"""Compare MLflow runs: dynamic vs fixed-variant pre-training, and fine-tuned PSNR/SSIM per variant.
+
+``collect_runs`` reads runs with ``mlflow.search_runs`` and sorts them into
+  - pre-training runs (``data.source`` "shards"): mode (dynamic, or fixed:<variant> for the
+    separate-training baselines), steps, GPU hours, ``gpu_hours_separate``, ``gpu_hours_saved_frac``;
+  - result runs (any run with ``eval/<variant>/<task>/psnr`` metrics: fine-tuning runs evaluated
+    periodically, or evaluation runs): PSNR/SSIM per variant and task and the variant's GFLOPs
+    (``model/<variant>/gflops_224``).
+``format_tables`` prints them; ``dyntrain.analysis.plot.plot`` draws PSNR vs GFLOPs per variant and the
+GPU hours of dynamic vs separate pre-training into one PNG; ``log_comparison`` stores PNG and tables in
+a "comparison" run.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from dynet.summary import text_table
+
+from dyntrain.eval.testdata import TASK_LABELS
+
+EVAL_METRIC = re.compile(r"^eval/(?P<variant>[^/]+)/(?P<task>[^/]+)/(?P<name>psnr|ssim)$")
+TASK_ORDER = list(TASK_LABELS) + ["average", "mio_in_average", "mio_out_average"]
+
+
+@dataclass
+class PretrainRun:
+    run_id: str
+    name: str
+    experiment: str
+    mode: str  # "dynamic" or "fixed:<variant>"
+    status: str
+    metrics: dict[str, float]
+
+    @property
+    def steps(self) -> float:
+        return sum(v for k, v in self.metrics.items() if k.startswith("steps_") and k != "steps_s")
+
+
+@dataclass
+class ResultRun:
+    run_id: str
+    name: str
+    experiment: str
+    stage: str
+    results: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # variant -> task -> psnr/ssim
+    gflops: dict[str, float] = field(default_factory=dict)
+
+
+def _experiments(client, names: Optional[Sequence[str]]) -> list:
+    if names:
+        out = []
+        for name in names:
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                known = [e.name for e in client.search_experiments()]
+                raise ValueError(f"MLflow experiment {name!r} not found (known: {known})")
+            out.append(exp)
+        return out
+    return list(client.search_experiments())
+
+
+def collect_runs(tracking_uri: str, experiments: Optional[Sequence[str]] = None
+                 ) -> tuple[list[PretrainRun], list[ResultRun]]:
+    """Pre-training and result runs of the given experiments (all experiments when None)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    exps = _experiments(MlflowClient(tracking_uri), experiments)
+    if not exps:
+        return [], []
+    names = {e.experiment_id: e.name for e in exps}
+    runs = mlflow.search_runs(experiment_ids=list(names), output_format="list", max_results=50000,
+                              order_by=["attributes.start_time ASC"])
+    pretrain, results = [], []
+    for run in runs:
+        params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+        stage = tags.get("dyntrain.stage") or _stage_from_params(params)
+        if stage == "comparison":
+            continue
+        name = tags.get("mlflow.runName") or run.info.run_name or run.info.run_id[:8]
+        exp = names.get(run.info.experiment_id, run.info.experiment_id)
+        if stage == "pretrain":
+            mode = tags.get("schedule") or params.get("schedule.mode", "dynamic")
+            if mode == "fixed":
+                mode = f"fixed:{params.get('schedule.fixed_variant', '?')}"
+            pretrain.append(PretrainRun(run.info.run_id, name, exp, mode, run.info.status, dict(metrics)))
+        rr = ResultRun(run.info.run_id, name, exp, stage)
+        for key, value in metrics.items():
+            m = EVAL_METRIC.match(key)
+            if m:
+                rr.results.setdefault(m["variant"], {}).setdefault(m["task"], {})[m["name"]] = value
+            elif key.startswith("model/") and key.endswith("/gflops_224"):
+                rr.gflops[key.split("/")[1]] = value
+        if rr.results:
+            results.append(rr)
+    return pretrain, results
+
+
+def _stage_from_params(params: dict[str, str]) -> str:
+    source = params.get("data.source")
+    if source == "shards":
+        return "pretrain"
+    if source in ("paired", "paired_shards"):
+        return "finetune"
+    return "other"
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_tables(pretrain: list[PretrainRun], results: list[ResultRun]) -> str:
+    parts = []
+    if pretrain:
+        rows = [[r.name, r.mode, r.status, f"{r.steps:.0f}", _fmt(r.metrics.get("gpu_hours"), ".4f"),
+                 _fmt(r.metrics.get("gpu_hours_separate"), ".4f"),
+                 _fmt(r.metrics.get("gpu_hours_saved_frac"), ".3f"), _fmt(r.metrics.get("loss"), ".4f")]
+                for r in pretrain]
+        parts.append("Pre-training runs\n" + text_table(
+            ["run", "mode", "status", "steps", "gpu_hours", "gpu_hours_separate", "saved_frac", "loss"], rows))
+        saving = separate_vs_dynamic(pretrain)
+        if saving:
+            parts.append(f"dynamic run {saving['dynamic']}: {saving['dynamic_gpu_hours']:.4f} GPU h for "
+                         f"{saving['steps']:.0f} steps; fixed-variant baselines "
+                         f"({', '.join(saving['baselines'])}) at the same step count: "
+                         f"{saving['separate_gpu_hours']:.4f} GPU h -> saved {saving['saved_frac']:.1%}")
+    else:
+        parts.append("Pre-training runs: none found")
+    if results:
+        tasks = [t for t in TASK_ORDER if any(t in v for r in results for v in r.results.values())]
+        rows = []
+        for r in results:
+            for variant, per_task in sorted(r.results.items(), key=lambda kv: (r.gflops.get(kv[0], 0.0), kv[0])):
+                rows.append([r.name, r.stage, variant, _fmt(r.gflops.get(variant), ".2f")] + [
+                    (f"{per_task[t].get('psnr', float('nan')):.2f}/{per_task[t].get('ssim', float('nan')):.4f}"
+                     if t in per_task else "-") for t in tasks])
+        parts.append("Evaluated runs (PSNR/SSIM)\n" + text_table(["run", "stage", "variant", "GFLOPs"] + tasks, rows))
+    else:
+        parts.append("Evaluated runs: none found")
+    return "\n\n".join(parts)
+
+
+def separate_vs_dynamic(pretrain: list[PretrainRun]) -> Optional[dict[str, Any]]:
+    """Measured saving of the newest dynamic run against fixed-variant baseline runs (one per variant,
+    the newest), their GPU hours scaled to the dynamic run's step count."""
+    dynamic = [r for r in pretrain if r.mode == "dynamic" and r.metrics.get("gpu_hours") and r.steps]
+    baselines: dict[str, PretrainRun] = {}
+    for r in pretrain:
+        if r.mode.startswith("fixed:") and r.metrics.get("gpu_hours") and r.steps:
+            baselines[r.mode[6:]] = r
+    if not dynamic or len(baselines) < 2:
+        return None
+    d = dynamic[-1]
+    separate = sum(b.metrics["gpu_hours"] / b.steps * d.steps for b in baselines.values())
+    return {"dynamic": d.name, "steps": d.steps, "dynamic_gpu_hours": d.metrics["gpu_hours"],
+            "baselines": sorted(b.name for b in baselines.values()), "separate_gpu_hours": separate,
+            "saved_frac": 1.0 - d.metrics["gpu_hours"] / separate}
+
+
+def log_comparison(tracking_uri: str, experiment: str, png: Path, text: str,
+                   compared: Sequence[str]) -> str:
+    """A run in ``experiment`` tagged dyntrain.stage=comparison holding the plot and the tables."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from dyntrain.tracking import experiment_id_for
+
+    client = MlflowClient(tracking_uri)
+    run = client.create_run(experiment_id_for(client, experiment, tracking_uri), run_name="comparison",
+                            tags={"dyntrain.stage": "comparison", "dyntrain.compared_runs": ",".join(compared)[:5000]})
+    try:
+        client.log_artifact(run.info.run_id, str(png))
+        client.log_text(run.info.run_id, text + "\n", "comparison.txt")
+    except Exception:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")
+    mlflow.set_tracking_uri(tracking_uri)
+    return run.info.run_id
+
+
+# ------------------------------------------------------------------ iso-quality (dyntrain.eval.iso_quality)
+class ComparisonError(ValueError):
+    """The runs cannot be compared at equal quality (missing baseline, different val sets, ...)."""
+
+
+ISO_AXES = ("gpu_hours", "pflop")
+
+
+def val_curves(client, run_id: str, variants: Sequence[str], x: str = "gpu_hours"
+               ) -> dict[str, list[tuple[float, float, float]]]:
+    """variant -> [(val/<x>, val/<v>/own_steps, val/<v>/psnr)] of one run, one point per step
+    (x: "gpu_hours", the default, or "pflop", the machine-independent work count)."""
+    def by_step(key: str) -> dict[int, float]:
+        return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+    hours = by_step(f"val/{x}")
+    curves = {}
+    for v in variants:
+        own, psnr = by_step(f"val/{v}/own_steps"), by_step(f"val/{v}/psnr")
+        pts = [(hours[s], own[s], psnr[s]) for s in sorted(psnr) if s in hours and s in own]
+        if pts:
+            curves[v] = pts
+    return curves
+
+
+def find_iso_runs(client, experiment: Optional[str], run_ids: Optional[Sequence[str]] = None):
+    """(dynamic run, {variant: fixed-variant run}) - the ids given, else the newest of each mode with
+    validation in ``experiment``; refuses different val fingerprints and missing baselines."""
+    if run_ids:
+        runs = [client.get_run(r) for r in run_ids]
+    else:
+        if not experiment:
+            raise ComparisonError("--iso-quality needs --experiment NAME or --runs ID ID ID")
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise ComparisonError(f"MLflow experiment {experiment!r} not found")
+        runs = client.search_runs([exp.experiment_id], "tags.`dyntrain.stage` = 'pretrain'",
+                                  order_by=["attributes.start_time DESC"], max_results=5000)
+        runs = [r for r in runs if r.data.tags.get("val.fingerprint")]
+    dynamic, fixed = None, {}
+    for r in runs:  # newest first when searched; any recipe that trains several variants
+        mode = r.data.tags.get("mode", "")
+        if mode and not mode.startswith("fixed:") and dynamic is None:
+            dynamic = r
+        elif mode.startswith("fixed:"):
+            fixed.setdefault(mode[6:], r)
+    if dynamic is None:
+        raise ComparisonError(f"no dynamic pre-training run with validation among "
+                              f"{run_ids or experiment!r}")
+    variants = [v for v in dynamic.data.tags.get("variants", "").split(",") if v]
+    missing = [v for v in variants if v not in fixed]
+    if missing:
+        raise ComparisonError(f"no separate baseline (schedule.mode=fixed schedule.fixed_variant="
+                              f"{missing[0]}) with validation for the dynamic run {dynamic.info.run_id}: "
+                              f"missing {', '.join(missing)}")
+    prints = {r.info.run_id: r.data.tags.get("val.fingerprint") for r in [dynamic, *fixed.values()]}
+    if len(set(prints.values())) != 1:
+        raise ComparisonError("val fingerprints differ (different val shards, seed or sizes): " +
+                              ", ".join(f"{k} {v}" for k, v in prints.items()))
+    return dynamic, {v: fixed[v] for v in variants}
+
+
+def compare_iso_quality(tracking_uri: str, experiment: Optional[str], run_ids=None,
+                        png: Optional[Path] = None, log: bool = True, x: str = "gpu_hours") -> dict[str, Any]:
+    """Find the runs, compute ``iso_quality.iso_quality``, and (``log``) store its metrics, table
+    and plot in the dynamic run (the "dynamic" side is any recipe's run: paper, sandwich, ...).
+    ``x``: the cost axis, "gpu_hours" (wall time) or "pflop" (work: independent of the machine's
+    load; metrics then named ``iso_pflop/...`` and ``iso_quality_saving_pflop``). Returns the
+    result plus ``text`` and the run ids."""
+    if x not in ISO_AXES:
+        raise ComparisonError(f"iso-quality axis must be one of {ISO_AXES}, got {x!r}")
+    from mlflow.tracking import MlflowClient
+
+    from dyntrain.eval.iso_quality import as_metrics, format_result, iso_quality
+
+    client = MlflowClient(tracking_uri)
+    dynamic, baselines = find_iso_runs(client, experiment, run_ids)
+    variants = list(baselines)
+    dyn_curves = val_curves(client, dynamic.info.run_id, variants, x)
+    sep_curves = {v: val_curves(client, b.info.run_id, [v], x).get(v, []) for v, b in baselines.items()}
+    empty = [v for v in variants if not dyn_curves.get(v) or not sep_curves[v]]
+    if empty:
+        raise ComparisonError(f"no val/<variant>/psnr with val/{x} history for variant(s) "
+                              f"{', '.join(empty)} (were the runs started with data.val_urls?)")
+    result = iso_quality(dyn_curves, sep_curves)
+    result["x"] = x
+    result["recipe"] = dynamic.data.tags.get("recipe", dynamic.data.tags.get("mode"))
+    result["text"] = format_result(result, "GPU h" if x == "gpu_hours" else x)
+    result["dynamic_run"] = dynamic.info.run_id
+    result["baseline_runs"] = {v: b.info.run_id for v, b in baselines.items()}
+    if png is not None:
+        from dyntrain.analysis.plot import plot_iso
+
+        plot_iso(dyn_curves, sep_curves, png, result,
+                 xlabel="GPU hours (validation excluded)" if x == "gpu_hours" else "training work (PFLOP)",
+                 label=result["recipe"] or "dynamic")
+    if log:
+        import time
+
+        from mlflow.entities import Metric
+
+        step = max(m.step for m in client.get_metric_history(dynamic.info.run_id, f"val/{x}"))
+        now = int(time.time() * 1000)
+        client.log_batch(dynamic.info.run_id, metrics=[Metric(k, float(v), now, step)
+                                                       for k, v in as_metrics(result, x).items()])
+        client.log_text(dynamic.info.run_id, result["text"] + "\n",
+                        "iso_quality.txt" if x == "gpu_hours" else f"iso_quality_{x}.txt")
+        if png is not None:
+            client.log_artifact(dynamic.info.run_id, str(png))
+    return result

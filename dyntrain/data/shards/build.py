@@ -1,0 +1,109 @@
+"""The shard builder's command line (``python launch/make_shards.py``; logic in ``shards.py``).
+
+stdout carries one JSON line (output, shard and sample counts), and a second one for the validation
+shards with ``--holdout``; the log goes to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+from dyntrain.errors import DyntrainError, cli_main
+from dyntrain.logs import get_logger, setup_logging
+from dyntrain.data.shards.patches import ShardBuildConfig
+from dyntrain.data.storage.s3 import DataSourceError
+from dyntrain.data.shards.writer import build_shards, build_with_holdout, empty_build_message
+
+log = get_logger(__name__)
+
+
+def _threshold(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not a number") from None
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="make_shards.py",
+        description="Cut photographs into patches, filter flat/low-quality ones, write WebDataset "
+                    "shards with DALI indices and a manifest to a folder or s3://bucket/prefix.")
+    p.add_argument("--src", action="append", required=True, metavar="DIR",
+                   help="image folder (recursive); repeat for several")
+    p.add_argument("--out", required=True, metavar="DIR_OR_S3_URL")
+    p.add_argument("--patch-size", type=int, default=512)
+    p.add_argument("--shard-samples", type=int, default=1000, metavar="N")
+    p.add_argument("--format", dest="image_format", choices=["jpg", "png"], default="jpg",
+                   help="jpg = high-quality JPEG (4:4:4), png = lossless")
+    p.add_argument("--jpeg-quality", type=int, default=95)
+    p.add_argument("--flat-block", type=int, default=16, help="cell side of the flat detector")
+    p.add_argument("--flat-threshold", type=float, default=4.0,
+                   help="RMS luminance gradient (8-bit levels/pixel) below which a cell is flat")
+    p.add_argument("--max-flat-frac", type=float, default=0.5,
+                   help="drop a patch whose flat fraction exceeds this")
+    p.add_argument("--min-sharpness", type=float, default=None,
+                   help="drop patches whose Laplacian variance is below this")
+    p.add_argument("--max-noise", type=float, default=None,
+                   help="drop patches whose estimated noise sigma (8-bit levels) exceeds this")
+    p.add_argument("--quality-hook", default=None, metavar="MODULE:FUNCTION",
+                   help="callable(rgb uint8 HxWx3) -> {score: value} adding quality scores")
+    p.add_argument("--quality-min", type=_threshold, action="append", default=[], metavar="NAME=V")
+    p.add_argument("--quality-max", type=_threshold, action="append", default=[], metavar="NAME=V")
+    p.add_argument("--workers", type=int, default=0, help="processes (0 = all CPUs)")
+    p.add_argument("--holdout", type=float, default=0.0, metavar="FRAC",
+                   help="hold out this fraction of the source images: every patch of a held-out "
+                        "image goes to the validation shards (--val-out), never to --out")
+    p.add_argument("--val-out", default=None, metavar="DIR_OR_S3_URL",
+                   help="where the held-out images' shards go (default: <out>-val)")
+    p.add_argument("--holdout-seed", type=int, default=0, help="seed of the held-out image draw")
+    p.add_argument("--prefix", default="shard")
+    p.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    setup_logging(stream=sys.stderr)
+    qmin, qmax = dict(args.quality_min), dict(args.quality_max)
+    if args.min_sharpness is not None:
+        qmin["sharpness"] = args.min_sharpness
+    if args.max_noise is not None:
+        qmax["noise"] = args.max_noise
+    try:
+        cfg = ShardBuildConfig(patch_size=args.patch_size, shard_samples=args.shard_samples,
+                               image_format=args.image_format, jpeg_quality=args.jpeg_quality,
+                               flat_block=args.flat_block, flat_threshold=args.flat_threshold,
+                               max_flat_frac=args.max_flat_frac, quality_min=qmin,
+                               quality_max=qmax, quality_hook=args.quality_hook,
+                               workers=args.workers, prefix=args.prefix)
+        val = None
+        if args.holdout:
+            val_out = args.val_out or args.out.rstrip("/") + "-val"
+            manifest, val = build_with_holdout(args.src, args.out, val_out, args.holdout, cfg,
+                                               args.holdout_seed, args.force, not args.quiet)
+        else:
+            manifest = build_shards(args.src, args.out, cfg, force=args.force, progress=not args.quiet)
+    except ValueError as exc:  # a bad option value (ShardBuildConfig); DyntrainErrors pass through
+        if isinstance(exc, DyntrainError):
+            raise
+        raise DyntrainError(f"make_shards: {exc}") from None
+    if manifest["num_samples"] == 0:   # every patch filtered out: the manifest says why, but no data
+        raise DataSourceError(empty_build_message(args.src, manifest["counts"], args.patch_size, args.out))
+    print(json.dumps({"out": args.out, "num_shards": manifest["num_shards"],
+                      "num_samples": manifest["num_samples"], "counts": manifest["counts"]}))
+    if val is not None:
+        print(json.dumps({"val_out": val["holdout"]["val_out"], "num_shards": val["num_shards"],
+                          "num_samples": val["num_samples"],
+                          "val_images": len(val["holdout"]["val_images"])}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main))

@@ -1,0 +1,229 @@
+"""DeepSpeed setup: the one function that writes the DeepSpeed JSON, process-group start-up, and
+engine construction.
+
+``build_ds_config`` derives everything DeepSpeed needs from the typed config — global batch
+(micro-batch x gradient accumulation x world size, derived here and nowhere else), ZeRO stage 0-3,
+bf16, explicit gradient clipping, optimizer (DeepSpeed "Adam"/"AdamW" through ``torch_adam``, so no
+compiled ops are needed) and the LR schedule:
+
+    constant  WarmupLR        linear warm-up 0 -> lr over optim.warmup_steps, then lr
+    cosine    WarmupCosineLR  linear warm-up, then cosine from lr to optim.min_lr at total_steps
+    linear    WarmupDecayLR   linear warm-up, then linear decay to 0 at total_steps
+
+(DeepSpeed's schedulers run optimizer step k at their value for iteration k - 1 — step 0 at the warm-up
+start — and treat a warm-up
+shorter than 2 steps as 2; with ``warmup_steps: 0`` the constant schedule is exactly lr throughout.)
+
+The same code path serves ``deepspeed launch/pretrain.py`` and ``python launch/pretrain.py``: for a
+single process without a launcher, ``init_distributed`` fills in MASTER_ADDR/MASTER_PORT (a free
+port)/RANK/WORLD_SIZE/LOCAL_RANK so DeepSpeed starts a world of one. Without CUDA it selects
+DeepSpeed's CPU accelerator (``DS_ACCELERATOR=cpu``), which talks gloo.
+
+ZeRO-3 works with DyNet's changing call pattern (see ``ZERO3_NOTE``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dyntrain.config import Config, ConfigError
+
+ZERO3_NOTE = (
+    "ZeRO-3 records the order in which sub-modules run and prefetches parameters along it. When "
+    "the drawn variant changes, the order changes (a shared block runs f times), DeepSpeed sees a "
+    "module it did not expect, invalidates the trace, gathers parameters on demand for the rest of "
+    "that pass and records a new trace at the next step. This is correct (tested: identical "
+    "weights across ranks and the same losses as ZeRO-0) but prefetching helps only on runs of "
+    "the same variant; stage3_max_reuse_distance keeps a shared block's parameters gathered "
+    "between its f applications.")
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+
+
+# ------------------------------------------------------------------------------------ devices
+def resolve_device(cfg: Config, local_rank: int = 0) -> torch.device:
+    """``run.device``: "auto" = CUDA when present, else CPU."""
+    from dyntrain.devices import choose_device
+
+    return choose_device(cfg.run.device, local_rank, setting="run.device", error=ConfigError)
+
+
+def resolve_bf16(cfg: Config, device: torch.device) -> bool:
+    """``deepspeed.bf16``: "auto" = on only on a CUDA device with bf16 support."""
+    value = cfg.deepspeed.bf16
+    if value == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return bool(value)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for MASTER_PORT; the tests use
+    this one helper for every server and launcher they start)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fill_single_process_env() -> None:
+    """No launcher: describe a world of one so DeepSpeed's env:// start-up works."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        os.environ.setdefault("LOCAL_RANK", "0")
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("LOCAL_SIZE", "1")
+
+
+def init_distributed(cfg: Config) -> DistInfo:
+    """Start torch.distributed through DeepSpeed (launcher or single process), pick the device,
+    and on CPU share the cores between the local ranks (unless OMP_NUM_THREADS says otherwise)."""
+    _fill_single_process_env()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(cfg, local_rank)
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed  # after DS_ACCELERATOR is settled: the accelerator is chosen on first use
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.utils import logger as ds_logger
+
+    if os.environ.get("DYNTRAIN_DS_VERBOSE") != "1":  # keep the progress lines readable
+        ds_logger.setLevel(logging.WARNING)
+
+    backend = get_accelerator().communication_backend_name()
+    if device.type == "cpu" and backend not in ("gloo", "ccl"):
+        raise RuntimeError(f"DeepSpeed chose the {get_accelerator()._name!r} accelerator "
+                           f"(backend {backend}) but run.device resolved to cpu; set DS_ACCELERATOR=cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before NCCL starts
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    rank = torch.distributed.get_rank()
+    world = torch.distributed.get_world_size()
+    local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    return DistInfo(rank, world, local_rank, local_world, device, backend)
+
+
+# ------------------------------------------------------------------------------ DeepSpeed JSON
+def shutdown_distributed() -> None:
+    """Leave the process group after a normal finish: a barrier, so no rank tears down while a peer
+    still talks to it, then destroy every group. Left to interpreter exit, gloo's threads can be
+    torn down mid-flight and abort a rank ("terminate called without an active exception", exit
+    -6) after its work is done, which a job script would read as a failed run."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def build_ds_config(cfg: Config, world_size: int, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The DeepSpeed JSON for this run. The only place that derives the global batch size."""
+    device = torch.device(device)
+    ds, opt = cfg.deepspeed, cfg.optim
+    micro = cfg.data.micro_batch_size
+    accum = ds.gradient_accumulation_steps
+    if ds.global_batch_size is not None:
+        per_pass = micro * world_size
+        if ds.global_batch_size % per_pass:
+            raise ConfigError(
+                f"deepspeed.global_batch_size={ds.global_batch_size} is not a multiple of "
+                f"data.micro_batch_size ({micro}) x world size ({world_size}); choose "
+                f"data.micro_batch_size so that it divides {ds.global_batch_size // world_size or 1}")
+        accum = ds.global_batch_size // per_pass
+    total_steps = opt.total_steps if opt.total_steps is not None else cfg.run.max_steps
+    warmup = opt.warmup_steps
+
+    optimizer = {
+        "type": "AdamW" if opt.name == "adamw" else "Adam",
+        "params": {
+            "lr": opt.lr,
+            "betas": list(opt.betas),
+            "eps": opt.eps,
+            "weight_decay": opt.weight_decay,
+            "adam_w_mode": opt.name == "adamw",  # DeepSpeed's "Adam" means AdamW unless told
+            "torch_adam": True,  # torch.optim.Adam(W): no compiled DeepSpeed ops needed
+        },
+    }
+    if opt.lr_schedule == "constant":
+        scheduler = {"type": "WarmupLR", "params": {
+            "warmup_min_lr": 0.0 if warmup > 0 else opt.lr, "warmup_max_lr": opt.lr,
+            "warmup_num_steps": max(1, warmup), "warmup_type": "linear"}}
+    elif opt.lr_schedule == "cosine":
+        scheduler = {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": total_steps, "warmup_min_ratio": 0.0,
+            "warmup_num_steps": max(1, warmup), "cos_min_ratio": opt.min_lr / opt.lr,
+            "warmup_type": "linear"}}
+    else:  # linear
+        scheduler = {"type": "WarmupDecayLR", "params": {
+            "total_num_steps": total_steps, "warmup_min_lr": 0.0, "warmup_max_lr": opt.lr,
+            "warmup_num_steps": max(1, warmup), "warmup_type": "linear"}}
+
+    # Buckets sized for DyNet's 16.6M parameters (bench/scaling.py models the choice): gradients
+    # are reduced in 2M-element buckets (4 MB in bf16, ~8 per step) so the reduction overlaps the
+    # rest of the backward pass yet each bucket stays bandwidth-bound on InfiniBand; the updated
+    # partitions are all-gathered in one call (the gather after the step cannot overlap anything);
+    # ZeRO-3 prefetches 2M elements ahead and keeps tensors under 1e5 elements (152 of 179,
+    # 10% of the parameters) resident, so they cost no latency-bound gathers of their own.
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        zero.update({"overlap_comm": ds.overlap_comm and device.type == "cuda",
+                     "contiguous_gradients": True,
+                     "reduce_bucket_size": int(2e6), "allgather_bucket_size": int(2e7)})
+    if ds.zero_stage == 3:
+        zero.pop("allgather_bucket_size")
+        zero.update({"stage3_prefetch_bucket_size": int(2e6),
+                     "stage3_param_persistence_threshold": int(1e5),
+                     # keep a shared block gathered between its f applications
+                     "stage3_max_reuse_distance": int(1e9),
+                     "stage3_max_live_parameters": int(1e9),
+                     "stage3_gather_16bit_weights_on_model_save": False})
+    if ds.offload_optimizer:
+        if ds.zero_stage == 0:
+            raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+
+    config: dict[str, Any] = {
+        "train_batch_size": micro * accum * world_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": float(opt.grad_clip),  # explicit: 0.0 = no clipping
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "bf16": {"enabled": resolve_bf16(cfg, device)},
+        "fp16": {"enabled": False},
+        "zero_optimization": zero,
+        "steps_per_print": ds.steps_per_print if ds.steps_per_print > 0 else 2**62,
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+    }
+    if ds.offload_optimizer:
+        config["zero_force_ds_cpu_optimizer"] = False  # keep torch Adam (no compiled CPU Adam)
+    return config
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, dist_info: DistInfo):
+    """Wrap ``model`` in a DeepSpeed engine built from ``build_ds_config``."""
+    import deepspeed
+
+    ds_config = build_ds_config(cfg, dist_info.world_size, dist_info.device)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                           config=ds_config)
+    if cfg.model.compile and cfg.deepspeed.zero_stage == 3:
+        engine.compile()  # below stage 3 build_model compiled the blocks (DyNet.compile_blocks)
+    return engine, ds_config

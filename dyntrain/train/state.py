@@ -1,0 +1,127 @@
+"""What a ``Trainer`` saves, restores and traces (a mixin of ``dyntrain.train.trainer.Trainer``).
+
+Checkpoint state: the global client state (step, schedule description and state - the cost-aware
+probability table -, GPU-hour account, MLflow run id, resolved config, world size) plus ``rank_state`` (this rank's torch/numpy/python/CUDA RNG and
+loader state), which makes a resume with the same number of ranks exact.
+
+Trace (debugging, tests): after ``enable_trace(directory)`` every rank writes ``trace_rank<r>.json``
+there at the end of ``train`` (per-step variant, loss and sample keys, and a SHA-256 of the full
+fp32 weights); ``run_training(trainer_hook=...)`` is the place to switch it on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from dyntrain.logs import get_logger
+
+log = get_logger(__name__)
+
+
+class TrainerStateMixin:
+    """Needs the trainer's ``cfg``, ``engine``, ``loader``, ``schedule``, ``account``, ``tracker``,
+    ``checkpoint_manager``, ``rank``, ``world_size``, ``device``, ``step``, ``stopped_early``,
+    ``mlflow_run_id``, ``_last_saved_step``, ``_trace`` and ``_trace_dir``."""
+
+    # ---------------------------------------------------------------------------- resume
+    def resume(self) -> Optional[str]:
+        """Load the checkpoint ``checkpoint_manager.find_resume()`` names, if any; returns its tag."""
+        if self.checkpoint_manager is None:
+            return None
+        tag = self.checkpoint_manager.find_resume()
+        if tag is None:
+            return None
+        client_state, rank_state = self.checkpoint_manager.load(tag)
+        self.load_state_dict({**client_state, "rank_state": rank_state})
+        self._last_saved_step = self.step
+        log.info(f"[{self.cfg.run.name}] resumed from {tag} at step {self.step}")
+        return tag
+
+    def state_dict(self) -> dict[str, Any]:
+        """Global client state plus ``rank_state`` (this rank's RNG and loader state)."""
+        return {
+            "step": self.step,
+            "schedule": self.schedule.describe(),
+            "schedule_state": self.schedule.state_dict() if hasattr(self.schedule, "state_dict") else None,
+            "account": self.account.state_dict(),
+            "mlflow_run_id": self.tracker.run_id or self.mlflow_run_id,
+            "config": self.cfg.to_dict(),
+            "world_size": self.world_size,
+            "rank_state": self.rank_state(),
+        }
+
+    def rank_state(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+               "python": random.getstate()}
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        loader = self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
+        return {"rank": self.rank, "world_size": self.world_size, "rng": rng, "loader": loader}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        if state.get("schedule") and state["schedule"] != self.schedule.describe() and self.rank == 0:
+            log.warning(f"[{self.cfg.run.name}] warning: the variant schedule differs from the checkpoint's "
+                        f"({state['schedule']} -> {self.schedule.describe()}); the draw sequence after "
+                        f"step {self.step} is not the one the original run would have drawn")
+        if state.get("schedule_state") and hasattr(self.schedule, "load_state_dict"):
+            self.schedule.load_state_dict(state["schedule_state"])  # the cost-aware probability table
+        if state.get("account"):
+            self.account.load_state_dict(state["account"])
+        self.mlflow_run_id = state.get("mlflow_run_id") or self.mlflow_run_id
+        rank_state = state.get("rank_state")
+        if rank_state is None:
+            if self.rank == 0:
+                log.warning(f"[{self.cfg.run.name}] warning: no per-rank state for rank {self.rank} in the "
+                            f"checkpoint; RNG and reader positions start fresh (resume is not exact)")
+            return
+        rng = rank_state.get("rng") or {}
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "numpy" in rng:
+            np.random.set_state(rng["numpy"])
+        if "python" in rng:
+            random.setstate(rng["python"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        if rank_state.get("loader") is not None and hasattr(self.loader, "load_state_dict"):
+            self.loader.load_state_dict(rank_state["loader"])
+
+    # ----------------------------------------------------------------------------- trace
+    def enable_trace(self, directory: str | Path) -> None:
+        """Record every step (variant, loss, sample keys) and write ``<directory>/trace_rank<r>.json``
+        with the final weights' SHA-256 when ``train`` ends (call on every rank: the digest is
+        collective under ZeRO-3)."""
+        self._trace_dir = Path(directory)
+        if self._trace is None:
+            self._trace = []
+
+    def weights_digest(self) -> str:
+        """SHA-256 of the full fp32 weights (collective under ZeRO-3: call on all ranks)."""
+        import deepspeed
+
+        params = list(self.engine.module.parameters())
+        stage3 = any(hasattr(p, "ds_tensor") for p in params)
+        h = hashlib.sha256()
+        with deepspeed.zero.GatheredParameters(params, enabled=stage3):
+            for name, p in self.engine.module.named_parameters():
+                h.update(name.encode())
+                h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def _write_trace(self) -> None:
+        trace_dir = self._trace_dir
+        if trace_dir is None or self._trace is None:
+            return
+        digest = self.weights_digest()
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        out = {"rank": self.rank, "world_size": self.world_size, "final_step": self.step,
+               "stopped_early": self.stopped_early, "steps": self._trace, "weights_sha256": digest,
+               "account": self.account.metrics()}
+        (trace_dir / f"trace_rank{self.rank}.json").write_text(json.dumps(out))

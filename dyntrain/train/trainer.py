@@ -1,0 +1,312 @@
+"""The training loop shared by pre-training and fine-tuning.
+
+One optimizer step = global iteration ``t``: the schedule names the variant of ``t`` (the same on
+every rank), every micro-batch of the step runs with that variant's reuse tuple, the loss is L1
+between the output clamped to [0, 1] and the clean target, and DeepSpeed does backward and step.
+Other recipes (``schedule.mode: sandwich``, ``schedule.distill``) give a step several passes: the
+schedule's ``plan_at(t)`` names them and ``dyntrain.train.schedule.recipes.plan_loss`` sums their losses into the
+one objective of each micro-batch.
+The loader is any iterator of batch dicts (see the data contract): the trainer does not care whether
+it is the DALI pre-training stream or the paired fine-tuning data.
+
+No host synchronisation inside a step: per micro-batch the (loss, stop request) flags stay on the
+device (all-reduced asynchronously across ranks, see ``dyntrain.train.pending``), and step t's flags
+are read on the host only after step t+1 has been queued, or at once where the host must know: before
+a checkpoint save, before a progress line, at the last step, after a stop request, and at steps a
+callback asks for. A NaN/Inf loss at step t therefore raises ``NonFiniteLossError`` (naming step t and
+its variant) on every rank at the latest one step later and always before any checkpoint; a
+checkpoint is written only after an all-rank check that every weight is finite. A stop request (a
+signal handler calls ``request_checkpoint``) travels in the flags, so all ranks see it at the same
+point and stop after the same step, save, and ``train`` returns with ``stopped_early=True``.
+Checkpoint state, resume and the trace live in ``dyntrain.train.state``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from dyntrain.errors import DyntrainError
+from dyntrain.logs import get_logger
+from dyntrain.train.pending import NonFiniteLossError, PendingStep, StepTimer
+from dyntrain.train.schedule import plan_loss, restoration_loss
+from dyntrain.train.schedule import VariantSchedule, verify_draw
+from dyntrain.tracking import ConsoleTracker, GPUHourAccount, NullTracker, RunHeader, TrackerGroup
+from dyntrain.tracking.window import StepWindow
+from dyntrain.train.state import TrainerStateMixin
+
+__all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "CorruptWeightsError", "restoration_loss"]
+
+
+class CorruptWeightsError(DyntrainError, FloatingPointError):
+    """A weight is NaN or Inf where a checkpoint was about to be written."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    stopped_early: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+log = get_logger(__name__)
+
+Callback = Callable[["Trainer", int, dict], None]
+
+
+class Trainer(TrainerStateMixin):
+    """Args:
+    cfg: the run's ``dyntrain.config.Config``.
+    engine: a DeepSpeed engine wrapping DyNet (``engine(x, reuse=...)``).
+    loader: iterator of batch dicts ("input", "target", optional "mask", "keys"); optional
+        ``state_dict``/``load_state_dict``/``stats``.
+    schedule: ``VariantSchedule``.
+    tracker: ``make_tracker(...)`` result (None = NullTracker); may be replaced via ``attach_tracker``.
+        The trainer talks to one ``TrackerGroup``: this tracker and, on rank 0, the console tracker
+        (header, progress and summary lines).
+    rank, world_size: this process in the data-parallel world.
+    checkpoint_manager: object with ``save(step, client_state, rank_state) -> tag``,
+        ``find_resume() -> tag | None`` and ``load(tag) -> (client_state, rank_state)``; None = no
+        checkpoints.
+    verify_group: process group for ``schedule.verify_every`` (see ``schedule.new_verify_group``).
+    """
+
+    def __init__(self, cfg, engine, loader, schedule: VariantSchedule, tracker=None, rank: int = 0,
+                 world_size: int = 1, *, checkpoint_manager=None, verify_group=None,
+                 device: Optional[torch.device] = None) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.loader = loader
+        self._batches = loader if hasattr(loader, "__next__") else iter(loader)
+        self.schedule = schedule
+        self.console = ConsoleTracker(cfg.run.name, cfg.run.max_steps) if rank == 0 else NullTracker()
+        self.tracker = TrackerGroup(tracker if tracker is not None else NullTracker(), self.console)
+        self.rank = rank
+        self.world_size = world_size
+        self.checkpoint_manager = checkpoint_manager
+        self.verify_group = verify_group
+        self.device = torch.device(device if device is not None else getattr(engine, "device", "cpu"))
+        self.accum = int(engine.gradient_accumulation_steps()) if hasattr(
+            engine, "gradient_accumulation_steps") else cfg.deepspeed.gradient_accumulation_steps
+        self.input_dtype = torch.bfloat16 if _bf16(engine) else torch.float32
+        self.channels_last = bool(cfg.model.channels_last)
+        self.step = 0  # optimizer steps done == index of the next global iteration
+        self.account = GPUHourAccount(world_size, schedule.active)
+        self.account.flops_per_sample = _variant_flops(cfg, schedule)
+        self.mlflow_run_id: Optional[str] = None
+        self.stopped_early = False
+        self.callbacks: list[tuple[Callback, Optional[Callable[[int], bool]]]] = []
+        self._stop_requested = False
+        self._last_saved_step: Optional[int] = None
+        self._trace: Optional[list[dict]] = None    # per-step records once enable_trace() ran
+        self._trace_dir = None
+        self._last_metrics: dict[str, float] = {}
+        self._window = StepWindow()
+        self._resolved: dict[str, Any] = {}  # the last step read on the host
+
+    # ------------------------------------------------------------------------------ hooks
+    def request_checkpoint(self) -> None:
+        """Ask for a checkpoint and a clean stop at the next step boundary (signal-handler safe)."""
+        self._stop_requested = True
+
+    def attach_tracker(self, tracker) -> None:
+        """Replace the recording tracker (MLflow); the console tracker stays beside it."""
+        self.tracker = TrackerGroup(tracker, self.console)
+        if getattr(tracker, "run_id", None):
+            self.mlflow_run_id = tracker.run_id
+
+    def add_callback(self, fn: Callback, at: Optional[Callable[[int], bool]] = None) -> None:
+        """``fn(trainer, step, metrics)`` runs on every rank for every optimizer step, in order, once
+        that step's metrics are on the host (``step`` = steps done). ``at(step)`` names the steps at
+        which ``fn`` needs the model exactly as that step left it (e.g. an evaluation): the trainer
+        then reads the step before queuing the next one. ``at`` must give the same answer on every
+        rank; None = every step (one host synchronisation per step)."""
+        self.callbacks.append((fn, at))
+
+    # ------------------------------------------------------------------------------- step
+    def train_step(self, step: int) -> PendingStep:
+        """Queue global iteration ``step`` (all its micro-batches with one variant); its flags,
+        loss and time are read later by ``PendingStep.resolve``."""
+        plan = self.schedule.plan_at(step)
+        label = plan.label
+        reuse = self.schedule.variants[plan.variants[0]]
+        every = self.cfg.schedule.verify_every
+        if every and step % every == 0:
+            verify_draw(step, label, self.schedule, self.verify_group, self.rank,
+                        self.world_size, self.cfg.schedule.verify_timeout_s)
+        pending = PendingStep(step, label, tuple(reuse), self.world_size, _current_lr(self.engine),
+                              StepTimer(self.device), variants=plan.variants,
+                              teacher=plan.teacher if plan.teacher_pass else None)
+        one_pass = len(plan.variants) == 1 and not plan.teacher_pass
+        for _ in range(self.accum):
+            td = time.perf_counter()
+            batch = next(self._batches)
+            pending.data_wait += time.perf_counter() - td
+            x = batch["input"].to(self.device, self.input_dtype, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = batch["target"].to(self.device, non_blocking=True)
+            if one_pass:  # the paper's recipe and the baselines
+                loss = restoration_loss(self.engine(x, reuse=reuse), y)
+                pending.add(loss, self._stop_requested)  # on the device: no host copy here
+            else:
+                pending.timer.begin()
+                loss, parts = plan_loss(self._forward, plan, self.schedule.variants, x, y,
+                                        pending.timer.mark)
+                pending.add(loss, self._stop_requested, parts)
+            self.engine.backward(loss)
+            self.engine.step()
+            pending.samples += int(x.shape[0]) * self.world_size
+            if self._trace is not None:
+                pending.keys.extend(batch.get("keys") or [])
+        pending.timer.stop()
+        return pending
+
+    def _finish(self, pending: PendingStep) -> bool:
+        """Read a queued step on the host (raises ``NonFiniteLossError``), account, window, trace,
+        callbacks; returns whether a stop was requested on any rank."""
+        m = pending.resolve()
+        self.account.record_step(m["variants"], m["step_time_s"], m["pass_s"], m["samples"],
+                                 teacher=pending.teacher)
+        self._window.add(m)
+        if self._trace is not None:
+            self._trace.append({"step": m["step"], "variant": m["variant"], "loss": m["loss"],
+                                "losses": m["losses"], "teacher": pending.teacher,
+                                "keys": pending.keys})
+        for fn, _ in self.callbacks:
+            fn(self, m["step"] + 1, m)
+        self._resolved = m
+        return m["stop"]
+
+    def _host_needed(self, done: int) -> bool:
+        """Whether the step that made ``done`` steps must be read before the next is queued."""
+        total, every = self.cfg.run.max_steps, self.cfg.checkpoint.every
+        return (done >= total or done % self.cfg.run.log_every == 0 or bool(every and done % every == 0)
+                or any(at is None or at(done) for _, at in self.callbacks))
+
+    # ------------------------------------------------------------------------------- loop
+    def train(self) -> TrainResult:
+        """Train until ``run.max_steps`` (or a stop request); checkpoints per ``checkpoint.every``."""
+        total = self.cfg.run.max_steps
+        every_ckpt = self.cfg.checkpoint.every
+        self._print_header()
+        self.account.start()
+        self._window = StepWindow()
+        pending: Optional[PendingStep] = None
+        try:
+            while self.step < total:
+                queued = self.train_step(self.step)
+                self.step += 1
+                # step t-1 is read only now that step t is queued: the device never waits for the host
+                stop = self._finish(pending) if pending is not None else False
+                pending = queued
+                if stop or self._host_needed(self.step):
+                    stop = self._finish(pending) or stop
+                    pending = None
+                    if stop or self.step >= total or self.step % self.cfg.run.log_every == 0:
+                        self._log(self._window, self._resolved)
+                        self._window = StepWindow()
+                if stop:
+                    self.stopped_early = True
+                    self.save_checkpoint()
+                    break
+                if self.step >= total or (every_ckpt and self.step % every_ckpt == 0):
+                    self.save_checkpoint()
+        finally:
+            self.account.stop()
+        final = self.account.metrics()
+        self.tracker.log_metrics(final, step=self.step)
+        self._print_summary(final)
+        self._write_trace()
+        return TrainResult(self.step, self.stopped_early, final)
+
+    # ------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Optional[str]:
+        """Save through the checkpoint manager (all ranks), after checking the weights are finite."""
+        if self.checkpoint_manager is None or self._last_saved_step == self.step:
+            return None
+        self._check_weights_finite()
+        state = self.state_dict()
+        rank_state = state.pop("rank_state")
+        tag = self.checkpoint_manager.save(self.step, client_state=state, rank_state=rank_state)
+        self._last_saved_step = self.step
+        self.tracker.set_tags({"last_checkpoint": tag})
+        return tag
+
+    # ---------------------------------------------------------------------------- helpers
+    def _forward(self, x: torch.Tensor, reuse: tuple) -> torch.Tensor:
+        return self.engine(x, reuse=reuse)
+
+    def _local_params(self):
+        for p in self.engine.module.parameters():
+            yield getattr(p, "ds_tensor", p)  # ZeRO-3: this rank's partition
+
+    def _check_weights_finite(self) -> None:
+        bad = torch.zeros(1, dtype=torch.float32)
+        for p in self._local_params():
+            if p.numel() and not torch.isfinite(p.detach()).all():
+                bad += 1
+                break
+        if self.world_size > 1:
+            bad = bad.to(self.device)
+            dist.all_reduce(bad)
+        if float(bad.cpu()) > 0:
+            raise CorruptWeightsError(f"non-finite weights after step {self.step}: refusing to save "
+                                      f"a checkpoint")
+
+    def _log(self, window: StepWindow, last: dict[str, Any]) -> None:
+        metrics = window.metrics(last["lr"])
+        if self.device.type == "cuda":
+            metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if hasattr(self.loader, "stats"):
+            stats = self.loader.stats()
+            metrics["data_epoch"] = float(stats.get("epoch", 0))
+            metrics["corrupt_skipped"] = float(stats.get("corrupt_skipped", 0))
+        account = self.account.metrics()
+        metrics.update(account)
+        self._last_metrics = metrics
+        self.tracker.log_metrics(metrics, step=self.step)  # the console tracker prints the progress line
+
+    def _print_header(self) -> None:
+        """Announce the run to the trackers (the console tracker prints the header line)."""
+        self.tracker.log_start(RunHeader(
+            schedule_mode=self.schedule.mode, probs=dict(self.schedule.probs), world_size=self.world_size,
+            device_type=self.device.type, zero_stage=self.cfg.deepspeed.zero_stage, bf16=_bf16(self.engine),
+            global_batch=self.cfg.data.micro_batch_size * self.accum * self.world_size,
+            start_step=self.step, max_steps=self.cfg.run.max_steps, run_id=self.tracker.run_id))
+
+    def _print_summary(self, m: dict[str, float]) -> None:
+        """The end of the run to the trackers (the console tracker prints the summary line)."""
+        self.tracker.log_end(self.step, self.stopped_early, m)
+
+
+def _variant_flops(cfg, schedule) -> dict[str, float]:
+    """F_v: FLOPs of one forward of every variant on one crop (``dynet.flops`` on the meta device);
+    {} (work not counted) for a model ``cfg.model`` does not describe."""
+    try:
+        from dynet import DyNet, count_flops
+
+        with torch.device("meta"):
+            model = DyNet(cfg.model.to_dynet())
+        size = int(cfg.data.crop_size)
+        return {n: float(count_flops(model, size, size, reuse=tuple(r)).total)
+                for n, r in schedule.variants.items()}
+    except Exception as exc:  # noqa: BLE001 - the work count is a report, never a reason to fail
+        log.warning(f"work count (pflop) off: could not count the model's FLOPs ({exc})")
+        return {}
+
+
+def _bf16(engine) -> bool:
+    fn = getattr(engine, "bfloat16_enabled", None)
+    return bool(fn()) if callable(fn) else False
+
+
+def _current_lr(engine) -> float:
+    try:
+        return float(engine.get_lr()[0])
+    except Exception:  # engines without an optimizer (never in training)
+        return float("nan")
