@@ -19,6 +19,7 @@ import sys
 import traceback
 from typing import Callable, Optional
 
+
 TRACEBACK_FLAG = "--traceback"
 TRACEBACK_ENV = "DYNTRAIN_TRACEBACK"
 EXIT_ERROR = 2          # a DyntrainError, like argparse's bad command line; a bug's traceback exits 1
@@ -26,6 +27,11 @@ EXIT_ERROR = 2          # a DyntrainError, like argparse's bad command line; a b
 
 class DyntrainError(Exception):
     """Base of the errors that end a command with one line naming the thing that is wrong."""
+
+
+class ConfigError(DyntrainError, ValueError):
+    """A config key that does not exist, or a value of the wrong type or range (it names the dotted
+    key); raised by ``dyntrain.config`` and by the code that reads a config."""
 
 
 def _rank() -> int:

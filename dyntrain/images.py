@@ -1,4 +1,5 @@
-"""Image files: the one list of extensions, folder listing, and reading to 8-bit RGB.
+"""Image files: the one list of extensions, folder listing, reading to 8-bit RGB, and the one
+conversion of such an image to a model input (``to_tensor``).
 
 Used by the shard builder, the fine-tuning data, evaluation and inference, so every part of the
 system accepts the same files.
@@ -8,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
+
 
 # file suffixes (lower case) that count as images everywhere in dyntrain
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -37,3 +40,8 @@ def read_image(path: str | Path) -> np.ndarray:
             arr = arr / 257.0 if arr.max() > 255 else arr
             img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), mode="L")
         return np.ascontiguousarray(np.asarray(img.convert("RGB")))
+
+
+def to_tensor(img: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, H, W) float in [0, 1] on ``device`` (a copy: ``img`` is untouched)."""
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].to(device).float().div_(255.0)

@@ -21,6 +21,7 @@ import os
 import sys
 from typing import IO, Optional
 
+
 ROOT = "dyntrain"
 _HANDLER_MARK = "_dyntrain_handler"
 

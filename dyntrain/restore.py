@@ -18,9 +18,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dyntrain.config import Config, ConfigError, dynet_config_from_dict
-from dyntrain.images import IMAGE_EXTS, list_images, read_image as _decode_image
+from dynet import DyNet
+from dynet.inference import gray_world, restore_image
+from dyntrain.checkpoint.weights import checkpoint_info, load_weights
+from dyntrain.config import Config, dynet_config_from_dict
+from dyntrain.errors import ConfigError
+from dyntrain.images import IMAGE_EXTS, list_images, read_image as _decode_image, to_tensor
 from dyntrain.logs import get_logger
+from dyntrain.progress import progress_bar
+
 
 MIN_TILE = 64
 log = get_logger(__name__)
@@ -29,7 +35,6 @@ log = get_logger(__name__)
 # --------------------------------------------------------------------------------- loading
 def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
     """What a checkpoint says about its run: {"step", "mlflow_run_id", ...} where known, else {}."""
-    from dyntrain.checkpoint.weights import checkpoint_info
 
     try:
         return checkpoint_info(path)
@@ -41,9 +46,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", cfg: Option
                strict: bool = True) -> torch.nn.Module:
     """The DyNet stored at ``path``, in eval mode on ``device``. The architecture comes from the
     checkpoint; ``cfg.model`` is used only when the checkpoint carries none."""
-    from dynet import DyNet
 
-    from dyntrain.checkpoint.weights import load_weights
 
     path = Path(path)
     if not path.exists():
@@ -120,10 +123,6 @@ def write_image(img: np.ndarray, path: str | Path, jpeg_quality: int = 95) -> No
         Image.fromarray(img).save(path)
 
 
-def to_tensor(img: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(img.copy()).permute(2, 0, 1)[None].to(device).float().div_(255.0)
-
-
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x[0].clamp(0, 1) * 255.0).round_().byte().permute(1, 2, 0).cpu().numpy()
 
@@ -162,8 +161,6 @@ class Restorer:
 
     @torch.no_grad()
     def __call__(self, img: np.ndarray) -> tuple[np.ndarray, Optional[int]]:
-        from dynet.inference import gray_world, restore_image
-
         x = to_tensor(img, self.device)
         if self.options.gray_world:
             x = gray_world(x)
@@ -199,7 +196,6 @@ def restore_paths(model: torch.nn.Module, src: str | Path, dst: str | Path, opti
                   device: torch.device, printer: Optional[Callable[[str], None]] = None) -> list[dict[str, Any]]:
     """Restore every image of ``src`` into ``dst``; one line per image to ``printer`` (default: an
     INFO log line) under a progress bar (rank 0, on a terminal); returns the records."""
-    from dyntrain.progress import progress_bar
 
     say = printer if printer is not None else log.info
     restorer = Restorer(model, options, device)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+
 MASK64 = (1 << 64) - 1
 _LOW32 = 0xFFFFFFFF
 

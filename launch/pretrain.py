@@ -17,10 +17,9 @@ from dyntrain.errors import cli_main  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     cfg = training_config(argv, __doc__, "YAML config (defaults: the paper's recipe)")
 
-    from dyntrain.data.pretrain.pipeline import build_pretrain_loader
-    from dyntrain.train.run import run_training
+    from dyntrain.jobs.pretrain import run_pretrain
 
-    result = run_training(cfg, build_pretrain_loader, mode="pretrain")
+    result = run_pretrain(cfg)
     return 0 if result.step >= cfg.run.max_steps or result.stopped_early else 1
 
 

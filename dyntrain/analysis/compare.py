@@ -1,6 +1,6 @@
 """Compare MLflow runs: dynamic vs fixed-variant pre-training, and fine-tuned PSNR/SSIM per variant.
 
-``collect_runs`` reads runs with ``mlflow.search_runs`` and sorts them into
+``collect_runs`` reads runs (through ``dyntrain.tracking.store``) and sorts them into
   - pre-training runs (``data.source`` "shards"): mode (dynamic, or fixed:<variant> for the
     separate-training baselines), steps, GPU hours, ``gpu_hours_separate``, ``gpu_hours_saved_frac``;
   - result runs (any run with ``eval/<variant>/<task>/psnr`` metrics: fine-tuning runs evaluated
@@ -13,68 +13,25 @@ a "comparison" run.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from dynet.summary import text_table
-
+from dyntrain.analysis.plot import plot_iso
+from dyntrain.analysis.runs import PretrainRun, ResultRun, separate_vs_dynamic
+from dyntrain.eval.iso_quality import as_metrics, format_result, iso_quality
 from dyntrain.eval.testdata import TASK_LABELS
+from dyntrain.tracking import store
+
 
 EVAL_METRIC = re.compile(r"^eval/(?P<variant>[^/]+)/(?P<task>[^/]+)/(?P<name>psnr|ssim)$")
 TASK_ORDER = list(TASK_LABELS) + ["average", "mio_in_average", "mio_out_average"]
 
 
-@dataclass
-class PretrainRun:
-    run_id: str
-    name: str
-    experiment: str
-    mode: str  # "dynamic" or "fixed:<variant>"
-    status: str
-    metrics: dict[str, float]
-
-    @property
-    def steps(self) -> float:
-        return sum(v for k, v in self.metrics.items() if k.startswith("steps_") and k != "steps_s")
-
-
-@dataclass
-class ResultRun:
-    run_id: str
-    name: str
-    experiment: str
-    stage: str
-    results: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # variant -> task -> psnr/ssim
-    gflops: dict[str, float] = field(default_factory=dict)
-
-
-def _experiments(client, names: Optional[Sequence[str]]) -> list:
-    if names:
-        out = []
-        for name in names:
-            exp = client.get_experiment_by_name(name)
-            if exp is None:
-                known = [e.name for e in client.search_experiments()]
-                raise ValueError(f"MLflow experiment {name!r} not found (known: {known})")
-            out.append(exp)
-        return out
-    return list(client.search_experiments())
-
-
 def collect_runs(tracking_uri: str, experiments: Optional[Sequence[str]] = None
                  ) -> tuple[list[PretrainRun], list[ResultRun]]:
     """Pre-training and result runs of the given experiments (all experiments when None)."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    mlflow.set_tracking_uri(tracking_uri)
-    exps = _experiments(MlflowClient(tracking_uri), experiments)
-    if not exps:
-        return [], []
-    names = {e.experiment_id: e.name for e in exps}
-    runs = mlflow.search_runs(experiment_ids=list(names), output_format="list", max_results=50000,
-                              order_by=["attributes.start_time ASC"])
+    names, runs = store.search_runs(tracking_uri, experiments)
     pretrain, results = [], []
     for run in runs:
         params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
@@ -144,43 +101,10 @@ def format_tables(pretrain: list[PretrainRun], results: list[ResultRun]) -> str:
     return "\n\n".join(parts)
 
 
-def separate_vs_dynamic(pretrain: list[PretrainRun]) -> Optional[dict[str, Any]]:
-    """Measured saving of the newest dynamic run against fixed-variant baseline runs (one per variant,
-    the newest), their GPU hours scaled to the dynamic run's step count."""
-    dynamic = [r for r in pretrain if r.mode == "dynamic" and r.metrics.get("gpu_hours") and r.steps]
-    baselines: dict[str, PretrainRun] = {}
-    for r in pretrain:
-        if r.mode.startswith("fixed:") and r.metrics.get("gpu_hours") and r.steps:
-            baselines[r.mode[6:]] = r
-    if not dynamic or len(baselines) < 2:
-        return None
-    d = dynamic[-1]
-    separate = sum(b.metrics["gpu_hours"] / b.steps * d.steps for b in baselines.values())
-    return {"dynamic": d.name, "steps": d.steps, "dynamic_gpu_hours": d.metrics["gpu_hours"],
-            "baselines": sorted(b.name for b in baselines.values()), "separate_gpu_hours": separate,
-            "saved_frac": 1.0 - d.metrics["gpu_hours"] / separate}
-
-
 def log_comparison(tracking_uri: str, experiment: str, png: Path, text: str,
                    compared: Sequence[str]) -> str:
     """A run in ``experiment`` tagged dyntrain.stage=comparison holding the plot and the tables."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from dyntrain.tracking import experiment_id_for
-
-    client = MlflowClient(tracking_uri)
-    run = client.create_run(experiment_id_for(client, experiment, tracking_uri), run_name="comparison",
-                            tags={"dyntrain.stage": "comparison", "dyntrain.compared_runs": ",".join(compared)[:5000]})
-    try:
-        client.log_artifact(run.info.run_id, str(png))
-        client.log_text(run.info.run_id, text + "\n", "comparison.txt")
-    except Exception:
-        client.set_terminated(run.info.run_id, "FAILED")
-        raise
-    client.set_terminated(run.info.run_id, "FINISHED")
-    mlflow.set_tracking_uri(tracking_uri)
-    return run.info.run_id
+    return store.log_comparison_run(tracking_uri, experiment, png, text, compared)
 
 
 # ------------------------------------------------------------------ iso-quality (dyntrain.eval.iso_quality)
@@ -194,9 +118,10 @@ ISO_AXES = ("gpu_hours", "pflop")
 def val_curves(client, run_id: str, variants: Sequence[str], x: str = "gpu_hours"
                ) -> dict[str, list[tuple[float, float, float]]]:
     """variant -> [(val/<x>, val/<v>/own_steps, val/<v>/psnr)] of one run, one point per step
-    (x: "gpu_hours", the default, or "pflop", the machine-independent work count)."""
+    (x: "gpu_hours", the default, or "pflop", the machine-independent work count). ``client``: a
+    tracking URI or a client (``store.open_client``)."""
     def by_step(key: str) -> dict[int, float]:
-        return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+        return store.metric_history(client, run_id, key)
     hours = by_step(f"val/{x}")
     curves = {}
     for v in variants:
@@ -209,17 +134,18 @@ def val_curves(client, run_id: str, variants: Sequence[str], x: str = "gpu_hours
 
 def find_iso_runs(client, experiment: Optional[str], run_ids: Optional[Sequence[str]] = None):
     """(dynamic run, {variant: fixed-variant run}) - the ids given, else the newest of each mode with
-    validation in ``experiment``; refuses different val fingerprints and missing baselines."""
+    validation in ``experiment``; refuses different val fingerprints and missing baselines. ``client``:
+    a tracking URI or a client (``store.open_client``)."""
     if run_ids:
-        runs = [client.get_run(r) for r in run_ids]
+        runs = [store.get_run(client, r) for r in run_ids]
     else:
         if not experiment:
             raise ComparisonError("--iso-quality needs --experiment NAME or --runs ID ID ID")
-        exp = client.get_experiment_by_name(experiment)
+        exp = store.find_experiment(client, experiment)
         if exp is None:
             raise ComparisonError(f"MLflow experiment {experiment!r} not found")
-        runs = client.search_runs([exp.experiment_id], "tags.`dyntrain.stage` = 'pretrain'",
-                                  order_by=["attributes.start_time DESC"], max_results=5000)
+        runs = store.search_experiment_runs(client, exp.experiment_id, "tags.`dyntrain.stage` = 'pretrain'",
+                                            order_by=["attributes.start_time DESC"], max_results=5000)
         runs = [r for r in runs if r.data.tags.get("val.fingerprint")]
     dynamic, fixed = None, {}
     for r in runs:  # newest first when searched; any recipe that trains several variants
@@ -253,11 +179,7 @@ def compare_iso_quality(tracking_uri: str, experiment: Optional[str], run_ids=No
     result plus ``text`` and the run ids."""
     if x not in ISO_AXES:
         raise ComparisonError(f"iso-quality axis must be one of {ISO_AXES}, got {x!r}")
-    from mlflow.tracking import MlflowClient
-
-    from dyntrain.eval.iso_quality import as_metrics, format_result, iso_quality
-
-    client = MlflowClient(tracking_uri)
+    client = store.open_client(tracking_uri)
     dynamic, baselines = find_iso_runs(client, experiment, run_ids)
     variants = list(baselines)
     dyn_curves = val_curves(client, dynamic.info.run_id, variants, x)
@@ -273,22 +195,15 @@ def compare_iso_quality(tracking_uri: str, experiment: Optional[str], run_ids=No
     result["dynamic_run"] = dynamic.info.run_id
     result["baseline_runs"] = {v: b.info.run_id for v, b in baselines.items()}
     if png is not None:
-        from dyntrain.analysis.plot import plot_iso
-
         plot_iso(dyn_curves, sep_curves, png, result,
                  xlabel="GPU hours (validation excluded)" if x == "gpu_hours" else "training work (PFLOP)",
                  label=result["recipe"] or "dynamic")
     if log:
-        import time
-
-        from mlflow.entities import Metric
-
-        step = max(m.step for m in client.get_metric_history(dynamic.info.run_id, f"val/{x}"))
-        now = int(time.time() * 1000)
-        client.log_batch(dynamic.info.run_id, metrics=[Metric(k, float(v), now, step)
-                                                       for k, v in as_metrics(result, x).items()])
-        client.log_text(dynamic.info.run_id, result["text"] + "\n",
-                        "iso_quality.txt" if x == "gpu_hours" else f"iso_quality_{x}.txt")
+        step = max(store.metric_history(client, dynamic.info.run_id, f"val/{x}"))
+        store.log_batch_metrics(client, dynamic.info.run_id,
+                                [(k, v, step) for k, v in as_metrics(result, x).items()])
+        store.log_text(client, dynamic.info.run_id, result["text"] + "\n",
+                       "iso_quality.txt" if x == "gpu_hours" else f"iso_quality_{x}.txt")
         if png is not None:
-            client.log_artifact(dynamic.info.run_id, str(png))
+            store.log_artifact(client, dynamic.info.run_id, png)
     return result

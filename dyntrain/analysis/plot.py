@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dyntrain.analysis.compare import PretrainRun, ResultRun, separate_vs_dynamic
+from dyntrain.analysis.runs import PretrainRun, ResultRun, separate_vs_dynamic
 
 
 def plot(pretrain: list[PretrainRun], results: list[ResultRun], path: str | Path) -> Path:
     """Two panels: average PSNR vs GFLOPs per variant; GPU hours of dynamic vs separate pre-training."""
+    # lazy: matplotlib is optional: plots only
     import matplotlib
     matplotlib.use("Agg")
+    # lazy: matplotlib is optional: plots only
     import matplotlib.pyplot as plt
 
     path = Path(path)
@@ -72,8 +74,10 @@ def plot_iso(dynamic: dict, separate: dict, path: str | Path, result: dict | Non
              xlabel: str = "GPU hours (validation excluded)", label: str = "dynamic") -> Path:
     """Val PSNR vs cost (GPU hours, or ``xlabel``), one panel per variant: the dynamic run (or any
     recipe's, named ``label``) against its separate run."""
+    # lazy: matplotlib is optional: plots only
     import matplotlib
     matplotlib.use("Agg")
+    # lazy: matplotlib is optional: plots only
     import matplotlib.pyplot as plt
 
     path = Path(path)

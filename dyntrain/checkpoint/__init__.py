@@ -15,12 +15,14 @@ is ``dyntrain.checkpoint.weights``.
 """
 from dyntrain.checkpoint.collective import all_gather, barrier, broadcast, dist_on
 from dyntrain.checkpoint.files import atomic_write_text, fsync_dir, fsync_file, remove_tag
-from dyntrain.checkpoint.layout import (COMPLETE, FORMAT_VERSION, LATEST, STATE_KEY, TAG_PREFIX, TAG_RE, UNIVERSAL,
-                     CheckpointError, CheckpointInfo, list_checkpoints, newest_complete, owner_rank,
-                     read_marker, step_of_tag, tag_for_step, verify_files)
+from dyntrain.checkpoint.layout import (COMPLETE, FORMAT_VERSION, LATEST, STATE_KEY, TAG_PREFIX, TAG_RE,
+                                        UNIVERSAL, CheckpointError, CheckpointInfo, list_checkpoints,
+                                        newest_complete, owner_rank, read_marker, step_of_tag, tag_for_step,
+                                        verify_files)
 from dyntrain.checkpoint.manager import BeforeCommit, CheckpointManager
 from dyntrain.checkpoint.reading import model_states_file, read_client_state, resolve_tag_dir
 from dyntrain.checkpoint.reshard import ensure_universal, reshard_note, reshard_rank_states
+
 
 __all__ = [
     "COMPLETE", "FORMAT_VERSION", "LATEST", "STATE_KEY", "TAG_PREFIX", "TAG_RE", "UNIVERSAL",

@@ -1,7 +1,8 @@
 """``python -m dyntrain.checkpoint progress ...`` (see ``dyntrain.checkpoint.cli``)."""
 import sys
 
-from dyntrain.errors import cli_main
 from dyntrain.checkpoint.cli import main
+from dyntrain.errors import cli_main
+
 
 sys.exit(cli_main(main))

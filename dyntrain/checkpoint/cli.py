@@ -10,8 +10,10 @@ import argparse
 import sys
 from typing import Optional
 
-from dyntrain.logs import setup_logging
 from dyntrain.checkpoint.layout import newest_complete
+from dyntrain.config import add_config_arguments, config_from_args
+from dyntrain.logs import setup_logging
+
 
 USAGE = ("usage: python -m dyntrain.checkpoint progress --config C [dotted.key=value ...]\n"
          "(export and universal conversion: python launch/export.py --help)")
@@ -19,7 +21,6 @@ USAGE = ("usage: python -m dyntrain.checkpoint progress --config C [dotted.key=v
 
 def progress(argv: list[str]) -> int:
     """The ``progress`` command (see the module docstring)."""
-    from dyntrain.config import add_config_arguments, config_from_args
 
     parser = argparse.ArgumentParser(prog="python -m dyntrain.checkpoint progress")
     add_config_arguments(parser)

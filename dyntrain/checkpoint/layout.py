@@ -25,6 +25,7 @@ from typing import Any, Optional
 from dyntrain.errors import DyntrainError
 from dyntrain.logs import get_logger
 
+
 log = get_logger(__package__)  # lines read "[time checkpoint] ..."
 
 TAG_PREFIX = "step_"

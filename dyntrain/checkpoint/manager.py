@@ -25,14 +25,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from dyntrain.errors import one_line
-from dyntrain.logs import get_logger
 from dyntrain.checkpoint.collective import all_gather, barrier, broadcast
 from dyntrain.checkpoint.files import atomic_write_text, fsync_dir, fsync_file, remove_tag
-from dyntrain.checkpoint.layout import (COMPLETE, FORMAT_VERSION, LATEST, STATE_KEY, UNIVERSAL, CheckpointError,
-                     CheckpointInfo, list_checkpoints, newest_complete, owner_rank, read_marker,
-                     step_of_tag, tag_for_step, verify_files)
+from dyntrain.checkpoint.layout import (COMPLETE, FORMAT_VERSION, LATEST, STATE_KEY, UNIVERSAL,
+                                        CheckpointError, CheckpointInfo, list_checkpoints, newest_complete,
+                                        owner_rank, read_marker, step_of_tag, tag_for_step, verify_files)
 from dyntrain.checkpoint.reshard import ensure_universal, reshard_note, reshard_rank_states
+from dyntrain.errors import one_line
+from dyntrain.logs import get_logger
+
 
 log = get_logger(__package__)  # lines read "[time checkpoint] ..."
 
@@ -287,6 +288,7 @@ def _free_space(path: Path) -> str:
 
 def _ds_version() -> str:
     try:
+        # lazy: deepspeed is slow to import and unused by inference
         import deepspeed
         return deepspeed.__version__
     except Exception:  # pragma: no cover - deepspeed is part of the fixed stack

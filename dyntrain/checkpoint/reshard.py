@@ -62,6 +62,7 @@ def ensure_universal(tag_dir: str | Path, workers: int = 1) -> Path:
     for stale in tag_dir.glob(f".{UNIVERSAL}.tmp*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = tag_dir / f".{UNIVERSAL}.tmp{os.getpid()}"
+    # lazy: deepspeed is slow to import and unused by inference
     from deepspeed.checkpoint import ds_to_universal
 
     args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(tmp),

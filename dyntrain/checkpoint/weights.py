@@ -22,7 +22,9 @@ import safetensors
 import safetensors.torch
 import torch
 
-from dyntrain.checkpoint import STATE_KEY, CheckpointError, model_states_file, read_client_state, resolve_tag_dir
+from dyntrain.checkpoint import (STATE_KEY, CheckpointError, model_states_file, read_client_state,
+                                 resolve_tag_dir)
+
 
 WEIGHTS_FORMAT = "dyntrain-weights-1"
 
@@ -52,6 +54,7 @@ def consolidated_weights(path: str | Path, tag: Optional[str] = None
     client = ours.get("client") or {}
     if glob.glob(str(tag_dir / "*_optim_states.pt")):
         # partitioned fp32 master weights (ZeRO 1-3, or the bf16 optimizer): stitch them together
+        # lazy: deepspeed is slow to import and unused by inference
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         try:

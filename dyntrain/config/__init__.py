@@ -9,14 +9,16 @@ Modules: ``typed`` (type-checked building, ``ConfigError``), ``model`` (the ``mo
 ``dynet.DyNetConfig``'s fields + runtime switches, and ``dynet_config_from_dict``), ``sections``
 (the other sections), ``tree`` (``Config``), ``loading`` (YAML, overrides, command lines).
 """
-from dyntrain.config.loading import add_config_arguments, apply_override, config_from_args, load_config, training_config
-from dyntrain.config.model import (ARCHITECTURE_FIELDS, PARAMETER_FIELDS, RUNTIME_FIELDS, ModelConfig, ModelRuntime,
-                    dynet_config_from_dict)
+from dyntrain.config.loading import (add_config_arguments, apply_override, config_from_args, load_config,
+                                     training_config)
+from dyntrain.config.model import (ARCHITECTURE_FIELDS, PARAMETER_FIELDS, RUNTIME_FIELDS, ModelConfig,
+                                   ModelRuntime, dynet_config_from_dict)
 from dyntrain.config.schedule import CostAwareConfig, DistillConfig, ScheduleConfig, TaskScheduleConfig
-from dyntrain.config.sections import (CheckpointConfig, DataConfig, DeepSpeedConfig, EvalConfig, InitConfig, OptimConfig,
-                       RunConfig, TrackingConfig)
+from dyntrain.config.sections import (CheckpointConfig, DataConfig, DeepSpeedConfig, EvalConfig, InitConfig,
+                                      OptimConfig, RunConfig, TrackingConfig)
 from dyntrain.config.tree import Config
 from dyntrain.config.typed import ConfigError
+
 
 __all__ = [
     "ARCHITECTURE_FIELDS", "PARAMETER_FIELDS", "RUNTIME_FIELDS", "CheckpointConfig", "Config", "ConfigError",

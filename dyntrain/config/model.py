@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from dynet.config import DyNetConfig
-
 from dyntrain.config.typed import ConfigError
+
 
 # DyNetConfig fields that are not architecture: the config sets them through RUNTIME_FIELDS
 _DYNET_RUNTIME = ("checkpoint_blocks",)

@@ -5,8 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from dyntrain.config.typed import ConfigError
-from dyntrain.config.typed import positive
+from dyntrain.config.typed import ConfigError, positive
+
+
+# The names of ``data.source: synthetic``'s degradations and presets; their functions and parameter
+# ranges are ``dyntrain.data.finetune.degradations.TABLE``, which must name exactly these.
+SYNTHETIC_TASKS = ("sr", "blur", "noise", "jpeg", "rain", "haze", "lowlight")
+PRESETS = ("in", "out")
 
 
 # --------------------------------------------------------------------------------------- sections
@@ -95,13 +100,11 @@ class DataConfig:
         if unknown:
             raise ConfigError(f"data.degradations: unknown kinds {sorted(unknown)}")
         if self.source == "synthetic":
-            from dyntrain.data.finetune.degradations import DegradationError, check_tasks
-            from dyntrain.data.finetune.degradations.registry import check_preset
-            try:
-                check_tasks(list(self.tasks), "data.tasks")
-                check_preset(self.preset, "data.preset")
-            except DegradationError as exc:
-                raise ConfigError(str(exc)) from None
+            unknown_tasks = [t for t in self.tasks if t not in SYNTHETIC_TASKS]
+            if unknown_tasks:
+                raise ConfigError(f"data.tasks: unknown tasks {unknown_tasks} (known: {list(SYNTHETIC_TASKS)})")
+            if self.preset not in PRESETS:
+                raise ConfigError(f"data.preset: unknown preset {self.preset!r} (known: {list(PRESETS)})")
         for key in ("jpeg_quality", "gaussian_sigma", "random_noise"):
             lo_hi = getattr(self, key)
             if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:

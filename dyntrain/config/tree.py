@@ -11,8 +11,8 @@ import yaml
 
 from dyntrain.config.model import ModelConfig
 from dyntrain.config.schedule import ScheduleConfig
-from dyntrain.config.sections import (CheckpointConfig, DataConfig, DeepSpeedConfig, EvalConfig, InitConfig, OptimConfig,
-                       RunConfig, TrackingConfig)
+from dyntrain.config.sections import (CheckpointConfig, DataConfig, DeepSpeedConfig, EvalConfig, InitConfig,
+                                      OptimConfig, RunConfig, TrackingConfig)
 from dyntrain.config.typed import ConfigError, build
 
 
@@ -51,6 +51,20 @@ class Config:
         if self.schedule.mode == "fixed" and self.schedule.fixed_variant not in names:
             raise ConfigError(f"schedule.fixed_variant: {self.schedule.fixed_variant!r} is not in "
                               f"model.variants ({sorted(names)})")
+
+    def gradient_accumulation(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each rank: ``deepspeed.gradient_accumulation_steps``,
+        or derived from ``deepspeed.global_batch_size`` (the only place the global batch is derived)."""
+        ds, micro = self.deepspeed, self.data.micro_batch_size
+        if ds.global_batch_size is None:
+            return int(ds.gradient_accumulation_steps)
+        per_pass = micro * world_size
+        if ds.global_batch_size % per_pass:
+            raise ConfigError(
+                f"deepspeed.global_batch_size={ds.global_batch_size} is not a multiple of "
+                f"data.micro_batch_size ({micro}) x world size ({world_size}); choose "
+                f"data.micro_batch_size so that it divides {ds.global_batch_size // world_size or 1}")
+        return ds.global_batch_size // per_pass
 
     # ----------------------------------------------------------------------------- conversions
     def to_dict(self) -> dict[str, Any]:

@@ -11,11 +11,7 @@ import types
 import typing
 from typing import Any, Literal, Union
 
-from dyntrain.errors import DyntrainError
-
-
-class ConfigError(DyntrainError, ValueError):
-    """A config key that does not exist, or a value of the wrong type or range."""
+from dyntrain.errors import ConfigError
 
 
 def positive(key: str, value: int) -> None:

@@ -18,21 +18,23 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from dynet.flops import count_flops
+from dynet.inference import restore_image
 from dynet.summary import text_table
-
 from dyntrain.data.finetune.degradations import PRESETS
-from dyntrain.eval.testdata import (BSD68_SIGMAS, SET_KINDS, TASK_LABELS, EvalDataError, TestPair,  # noqa: F401
-                            add_test_noise, centre_crop, load_bsd68, load_rain100l, load_sots,
-                            load_test_sets)
-from dyntrain.logs import get_logger
+from dyntrain.devices import choose_device
 from dyntrain.eval.metrics import psnr, ssim
+from dyntrain.eval.testdata import (BSD68_SIGMAS, SET_KINDS, TASK_LABELS, EvalDataError,  # noqa: F401
+                                    TestPair, add_test_noise, centre_crop, load_bsd68, load_rain100l,
+                                    load_sots, load_test_sets)
+from dyntrain.images import to_tensor
+from dyntrain.logs import get_logger
 from dyntrain.progress import progress_bar
+from dyntrain.restore import load_model, read_checkpoint_info
+from dyntrain.tracking import store
+
 
 log = get_logger(__name__)
-
-
-def _to_tensor(img: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].to(device).float().div_(255.0)
 
 
 @torch.no_grad()
@@ -46,7 +48,7 @@ def evaluate_model(model: torch.nn.Module, pairs: Sequence[TestPair], variants: 
     counts the restored images (rank 0, on a terminal).
     """
     if restore is None:
-        from dynet.inference import restore_image as restore
+        restore = restore_image
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
@@ -60,7 +62,7 @@ def evaluate_model(model: torch.nn.Module, pairs: Sequence[TestPair], variants: 
                 bar.set_postfix_str(f"DyNet-{variant}")
                 sums: dict[str, list[float]] = {}
                 for pair in pairs:
-                    x, y = _to_tensor(pair.input, device), _to_tensor(pair.target, device)
+                    x, y = to_tensor(pair.input, device), to_tensor(pair.target, device)
                     with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                           else contextlib.nullcontext()):
                         out = restore(model, x.to(param_dtype), variant=variant)
@@ -163,7 +165,6 @@ class PeriodicEvaluator:
 # ------------------------------------------------------------------------------ MLflow + CLI
 def flops_metrics(model: torch.nn.Module, variants: Sequence[str], size: int = 224) -> dict[str, float]:
     """model/<variant>/gflops_224: the paper's FLOP figure (conv + linear + GELU) at 224x224."""
-    from dynet.flops import count_flops
 
     return {f"model/{v}/gflops_{size}": count_flops(model, size, size, variant=v).paper / 1e9 for v in variants}
 
@@ -172,41 +173,10 @@ def log_to_mlflow(metrics: dict[str, float], tracking_uri: str, experiment: str,
                   child: bool = False, step: int = 0, run_name: str = "evaluation",
                   tags: Optional[dict[str, str]] = None, texts: Optional[dict[str, str]] = None) -> str:
     """Log ``metrics`` (at ``step``) to run ``run_id``, to a new child run of it (``child``), or — with
-    no run id — to a new run in ``experiment``. Returns the id of the run written to."""
-    import mlflow
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    from dyntrain.tracking import experiment_id_for
-
-    client = MlflowClient(tracking_uri)
-    all_tags = {"dyntrain.stage": "evaluation", **(tags or {})}
-    created = False
-    if run_id is not None:
-        try:
-            parent = client.get_run(run_id)
-        except mlflow.exceptions.MlflowException as exc:
-            raise ValueError(f"MLflow run {run_id} not found at {tracking_uri}: {exc}") from None
-        if child:
-            run = client.create_run(parent.info.experiment_id, run_name=run_name,
-                                    tags={"mlflow.parentRunId": run_id, **all_tags})
-            target, created = run.info.run_id, True
-        else:
-            target = run_id
-    else:
-        exp_id = experiment_id_for(client, experiment, tracking_uri)
-        target, created = client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id, True
-    now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-    for i in range(0, len(batch), 500):
-        client.log_batch(target, metrics=batch[i:i + 500])
-    if not created:
-        client.set_tag(target, "dyntrain.evaluated", "true")
-    for name, text in (texts or {}).items():
-        client.log_text(target, text, name)
-    if created:
-        client.set_terminated(target, "FINISHED")
-    return target
+    no run id — to a new run in ``experiment``. Returns the id of the run written to
+    (``dyntrain.tracking.store.log_to_run``)."""
+    return store.log_to_run(metrics, tracking_uri, experiment, run_id, child=child, step=step,
+                            run_name=run_name, tags=tags, texts=texts)
 
 
 def run_evaluation(checkpoint: str, cfg: Any, variants: Sequence[str] | str = "all", device: str = "auto",
@@ -218,8 +188,6 @@ def run_evaluation(checkpoint: str, cfg: Any, variants: Sequence[str] | str = "a
     The MLflow run is ``run_id`` when given, else the training run recorded in the checkpoint (when
     it records one), else a new run in ``cfg.tracking.experiment``; ``child`` writes to a child run.
     """
-    from dyntrain.devices import choose_device
-    from dyntrain.restore import load_model, read_checkpoint_info
 
     dev = choose_device(device)
     model = load_model(checkpoint, dev, cfg)

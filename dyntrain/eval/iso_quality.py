@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+
 Point = tuple[float, float, float]  # (gpu_hours, own_steps, psnr)
 
 

@@ -23,11 +23,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from dyntrain.data.finetune.degradations import PRESETS, TABLE
 from dyntrain.data.finetune.base import haze_clean_stem
+from dyntrain.data.finetune.degradations import PRESETS, TABLE
 from dyntrain.errors import DyntrainError
-from dyntrain.images import list_images, read_image
 from dyntrain.eval.testsets import mio_folders, mio_task
+from dyntrain.images import list_images, read_image
+
 
 SET_KINDS = ("sots", "rain100l", "bsd68", "mio")
 BSD68_SIGMAS = (15, 25, 50)

@@ -27,6 +27,7 @@ from dyntrain.data.finetune.degradations.registry import check_preset, sample_pa
 from dyntrain.images import read_image
 from dyntrain.logs import get_logger
 
+
 log = get_logger(__name__)
 
 

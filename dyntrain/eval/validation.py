@@ -13,7 +13,7 @@ every evaluation the tensors are hashed again and must match (identical inputs a
 
 The evaluation. Every ``eval.every`` steps, at the last step and before the first step of a fresh
 run, every variant of ``model.variants`` (trained or not) runs on the set. Weights: a plain fp32 copy
-of the engine's module (``finetune.plain_copy``; under ZeRO-3 gathered collectively), on every rank.
+of the engine's module (``dyntrain.eval.periodic.plain_copy``; under ZeRO-3 gathered collectively), on every rank.
 Data: rank r scores samples r, r + W, ...; per-sample sums are all-reduced, so every ZeRO stage and
 world size gives the same figures. Metrics at the training step (``log_metrics(step=...)``):
 
@@ -39,8 +39,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from dyntrain.data.pretrain.degrade import DegradeSpec, batch_params, region_masks
+from dyntrain.data.pretrain.pipeline import DaliPretrainLoader
+from dyntrain.errors import ConfigError
+from dyntrain.eval.periodic import PeriodicEvaluation, plain_copy
 from dyntrain.logs import get_logger
 from dyntrain.seeds import seed32
+from dyntrain.train.callbacks import StepContext
+
 
 log = get_logger(__name__)
 
@@ -83,8 +89,6 @@ def val_fingerprint(shards: list[str], seed: int, samples: int, spec) -> str:
 
 def build_val_set(urls, spec, samples: int, seed: int) -> ValSet:
     """Read ``samples`` crops (at most the shards' sample count) of ``urls`` into a :class:`ValSet`."""
-    from dyntrain.data.pretrain.degrade import batch_params, region_masks
-    from dyntrain.data.pretrain.pipeline import DaliPretrainLoader
 
     vseed = seed32(seed, _SALT)
     loader = DaliPretrainLoader(urls, spec, 1, rank=0, world_size=1, device="cpu", seed=vseed,
@@ -171,37 +175,50 @@ def to_metrics(sums: dict[str, list[float]]) -> dict[str, float]:
     return out
 
 
-class Validator:
-    """Trainer callback: evaluates every variant on the fixed set when due (all ranks call it)."""
+class Validation(PeriodicEvaluation):
+    """Pre-training validation (a callback of every rank): builds the fixed set at the start,
+    evaluates a fresh run before its first step, then every ``eval.every`` steps and at the last.
+    ``history`` holds (step, figures) of every evaluation."""
 
-    def __init__(self, cfg, valset: ValSet) -> None:
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg.eval.every, cfg.run.max_steps, cfg.deepspeed.zero_stage == 3, all_ranks=True)
         self.cfg = cfg
-        self.valset = valset
-        self.every = int(cfg.eval.every)
-        self.digest = valset.digest()
+        self.valset: Optional[ValSet] = None
+        self.digest = ""
         self.history: list[tuple[int, dict[str, float]]] = []
 
-    def due(self, step: int) -> bool:
-        return step == self.cfg.run.max_steps or (self.every > 0 and step % self.every == 0)
+    def on_start(self, ctx: StepContext) -> None:
+        """Build the set (its time is booked as validation) and, for a fresh run, evaluate at step 0
+        (the step-0 figures inform no subscriber: the draw starts from the configured probabilities)."""
+        cfg = self.cfg
+        try:
+            spec = DegradeSpec.from_config(cfg.data)
+        except ValueError as exc:
+            raise ConfigError(f"data: {exc}") from None
+        t0 = time.perf_counter()
+        self.valset = build_val_set(cfg.data.val_urls, spec, cfg.eval.val_samples, cfg.run.seed)
+        self.digest = self.valset.digest()
+        ctx.account.add_validation(time.perf_counter() - t0)
+        ctx.tracker.log_params({"val.fingerprint": self.valset.fingerprint, "val.samples": len(self.valset)})
+        ctx.tracker.set_tags({"val.fingerprint": self.valset.fingerprint, "val.inputs_sha256": self.digest})
+        if ctx.step == 0:
+            self.run(ctx)
 
-    def __call__(self, trainer, step: int, metrics: dict) -> None:
-        if self.due(step):
-            self.evaluate(trainer, step)
-
-    def evaluate(self, trainer, step: int) -> dict[str, float]:
-        from dyntrain.jobs.finetune import plain_copy
-
+    def run(self, ctx: StepContext) -> dict[str, float]:
         t0 = time.perf_counter()
         if self.valset.digest() != self.digest:
-            raise ValidationInputsChanged(f"step {step}: the validation tensors changed since they "
+            raise ValidationInputsChanged(f"step {ctx.step}: the validation tensors changed since they "
                                           f"were built (sha256 {self.digest[:12]}...)")
-        zero3 = self.cfg.deepspeed.zero_stage == 3
-        model = plain_copy(trainer.engine.module, True, zero3).to(trainer.device)
-        local = score_variants(model, self.valset, dict(self.cfg.model.variants), trainer.rank,
-                               trainer.world_size, trainer.device, self.cfg.eval.val_batch_size)
+        return self.evaluate(None, ctx, t0)
+
+    def evaluate(self, model: Optional[torch.nn.Module], ctx: StepContext, t0: float = 0.0) -> dict[str, float]:
+        step = ctx.step
+        model = plain_copy(ctx.model, True, self.zero3).to(ctx.device)
+        local = score_variants(model, self.valset, dict(self.cfg.model.variants), ctx.rank,
+                               ctx.world_size, ctx.device, self.cfg.eval.val_batch_size)
         del model
-        out = to_metrics(reduce_scores(local, trainer.world_size, trainer.device))
-        account = trainer.account
+        out = to_metrics(reduce_scores(local, ctx.world_size, ctx.device))
+        account = ctx.account
         for name in self.cfg.model.variants:
             out[f"val/{name}/own_steps"] = float(account.count.get(name, 0))
         dt = time.perf_counter() - t0
@@ -211,36 +228,10 @@ class Validator:
             out["val/pflop"] = account.pflop
         out["val/time_s"] = dt
         self.history.append((step, out))
-        trainer.tracker.log_metrics(out, step=step)
-        if trainer.rank == 0:
+        ctx.tracker.log_metrics(out, step=step)
+        if ctx.rank == 0:
             psnr = ", ".join(f"{n} {out[f'val/{n}/psnr']:.2f}" for n in self.cfg.model.variants
                              if f"val/{n}/psnr" in out)
             log.info(f"[{self.cfg.run.name}] val @ step {step}: PSNR {psnr} dB "
                      f"({len(self.valset)} crops, {dt:.1f} s)")
         return out
-
-
-def install_validation(trainer, cfg) -> Optional[Validator]:
-    """Build the fixed set and register the callback (pre-training runs with ``data.val_urls``);
-    a fresh run is also evaluated before its first step."""
-    if not cfg.data.val_urls:
-        return None
-    from dyntrain.config import ConfigError
-    from dyntrain.data.pretrain.degrade import DegradeSpec
-
-    try:
-        spec = DegradeSpec.from_config(cfg.data)
-    except ValueError as exc:
-        raise ConfigError(f"data: {exc}") from None
-    t0 = time.perf_counter()
-    valset = build_val_set(cfg.data.val_urls, spec, cfg.eval.val_samples, cfg.run.seed)
-    validator = Validator(cfg, valset)
-    trainer.account.add_validation(time.perf_counter() - t0)
-    trainer.tracker.log_params({"val.fingerprint": valset.fingerprint, "val.samples": len(valset)})
-    trainer.tracker.set_tags({"val.fingerprint": valset.fingerprint,
-                              "val.inputs_sha256": validator.digest})
-    trainer.add_callback(validator, at=validator.due)  # the host reads only the steps it evaluates
-    if trainer.step == 0:
-        validator.evaluate(trainer, 0)
-    return validator
-

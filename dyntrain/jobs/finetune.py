@@ -12,21 +12,32 @@ Starting point:
 A fine-tuning run that is resumed from its own ``checkpoint.dir`` continues from there (the trainer's
 resume overrides the initial weights).
 
-Periodic evaluation: with ``eval.every > 0`` and ``eval.sets`` given, rank 0 evaluates every variant
-of ``eval.variants`` every ``eval.every`` steps and at the last step, and logs
+The job's components: the paired (or synthetic) loader, the initial weights (``make_model_builder``),
+the task curriculum's log and LR restarts when the source draws tasks by a curriculum
+(``dyntrain.train.curriculum``), and, with ``eval.every > 0`` and ``eval.sets`` given, the periodic
+evaluation (``dyntrain.eval.periodic.TestSetEvaluation``): rank 0 evaluates every variant of
+``eval.variants`` every ``eval.every`` steps and at the last step, and logs
 ``eval/<variant>/<task>/psnr|ssim`` into the fine-tuning run (test sets are read once, at start-up,
 so a wrong folder fails before training starts).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import torch
 
-from dyntrain.errors import DyntrainError
+from dyntrain.checkpoint.weights import load_weights
 from dyntrain.config import PARAMETER_FIELDS, Config, dynet_config_from_dict
+from dyntrain.data.finetune.paired import build_finetune_loader, task_curriculum
+from dyntrain.data.loader import LoaderFactory
+from dyntrain.errors import DyntrainError
+from dyntrain.eval.periodic import TestSetEvaluation
 from dyntrain.logs import get_logger, setup_logging
+from dyntrain.train import run
+from dyntrain.train.curriculum import CurriculumLog, CurriculumLR
 from dyntrain.train.model import build_model
+
 
 log = get_logger(__name__)
 
@@ -37,9 +48,7 @@ class InitCheckpointError(DyntrainError, ValueError):
 
 def read_init_weights(cfg: Config) -> tuple[Optional[dict[str, torch.Tensor]], Optional[dict[str, Any]]]:
     """(state_dict, model config dict) of ``init.checkpoint``; (None, None) when training from scratch."""
-    from pathlib import Path
 
-    from dyntrain.checkpoint.weights import load_weights
 
     path = cfg.init.checkpoint
     if not path:
@@ -89,70 +98,33 @@ def make_model_builder(cfg: Config, state: Optional[dict[str, torch.Tensor]]):
     return builder
 
 
-def make_eval_hook(cfg: Config):
-    """``trainer_hook`` for ``run_training``: registers the periodic evaluation callback."""
-    from dyntrain.eval.evaluate import PeriodicEvaluator, load_test_sets
-
-    def hook(trainer) -> None:
-        trainer.tracker.set_tags({"init_checkpoint": str(cfg.init.checkpoint or "none (from scratch)")})
-        if hasattr(trainer.loader, "curriculum"):  # synthetic pairs, or paired data in sequential mode
-            from dyntrain.data.finetune.tasks import install
-            install(trainer, trainer.loader.curriculum)
-        if cfg.eval.every <= 0 or not cfg.eval.sets:
-            return
-        evaluator = PeriodicEvaluator(cfg, trainer.tracker, trainer.rank, printer=log.info)
-        if trainer.rank == 0:
-            evaluator.pairs = load_test_sets(dict(cfg.eval.sets), cfg.eval.noise_seed, cfg.eval.max_images)
-        zero3 = cfg.deepspeed.zero_stage == 3
-
-        def due(step: int) -> bool:
-            return evaluator.due(step) or step == cfg.run.max_steps
-
-        def callback(tr, step: int, metrics: dict) -> None:
-            if not due(step):
-                return
-            copy = plain_copy(tr.engine.module, tr.rank == 0, zero3)
-            if copy is not None:
-                evaluator(copy.to(tr.device), step)
-
-        trainer.add_callback(callback, at=due)  # the host waits for a step only where it evaluates
-
-    return hook
+def finetune_callbacks(cfg: Config) -> tuple[list, Optional[Callable]]:
+    """(callbacks, lr_scheduler) of a fine-tuning job: the task curriculum's log and LR restarts when
+    the data source draws its tasks by a curriculum, and the periodic evaluation on ``eval.sets``."""
+    callbacks: list = []
+    lr_scheduler = None
+    curriculum = task_curriculum(cfg)
+    if curriculum is not None:
+        callbacks.append(CurriculumLog(curriculum))
+        if curriculum.mode == "sequential":
+            lr_scheduler = CurriculumLR.factory(curriculum)
+    if cfg.eval.every > 0 and cfg.eval.sets:
+        callbacks.append(TestSetEvaluation(cfg, printer=log.info))
+    return callbacks, lr_scheduler
 
 
-def plain_copy(module: torch.nn.Module, keep: bool, zero3: bool) -> Optional[torch.nn.Module]:
-    """A plain fp32 DyNet with the engine module's current weights (on the CPU), or None where
-    ``keep`` is false. The evaluation runs on this copy, never through the engine's module: under
-    ZeRO-3 that module's forward hooks would start collectives on rank 0 alone. Under ZeRO-3 every
-    rank must call this (the partitioned weights are gathered collectively)."""
-    import contextlib
-    import dataclasses
-
-    from dynet import DyNet
-
-    gather = contextlib.nullcontext()
-    if zero3:
-        import deepspeed
-        gather = deepspeed.zero.GatheredParameters(list(module.parameters()))
-    with gather:
-        if not keep:
-            return None
-        state = {name: t.detach().float().cpu().clone()
-                 for name, t in list(module.named_parameters()) + list(module.named_buffers())}
-    copy = DyNet(dataclasses.replace(module.config, checkpoint_blocks=False))
-    copy.load_state_dict(state)
-    return copy.eval()
-
-
-def run_finetune(cfg: Config, loader_factory=None):
-    """``launch/finetune.py``: fine-tune ``cfg`` on this rank; returns the trainer's result."""
-    from dyntrain.data.finetune.paired import build_finetune_loader
-    from dyntrain.train.run import run_training
-
+def run_finetune(cfg: Config, loader_factory: Optional[LoaderFactory] = None, **extension: Any):
+    """``launch/finetune.py``: fine-tune ``cfg`` on this rank; returns the trainer's result.
+    ``extension``: ``run_training``'s test and debugging hooks (``schedule_hook``, ``trace_dir``,
+    ``checkpoint_factory``; ``callbacks`` are added after the job's own)."""
     setup_logging()  # rank from the launcher's environment: the process group does not exist yet
     state, model_cfg = read_init_weights(cfg)
     changed = adopt_architecture(cfg, model_cfg)
     if changed:
         log.info(f"model architecture taken from init.checkpoint ({'; '.join(changed)})")
-    return run_training(cfg, loader_factory or build_finetune_loader, mode="finetune",
-                        model_builder=make_model_builder(cfg, state), trainer_hook=make_eval_hook(cfg))
+    callbacks, lr_scheduler = finetune_callbacks(cfg)
+    callbacks += list(extension.pop("callbacks", ()))
+    tags = {"dyntrain.stage": "finetune", "init_checkpoint": str(cfg.init.checkpoint or "none (from scratch)")}
+    return run.run_training(cfg, loader_factory or build_finetune_loader, callbacks=callbacks, tags=tags,
+                            model_builder=make_model_builder(cfg, state), lr_scheduler=lr_scheduler,
+                            **extension)

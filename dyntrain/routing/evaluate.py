@@ -13,25 +13,33 @@ the oracle's curve) minus the router's PSNR.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
+from dynet.flops import count_router_flops
+from dynet.inference import gray_world, restore_image
+from dynet.router import choose_variant, oracle_variant
+from dyntrain.devices import choose_device
+from dyntrain.eval.evaluate import format_table, load_test_sets, log_to_mlflow, metrics_dict
+from dyntrain.eval.metrics import psnr, ssim
+from dyntrain.eval.testdata import TASK_LABELS
+from dyntrain.images import to_tensor
 from dyntrain.logs import get_logger
+from dyntrain.progress import progress_bar
+from dyntrain.restore import Restorer, load_model, plan_outputs, read_checkpoint_info, read_image, write_image
+from dyntrain.routing.router import load_routing
+
 
 log = get_logger(__name__)
 AUTO = "auto"
 
 
-def _tensor(img: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].to(device).float().div_(255.0)
-
-
 def _restore(model: torch.nn.Module, x: torch.Tensor, variant: str) -> torch.Tensor:
-    from dynet.inference import restore_image
-
     return restore_image(model, x, variant=variant).float().clamp(0.0, 1.0)
 
 
@@ -39,12 +47,11 @@ def _restore(model: torch.nn.Module, x: torch.Tensor, variant: str) -> torch.Ten
 def evaluate_routed(model: torch.nn.Module, routing: Any, pairs: Sequence[Any]
                     ) -> tuple[dict[str, dict[str, float]], dict[str, float], list[dict[str, Any]]]:
     """(table {task: {psnr, ssim, images, gflops}} with an "average", MLflow metrics, per-image records)."""
-    from dyntrain.eval.metrics import psnr, ssim
 
     device = next(model.parameters()).device
     records = []
     for pair in pairs:
-        x, y = _tensor(pair.input, device), _tensor(pair.target, device)
+        x, y = to_tensor(pair.input, device), to_tensor(pair.target, device)
         chosen, predicted = routing.choose(x)
         out = _restore(model, x, chosen)
         records.append({"task": pair.task, "key": pair.key, "variant": chosen, "predicted": predicted,
@@ -55,7 +62,6 @@ def evaluate_routed(model: torch.nn.Module, routing: Any, pairs: Sequence[Any]
 
 def summarize_routed(records: list[dict[str, Any]], names: Sequence[str]
                      ) -> tuple[dict[str, dict[str, float]], dict[str, float], list[dict[str, Any]]]:
-    from dyntrain.eval.testdata import TASK_LABELS
 
     table: dict[str, dict[str, float]] = {}
     metrics: dict[str, float] = {}
@@ -78,7 +84,6 @@ def summarize_routed(records: list[dict[str, Any]], names: Sequence[str]
 
 def format_choices(table: dict[str, dict[str, float]], metrics: dict[str, float], names: Sequence[str]) -> str:
     """One line per task: mean GFLOPs per image and the share of each chosen variant."""
-    from dyntrain.eval.testdata import TASK_LABELS
 
     lines = []
     for task, vals in table.items():
@@ -96,12 +101,8 @@ def restore_paths_routed(model: torch.nn.Module, routing: Any, src: Any, dst: An
     """``launch/restore.py --variant auto``: per image the router chooses (on the whole image, after
     Gray-World when asked), then the chosen variant restores it as usual (tiles when it is large);
     one line per image, with the choice, to ``printer`` (default: an INFO log line)."""
-    import dataclasses
 
-    from dynet.inference import gray_world
 
-    from dyntrain.progress import progress_bar
-    from dyntrain.restore import Restorer, plan_outputs, read_image, to_tensor, write_image
 
     say = printer if printer is not None else log.info
     restorers: dict[str, Any] = {}
@@ -131,14 +132,12 @@ def restore_paths_routed(model: torch.nn.Module, routing: Any, src: Any, dst: An
 @torch.no_grad()
 def score_every_variant(model: torch.nn.Module, routing: Any, pairs: Sequence[Any]) -> list[dict[str, Any]]:
     """Per image: every variant's PSNR and GFLOPs, the router's predictions and its GFLOPs."""
-    from dynet.flops import count_router_flops
 
-    from dyntrain.eval.metrics import psnr
 
     device = next(model.parameters()).device
     records = []
     for pair in pairs:
-        x, y = _tensor(pair.input, device), _tensor(pair.target, device)
+        x, y = to_tensor(pair.input, device), to_tensor(pair.target, device)
         height, width = x.shape[-2:]
         router_g = count_router_flops(routing.router, height, width).paper / 1e9
         records.append({
@@ -155,8 +154,6 @@ def _mean(records: list[dict[str, Any]], pick: Callable[[dict[str, Any]], tuple[
 
 
 def _curves(records: list[dict[str, Any]], costs: dict[str, float], tolerances: Sequence[float]) -> dict[str, Any]:
-    from dynet.router import choose_variant, oracle_variant
-
     names = list(costs)
 
     def routed(t: float) -> Callable[[dict[str, Any]], tuple[float, float]]:
@@ -205,12 +202,7 @@ def run_routed_evaluation(checkpoint: str, cfg: Any, device: str = "auto", route
     """``launch/evaluate.py --variant auto``: Table 1 of the routed model (variant "auto"), mean GFLOPs
     per image (router included) and the share of each chosen variant per task, printed and logged to
     MLflow like a fixed variant's evaluation (eval/auto/<task>/psnr|ssim|gflops|chosen_<variant>)."""
-    from pathlib import Path
 
-    from dyntrain.devices import choose_device
-    from dyntrain.eval.evaluate import format_table, load_test_sets, log_to_mlflow, metrics_dict
-    from dyntrain.restore import load_model, read_checkpoint_info
-    from dyntrain.routing.router import load_routing
 
     dev = choose_device(device)
     model = load_model(checkpoint, dev, cfg)

@@ -16,8 +16,11 @@ from typing import Any, Optional
 
 import torch
 
+from dynet.flops import count_flops, count_router_flops
+from dynet.router import RouterConfig, VariantRouter, choose_variant
 from dyntrain.errors import DyntrainError
 from dyntrain.logs import get_logger
+
 
 log = get_logger(__name__)
 
@@ -47,7 +50,6 @@ def architecture(model: torch.nn.Module) -> dict[str, Any]:
 
 def variant_costs(model: torch.nn.Module, size: int = 224) -> dict[str, float]:
     """FLOPs (the paper's convention) of every named variant at size x size: the policy's order."""
-    from dynet.flops import count_flops
 
     return {v: float(count_flops(model, size, size, variant=v).paper) for v in model.variants}
 
@@ -83,7 +85,6 @@ def check_compatible(payload: dict[str, Any], model: torch.nn.Module, source: st
 
 def load_router(path: str | Path, model: torch.nn.Module) -> torch.nn.Module:
     """The router at ``path``, checked against ``model``, in eval mode on the model's device."""
-    from dynet.router import RouterConfig, VariantRouter
 
     path = Path(path)
     if not path.is_file():
@@ -130,15 +131,12 @@ class Routing:
         return self.router(x.float())[0].cpu()
 
     def choose(self, x: torch.Tensor) -> tuple[str, dict[str, float]]:
-        from dynet.router import choose_variant
-
         predicted = self.predict(x)
         name = choose_variant(predicted, self.names, self.costs, self.tolerance_db)
         return name, {n: float(p) for n, p in zip(self.names, predicted)}
 
     def gflops(self, variant: str, height: int, width: int) -> float:
         """GFLOPs of routing one height x width image and running ``variant`` on it (paper convention)."""
-        from dynet.flops import count_flops, count_router_flops
 
         key = (variant, height, width)
         if key not in self._flops:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -22,8 +23,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dynet.router import RouterConfig, VariantRouter, choose_variant
+from dyntrain.data.finetune.base import random_pair_crop, scan_tasks
+from dyntrain.devices import choose_device
+from dyntrain.eval.metrics import psnr
 from dyntrain.images import read_image
 from dyntrain.logs import get_logger
+from dyntrain.restore import load_model
+from dyntrain.routing.router import router_path_for, save_router, variant_costs
+from dyntrain.seeds import mix_seed
+from dyntrain.tracking import store
+
 
 log = get_logger(__name__)
 MAX_PSNR = 100.0  # identical images give inf; cap so that differences stay finite
@@ -43,8 +53,6 @@ class LabelSet:
 def degraded_crops(entries: Sequence[Any], crop: int, seed: int, samples: int = 1
                    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(inputs, targets) uint8 (N, 3, crop, crop) and tasks for ``samples`` seeded crops per entry."""
-    from dyntrain.data.finetune.paired import random_pair_crop
-    from dyntrain.seeds import mix_seed
 
     inputs, targets, tasks = [], [], []
     for i, entry in enumerate(entries):
@@ -66,7 +74,6 @@ def degraded_crops(entries: Sequence[Any], crop: int, seed: int, samples: int = 
 def variant_psnrs(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                   names: Sequence[str], batch: int = 8) -> torch.Tensor:
     """(N, V) PSNR of every variant's clamped output on uint8 (N, 3, H, W) pairs."""
-    from dyntrain.eval.metrics import psnr
 
     device = next(model.parameters()).device
     out = torch.empty(len(inputs), len(names), dtype=torch.float64)
@@ -130,7 +137,6 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def oracle_agreement(predicted: torch.Tensor, losses: torch.Tensor, names: list[str],
                      costs: dict[str, float], tolerance_db: float) -> float:
     """Share of rows where the policy on ``predicted`` picks what it picks on the true ``losses``."""
-    from dynet.router import choose_variant
 
     same = [choose_variant(p, names, costs, tolerance_db) == choose_variant(t, names, costs, tolerance_db)
             for p, t in zip(predicted, losses)]
@@ -142,7 +148,6 @@ def train_router(labels: LabelSet, costs: dict[str, float], variants: dict[str, 
                  device: torch.device | str = "cpu", width: int = 16,
                  on_epoch: Optional[Callable[[int, dict[str, float]], None]] = None) -> torch.nn.Module:
     """A VariantRouter over ``variants`` fitted to ``labels`` (a fifth held out when there are >= 10)."""
-    from dynet.router import RouterConfig, VariantRouter
 
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
@@ -196,10 +201,6 @@ def run_train_router(checkpoint: str, cfg: Any, out: Optional[str] = None, epoch
                      cache_dir: Optional[str] = None, device: str = "auto") -> dict[str, Any]:
     """``launch/train_router.py``: labels (cached), training, the router file, MLflow. Returns
     {"router": path, "labels": LabelSet, "metrics": final metrics, "run_id": MLflow run or None}."""
-    from dyntrain.data.finetune.paired import scan_tasks
-    from dyntrain.devices import choose_device
-    from dyntrain.restore import load_model
-    from dyntrain.routing.router import router_path_for, save_router, variant_costs
 
     dev = choose_device(device)
     model = load_model(checkpoint, dev, cfg)
@@ -242,29 +243,20 @@ def run_train_router(checkpoint: str, cfg: Any, out: Optional[str] = None, epoch
 def log_router_run(cfg: Any, params: dict[str, Any], history: list[tuple[int, dict[str, float]]],
                    summary: dict[str, float], router_file: str) -> str:
     """One MLflow run (stage "router") in ``tracking.experiment``: params, per-epoch metrics, labels."""
-    import time
-
-    from mlflow.entities import Metric, Param
-
     client, run_id = new_mlflow_run(cfg.tracking.uri, cfg.tracking.experiment, "router",
                                     {"dyntrain.stage": "router", "dyntrain.router": router_file})
     now = int(time.time() * 1000)
-    metrics = [Metric(k, float(v), now, epoch) for epoch, m in history for k, v in m.items()]
-    metrics += [Metric(k, v, now, 0) for k, v in summary.items()]
-    client.log_batch(run_id, params=[Param(f"router.{k}", str(v)) for k, v in params.items()])
-    for i in range(0, len(metrics), 500):
-        client.log_batch(run_id, metrics=metrics[i:i + 500])
-    client.set_terminated(run_id, "FINISHED")
+    metrics = [(k, v, epoch) for epoch, m in history for k, v in m.items()]
+    metrics += [(k, v, 0) for k, v in summary.items()]
+    store.log_params(client, run_id, {f"router.{k}": v for k, v in params.items()})
+    store.log_batch_metrics(client, run_id, metrics, timestamp_ms=now)
+    store.finish_run(client, run_id, "FINISHED")
     log.info("logged the router run %s to %s", run_id, cfg.tracking.uri)
     return run_id
 
 
 def new_mlflow_run(uri: str, experiment: str, name: str, tags: dict[str, str]) -> tuple[Any, str]:
-    """(client, run id) of a new run ``name`` in ``experiment`` (created when missing)."""
-    from mlflow.tracking import MlflowClient
-
-    from dyntrain.tracking import experiment_id_for
-
-    client = MlflowClient(uri)
-    return client, client.create_run(experiment_id_for(client, experiment, uri), run_name=name,
-                                     tags=tags).info.run_id
+    """(client, run id) of a new run ``name`` in ``experiment`` (created when missing): the client is
+    ``dyntrain.tracking.store.open_client(uri)``, for ``store``'s functions."""
+    client = store.open_client(uri)
+    return client, store.new_run(uri, experiment, name, tags, client=client)

@@ -21,6 +21,7 @@ from typing import Optional
 from dyntrain.logs import get_logger
 from dyntrain.tracking.base import RunHeader, Tracker
 
+
 log = get_logger(__name__)
 
 

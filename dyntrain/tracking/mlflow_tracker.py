@@ -24,6 +24,7 @@ from dyntrain.logs import get_logger
 from dyntrain.tracking.base import NullTracker, Tracker
 from dyntrain.tracking.sender import Record, Sender
 
+
 log = get_logger(__name__)
 
 _SECRET_KEY = re.compile(r"(password|passwd|secret|token|credential|api_?key|access_?key)", re.I)
@@ -99,6 +100,7 @@ class MLflowTracker(Tracker):
     """
 
     def __init__(self, cfg, run_id: Optional[str] = None, wait_s: Optional[float] = None) -> None:
+        # lazy: mlflow is needed only where tracking is on (the GPU image has none)
         from mlflow.tracking import MlflowClient
 
         t = cfg.tracking
@@ -124,6 +126,7 @@ class MLflowTracker(Tracker):
         run (checkpoints moved to another cluster, a new server, a lost mlflow.db), a new run gets
         tag ``previous_run_id``, the config's params and config.yaml. Safe to retry: each part is
         skipped once done."""
+        # lazy: mlflow is needed only where tracking is on (the GPU image has none)
         from mlflow.exceptions import MlflowException
 
         prev = self.previous_run_id
@@ -149,6 +152,7 @@ class MLflowTracker(Tracker):
         self._start_system_metrics()
 
     def _create(self, tags: dict) -> None:
+        # lazy: mlflow is needed only where tracking is on (the GPU image has none)
         from mlflow.tracking.context.registry import resolve_tags
 
         t = self.cfg.tracking
@@ -163,6 +167,7 @@ class MLflowTracker(Tracker):
         return self.run_id
 
     def _send_params(self, params: dict) -> None:
+        # lazy: mlflow is needed only where tracking is on (the GPU image has none)
         from mlflow.entities import Param
 
         run_id = self._run()
@@ -174,6 +179,7 @@ class MLflowTracker(Tracker):
         t = self.cfg.tracking
         if self._monitor is not None or not t.system_metrics or not _system_metrics_available():
             return
+        # lazy: mlflow is needed only where tracking is on (the GPU image has none)
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=t.system_metrics_interval_s,
@@ -187,6 +193,7 @@ class MLflowTracker(Tracker):
             self.sender.submit(Record("params", len(clean), lambda _m: self._send_params(clean)))
 
     def log_metrics(self, metrics: dict, step: Optional[int] = None) -> None:
+        # lazy: mlflow is needed only where tracking is on (the GPU image has none)
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -199,6 +206,7 @@ class MLflowTracker(Tracker):
         self.client.log_batch(self._run(), metrics=merged)
 
     def set_tags(self, tags: dict) -> None:
+        # lazy: mlflow is needed only where tracking is on (the GPU image has none)
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)) for k, v in tags.items()]
@@ -253,6 +261,7 @@ def _short_http_requests(timeout_s: int, retries: int) -> None:
 
 def _system_metrics_available() -> bool:
     try:
+        # lazy: psutil is optional: memory figures only
         import psutil  # noqa: F401  (MLflow's system-metrics monitor needs it)
     except ImportError:
         return False

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 
 from dyntrain.logs import get_logger
 
+
 log = get_logger(__name__)
 
 METRICS_PER_REQUEST = 1000  # MLflow's log_batch limit on metrics
@@ -47,6 +48,7 @@ def is_transient(exc: BaseException) -> bool:
     """True when ``exc`` says the store is unreachable or overloaded (worth retrying), False when
     it rejected the request itself."""
     try:
+        # lazy: mlflow is needed only where tracking is on (the GPU image has none)
         from mlflow.exceptions import MlflowException
     except ImportError:  # pragma: no cover - MLflow is a dependency
         MlflowException = ()  # type: ignore[assignment]

@@ -2,7 +2,7 @@
 engine construction.
 
 ``build_ds_config`` derives everything DeepSpeed needs from the typed config — global batch
-(micro-batch x gradient accumulation x world size, derived here and nowhere else), ZeRO stage 0-3,
+(micro-batch x gradient accumulation x world size, derived by ``Config.gradient_accumulation``), ZeRO stage 0-3,
 bf16, explicit gradient clipping, optimizer (DeepSpeed "Adam"/"AdamW" through ``torch_adam``, so no
 compiled ops are needed) and the LR schedule:
 
@@ -32,7 +32,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dyntrain.config import Config, ConfigError
+from dyntrain.config import Config
+from dyntrain.devices import choose_device
+from dyntrain.errors import ConfigError
+from dyntrain.train.model import compilation
+
 
 ZERO3_NOTE = (
     "ZeRO-3 records the order in which sub-modules run and prefetches parameters along it. When "
@@ -57,7 +61,6 @@ class DistInfo:
 # ------------------------------------------------------------------------------------ devices
 def resolve_device(cfg: Config, local_rank: int = 0) -> torch.device:
     """``run.device``: "auto" = CUDA when present, else CPU."""
-    from dyntrain.devices import choose_device
 
     return choose_device(cfg.run.device, local_rank, setting="run.device", error=ConfigError)
 
@@ -99,6 +102,7 @@ def init_distributed(cfg: Config) -> DistInfo:
     device = resolve_device(cfg, local_rank)
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # lazy: deepspeed is slow to import and unused by inference
     import deepspeed  # after DS_ACCELERATOR is settled: the accelerator is chosen on first use
     from deepspeed.accelerator import get_accelerator
     from deepspeed.utils import logger as ds_logger
@@ -133,23 +137,37 @@ def shutdown_distributed() -> None:
 
 
 def build_ds_config(cfg: Config, world_size: int, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """The DeepSpeed JSON for this run. The only place that derives the global batch size."""
+    """The DeepSpeed JSON for this run, from its parts: batch, optimizer, scheduler, ZeRO."""
     device = torch.device(device)
-    ds, opt = cfg.deepspeed, cfg.optim
-    micro = cfg.data.micro_batch_size
-    accum = ds.gradient_accumulation_steps
-    if ds.global_batch_size is not None:
-        per_pass = micro * world_size
-        if ds.global_batch_size % per_pass:
-            raise ConfigError(
-                f"deepspeed.global_batch_size={ds.global_batch_size} is not a multiple of "
-                f"data.micro_batch_size ({micro}) x world size ({world_size}); choose "
-                f"data.micro_batch_size so that it divides {ds.global_batch_size // world_size or 1}")
-        accum = ds.global_batch_size // per_pass
-    total_steps = opt.total_steps if opt.total_steps is not None else cfg.run.max_steps
-    warmup = opt.warmup_steps
+    ds = cfg.deepspeed
+    config: dict[str, Any] = {
+        **ds_batch(cfg, world_size),
+        "gradient_clipping": float(cfg.optim.grad_clip),  # explicit: 0.0 = no clipping
+        "optimizer": ds_optimizer(cfg.optim),
+        "scheduler": ds_scheduler(cfg),
+        "bf16": {"enabled": resolve_bf16(cfg, device)},
+        "fp16": {"enabled": False},
+        "zero_optimization": ds_zero(ds, device),
+        "steps_per_print": ds.steps_per_print if ds.steps_per_print > 0 else 2**62,
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+    }
+    if ds.offload_optimizer:
+        config["zero_force_ds_cpu_optimizer"] = False  # keep torch Adam (no compiled CPU Adam)
+    return config
 
-    optimizer = {
+
+def ds_batch(cfg: Config, world_size: int) -> dict[str, int]:
+    """Micro-batch, accumulation and global batch (``Config.gradient_accumulation`` derives them)."""
+    micro = cfg.data.micro_batch_size
+    accum = cfg.gradient_accumulation(world_size)
+    return {"train_batch_size": micro * accum * world_size, "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": accum}
+
+
+def ds_optimizer(opt) -> dict[str, Any]:
+    """DeepSpeed's "Adam"/"AdamW" through ``torch_adam``: no compiled DeepSpeed ops needed."""
+    return {
         "type": "AdamW" if opt.name == "adamw" else "Adam",
         "params": {
             "lr": opt.lr,
@@ -157,29 +175,40 @@ def build_ds_config(cfg: Config, world_size: int, device: torch.device | str = "
             "eps": opt.eps,
             "weight_decay": opt.weight_decay,
             "adam_w_mode": opt.name == "adamw",  # DeepSpeed's "Adam" means AdamW unless told
-            "torch_adam": True,  # torch.optim.Adam(W): no compiled DeepSpeed ops needed
+            "torch_adam": True,
         },
     }
+
+
+def ds_scheduler(cfg: Config) -> dict[str, Any]:
+    """``optim.lr_schedule`` as one of DeepSpeed's schedulers (see the module docstring)."""
+    opt = cfg.optim
+    total_steps = opt.total_steps if opt.total_steps is not None else cfg.run.max_steps
+    warmup = opt.warmup_steps
     if opt.lr_schedule == "constant":
-        scheduler = {"type": "WarmupLR", "params": {
+        return {"type": "WarmupLR", "params": {
             "warmup_min_lr": 0.0 if warmup > 0 else opt.lr, "warmup_max_lr": opt.lr,
             "warmup_num_steps": max(1, warmup), "warmup_type": "linear"}}
-    elif opt.lr_schedule == "cosine":
-        scheduler = {"type": "WarmupCosineLR", "params": {
+    if opt.lr_schedule == "cosine":
+        return {"type": "WarmupCosineLR", "params": {
             "total_num_steps": total_steps, "warmup_min_ratio": 0.0,
             "warmup_num_steps": max(1, warmup), "cos_min_ratio": opt.min_lr / opt.lr,
             "warmup_type": "linear"}}
-    else:  # linear
-        scheduler = {"type": "WarmupDecayLR", "params": {
-            "total_num_steps": total_steps, "warmup_min_lr": 0.0, "warmup_max_lr": opt.lr,
-            "warmup_num_steps": max(1, warmup), "warmup_type": "linear"}}
+    return {"type": "WarmupDecayLR", "params": {  # linear
+        "total_num_steps": total_steps, "warmup_min_lr": 0.0, "warmup_max_lr": opt.lr,
+        "warmup_num_steps": max(1, warmup), "warmup_type": "linear"}}
 
-    # Buckets sized for DyNet's 16.6M parameters (bench/scaling.py models the choice): gradients
-    # are reduced in 2M-element buckets (4 MB in bf16, ~8 per step) so the reduction overlaps the
-    # rest of the backward pass yet each bucket stays bandwidth-bound on InfiniBand; the updated
-    # partitions are all-gathered in one call (the gather after the step cannot overlap anything);
-    # ZeRO-3 prefetches 2M elements ahead and keeps tensors under 1e5 elements (152 of 179,
-    # 10% of the parameters) resident, so they cost no latency-bound gathers of their own.
+
+def ds_zero(ds, device: torch.device) -> dict[str, Any]:
+    """The ``zero_optimization`` section.
+
+    Buckets sized for DyNet's 16.6M parameters (bench/scaling.py models the choice): gradients
+    are reduced in 2M-element buckets (4 MB in bf16, ~8 per step) so the reduction overlaps the
+    rest of the backward pass yet each bucket stays bandwidth-bound on InfiniBand; the updated
+    partitions are all-gathered in one call (the gather after the step cannot overlap anything);
+    ZeRO-3 prefetches 2M elements ahead and keeps tensors under 1e5 elements (152 of 179,
+    10% of the parameters) resident, so they cost no latency-bound gathers of their own.
+    """
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
         zero.update({"overlap_comm": ds.overlap_comm and device.type == "cuda",
@@ -197,33 +226,20 @@ def build_ds_config(cfg: Config, world_size: int, device: torch.device | str = "
         if ds.zero_stage == 0:
             raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
-
-    config: dict[str, Any] = {
-        "train_batch_size": micro * accum * world_size,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accum,
-        "gradient_clipping": float(opt.grad_clip),  # explicit: 0.0 = no clipping
-        "optimizer": optimizer,
-        "scheduler": scheduler,
-        "bf16": {"enabled": resolve_bf16(cfg, device)},
-        "fp16": {"enabled": False},
-        "zero_optimization": zero,
-        "steps_per_print": ds.steps_per_print if ds.steps_per_print > 0 else 2**62,
-        "wall_clock_breakdown": False,
-        "dump_state": False,
-    }
-    if ds.offload_optimizer:
-        config["zero_force_ds_cpu_optimizer"] = False  # keep torch Adam (no compiled CPU Adam)
-    return config
+    return zero
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, dist_info: DistInfo):
-    """Wrap ``model`` in a DeepSpeed engine built from ``build_ds_config``."""
+def build_engine(cfg: Config, model: torch.nn.Module, dist_info: DistInfo, lr_scheduler=None):
+    """Wrap ``model`` in a DeepSpeed engine built from ``build_ds_config``. ``lr_scheduler``
+    (``optimizer -> scheduler``, e.g. the task curriculum's restarts) replaces the JSON's scheduler."""
+    # lazy: deepspeed is slow to import and unused by inference
     import deepspeed
 
     ds_config = build_ds_config(cfg, dist_info.world_size, dist_info.device)
+    if lr_scheduler is not None:
+        ds_config.pop("scheduler")
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                           config=ds_config)
-    if cfg.model.compile and cfg.deepspeed.zero_stage == 3:
-        engine.compile()  # below stage 3 build_model compiled the blocks (DyNet.compile_blocks)
+                                           config=ds_config, lr_scheduler=lr_scheduler)
+    if compilation(cfg) == "engine":
+        engine.compile()
     return engine, ds_config

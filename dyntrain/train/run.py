@@ -1,65 +1,72 @@
-"""Build and run one training job: what ``launch/pretrain.py`` (and fine-tuning) call.
+"""Build and run one training job: what the jobs (``dyntrain.jobs.pretrain``, ``dyntrain.jobs.finetune``)
+call with the components they pick.
 
-Order: distributed start-up (launcher or single process) -> model (init from ``run.seed``) ->
-DeepSpeed engine -> loader (``loader_factory(cfg, rank, world_size, device)``) -> schedule ->
-checkpoint manager and resume -> MLflow run (the checkpoint's run id when resuming) -> ``train()``.
-The MLflow run ends FINISHED, KILLED (stopped early on request, to be resumed) or FAILED (any
-exception, re-raised).
+Order: distributed start-up (launcher or single process) -> model (``model_builder``, init from
+``run.seed``) -> DeepSpeed engine (with ``lr_scheduler`` when given) -> loader (``loader_factory(cfg,
+rank, world_size, device)``) -> schedule -> checkpoint manager -> the resume state, if any -> MLflow
+run (the checkpoint's run id when resuming) -> trainer with its account, tracker and ``callbacks``
+-> every callback's ``on_start`` -> ``train()``. The MLflow run ends FINISHED, KILLED (stopped early
+on request, to be resumed) or FAILED (any exception, re-raised).
 
-Extension points (all optional, all called on every rank): ``model_builder`` (the model),
-``checkpoint_factory`` (the checkpoint manager, e.g. one with a ``before_commit`` callback),
-``schedule_hook`` (may replace the variant schedule of a rank) and ``trainer_hook`` (callbacks,
-``Trainer.enable_trace`` ...). Pre-training runs with ``data.val_urls`` get the validation callback
-(``dyntrain.eval.validation``) after ``trainer_hook``. Fine-tuning uses the first and the last; tests use them to trace runs
-and to inject faults without any switch in this code path.
+Nothing here asks which kind of job it runs: the entry point hands over the loader factory, the
+callbacks (validation, fine-tuning evaluation, the curriculum's log ...), the model builder (e.g.
+fine-tuning's initial weights), the LR scheduler (e.g. the curriculum's restarts) and the run's
+tags (``dyntrain.stage``). Two more extension points serve tests and debugging: ``schedule_hook``
+(may replace the variant schedule of a rank) and ``trace_dir`` (``Trainer.enable_trace``), plus
+``checkpoint_factory`` (e.g. a manager with a ``before_commit`` callback).
 """
 from __future__ import annotations
 
 import json
 import signal
 import time
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
+from dyntrain.checkpoint import CheckpointManager
 from dyntrain.config import Config
-from dyntrain.train.engine import ZERO3_NOTE, build_engine, init_distributed, shutdown_distributed
+from dyntrain.data.loader import LoaderFactory
 from dyntrain.logs import setup_logging
-from dyntrain.train.model import build_model
-from dyntrain.train.schedule import VariantSchedule, install_cost_aware, new_verify_group, splitmix64
-from dyntrain.tracking import make_tracker
+from dyntrain.tracking import GPUHourAccount, make_tracker
+from dyntrain.train.callbacks import Callback
+from dyntrain.train.engine import ZERO3_NOTE, build_engine, init_distributed, shutdown_distributed
+from dyntrain.train.model import build_model, variant_flops
+from dyntrain.train.schedule import VariantSchedule, new_verify_group, splitmix64
+from dyntrain.train.state import load_resume_state
 from dyntrain.train.trainer import Trainer, TrainResult
-from dyntrain.eval.validation import install_validation
 
-LoaderFactory = Callable[[Config, int, int, torch.device], Any]
+
 ScheduleHook = Callable[[VariantSchedule, int], VariantSchedule]
 
 
-def default_checkpoint_manager(cfg: Config, engine, rank: int, world_size: int):
+def default_checkpoint_manager(cfg: Config, engine, rank: int, world_size: int) -> Optional[CheckpointManager]:
     """``dyntrain.checkpoint.CheckpointManager`` when ``checkpoint.dir`` is set, else None."""
     if not cfg.checkpoint.dir:
         return None
-    from dyntrain.checkpoint import CheckpointManager
-
     return CheckpointManager(cfg.checkpoint, engine, rank, world_size)
 
 
-def run_training(cfg: Config, loader_factory: LoaderFactory, *, mode: str = "pretrain",
+def run_training(cfg: Config, loader_factory: LoaderFactory, *, callbacks: Sequence[Callback] = (),
+                 tags: Optional[Mapping[str, str]] = None,
                  model_builder: Callable[[Config], torch.nn.Module] = build_model,
+                 lr_scheduler: Optional[Callable[[Any], Any]] = None,
                  checkpoint_factory=default_checkpoint_manager,
-                 trainer_hook: Optional[Callable[[Trainer], None]] = None,
-                 schedule_hook: Optional[ScheduleHook] = None) -> TrainResult:
+                 schedule_hook: Optional[ScheduleHook] = None,
+                 trace_dir: Optional[str | Path] = None) -> TrainResult:
     """Train ``cfg`` end to end on this rank; returns the trainer's result.
 
     Args:
-        loader_factory: ``(cfg, rank, world_size, device) -> loader`` (data contract).
-        mode: "pretrain" or "finetune" (MLflow tag ``dyntrain.stage``; tag ``mode`` is the schedule's
-            "dynamic" or "fixed:<variant>").
+        loader_factory: ``(cfg, rank, world_size, device) -> Loader`` (``dyntrain.data.loader``).
+        callbacks: ``dyntrain.train.callbacks.Callback`` objects, called in this order.
+        tags: MLflow tags of the run (e.g. ``{"dyntrain.stage": "finetune"}``).
         model_builder: builds the (initialised) model; fine-tuning loads ``init.checkpoint`` here.
+        lr_scheduler: ``optimizer -> scheduler`` given to DeepSpeed instead of ``optim.lr_schedule``.
         checkpoint_factory: ``(cfg, engine, rank, world_size) -> manager | None``.
-        trainer_hook: called with the trainer before training (e.g. to add callbacks).
         schedule_hook: ``(schedule, rank) -> schedule`` used by this rank instead (default: the
             config's ``VariantSchedule`` unchanged).
+        trace_dir: every rank writes its step trace there (``Trainer.enable_trace``).
     """
     t_start = time.perf_counter()
     setup_logging()  # the launcher's RANK until the process group exists
@@ -72,7 +79,7 @@ def run_training(cfg: Config, loader_factory: LoaderFactory, *, mode: str = "pre
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     model = model_builder(cfg)
-    engine, ds_config = build_engine(cfg, model, info)
+    engine, ds_config = build_engine(cfg, model, info, lr_scheduler=lr_scheduler)
     loader = loader_factory(cfg, rank, world, info.device)
     tracker = None
     status = "FAILED"
@@ -83,18 +90,20 @@ def run_training(cfg: Config, loader_factory: LoaderFactory, *, mode: str = "pre
         verify_group = (new_verify_group(cfg.schedule.verify_timeout_s)
                         if cfg.schedule.verify_every and world > 1 else None)
         manager = checkpoint_factory(cfg, engine, rank, world)
-        trainer = Trainer(cfg, engine, loader, schedule, None, rank, world,
-                          checkpoint_manager=manager, verify_group=verify_group, device=info.device)
-        resumed_from = trainer.resume()
-        tracker = make_tracker(cfg, rank, run_id=trainer.mlflow_run_id)
-        trainer.attach_tracker(tracker)
-        _describe_run(tracker, cfg, ds_config, schedule, info, mode, resumed_from, step=trainer.step)
-        if trainer_hook is not None:
-            trainer_hook(trainer)
-        validator = None
-        if mode == "pretrain":  # fixed held-out set, every variant every eval.every steps
-            validator = install_validation(trainer, cfg)
-        install_cost_aware(trainer, cfg, validator)  # after the validator: reads its figures
+        resume = load_resume_state(manager)
+        tracker = make_tracker(cfg, rank, run_id=resume[1].get("mlflow_run_id") if resume else None)
+        account = GPUHourAccount(world, schedule.active)
+        account.flops_per_sample = variant_flops(cfg, schedule.variants)
+        trainer = Trainer(cfg, engine, loader, schedule, tracker, rank, world, account=account,
+                          checkpoint_manager=manager, verify_group=verify_group, device=info.device,
+                          callbacks=callbacks)
+        if resume is not None:
+            trainer.restore(*resume)
+        if trace_dir is not None:
+            trainer.enable_trace(trace_dir)
+        _describe_run(tracker, cfg, ds_config, schedule, info, dict(tags or {}),
+                      resume[0] if resume else None, step=trainer.step)
+        trainer.start_callbacks()
         trainer.account.add_startup(time.perf_counter() - t_start)
         previous = _install_signal_handlers(trainer)
         try:
@@ -109,19 +118,19 @@ def run_training(cfg: Config, loader_factory: LoaderFactory, *, mode: str = "pre
     finally:
         if tracker is not None:
             tracker.finish(status)
-        if hasattr(loader, "close"):
-            loader.close()
+        loader.close()
         if status != "FAILED":  # after a failure a peer may never reach the barrier
             shutdown_distributed()
 
 
-def _describe_run(tracker, cfg: Config, ds_config: dict, schedule: VariantSchedule, info, mode: str,
+def _describe_run(tracker, cfg: Config, ds_config: dict, schedule: VariantSchedule, info, tags: dict,
                   resumed_from: Optional[str], step: int) -> None:
     """Params, tags and artifacts of the MLflow run (rank 0; no-ops on a NullTracker)."""
     variants = schedule.active
     schedule_mode = f"fixed:{schedule.fixed_variant}" if schedule.mode == "fixed" else schedule.mode
     tags = {
-        "dyntrain.stage": mode,           # pretrain | finetune
+        "dyntrain.stage": "pretrain",     # pretrain | finetune (the job's tags decide)
+        **tags,
         "mode": schedule_mode,            # dynamic | sandwich | fixed:<variant> (the separate baselines)
         "schedule": schedule_mode,
         "recipe": schedule.recipe,        # paper | cost_aware | sandwich | sandwich_distill | ..._distill | fixed:<v>

@@ -6,7 +6,7 @@ loader state), which makes a resume with the same number of ranks exact.
 
 Trace (debugging, tests): after ``enable_trace(directory)`` every rank writes ``trace_rank<r>.json``
 there at the end of ``train`` (per-step variant, loss and sample keys, and a SHA-256 of the full
-fp32 weights); ``run_training(trainer_hook=...)`` is the place to switch it on.
+fp32 weights); ``run_training(trace_dir=...)`` switches it on.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import torch
 
 from dyntrain.logs import get_logger
 
+
 log = get_logger(__name__)
 
 
@@ -30,25 +31,18 @@ class TrainerStateMixin:
     ``mlflow_run_id``, ``_last_saved_step``, ``_trace`` and ``_trace_dir``."""
 
     # ---------------------------------------------------------------------------- resume
-    def resume(self) -> Optional[str]:
-        """Load the checkpoint ``checkpoint_manager.find_resume()`` names, if any; returns its tag."""
-        if self.checkpoint_manager is None:
-            return None
-        tag = self.checkpoint_manager.find_resume()
-        if tag is None:
-            return None
-        client_state, rank_state = self.checkpoint_manager.load(tag)
-        self.load_state_dict({**client_state, "rank_state": rank_state})
+    def restore(self, tag: str, state: dict[str, Any]) -> None:
+        """Continue from checkpoint ``tag`` whose state ``load_resume_state`` read."""
+        self.load_state_dict(state)
         self._last_saved_step = self.step
         log.info(f"[{self.cfg.run.name}] resumed from {tag} at step {self.step}")
-        return tag
 
     def state_dict(self) -> dict[str, Any]:
         """Global client state plus ``rank_state`` (this rank's RNG and loader state)."""
         return {
             "step": self.step,
             "schedule": self.schedule.describe(),
-            "schedule_state": self.schedule.state_dict() if hasattr(self.schedule, "state_dict") else None,
+            "schedule_state": self.schedule.state_dict(),
             "account": self.account.state_dict(),
             "mlflow_run_id": self.tracker.run_id or self.mlflow_run_id,
             "config": self.cfg.to_dict(),
@@ -61,8 +55,7 @@ class TrainerStateMixin:
                "python": random.getstate()}
         if torch.cuda.is_available() and self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        loader = self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
-        return {"rank": self.rank, "world_size": self.world_size, "rng": rng, "loader": loader}
+        return {"rank": self.rank, "world_size": self.world_size, "rng": rng, "loader": self.loader.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
@@ -70,7 +63,7 @@ class TrainerStateMixin:
             log.warning(f"[{self.cfg.run.name}] warning: the variant schedule differs from the checkpoint's "
                         f"({state['schedule']} -> {self.schedule.describe()}); the draw sequence after "
                         f"step {self.step} is not the one the original run would have drawn")
-        if state.get("schedule_state") and hasattr(self.schedule, "load_state_dict"):
+        if state.get("schedule_state"):
             self.schedule.load_state_dict(state["schedule_state"])  # the cost-aware probability table
         if state.get("account"):
             self.account.load_state_dict(state["account"])
@@ -90,7 +83,7 @@ class TrainerStateMixin:
             random.setstate(rng["python"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
-        if rank_state.get("loader") is not None and hasattr(self.loader, "load_state_dict"):
+        if rank_state.get("loader") is not None:
             self.loader.load_state_dict(rank_state["loader"])
 
     # ----------------------------------------------------------------------------- trace
@@ -104,10 +97,11 @@ class TrainerStateMixin:
 
     def weights_digest(self) -> str:
         """SHA-256 of the full fp32 weights (collective under ZeRO-3: call on all ranks)."""
+        # lazy: deepspeed is slow to import and unused by inference
         import deepspeed
 
         params = list(self.engine.module.parameters())
-        stage3 = any(hasattr(p, "ds_tensor") for p in params)
+        stage3 = self.cfg.deepspeed.zero_stage == 3
         h = hashlib.sha256()
         with deepspeed.zero.GatheredParameters(params, enabled=stage3):
             for name, p in self.engine.module.named_parameters():
@@ -125,3 +119,16 @@ class TrainerStateMixin:
                "stopped_early": self.stopped_early, "steps": self._trace, "weights_sha256": digest,
                "account": self.account.metrics()}
         (trace_dir / f"trace_rank{self.rank}.json").write_text(json.dumps(out))
+
+
+def load_resume_state(manager) -> Optional[tuple[str, dict[str, Any]]]:
+    """(tag, trainer state) of the checkpoint ``manager.find_resume()`` names; None for a fresh start
+    (or no manager). Read before the trainer exists, so that the tracker can rejoin the MLflow run
+    the checkpoint records."""
+    if manager is None:
+        return None
+    tag = manager.find_resume()
+    if tag is None:
+        return None
+    client_state, rank_state = manager.load(tag)
+    return tag, {**client_state, "rank_state": rank_state}

@@ -24,19 +24,21 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
+from dyntrain.data.loader import Loader
 from dyntrain.errors import DyntrainError
 from dyntrain.logs import get_logger
-from dyntrain.train.pending import NonFiniteLossError, PendingStep, StepTimer
-from dyntrain.train.schedule import plan_loss, restoration_loss
-from dyntrain.train.schedule import VariantSchedule, verify_draw
 from dyntrain.tracking import ConsoleTracker, GPUHourAccount, NullTracker, RunHeader, TrackerGroup
 from dyntrain.tracking.window import StepWindow
+from dyntrain.train.callbacks import Callback, StepContext
+from dyntrain.train.pending import NonFiniteLossError, PendingStep, StepTimer
+from dyntrain.train.schedule import VariantSchedule, plan_loss, restoration_loss, verify_draw
 from dyntrain.train.state import TrainerStateMixin
+
 
 __all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "CorruptWeightsError", "restoration_loss"]
 
@@ -54,33 +56,32 @@ class TrainResult:
 
 log = get_logger(__name__)
 
-Callback = Callable[["Trainer", int, dict], None]
-
-
 class Trainer(TrainerStateMixin):
     """Args:
     cfg: the run's ``dyntrain.config.Config``.
     engine: a DeepSpeed engine wrapping DyNet (``engine(x, reuse=...)``).
-    loader: iterator of batch dicts ("input", "target", optional "mask", "keys"); optional
-        ``state_dict``/``load_state_dict``/``stats``.
+    loader: a ``dyntrain.data.loader.Loader`` (iterator of batch dicts with reader state and stats).
     schedule: ``VariantSchedule``.
-    tracker: ``make_tracker(...)`` result (None = NullTracker); may be replaced via ``attach_tracker``.
-        The trainer talks to one ``TrackerGroup``: this tracker and, on rank 0, the console tracker
-        (header, progress and summary lines).
+    tracker: ``make_tracker(...)`` result (None = NullTracker). The trainer talks to one
+        ``TrackerGroup``: this tracker and, on rank 0, the console tracker (header, progress and
+        summary lines).
     rank, world_size: this process in the data-parallel world.
+    account: the run's ``GPUHourAccount`` (None = a fresh one that counts no FLOPs).
     checkpoint_manager: object with ``save(step, client_state, rank_state) -> tag``,
         ``find_resume() -> tag | None`` and ``load(tag) -> (client_state, rank_state)``; None = no
         checkpoints.
     verify_group: process group for ``schedule.verify_every`` (see ``schedule.new_verify_group``).
+    callbacks: ``dyntrain.train.callbacks.Callback`` objects, called in this order.
     """
 
-    def __init__(self, cfg, engine, loader, schedule: VariantSchedule, tracker=None, rank: int = 0,
-                 world_size: int = 1, *, checkpoint_manager=None, verify_group=None,
-                 device: Optional[torch.device] = None) -> None:
+    def __init__(self, cfg, engine, loader: Loader, schedule: VariantSchedule, tracker=None, rank: int = 0,
+                 world_size: int = 1, *, account: Optional[GPUHourAccount] = None, checkpoint_manager=None,
+                 verify_group=None, device: Optional[torch.device] = None,
+                 callbacks: Sequence[Callback] = ()) -> None:
         self.cfg = cfg
         self.engine = engine
         self.loader = loader
-        self._batches = loader if hasattr(loader, "__next__") else iter(loader)
+        self._batches = iter(loader)
         self.schedule = schedule
         self.console = ConsoleTracker(cfg.run.name, cfg.run.max_steps) if rank == 0 else NullTracker()
         self.tracker = TrackerGroup(tracker if tracker is not None else NullTracker(), self.console)
@@ -88,17 +89,15 @@ class Trainer(TrainerStateMixin):
         self.world_size = world_size
         self.checkpoint_manager = checkpoint_manager
         self.verify_group = verify_group
-        self.device = torch.device(device if device is not None else getattr(engine, "device", "cpu"))
-        self.accum = int(engine.gradient_accumulation_steps()) if hasattr(
-            engine, "gradient_accumulation_steps") else cfg.deepspeed.gradient_accumulation_steps
+        self.device = torch.device(device if device is not None else engine.device)
+        self.accum = int(engine.gradient_accumulation_steps())
         self.input_dtype = torch.bfloat16 if _bf16(engine) else torch.float32
         self.channels_last = bool(cfg.model.channels_last)
         self.step = 0  # optimizer steps done == index of the next global iteration
-        self.account = GPUHourAccount(world_size, schedule.active)
-        self.account.flops_per_sample = _variant_flops(cfg, schedule)
-        self.mlflow_run_id: Optional[str] = None
+        self.account = account if account is not None else GPUHourAccount(world_size, schedule.active)
+        self.mlflow_run_id: Optional[str] = tracker.run_id if tracker is not None else None
         self.stopped_early = False
-        self.callbacks: list[tuple[Callback, Optional[Callable[[int], bool]]]] = []
+        self.callbacks: list[Callback] = list(callbacks)
         self._stop_requested = False
         self._last_saved_step: Optional[int] = None
         self._trace: Optional[list[dict]] = None    # per-step records once enable_trace() ran
@@ -112,19 +111,23 @@ class Trainer(TrainerStateMixin):
         """Ask for a checkpoint and a clean stop at the next step boundary (signal-handler safe)."""
         self._stop_requested = True
 
-    def attach_tracker(self, tracker) -> None:
-        """Replace the recording tracker (MLflow); the console tracker stays beside it."""
-        self.tracker = TrackerGroup(tracker, self.console)
-        if getattr(tracker, "run_id", None):
-            self.mlflow_run_id = tracker.run_id
+    def add_callback(self, callback: Callback) -> None:
+        """Append a callback (see ``dyntrain.train.callbacks``) after those given at construction."""
+        self.callbacks.append(callback)
 
-    def add_callback(self, fn: Callback, at: Optional[Callable[[int], bool]] = None) -> None:
-        """``fn(trainer, step, metrics)`` runs on every rank for every optimizer step, in order, once
-        that step's metrics are on the host (``step`` = steps done). ``at(step)`` names the steps at
-        which ``fn`` needs the model exactly as that step left it (e.g. an evaluation): the trainer
-        then reads the step before queuing the next one. ``at`` must give the same answer on every
-        rank; None = every step (one host synchronisation per step)."""
-        self.callbacks.append((fn, at))
+    def context(self, metrics: Optional[dict] = None) -> StepContext:
+        """What a callback sees at ``self.step``."""
+        return StepContext(step=self.step, metrics=metrics or {}, max_steps=self.cfg.run.max_steps,
+                           log_every=self.cfg.run.log_every, rank=self.rank, world_size=self.world_size,
+                           device=self.device, model=self.engine.module,
+                           zero_stage=self.cfg.deepspeed.zero_stage, schedule=self.schedule,
+                           account=self.account, tracker=self.tracker, loader=self.loader)
+
+    def start_callbacks(self) -> None:
+        """Every callback's ``on_start`` (after the resume, before the first step)."""
+        ctx = self.context()
+        for cb in self.callbacks:
+            cb.on_start(ctx)
 
     # ------------------------------------------------------------------------------- step
     def train_step(self, step: int) -> PendingStep:
@@ -176,8 +179,11 @@ class Trainer(TrainerStateMixin):
             self._trace.append({"step": m["step"], "variant": m["variant"], "loss": m["loss"],
                                 "losses": m["losses"], "teacher": pending.teacher,
                                 "keys": pending.keys})
-        for fn, _ in self.callbacks:
-            fn(self, m["step"] + 1, m)
+        if self.callbacks:
+            ctx = self.context(m)
+            ctx.step = m["step"] + 1
+            for cb in self.callbacks:
+                cb.on_step(ctx)
         self._resolved = m
         return m["stop"]
 
@@ -185,7 +191,7 @@ class Trainer(TrainerStateMixin):
         """Whether the step that made ``done`` steps must be read before the next is queued."""
         total, every = self.cfg.run.max_steps, self.cfg.checkpoint.every
         return (done >= total or done % self.cfg.run.log_every == 0 or bool(every and done % every == 0)
-                or any(at is None or at(done) for _, at in self.callbacks))
+                or any(cb.due(done) for cb in self.callbacks))
 
     # ------------------------------------------------------------------------------- loop
     def train(self) -> TrainResult:
@@ -262,10 +268,9 @@ class Trainer(TrainerStateMixin):
         if self.device.type == "cuda":
             metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             torch.cuda.reset_peak_memory_stats(self.device)
-        if hasattr(self.loader, "stats"):
-            stats = self.loader.stats()
-            metrics["data_epoch"] = float(stats.get("epoch", 0))
-            metrics["corrupt_skipped"] = float(stats.get("corrupt_skipped", 0))
+        stats = self.loader.stats()
+        metrics["data_epoch"] = float(stats.get("epoch", 0))
+        metrics["corrupt_skipped"] = float(stats.get("corrupt_skipped", 0))
         account = self.account.metrics()
         metrics.update(account)
         self._last_metrics = metrics
@@ -284,29 +289,10 @@ class Trainer(TrainerStateMixin):
         self.tracker.log_end(self.step, self.stopped_early, m)
 
 
-def _variant_flops(cfg, schedule) -> dict[str, float]:
-    """F_v: FLOPs of one forward of every variant on one crop (``dynet.flops`` on the meta device);
-    {} (work not counted) for a model ``cfg.model`` does not describe."""
-    try:
-        from dynet import DyNet, count_flops
-
-        with torch.device("meta"):
-            model = DyNet(cfg.model.to_dynet())
-        size = int(cfg.data.crop_size)
-        return {n: float(count_flops(model, size, size, reuse=tuple(r)).total)
-                for n, r in schedule.variants.items()}
-    except Exception as exc:  # noqa: BLE001 - the work count is a report, never a reason to fail
-        log.warning(f"work count (pflop) off: could not count the model's FLOPs ({exc})")
-        return {}
-
-
 def _bf16(engine) -> bool:
     fn = getattr(engine, "bfloat16_enabled", None)
     return bool(fn()) if callable(fn) else False
 
 
 def _current_lr(engine) -> float:
-    try:
-        return float(engine.get_lr()[0])
-    except Exception:  # engines without an optimizer (never in training)
-        return float("nan")
+    return float(engine.get_lr()[0])

@@ -29,9 +29,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from dyntrain.data.loader import LoaderBase
 from dyntrain.errors import DyntrainError
 from dyntrain.images import IMAGE_EXTS, list_images
 from dyntrain.seeds import mix_seed
+
 
 TASKS = ("denoise", "derain", "dehaze")
 
@@ -165,7 +167,7 @@ def add_noise_uint8(x: torch.Tensor, sigma: torch.Tensor, generator: torch.Gener
 
 
 # --------------------------------------------------------------------------------- loader base
-class PairedLoaderBase:
+class PairedLoaderBase(LoaderBase):
     """Shared bookkeeping of the fine-tuning loaders: batch counter, noise, device transfer, stats."""
 
     kind = "paired"
@@ -230,3 +232,33 @@ class PairedLoaderBase:
                                "epoch": self.epoch, "batches": self.batches}
         out.update({f"samples_{name}": n for name, n in self.task_counts.items()})
         return out
+
+
+# --------------------------------------------------------------------------------- crop
+def random_pair_crop(inp: np.ndarray, tgt: np.ndarray, size: int, rng: np.random.Generator,
+                     what: str = "pair") -> tuple[np.ndarray, np.ndarray]:
+    """The same random ``size`` x ``size`` crop of two (H, W, 3) images, then the same one of the
+    8 flips/rotations. Images smaller than ``size`` are reflect-padded (bottom/right) first."""
+    if inp.shape != tgt.shape:
+        raise PairedDataError(f"{what}: input and target differ in size: {inp.shape} vs {tgt.shape}")
+    height, width = inp.shape[:2]
+    pad_h, pad_w = max(0, size - height), max(0, size - width)
+    if pad_h or pad_w:
+        mode = "reflect" if pad_h < height and pad_w < width else "symmetric"
+        inp = np.pad(inp, ((0, pad_h), (0, pad_w), (0, 0)), mode=mode)
+        tgt = np.pad(tgt, ((0, pad_h), (0, pad_w), (0, 0)), mode=mode)
+        height, width = inp.shape[:2]
+    top = int(rng.integers(0, height - size + 1))
+    left = int(rng.integers(0, width - size + 1))
+    op = int(rng.integers(0, 8))
+    return (dihedral(inp[top:top + size, left:left + size], op),
+            dihedral(tgt[top:top + size, left:left + size], op))
+
+
+def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """One batch dict from per-pair items (the paired loaders' collate function)."""
+    return {"input": torch.stack([it["input"] for it in items]),
+            "target": torch.stack([it["target"] for it in items]),
+            "sigma": torch.tensor([it["sigma"] for it in items], dtype=torch.float32),
+            "keys": [it["key"] for it in items], "tasks": [it["task"] for it in items],
+            "epoch": max(it["epoch"] for it in items), "skipped": sum(it["skipped"] for it in items)}

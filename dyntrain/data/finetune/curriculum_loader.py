@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from dyntrain.data.finetune.base import (PairedDataError, PairedLoaderBase, PairEntry, collate_pairs,
+                                         random_pair_crop)
 from dyntrain.images import read_image
 from dyntrain.seeds import mix_seed
-from dyntrain.data.finetune.paired import _collate, random_pair_crop
-from dyntrain.data.finetune.base import PairedDataError, PairedLoaderBase, PairEntry
 
 
 class CurriculumPairedLoader(PairedLoaderBase):
@@ -49,7 +49,7 @@ class CurriculumPairedLoader(PairedLoaderBase):
     def __next__(self) -> dict[str, Any]:
         step, micro = divmod(self.batches, self.accum)
         first = (micro * self.world_size + self.rank) * self.batch_size
-        return self._finish(_collate([self._item(step, first + i) for i in range(self.batch_size)]))
+        return self._finish(collate_pairs([self._item(step, first + i) for i in range(self.batch_size)]))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._check_state(state)

@@ -29,33 +29,20 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
+from dyntrain.data.finetune.base import (TASKS, PairedDataError, PairedLoaderBase, PairEntry, collate_pairs,
+                                         mix, random_pair_crop, scan_tasks)
+from dyntrain.data.finetune.curriculum_loader import CurriculumPairedLoader
+from dyntrain.data.finetune.paired_shards import PairedShardLoader, pack_paired_shards
+from dyntrain.data.finetune.synthetic_pairs import build_synthetic_loader
+from dyntrain.data.finetune.tasks import TaskCurriculum
+from dyntrain.data.synthetic import make_demo_data
+from dyntrain.errors import ConfigError
 from dyntrain.images import read_image
 from dyntrain.logs import get_logger, setup_logging
-from dyntrain.data.finetune.base import TASKS, PairedDataError, PairedLoaderBase, PairEntry, dihedral, mix, scan_tasks
-from dyntrain.data.synthetic import make_demo_data
+
 
 log = get_logger(__name__)
 
-
-# --------------------------------------------------------------------------------- crop
-def random_pair_crop(inp: np.ndarray, tgt: np.ndarray, size: int, rng: np.random.Generator,
-                     what: str = "pair") -> tuple[np.ndarray, np.ndarray]:
-    """The same random ``size`` x ``size`` crop of two (H, W, 3) images, then the same one of the
-    8 flips/rotations. Images smaller than ``size`` are reflect-padded (bottom/right) first."""
-    if inp.shape != tgt.shape:
-        raise PairedDataError(f"{what}: input and target differ in size: {inp.shape} vs {tgt.shape}")
-    height, width = inp.shape[:2]
-    pad_h, pad_w = max(0, size - height), max(0, size - width)
-    if pad_h or pad_w:
-        mode = "reflect" if pad_h < height and pad_w < width else "symmetric"
-        inp = np.pad(inp, ((0, pad_h), (0, pad_w), (0, 0)), mode=mode)
-        tgt = np.pad(tgt, ((0, pad_h), (0, pad_w), (0, 0)), mode=mode)
-        height, width = inp.shape[:2]
-    top = int(rng.integers(0, height - size + 1))
-    left = int(rng.integers(0, width - size + 1))
-    op = int(rng.integers(0, 8))
-    return (dihedral(inp[top:top + size, left:left + size], op),
-            dihedral(tgt[top:top + size, left:left + size], op))
 
 # -------------------------------------------------------------------------------- the stream
 class RankStream:
@@ -119,14 +106,6 @@ class _FolderDataset(torch.utils.data.Dataset):
                 "skipped": skipped}
 
 
-def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"input": torch.stack([it["input"] for it in items]),
-            "target": torch.stack([it["target"] for it in items]),
-            "sigma": torch.tensor([it["sigma"] for it in items], dtype=torch.float32),
-            "keys": [it["key"] for it in items], "tasks": [it["task"] for it in items],
-            "epoch": max(it["epoch"] for it in items), "skipped": sum(it["skipped"] for it in items)}
-
-
 class _BatchPositions(torch.utils.data.Sampler):
     """Infinite batch sampler: [start*B, ..., start*B + B-1], then the next batch, ..."""
 
@@ -157,7 +136,7 @@ class PairedFolderLoader(PairedLoaderBase):
         self.close()
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_BatchPositions(self.batches, self.batch_size),
-            num_workers=self.num_workers, collate_fn=_collate,
+            num_workers=self.num_workers, collate_fn=collate_pairs,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=self.prefetch if self.num_workers > 0 else None,
             persistent_workers=False)
@@ -176,23 +155,30 @@ class PairedFolderLoader(PairedLoaderBase):
 
     def close(self) -> None:
         it, self._iter = self._iter, None
-        if it is not None and hasattr(it, "_shutdown_workers"):
+        if it is not None and self.num_workers > 0:  # a multi-process iterator: stop its workers now
             it._shutdown_workers()
 
 
 # ------------------------------------------------------------------------------------ factory
+def task_curriculum(cfg) -> Optional[TaskCurriculum]:
+    """The task curriculum by which the fine-tuning loader of ``cfg`` draws each sample's task: the
+    synthetic pairs (either mode) and the paired folders in sequential mode; None where the loader
+    draws from a fixed mix (paired folders in mixed mode, paired shards)."""
+    source = cfg.data.source
+    if source == "synthetic" or (source == "paired" and cfg.schedule.tasks.mode == "sequential"):
+        return TaskCurriculum.from_config(cfg)
+    return None
+
+
 def build_finetune_loader(cfg, rank: int, world_size: int, device) -> PairedLoaderBase:
     """The fine-tuning loader for ``cfg.data.source`` ("paired" folders or "paired_shards")."""
     data = cfg.data
     if data.source == "paired":
         per_task = scan_tasks(data.root, data.tasks, data.sigmas)
-        if cfg.schedule.tasks.mode == "sequential":
-            from dyntrain.data.finetune.tasks import TaskCurriculum
-            from dyntrain.train.engine import build_ds_config
-            from dyntrain.data.finetune.curriculum_loader import CurriculumPairedLoader
-
-            accum = int(build_ds_config(cfg, world_size)["gradient_accumulation_steps"])
-            return CurriculumPairedLoader(per_task, TaskCurriculum.from_config(cfg), data.crop_size,
+        curriculum = task_curriculum(cfg)
+        if curriculum is not None:  # sequential: the curriculum draws each sample's task
+            accum = cfg.gradient_accumulation(world_size)
+            return CurriculumPairedLoader(per_task, curriculum, data.crop_size,
                                           data.micro_batch_size, cfg.run.seed, rank, world_size, accum, device)
         entries = mix(per_task, data.tasks)
         log.info("paired data: %s entries per epoch (%s)", len(entries),
@@ -200,14 +186,9 @@ def build_finetune_loader(cfg, rank: int, world_size: int, device) -> PairedLoad
         return PairedFolderLoader(entries, data.crop_size, data.micro_batch_size, cfg.run.seed, rank,
                                   world_size, device, num_workers=data.num_threads, prefetch=data.prefetch)
     if data.source == "paired_shards":
-        from dyntrain.data.finetune.paired_shards import PairedShardLoader
-
         return PairedShardLoader(cfg, rank, world_size, device)  # DALI is imported only when used
     if data.source == "synthetic":
-        from dyntrain.data.finetune.synthetic_pairs import build_synthetic_loader
-
         return build_synthetic_loader(cfg, rank, world_size, device)
-    from dyntrain.config import ConfigError
     raise ConfigError(f"data.source: fine-tuning reads 'paired', 'paired_shards' or 'synthetic', got {data.source!r}")
 
 
@@ -231,8 +212,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(stream=sys.stderr)  # stdout holds the values to copy
     if args.command == "pack":
-        from dyntrain.data.finetune.paired_shards import pack_paired_shards
-
         manifest = pack_paired_shards(args.root, args.out, args.tasks, args.shard_samples)
         counts = ", ".join(f"{t} {v['samples']}" for t, v in manifest["tasks"].items())
         print(f"packed {counts} pairs; use data.source=paired_shards data.train_urls=[{args.out}]")

@@ -16,17 +16,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dyntrain.logs import get_logger
-from dyntrain.seeds import mix_seed
-from dyntrain.data.storage import s3
-from dyntrain.data.pretrain.dali_torch import dali_to_torch
-from dyntrain.data.storage.output import ShardOutput
 from dyntrain.data.finetune.base import TASKS, PairedDataError, PairedLoaderBase, PairEntry, scan_tasks
-from dyntrain.progress import progress_bar
-from dyntrain.data.storage.s3 import DataSourceError
+from dyntrain.data.pretrain.dali_torch import dali_to_torch
 from dyntrain.data.shards.samples import share_size
-from dyntrain.data.storage.urls import index_url
 from dyntrain.data.shards.wds import make_index, write_tar
+from dyntrain.data.storage import s3
+from dyntrain.data.storage.output import ShardOutput
+from dyntrain.data.storage.s3 import DataSourceError
+from dyntrain.data.storage.urls import index_url
+from dyntrain.logs import get_logger
+from dyntrain.progress import progress_bar
+from dyntrain.seeds import mix_seed
+
 
 log = get_logger(__name__)
 
@@ -188,6 +189,7 @@ class PairedShardLoader(PairedLoaderBase):
         self._checkpoint: Optional[str] = None
 
     def _build(self) -> None:
+        # lazy: DALI is loaded only by the code that runs a pipeline (the GPU image may lack it)
         from nvidia.dali import fn, pipeline_def
 
         gpu = self.device.type == "cuda"

@@ -24,11 +24,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dyntrain.data.finetune.degradations import TABLE, DegradationError, degrade, draw_params
+from dyntrain.data.finetune.degradations.depth import clean_images, load_depth
+from dyntrain.data.finetune.synthetic_shards import ShardCleanLoader
+from dyntrain.data.finetune.tasks import TaskCurriculum
+from dyntrain.data.loader import LoaderBase
 from dyntrain.images import read_image
 from dyntrain.logs import get_logger
 from dyntrain.seeds import mix_seed
-from dyntrain.data.finetune.degradations import TABLE, DegradationError, degrade, draw_params
-from dyntrain.data.finetune.degradations.depth import clean_images, load_depth
+
 
 log = get_logger(__name__)
 
@@ -66,7 +70,7 @@ def scan_clean(urls: list[str], crop: int) -> tuple[list[tuple[Path, Optional[Pa
     return found, [str(p) for p, _ in small]
 
 
-class SyntheticPairLoader:
+class SyntheticPairLoader(LoaderBase):
     """Batches of {"input", "target", "keys", "tasks"} (float in [0, 1] on ``device``)."""
 
     kind = "synthetic"
@@ -152,14 +156,11 @@ class SyntheticPairLoader:
 
 def build_synthetic_loader(cfg, rank: int, world_size: int, device):
     """The ``data.source: synthetic`` loader of ``cfg`` for this rank (folder or shards form)."""
-    from dyntrain.data.finetune.tasks import TaskCurriculum
-    from dyntrain.train.engine import build_ds_config
 
     data, urls = cfg.data, list(cfg.data.clean_urls)
-    accum = int(build_ds_config(cfg, world_size)["gradient_accumulation_steps"])
+    accum = cfg.gradient_accumulation(world_size)
     curriculum = TaskCurriculum.from_config(cfg)
     if clean_form(urls) == "shards":
-        from dyntrain.data.finetune.synthetic_shards import ShardCleanLoader
         return ShardCleanLoader(urls, curriculum, data.preset, data.crop_size, data.micro_batch_size,
                                 cfg.run.seed, rank, world_size, accum, device,
                                 num_threads=data.num_threads, prefetch=data.prefetch,

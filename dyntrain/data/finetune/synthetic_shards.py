@@ -63,6 +63,7 @@ class ShardCleanLoader(DaliPretrainLoader):
         return [types.BOOL, types.INT32]
 
     def _degrade_graph(self, crop, is_jpeg, quality):
+        # lazy: DALI is loaded only by the code that runs a pipeline (the GPU image may lack it)
         from nvidia.dali import fn
 
         if is_jpeg:

@@ -13,11 +13,9 @@ of sample i of micro-batch m on rank r is ``(m * world_size + r) * micro_batch +
 agrees on every sample's task with no communication, a resume mid-period draws the same tasks, and
 the draw is independent of the S/L draw (a different salt on the same SplitMix64 counter).
 
-The LR is driven from the trainer side (a per-step hook, ``install``): DeepSpeed's built-in
-schedulers (WarmupLR, WarmupCosineLR, OneCycle, LRRangeTest) have no cosine-with-restarts, so after
-every optimizer step the hook writes the next step's LR into the optimizer's parameter groups (after
-DeepSpeed's own scheduler has run; use ``optim.lr_schedule: constant``). The LR is a function of the
-step alone, so a resume continues it exactly.
+The LR of a sequential curriculum (``lr_at``) is a function of the step alone, so a resume continues
+it exactly; ``dyntrain.train.curriculum.CurriculumLR`` hands it to DeepSpeed as the run's scheduler
+(DeepSpeed's built-in schedulers have no cosine-with-restarts).
 """
 from __future__ import annotations
 
@@ -26,6 +24,7 @@ from typing import Mapping, Optional, Sequence
 
 from dyntrain.logs import get_logger
 from dyntrain.seeds import splitmix64
+
 
 log = get_logger(__name__)
 
@@ -107,40 +106,3 @@ class TaskCurriculum:
     def describe(self) -> dict:
         return {"mode": self.mode, "order": self.order, "weights": self.weights, "seed": self.seed,
                 "period_steps": self.period_steps, "periods": self.periods, "warmup_steps": self.warmup_steps}
-
-
-# ---------------------------------------------------------------------------- trainer hook
-def set_lr(engine, lr: float) -> None:
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
-
-
-def install(trainer, curriculum: TaskCurriculum) -> None:
-    """Drive the LR of a sequential curriculum and log the period and active tasks (rank 0's tracker).
-    Called once the trainer has resumed, so ``trainer.step`` is the next step to train."""
-    trainer.tracker.set_tags({"task_mode": curriculum.mode, "task_order": ",".join(curriculum.order)})
-
-    def announce(step: int) -> None:
-        active = curriculum.active_at(step)
-        trainer.tracker.log_metrics({"curriculum/period": float(curriculum.period_at(step)),
-                                     "curriculum/active_tasks": float(len(active))}, step=step)
-        trainer.tracker.set_tags({"active_tasks": ",".join(active)})
-        if trainer.rank == 0:
-            log.info(f"step {step}: period {curriculum.period_at(step)}, tasks {','.join(active)}")
-
-    def callback(tr, step: int, metrics: dict) -> None:
-        lr = curriculum.lr_at(step)
-        if lr is not None:
-            set_lr(tr.engine, lr)
-        if (step % tr.cfg.run.log_every == 0 or step == tr.cfg.run.max_steps) and hasattr(tr.loader, "stats"):
-            stats = tr.loader.stats()  # this rank's counts (rank 0 logs)
-            tr.tracker.log_metrics({f"data/{k}": float(v) for k, v in stats.items()
-                                    if k.startswith("samples_") or k in ("depth_proxy", "small_skipped")}, step=step)
-        if step < tr.cfg.run.max_steps and curriculum.period_at(step) != curriculum.period_at(step - 1):
-            announce(step)
-
-    first = curriculum.lr_at(trainer.step)
-    if first is not None:
-        set_lr(trainer.engine, first)
-    announce(trainer.step)
-    trainer.add_callback(callback)

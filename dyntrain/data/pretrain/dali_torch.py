@@ -7,6 +7,7 @@ import torch
 def dali_to_torch(batch, device: torch.device) -> torch.Tensor:
     """A DALI batch (TensorList) of equal-shape uint8 images -> a (B, H, W, C) uint8 torch tensor:
     on ``device`` when DALI produced it on the GPU (nvJPEG), on the CPU otherwise. Copies once."""
+    # lazy: DALI is loaded only by the code that runs a pipeline (the GPU image may lack it)
     from nvidia.dali.plugin.pytorch import feed_ndarray
     from nvidia.dali.tensors import TensorListGPU
 

@@ -26,13 +26,16 @@ is part of DALI's checkpoint. A resumed loader therefore reproduces an uninterru
 """
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from dyntrain.seeds import seed_sequence
+
 
 KINDS = ("jpeg", "gaussian", "random")
 _SALT = 0xD16A  # appended to every seed of this module
@@ -147,9 +150,7 @@ def compose(clean: torch.Tensor, degraded: torch.Tensor, region_seed: int,
 def degrade_reference(clean: np.ndarray, params: dict, i: int) -> np.ndarray:
     """NumPy/PIL version of the whole-crop degradation of sample ``i`` (HxWx3 uint8 -> uint8),
     for tests and for the plain baseline pipeline."""
-    import io
 
-    from PIL import Image
 
     rng = np.random.default_rng(_seed(params["region_seed"], i))
     if params["is_jpeg"][i]:

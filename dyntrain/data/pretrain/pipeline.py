@@ -44,21 +44,25 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from dyntrain.logs import get_logger
-from dyntrain.seeds import seed32
+from dyntrain.data.loader import LoaderBase
 from dyntrain.data.pretrain.dali_torch import dali_to_torch
 from dyntrain.data.pretrain.degrade import DegradeSpec, batch_params, compose
 from dyntrain.data.pretrain.recovery import CorruptRecovery
+from dyntrain.data.shards.samples import (IMAGE_COMPONENTS, ShardSamples, parse_source_info, share_size,
+                                          short_error)
 from dyntrain.data.storage.s3 import DataSourceError
-from dyntrain.data.shards.samples import IMAGE_COMPONENTS, ShardSamples, parse_source_info, share_size, short_error
 from dyntrain.data.storage.urls import expand_urls, index_url, missing_indices
+from dyntrain.errors import ConfigError
+from dyntrain.logs import get_logger
+from dyntrain.seeds import seed32
+
 
 log = get_logger(__name__)
 
 READER = "Reader"
 
 
-class DaliPretrainLoader(CorruptRecovery):
+class DaliPretrainLoader(CorruptRecovery, LoaderBase):
     """Infinite iterator of pre-training batches for one rank (see the module docstring)."""
 
     kind = "dali_pretrain"
@@ -149,6 +153,7 @@ class DaliPretrainLoader(CorruptRecovery):
 
     def _degrade_graph(self, crop, is_jpeg, is_gaussian, quality, sigma, sp_frac):
         """Hook: the DALI graph of the degraded crop (traced with conditionals enabled)."""
+        # lazy: DALI is loaded only by the code that runs a pipeline (the GPU image may lack it)
         from nvidia.dali import fn
 
         if is_jpeg:
@@ -160,6 +165,7 @@ class DaliPretrainLoader(CorruptRecovery):
         return degraded
 
     def _build(self, checkpoint: Optional[bytes | str]):
+        # lazy: DALI is loaded only by the code that runs a pipeline (the GPU image may lack it)
         from nvidia.dali import fn, pipeline_def, types
 
         S = self.spec.crop_size
@@ -316,7 +322,6 @@ class DaliPretrainLoader(CorruptRecovery):
 
 def build_pretrain_loader(cfg, rank: int, world_size: int, device) -> DaliPretrainLoader:
     """The pre-training loader of ``cfg.data`` (source "shards") for one rank."""
-    from dyntrain.config import ConfigError
 
     data = cfg.data
     if data.source != "shards":

@@ -13,8 +13,9 @@ connection) raises :class:`DataSourceError` naming the shards.
 """
 from __future__ import annotations
 
-from dyntrain.data.storage.s3 import DataSourceError
 from dyntrain.data.shards.samples import parse_source_info, short_error
+from dyntrain.data.storage.s3 import DataSourceError
+
 
 _MAX_RECOVERY_ATTEMPTS = 3
 

@@ -10,11 +10,12 @@ import json
 import sys
 from typing import Optional
 
+from dyntrain.data.shards.patches import ShardBuildConfig
+from dyntrain.data.shards.writer import build_shards, build_with_holdout, empty_build_message
+from dyntrain.data.storage.s3 import DataSourceError
 from dyntrain.errors import DyntrainError, cli_main
 from dyntrain.logs import get_logger, setup_logging
-from dyntrain.data.shards.patches import ShardBuildConfig
-from dyntrain.data.storage.s3 import DataSourceError
-from dyntrain.data.shards.writer import build_shards, build_with_holdout, empty_build_message
+
 
 log = get_logger(__name__)
 

@@ -20,8 +20,8 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
-from dyntrain.images import read_image
 from dyntrain.data.shards.quality import QualityFilter, flat_fraction
+from dyntrain.images import read_image
 
 
 @dataclass

@@ -33,6 +33,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+
 ScoreHook = Callable[[np.ndarray], dict]
 
 

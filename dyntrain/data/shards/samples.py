@@ -16,9 +16,10 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from dyntrain.data.shards.wds import make_index, parse_index
 from dyntrain.data.storage.s3 import read_bytes
 from dyntrain.data.storage.urls import index_url
-from dyntrain.data.shards.wds import make_index, parse_index
+
 
 # tar component names (extensions inside a shard) that hold the encoded image
 IMAGE_COMPONENTS = ("jpg", "jpeg", "png")
@@ -111,6 +112,7 @@ class ShardSamples:
 
     def _validate(self, data: bytes) -> bool:
         """Decode one encoded image alone with the training decoder (device and library)."""
+        # lazy: DALI is loaded only by the code that runs a pipeline (the GPU image may lack it)
         from nvidia.dali import fn, pipeline_def, types
 
         if self._validator is None:

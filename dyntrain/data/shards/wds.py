@@ -18,6 +18,7 @@ import tarfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
+
 INDEX_VERSION = "v1.2"
 
 Sample = tuple[str, Sequence[tuple[str, bytes]]]  # (key, [(component, payload), ...])

@@ -37,13 +37,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+import numpy as np
+
+from dyntrain.data.shards.patches import ShardBuildConfig, init_worker, process_image
+from dyntrain.data.shards.wds import INDEX_VERSION, make_index, write_tar
+from dyntrain.data.storage.output import ShardOutput
+from dyntrain.data.storage.s3 import DataSourceError
 from dyntrain.images import list_images
 from dyntrain.logs import get_logger
-from dyntrain.data.storage.output import ShardOutput
-from dyntrain.data.shards.patches import ShardBuildConfig, init_worker, process_image
 from dyntrain.progress import progress_bar
-from dyntrain.data.storage.s3 import DataSourceError
-from dyntrain.data.shards.wds import INDEX_VERSION, make_index, write_tar
+
 
 log = get_logger(__name__)
 
@@ -103,7 +106,6 @@ def _up_to_date(output: ShardOutput, fingerprint: str) -> Optional[dict[str, Any
 def split_holdout(sources: list[Path], frac: float, seed: int = 0) -> tuple[list[Path], list[Path]]:
     """(training images, held-out images): ``round(frac * n)`` whole source images (at least one,
     at most n - 1) drawn with ``seed``; both lists keep the source order."""
-    import numpy as np
 
     if not 0.0 < frac < 1.0:
         raise ValueError(f"--holdout: a fraction in (0, 1) is needed, got {frac}")

@@ -19,6 +19,7 @@ from typing import Any, Iterator, Optional
 
 from dyntrain.errors import DyntrainError
 
+
 MiB = 1024 * 1024
 
 
@@ -55,6 +56,7 @@ _lock = threading.Lock()
 def client():
     """The process's boto3 S3 client, rebuilt when the AWS environment changes (tests switch
     endpoints). Safe to share between threads."""
+    # lazy: boto3 is needed only for s3:// URLs (the GPU image has none)
     import boto3
     from botocore.config import Config
 
@@ -83,9 +85,9 @@ def _custom_endpoint() -> Optional[str]:
 
 def explain(exc: BaseException, url: str, action: str = "read") -> DataSourceError:
     """Turn a boto3/botocore exception into one clear error naming ``url`` (and the endpoint)."""
-    from botocore.exceptions import (ClientError, EndpointConnectionError, NoCredentialsError,
-                                     PartialCredentialsError, ConnectTimeoutError,
-                                     ReadTimeoutError)
+    # lazy: boto3 is needed only for s3:// URLs (the GPU image has none)
+    from botocore.exceptions import (ClientError, ConnectTimeoutError, EndpointConnectionError,
+                                     NoCredentialsError, PartialCredentialsError, ReadTimeoutError)
 
     endpoint = _custom_endpoint() or "the default AWS endpoint"
     if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
@@ -116,6 +118,7 @@ def explain(exc: BaseException, url: str, action: str = "read") -> DataSourceErr
 
 
 def _call(fn, url: str, action: str, **kwargs):
+    # lazy: boto3 is needed only for s3:// URLs (the GPU image has none)
     from botocore.exceptions import BotoCoreError, ClientError
     try:
         return fn(**kwargs)
@@ -125,6 +128,7 @@ def _call(fn, url: str, action: str, **kwargs):
 
 # ------------------------------------------------------------------------------------ operations
 def transfer_config():
+    # lazy: boto3 is needed only for s3:// URLs (the GPU image has none)
     from boto3.s3.transfer import TransferConfig
     return TransferConfig(multipart_threshold=16 * MiB, multipart_chunksize=16 * MiB,
                           max_concurrency=4, use_threads=True)
@@ -132,6 +136,7 @@ def transfer_config():
 
 def upload_file(local_path: str | Path, url: str) -> None:
     """Upload one file (multipart above 16 MiB; each part retried by botocore)."""
+    # lazy: boto3 is needed only for s3:// URLs (the GPU image has none)
     from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError
     bucket, key = parse_s3_url(url)
@@ -159,6 +164,7 @@ def get_bytes(url: str, start: Optional[int] = None, length: Optional[int] = Non
 
 def head(url: str) -> Optional[dict]:
     """Object metadata, or None when the object does not exist (other errors raise)."""
+    # lazy: boto3 is needed only for s3:// URLs (the GPU image has none)
     from botocore.exceptions import BotoCoreError, ClientError
     bucket, key = parse_s3_url(url)
     try:
@@ -185,6 +191,7 @@ def list_objects(prefix_url: str, label: Optional[str] = None) -> Iterator[tuple
     ``label`` (the URL the caller was asked for) when given."""
     bucket, prefix = parse_s3_url(prefix_url)
     paginator = client().get_paginator("list_objects_v2")
+    # lazy: boto3 is needed only for s3:// URLs (the GPU image has none)
     from botocore.exceptions import BotoCoreError, ClientError
     try:
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix):

@@ -28,6 +28,7 @@ from braceexpand import braceexpand
 from dyntrain.data.storage import s3
 from dyntrain.data.storage.s3 import DataSourceError, is_s3
 
+
 _GLOB_CHARS = set("*?[")
 
 

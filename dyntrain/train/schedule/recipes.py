@@ -42,7 +42,9 @@ import torch
 import torch.nn.functional as F
 
 from dyntrain.logs import get_logger
-from dyntrain.train.schedule.draw import StepPlan
+from dyntrain.train.callbacks import StepContext
+from dyntrain.train.schedule.plans import StepPlan
+
 
 log = get_logger(__name__)
 
@@ -108,56 +110,35 @@ def cost_aware_probs(psnr: Mapping[str, float], cost: Mapping[str, float], headr
 
 
 class CostAwareUpdater:
-    """Trainer callback, installed after the validator: after each validation, set the schedule's
-    probabilities from that validation (``cost_aware_probs``) from the next step on."""
+    """The cost-aware draw: after each validation, set the schedule's probabilities from that
+    validation (``cost_aware_probs``) from the next step on. It follows the validation explicitly:
+    the job subscribes ``update`` to it (``validation.then(updater.update)``)."""
 
-    def __init__(self, cfg, validator) -> None:
+    def __init__(self, cfg) -> None:
         self.cfg = cfg
-        self.validator = validator
         self.history: list[tuple[int, dict[str, float]]] = []
 
-    def due(self, step: int) -> bool:
-        return self.validator.due(step)
-
-    def __call__(self, trainer, step: int, metrics: dict) -> None:
-        if not self.validator.history or self.validator.history[-1][0] != step:
-            return
-        self.update(trainer, step, self.validator.history[-1][1])
-
     @staticmethod
-    def costs(trainer, names: Sequence[str]) -> dict[str, float]:
+    def costs(ctx: StepContext, names: Sequence[str]) -> dict[str, float]:
         """c_v: forward FLOPs of one sample (the account's work count), or, where the model's FLOPs
         could not be counted, the sum of v's reuse factors (identical on every rank either way)."""
-        flops = trainer.account.flops_per_sample
+        flops = ctx.account.flops_per_sample
         if all(flops.get(n, 0.0) > 0 for n in names):
             return {n: flops[n] for n in names}
-        return {n: float(sum(trainer.schedule.variants[n])) for n in names}
+        return {n: float(sum(ctx.schedule.variants[n])) for n in names}
 
-    def update(self, trainer, step: int, val: Mapping[str, float]) -> Optional[dict[str, float]]:
-        schedule = trainer.schedule
+    def update(self, ctx: StepContext, val: Mapping[str, float]) -> Optional[dict[str, float]]:
+        schedule, step = ctx.schedule, ctx.step
         names = [n for n in schedule.names if f"val/{n}/psnr" in val]
         if len(names) < 2:
             return None
         c = self.cfg.schedule.cost_aware
-        probs = cost_aware_probs({n: val[f"val/{n}/psnr"] for n in names}, self.costs(trainer, names),
+        probs = cost_aware_probs({n: val[f"val/{n}/psnr"] for n in names}, self.costs(ctx, names),
                                  c.headroom_db, c.min_prob)
         schedule.set_probs(step, probs)
         self.history.append((step, probs))
-        trainer.tracker.log_metrics({f"schedule/p_{n}": p for n, p in probs.items()}, step=step)
-        if trainer.rank == 0:
+        ctx.tracker.log_metrics({f"schedule/p_{n}": p for n, p in probs.items()}, step=step)
+        if ctx.rank == 0:
             log.info(f"[{self.cfg.run.name}] cost-aware draw from step {step}: " +
                      ", ".join(f"{n} {p:.3f}" for n, p in sorted(probs.items())))
         return probs
-
-
-def install_cost_aware(trainer, cfg, validator) -> Optional[CostAwareUpdater]:
-    """Register the updater when the schedule is cost-aware (needs the validator)."""
-    if getattr(trainer.schedule, "probs_policy", "given") != "cost_aware":
-        return None
-    if validator is None:
-        from dyntrain.config import ConfigError
-
-        raise ConfigError("schedule.variant_probs=cost_aware needs validation: set data.val_urls")
-    updater = CostAwareUpdater(cfg, validator)
-    trainer.add_callback(updater, at=updater.due)
-    return updater

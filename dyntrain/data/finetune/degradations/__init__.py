@@ -12,7 +12,8 @@ sample from (seed, step, rank, index) (``dyntrain.seeds``), so a resumed run dra
 
 The set is open: a new degradation is one function and one row of ``TABLE`` (``registry.py``).
 """
-from dyntrain.data.finetune.degradations.registry import (PRESETS, TABLE, Degradation, DegradationError, check_tasks, degrade,
-                       draw_params)
+from dyntrain.data.finetune.degradations.registry import (PRESETS, TABLE, Degradation, DegradationError,
+                                                          check_tasks, degrade, draw_params)
+
 
 __all__ = ["PRESETS", "TABLE", "Degradation", "DegradationError", "check_tasks", "degrade", "draw_params"]

@@ -12,8 +12,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from dyntrain.images import list_images
 from dyntrain.data.finetune.degradations.registry import DegradationError
+from dyntrain.images import list_images
 
 
 def _is_depth_png(path: Path) -> bool:

@@ -14,16 +14,17 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from dyntrain.errors import DyntrainError
-from dyntrain.seeds import seed_sequence
+from dyntrain.config.sections import PRESETS, SYNTHETIC_TASKS
 from dyntrain.data.finetune.degradations.blur import blur
 from dyntrain.data.finetune.degradations.compress import jpeg
 from dyntrain.data.finetune.degradations.light import lowlight
 from dyntrain.data.finetune.degradations.noise import noise
 from dyntrain.data.finetune.degradations.resample import sr
 from dyntrain.data.finetune.degradations.weather import haze, rain
+from dyntrain.errors import DyntrainError
+from dyntrain.seeds import seed_sequence
 
-PRESETS = ("in", "out")
+
 Range = tuple[float, float, str]
 
 
@@ -57,6 +58,10 @@ TABLE: dict[str, Degradation] = {
                         uses_depth=True),
     "lowlight": Degradation(lowlight, {"in": {"gamma": (1, 3, "uniform")}, "out": {"gamma": (3, 4, "uniform")}}),
 }
+
+if tuple(TABLE) != SYNTHETIC_TASKS:  # a new degradation is one function, one row here and its name there
+    raise ImportError(f"degradations: TABLE names {tuple(TABLE)}, dyntrain.config.sections.SYNTHETIC_TASKS "
+                      f"names {SYNTHETIC_TASKS}")
 
 
 def check_tasks(tasks: Sequence[str], key: str = "data.tasks") -> list[str]:

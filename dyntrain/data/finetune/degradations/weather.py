@@ -8,6 +8,7 @@ import torch
 
 from dyntrain.data.finetune.degradations.common import conv_per_sample, per_sample, to_uint8
 
+
 RAIN_SUPPORT = 41  # kernel side: holds a 40 px streak at any angle
 
 
