@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import pytest
-
-from dyntrain.train.engine import free_port
+from helpers import free_port
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",

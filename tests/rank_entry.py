@@ -7,9 +7,9 @@
 
 The launch script's own ``main`` parses its arguments and builds the run exactly as for a user; the
 only difference is that ``dyntrain.train.run.run_training`` receives the extension-point arguments below
-in addition to the script's own (nothing under dyntrain/ or launch/ knows about tests):
+in addition to the job's own (nothing under dyntrain/ or launch/ knows about tests):
 
-    --trace DIR          ``trainer_hook``: ``Trainer.enable_trace(DIR)`` on every rank (variant, loss,
+    --trace DIR          ``trace_dir``: ``Trainer.enable_trace(DIR)`` on every rank (variant, loss,
                          sample keys per step; SHA-256 of the final fp32 weights)
     --ckpt-fault before_complete@STEP
                          ``checkpoint_factory``: the manager's ``before_commit`` SIGKILLs every rank
@@ -17,7 +17,7 @@ in addition to the script's own (nothing under dyntrain/ or launch/ knows about 
     --corrupt-draw RANK@STEP
                          ``schedule_hook``: rank RANK draws the next variant (sorted order) from
                          STEP on, so that the cross-rank check (``schedule.verify_every``) must fail
-    --pause-at STEP@FILE ``trainer_hook``: after step STEP every rank writes FILE.waiting and waits
+    --pause-at STEP@FILE ``callbacks``: after step STEP every rank writes FILE.waiting and waits
                          (at most 300 s) until FILE exists, so that a test can break something
                          (stop the S3 server) at a known point of the run
     --cli                run the script's ``main`` through ``dyntrain.errors.cli_main``, as its
@@ -42,17 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from dyntrain.train.callbacks import CallbackBase, StepContext  # noqa: E402
 from dyntrain.train.schedule import VariantSchedule  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------- hooks
-def trace_hook(directory: str | Path) -> Callable:
-    """``trainer_hook`` that makes every rank write ``<directory>/trace_rank<r>.json``."""
-
-    def hook(trainer) -> None:
-        trainer.enable_trace(directory)
-
-    return hook
 
 
 class CorruptedSchedule(VariantSchedule):
@@ -105,33 +99,19 @@ def with_before_commit(factory: Callable, before_commit: Callable[[int, Path], N
     return make
 
 
-def pause_at(step: int, go_file: str | Path) -> Callable:
-    """``trainer_hook``: a callback that holds the run after ``step`` until ``go_file`` exists."""
-    go = Path(go_file)
+class PauseAt(CallbackBase):
+    """Holds the run after ``step`` until ``go_file`` exists (every rank; at most 300 s)."""
 
-    def callback(trainer, done_step: int, metrics: dict) -> None:
-        if done_step != step:
+    def __init__(self, step: int, go_file: str | Path) -> None:
+        self.step, self.go = step, Path(go_file)
+
+    def on_step(self, ctx: StepContext) -> None:
+        if ctx.step != self.step:
             return
-        Path(f"{go}.waiting").write_text(str(done_step))
+        Path(f"{self.go}.waiting").write_text(str(ctx.step))
         deadline = time.monotonic() + 300
-        while not go.exists() and time.monotonic() < deadline:
+        while not self.go.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-
-    def hook(trainer) -> None:
-        trainer.add_callback(callback)
-
-    return hook
-
-
-def _chain(first: Optional[Callable], second: Callable) -> Callable:
-    if first is None:
-        return second
-
-    def both(trainer) -> None:
-        first(trainer)
-        second(trainer)
-
-    return both
 
 
 def _at(spec: str, what: str) -> tuple[str, int]:
@@ -157,12 +137,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     import dyntrain.train.run as run_module
 
     extra: dict = {}
-    trainer_hook = trace_hook(a.trace) if a.trace else None
+    added: list = []
+    if a.trace:
+        extra["trace_dir"] = a.trace
     if a.pause_at:
         step, _, go_file = a.pause_at.partition("@")
         if not step.isdigit() or not go_file:
             raise SystemExit(f"rank_entry: --pause-at wants STEP@FILE, got {a.pause_at!r}")
-        trainer_hook = _chain(trainer_hook, pause_at(int(step), go_file))
+        added.append(PauseAt(int(step), go_file))
     if a.corrupt_draw:
         rank, start = _at(a.corrupt_draw, "--corrupt-draw")
         extra["schedule_hook"] = corrupt_draw(int(rank), start)
@@ -174,8 +156,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     original = run_module.run_training
 
     def run_training(cfg, loader_factory, **kwargs):
-        if trainer_hook is not None:
-            kwargs["trainer_hook"] = _chain(kwargs.get("trainer_hook"), trainer_hook)
+        kwargs["callbacks"] = list(kwargs.get("callbacks", ())) + added
         if fault_step is not None:
             factory = kwargs.get("checkpoint_factory", run_module.default_checkpoint_manager)
             kwargs["checkpoint_factory"] = with_before_commit(factory, kill_before_complete(fault_step))

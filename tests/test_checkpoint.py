@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dyntrain import checkpoint as ck  # noqa: E402
-from dyntrain import weights as wt  # noqa: E402
+from dyntrain.checkpoint import weights as wt  # noqa: E402
 from dyntrain.config import CheckpointConfig  # noqa: E402
-from dyntrain.train.engine import free_port  # noqa: E402
+from helpers import free_port, rank_env  # noqa: E402
 
 PY = sys.executable
 
@@ -155,12 +155,9 @@ def launch(mode: str, out: Path, world: int, stage: int = 2, extra_env: dict | N
     port = free_port()
     procs = []
     for r in range(world):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
-                   LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                   DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
-                   **(extra_env or {}))
         log = open(out / f"log_{mode}_{r}.txt", "w")
-        procs.append(subprocess.Popen([PY, __file__, mode, str(out), str(stage)], env=env,
+        procs.append(subprocess.Popen([PY, __file__, mode, str(out), str(stage)],
+                                      env=rank_env(r, world, port, **(extra_env or {})),
                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     deadline = time.time() + timeout
     codes: list = [None] * world

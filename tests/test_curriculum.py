@@ -132,3 +132,63 @@ def test_promptir_tasks_follow_the_curriculum_and_resume_exactly(tmp_path):
     for w in want:
         got = next(again)
         assert got["keys"] == w["keys"] and torch.equal(got["input"], w["input"])
+
+
+HOST_READS_SCRIPT = r'''
+import json, sys
+from dyntrain.config import load_config
+from dyntrain.jobs.finetune import run_finetune
+from dyntrain.train.trainer import Trainer
+
+reads = []
+original = Trainer._finish
+
+def finish(self, pending):  # which step is read on the host, and how many steps were queued then
+    stop = original(self, pending)
+    reads.append({"step": pending.step, "queued": self.step, "lr": self._resolved["lr"]})
+    return stop
+
+Trainer._finish = finish
+run_finetune(load_config(sys.argv[2], sys.argv[3:]))
+with open(sys.argv[1], "w") as f:
+    json.dump(reads, f)
+'''
+
+
+def test_curriculum_finetune_reads_the_host_only_at_progress_steps(tmp_path):
+    """A sequential-curriculum fine-tune (1 process, real DeepSpeed engine, synthetic pairs): step t is
+    read on the host only after step t+1 was queued, except at the progress steps; the LR of every
+    step is the curriculum's, set by its scheduler (no per-step callback writes it)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dyntrain.data.synthetic import write_synthetic_images
+
+    root = Path(__file__).resolve().parents[1]
+    write_synthetic_images(tmp_path / "clean", 2, size=(40, 48), seed=1)
+    script = tmp_path / "host_reads.py"
+    script.write_text(HOST_READS_SCRIPT)
+    out = tmp_path / "reads.json"
+    steps, log_every = 12, 6
+    args = [f"run.max_steps={steps}", f"run.log_every={log_every}", "run.device=cpu", "model.dim=8",
+            "model.heads=[1, 2, 4, 8]", "model.num_refinement=1", "model.prompt_dims=[8, 8, 16]",
+            "model.prompt_sizes=[16, 8, 4]", "model.prompt_len=5", "model.prompt_heads=4", "data.crop_size=32", "data.micro_batch_size=2",
+            "deepspeed.global_batch_size=null", "deepspeed.bf16=false", f"data.clean_urls=[{tmp_path / 'clean'}]",
+            "data.tasks={noise: 1, rain: 1, haze: 1}", "schedule.tasks.order=[noise, rain, haze]",
+            "schedule.tasks.period_steps=4", "schedule.tasks.periods=3", "optim.lr=1e-3", "optim.min_lr=1e-5",
+            "init.checkpoint=null", "checkpoint.dir=null", "eval.every=0", "tracking.enabled=false",
+            "schedule.verify_every=0"]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, str(script), str(out), str(root / "configs/finetune_mio.yaml"), *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reads = json.loads(out.read_text())
+    assert [r["step"] for r in reads] == list(range(steps))  # every step read once, in order
+    at_once = [r["step"] + 1 for r in reads if r["queued"] == r["step"] + 1]
+    assert at_once == [log_every, steps]  # the host waited only where the progress line needs it
+    curriculum = TaskCurriculum(0, {"noise": 1, "rain": 1, "haze": 1}, "sequential", ["noise", "rain", "haze"],
+                                period_steps=4, periods=3, lr=1e-3, min_lr=1e-5)
+    assert [r["lr"] for r in reads] == [curriculum.lr_at(t) for t in range(steps)]

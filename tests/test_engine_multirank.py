@@ -1,7 +1,7 @@
 """The engine on 2 CPU ranks under the real ``deepspeed`` launcher (gloo).
 
 This file is also the rank entry point the launcher starts (``__main__`` below): it runs
-``dyntrain.train.run.run_training`` — the code path of ``launch/pretrain.py`` — with an in-memory loader
+``dyntrain.jobs.pretrain.run_pretrain`` — the code path of ``launch/pretrain.py`` — with an in-memory loader
 that obeys the data contract, and a checkpoint manager that only records what it was asked to save.
 Every rank writes its trace (``--trace``, see ``tests/rank_entry.py``) and the tests compare the ranks.
 """
@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import deepspeed_cmd, draws  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -83,10 +84,10 @@ class RecordingCheckpoints:
 def _rank_main() -> int:
     import argparse
 
-    from rank_entry import corrupt_draw, trace_hook
+    from rank_entry import corrupt_draw
 
     from dyntrain.config import load_config
-    from dyntrain.train.run import run_training
+    from dyntrain.jobs.pretrain import run_pretrain
 
     p = argparse.ArgumentParser()
     p.add_argument("--config", default=None)
@@ -99,11 +100,11 @@ def _rank_main() -> int:
     factory = RecordingCheckpoints if cfg.checkpoint.dir else (lambda *args: None)
     hooks = {}
     if a.trace:
-        hooks["trainer_hook"] = trace_hook(a.trace)
+        hooks["trace_dir"] = a.trace
     if a.corrupt_draw:
         rank, start = a.corrupt_draw.split("@")
         hooks["schedule_hook"] = corrupt_draw(int(rank), int(start))
-    run_training(cfg, SyntheticLoader, checkpoint_factory=factory, **hooks)
+    run_pretrain(cfg, SyntheticLoader, checkpoint_factory=factory, **hooks)
     return 0
 
 
@@ -111,14 +112,10 @@ def _rank_main() -> int:
 def launch(tmp_path: Path, overrides: list[str], env_extra: dict | None = None, ranks: int = 2,
            timeout: float = 240, entry_args: list[str] | None = None
            ) -> tuple[subprocess.CompletedProcess, float]:
-    from dyntrain.train.engine import free_port
-
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.update(env_extra or {})
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-           "--master_port", str(free_port()), str(Path(__file__).resolve()),
-           "--trace", str(tmp_path / "trace"), *(entry_args or []),
-           f"checkpoint.dir={tmp_path / 'ckpt'}", *TINY, *overrides]
+    cmd = deepspeed_cmd(ranks, Path(__file__).resolve(), "--trace", tmp_path / "trace", *(entry_args or []),
+                        f"checkpoint.dir={tmp_path / 'ckpt'}", *TINY, *overrides)
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     return proc, time.monotonic() - t0
@@ -197,7 +194,7 @@ def test_two_ranks_draw_the_same_variants_and_keep_identical_weights(zero2_run):
     proc, (t0, t1) = zero2_run
     seq0 = [s["variant"] for s in t0["steps"]]
     seq1 = [s["variant"] for s in t1["steps"]]
-    assert seq0 == seq1 == VariantSchedule(SEED, VARIANTS3, PROBS3).sequence(0, STEPS)
+    assert seq0 == seq1 == draws(VariantSchedule(SEED, VARIANTS3, PROBS3), 0, STEPS)
     assert len(set(seq0)) >= 2  # the draw really switches in these 8 steps
     assert t0["weights_sha256"] == t1["weights_sha256"]
     assert [s["loss"] for s in t0["steps"]] == [s["loss"] for s in t1["steps"]]  # all-reduced

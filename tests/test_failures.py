@@ -20,12 +20,11 @@ import pytest
 from conftest import S3_ENV, start_moto, stop
 from dyntrain import checkpoint as ck
 from dyntrain.data.synthetic import write_synthetic_images
-from dyntrain.train.engine import free_port
 from dyntrain.errors import DyntrainError, cli_main
+from helpers import deepspeed_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 PRETRAIN = str(ROOT / "launch" / "pretrain.py")
 ENTRY = str(ROOT / "tests" / "rank_entry.py")
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
@@ -109,8 +108,8 @@ def test_missing_shard_one_line_under_launcher(tmp_path):
     """2 ranks under the deepspeed launcher: one ``error:`` line naming the URL, no traceback, and
     the launcher's own exit status non-zero."""
     missing = tmp_path / "nowhere" / "shard-000000.tar"
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), PRETRAIN, "--config",
-           QUICKSTART, *_overrides(tmp_path, str(missing), tmp_path / "ckpt")]
+    cmd = deepspeed_cmd(2, PRETRAIN, "--config", QUICKSTART,
+                        *_overrides(tmp_path, str(missing), tmp_path / "ckpt"))
     # timeout: the first DeepSpeed start on a machine may compile its CPU comm op (minutes under load)
     r = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
     out = r.stdout + r.stderr

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import deepspeed_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY = ROOT / "tests/rank_entry.py"  # runs a launch script with a trace (--trace DIR)
@@ -71,11 +72,9 @@ FT_ARGS = ["run.max_steps=4", "eval.every=2", "eval.max_images=1", "checkpoint.e
 @pytest.fixture(scope="module")
 def finetuned(work, uri):
     """The README's fine-tuning command, shortened: 2 CPU ranks, ZeRO-3, 4 steps, evaluation every 2."""
-    from dyntrain.train.engine import free_port
-
-    proc = _run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                 free_port(), ENTRY, "--trace", work / "trace", ROOT / "launch/finetune.py",
-                 "--config", ROOT / "configs/finetune_quickstart.yaml", *FT_ARGS, f"tracking.uri={uri}"], work)
+    proc = _run(deepspeed_cmd(2, ENTRY, "--trace", work / "trace", ROOT / "launch/finetune.py",
+                              "--config", ROOT / "configs/finetune_quickstart.yaml", *FT_ARGS,
+                              f"tracking.uri={uri}"), work)
     return proc
 
 
@@ -104,7 +103,8 @@ def test_two_ranks_finetune_from_the_pretraining_checkpoint(work, finetuned, uri
     init_model.load_state_dict(state)
     cfg = load_config(ROOT / "configs/finetune_quickstart.yaml",
                       FT_ARGS + [f"data.root={work / 'data/finetune_demo/train'}"])  # it ran in work/
-    reuse = VariantSchedule.from_config(cfg).reuse_at(0)
+    schedule = VariantSchedule.from_config(cfg)
+    reuse = schedule.variants[schedule.variant_at(0)]
     losses = []
     with torch.no_grad():
         for rank in range(2):
@@ -229,7 +229,6 @@ def test_sequential_finetune_on_synthetic_pairs_then_mio_evaluation(work):
     from mlflow.tracking import MlflowClient
 
     from dyntrain.data.synthetic import write_synthetic_images
-    from dyntrain.train.engine import free_port
 
     first = write_synthetic_images(work / "data/mio/clean", 3, size=(40, 48), seed=4)[0]
     np.save(first.with_suffix(".npy"), np.linspace(1, 2, 40 * 48, dtype=np.float32).reshape(40, 48))
@@ -242,9 +241,8 @@ def test_sequential_finetune_on_synthetic_pairs_then_mio_evaluation(work):
             f"init.checkpoint={PRETRAIN_CKPT}", f"checkpoint.dir={MIO_CKPT}", "checkpoint.every=0",
             "eval.sets={mio: data/mio/test}", "eval.every=6", "eval.max_images=1",
             "tracking.experiment=mio-e2e", "schedule.verify_every=1"]
-    _run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", free_port(),
-          ROOT / "tests/rank_entry.py", "--trace", work / "mio_trace", ROOT / "launch/finetune.py",
-          "--config", ROOT / "configs/finetune_mio.yaml", *args], work, timeout=600)
+    _run(deepspeed_cmd(2, ROOT / "tests/rank_entry.py", "--trace", work / "mio_trace", ROOT / "launch/finetune.py",
+                       "--config", ROOT / "configs/finetune_mio.yaml", *args), work, timeout=600)
     traces = [json.loads((work / f"mio_trace/trace_rank{r}.json").read_text()) for r in range(2)]
     steps = [t["steps"] for t in traces]
     assert [s["variant"] for s in steps[0]] == [s["variant"] for s in steps[1]]  # S/L together, same draw

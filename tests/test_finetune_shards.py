@@ -12,6 +12,7 @@ from dyntrain.config import load_config
 from dyntrain.data.finetune.paired import build_finetune_loader
 from dyntrain.data.finetune.base import PairedDataError, dihedral
 from dyntrain.data.finetune.paired_shards import pack_paired_shards
+from helpers import assert_resumes_exactly
 
 
 def _save(arr, path: Path):
@@ -83,21 +84,8 @@ def test_dali_reads_consistent_pairs_with_noise_and_resumes_exactly(packed):
                 assert sigma in (15, 25, 50) and torch.equal(y, torch.full_like(y, 128.0))
                 assert abs((x - 128).std().item() - sigma) < 0.35 * sigma
     assert tasks == {"denoise", "derain", "dehaze"} and len(ops) >= 2
-    state_after_2 = None
-    again = build_finetune_loader(cfg, 0, 1, "cpu")
-    for _ in range(2):
-        next(again)
-    state_after_2 = again.state_dict()
-    again.close()
-    resumed = build_finetune_loader(cfg, 0, 1, "cpu")
-    resumed.load_state_dict(state_after_2)
-    for want in batches[2:]:
-        got = next(resumed)
-        assert got["keys"] == want["keys"] and torch.equal(got["input"], want["input"])
-        assert torch.equal(got["target"], want["target"])
-    assert resumed.stats()["samples"] == 24
-    for lo in (loader, resumed):
-        lo.close()
+    assert_resumes_exactly(lambda: build_finetune_loader(cfg, 0, 1, "cpu"), batches, 2, samples=24)
+    loader.close()
 
 
 def test_repetition_ranks_and_errors(packed):

@@ -35,5 +35,5 @@ def test_setup_is_idempotent():
     setup_logging(0, stream=buf)
     get_logger("trainer").info("once")
     assert buf.getvalue().count("once") == 1
-    assert get_logger("trainer").name == "dyntrain.train.trainer"
+    assert get_logger("trainer").name == "dyntrain.trainer"
     assert not logging.getLogger("dyntrain").propagate

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from conftest import start_moto, stop
-from dyntrain.data import s3
+from dyntrain.data.storage import s3
 from dyntrain.data.pretrain.degrade import DegradeSpec
 from dyntrain.data.pretrain.pipeline import DaliPretrainLoader
 from dyntrain.data.storage.s3 import DataSourceError

@@ -15,8 +15,10 @@ from dynet import DyNet, DyNetConfig
 from dyntrain.config import ConfigError, load_config
 from dyntrain.train.schedule import cost_aware_probs, plan_loss, restoration_loss
 from dyntrain.train.schedule import StepPlan, VariantSchedule
+from dyntrain.train.schedule.verify import code_of, label_of
 from dyntrain.tracking import GPUHourAccount
 from test_engine_multirank import _tail, launch, traces
+from helpers import draws  # noqa: E402
 
 SL = {"S": (2, 3, 3, 4), "L": (4, 6, 6, 8)}
 SML = {"S": (1, 1, 1, 1), "M": (1, 2, 1, 2), "L": (2, 2, 2, 2)}
@@ -28,7 +30,7 @@ def test_sandwich_plan_runs_every_active_variant_largest_first_on_every_step():
     plans = {s.plan_at(t) for t in range(50)}
     assert plans == {StepPlan(("L", "S"), (1.0, 2.0))}       # M has probability 0: not in the set
     assert s.variant_at(7) == "L+S" and s.recipe == "sandwich"
-    assert s.label_of(s.code_of("L+S")) == "L+S" and s.code_of("S") != s.code_of("L+S")
+    assert label_of(s.names, code_of(s.names, "L+S")) == "L+S" and code_of(s.names, "S") != code_of(s.names, "L+S")
     d = VariantSchedule(0, SML, None, mode="sandwich", teacher="M", distill_weight=0.5)
     assert d.plan_at(3) == StepPlan(("M", "L", "S"), (1.0, 1.0, 1.0), "M", 0.5)   # teacher first
     assert d.recipe == "sandwich_distill"
@@ -127,10 +129,10 @@ def test_cost_aware_probabilities_follow_gap_and_cost():
 
 def test_probability_table_drives_the_draw_and_survives_a_state_round_trip():
     a = VariantSchedule(5, SL, None, probs_policy="cost_aware")
-    uniform = a.sequence(0, 400)
+    uniform = draws(a, 0, 400)
     a.set_probs(100, {"S": 0.95, "L": 0.05})
     a.set_probs(250, {"S": 0.05, "L": 0.95})
-    seq = a.sequence(0, 400)
+    seq = draws(a, 0, 400)
     assert seq[:100] == uniform[:100]                          # the past is not redrawn
     assert seq[100:250].count("S") > 120 and seq[250:].count("L") > 120
     assert a.probs_at(120) == pytest.approx({"S": 0.95, "L": 0.05})
@@ -140,10 +142,10 @@ def test_probability_table_drives_the_draw_and_survives_a_state_round_trip():
     c.set_probs(0, {"S": 0.9, "L": 0.1})                      # after the validation before step 0
     assert c.describe() == b.describe() and c.probs_at(0) == pytest.approx({"S": 0.9, "L": 0.1})
     b.load_state_dict(a.state_dict())
-    assert b.sequence(0, 400) == seq
+    assert draws(b, 0, 400) == seq
     assert [b.variant_at(t) for t in range(399, 99, -1)] == seq[100:][::-1]  # random access
-    with pytest.raises(ValueError, match="cost_aware"):
-        VariantSchedule(5, SL, None, mode="sandwich", probs_policy="cost_aware")
+    with pytest.raises(ValueError, match="cost_aware"):  # the config validates the schedule's rules
+        load_config(None, ["schedule.mode=sandwich", "schedule.variant_probs=cost_aware"])
 
 
 # ---------------------------------------------------------------------------------- account

@@ -28,16 +28,13 @@ from pathlib import Path
 
 import pytest
 
+from dyntrain import checkpoint as ck
+from dyntrain.train.schedule import VariantSchedule
+from helpers import deepspeed_cmd, draws
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from dyntrain import checkpoint as ck  # noqa: E402
-from dyntrain.train.engine import free_port  # noqa: E402
-from dyntrain.train.schedule import VariantSchedule  # noqa: E402
-
 pytestmark = pytest.mark.slow
 
-DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 ENTRY = str(ROOT / "tests" / "rank_entry.py")
 N = 4
 SAMPLES = 16
@@ -74,10 +71,8 @@ class Setup:
     def start(self, name: str, ranks: int, ckpt_dir: Path, entry_args: list[str] | None = None, **kw):
         trace = self.base / "trace" / name
         log = open(self.base / f"{name}.log", "w")
-        cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()),
-               ENTRY, "--trace", str(trace), *(entry_args or []),
-               str(ROOT / "launch" / "pretrain.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
-               *self.overrides(ckpt_dir, **kw)]
+        cmd = deepspeed_cmd(ranks, ENTRY, "--trace", trace, *(entry_args or []), ROOT / "launch" / "pretrain.py",
+                            "--config", ROOT / "configs" / "quickstart.yaml", *self.overrides(ckpt_dir, **kw))
         return subprocess.Popen(cmd, cwd=self.base, env=_env(), stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -278,4 +273,4 @@ def test_cost_aware_draw_resumes_exactly_and_agrees_across_ranks(setup):
     assert v0 == [x["variant"] for x in s.trace("ca_straight", 1)["steps"]]
     sched = VariantSchedule(3, {"S": (2, 3, 3, 4), "L": (4, 6, 6, 8)}, None, probs_policy="cost_aware")
     sched.load_state_dict(straight["schedule_state"])
-    assert v0 == sched.sequence(0, 2 * N)                  # the logged table explains every draw
+    assert v0 == draws(sched, 0, 2 * N)                  # the logged table explains every draw

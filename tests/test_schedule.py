@@ -11,6 +11,7 @@ import pytest
 from dyntrain.config import load_config
 from dyntrain.train.schedule import VariantSchedule, splitmix64, uniform_at, verify_draw
 from rank_entry import corrupt_draw
+from helpers import draws, free_port, spawn_ranks  # noqa: E402
 
 SL = {"S": (2, 3, 3, 4), "L": (4, 6, 6, 8)}
 
@@ -24,23 +25,23 @@ def test_splitmix64_reference_values():
 def test_draw_is_a_pure_function_of_seed_and_step():
     a = VariantSchedule(7, SL, {"S": 0.5, "L": 0.5})
     b = VariantSchedule(7, SL, {"L": 1.0, "S": 1.0})  # same after normalisation, other order
-    seq = a.sequence(0, 500)
-    assert seq == b.sequence(0, 500)
+    seq = draws(a, 0, 500)
+    assert seq == draws(b, 0, 500)
     # random access equals the sequence: a resumed run at step 300 draws what the original drew
     assert [a.variant_at(t) for t in range(300, 500)] == seq[300:]
-    assert a.reuse_at(3) == SL[a.variant_at(3)]
-    assert VariantSchedule(8, SL, {"S": 0.5, "L": 0.5}).sequence(0, 500) != seq
+    assert draws(VariantSchedule(8, SL, {"S": 0.5, "L": 0.5}), 0, 500) != seq
 
 
 def test_draw_is_stable_across_processes():
     """No salted hash(): a fresh interpreter with another PYTHONHASHSEED draws the same."""
     code = ("from dyntrain.train.schedule import VariantSchedule as V;"
-            "print(''.join(V(3, {'S': (1,1,1,1), 'L': (2,2,2,2)}, {'S': .5, 'L': .5}).sequence(0, 64)))")
+            "s = V(3, {'S': (1,1,1,1), 'L': (2,2,2,2)}, {'S': .5, 'L': .5});"
+            "print(''.join(s.variant_at(t) for t in range(64)))")
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env=dict(os.environ, PYTHONHASHSEED=str(h))).stdout for h in (1, 2)}
     assert len(outs) == 1
-    here = "".join(VariantSchedule(3, {"S": (1, 1, 1, 1), "L": (2, 2, 2, 2)},
-                                   {"S": .5, "L": .5}).sequence(0, 64))
+    here = "".join(draws(VariantSchedule(3, {"S": (1, 1, 1, 1), "L": (2, 2, 2, 2)},
+                                   {"S": .5, "L": .5}), 0, 64))
     assert outs == {here + "\n"}
 
 
@@ -50,7 +51,7 @@ def test_frequencies_follow_the_probabilities(probs):
     variants = {n: (1, 1, 1, 1) for n in probs}
     s = VariantSchedule(0, variants, probs)
     n = 20000
-    counts = Counter(s.sequence(0, n))
+    counts = Counter(draws(s, 0, n))
     total = sum(probs.values())
     for name, p in probs.items():
         assert counts[name] / n == pytest.approx(p / total, abs=0.015)
@@ -59,15 +60,16 @@ def test_frequencies_follow_the_probabilities(probs):
 def test_zero_probability_and_fixed_mode():
     three = {"S": (1, 1, 1, 1), "M": (2, 2, 2, 2), "L": (3, 3, 3, 3)}
     s = VariantSchedule(1, three, {"S": 0.5, "L": 0.5})  # M not listed: never drawn
-    assert set(s.sequence(0, 2000)) == {"S", "L"} and s.active == ["L", "S"]
+    assert set(draws(s, 0, 2000)) == {"S", "L"} and s.active == ["L", "S"]
     s0 = VariantSchedule(1, three, {"S": 0.5, "M": 0.0, "L": 0.5})
-    assert s0.sequence(0, 2000) == s.sequence(0, 2000)
+    assert draws(s0, 0, 2000) == draws(s, 0, 2000)
     fixed = VariantSchedule(1, three, {"S": 0.5, "L": 0.5}, mode="fixed", fixed_variant="M")
-    assert set(fixed.sequence(0, 100)) == {"M"} and fixed.active == ["M"]
-    with pytest.raises(ValueError, match="fixed_variant"):
-        VariantSchedule(1, three, mode="fixed", fixed_variant="XL")
+    assert set(draws(fixed, 0, 100)) == {"M"} and fixed.active == ["M"]
+    variants3 = "model.variants={S: [1, 1, 1, 1], M: [2, 2, 2, 2], L: [3, 3, 3, 3]}"
+    with pytest.raises(ValueError, match="fixed_variant"):  # the config validates the schedule's rules
+        load_config(None, [variants3, "schedule.mode=fixed", "schedule.fixed_variant=XL"])
     with pytest.raises(ValueError, match="variant_probs.XL"):
-        VariantSchedule(1, three, {"XL": 1.0})
+        load_config(None, [variants3, "schedule.variant_probs={XL: 1.0}"])
 
 
 def test_uniform_is_in_unit_interval_and_roughly_flat():
@@ -85,8 +87,8 @@ def test_from_config_and_test_hook():
     corrupt_for_test = corrupt_draw(1, 5)
     assert corrupt_for_test(s, 0) is s
     bad = corrupt_for_test(s, 1)
-    assert bad.sequence(0, 5) == s.sequence(0, 5)
-    assert all(a != b for a, b in zip(bad.sequence(5, 50), s.sequence(5, 50)))
+    assert draws(bad, 0, 5) == draws(s, 0, 5)
+    assert all(a != b for a, b in zip(draws(bad, 5, 50), draws(s, 5, 50)))
 
 
 def test_verify_draw_is_a_no_op_for_one_rank():
@@ -131,12 +133,7 @@ def _verify_worker(rank, port, result_dir, skip_rank):
 def test_verify_draw_times_out_instead_of_hanging(tmp_path):
     import json
 
-    import torch.multiprocessing as mp
-
-    from dyntrain.train.engine import free_port
-
-    mp.start_processes(_verify_worker, args=(free_port(), tmp_path, 1), nprocs=2, join=True,
-                       start_method="spawn")
+    spawn_ranks(_verify_worker, 2, free_port(), tmp_path, 1)
     r0 = json.loads((tmp_path / "r0.json").read_text())
     assert "no answer from every rank within 3s" in r0["error"]
     assert r0["elapsed"] < 7.0  # the 3 s timeout, not the peer's 8 s sleep or the 120 s PG timeout

@@ -15,7 +15,7 @@ import pytest
 from braceexpand import braceexpand
 from PIL import Image
 
-from dyntrain.data import quality
+from dyntrain.data.shards import quality
 from dyntrain.data.shards.build import main
 from dyntrain.data.shards.patches import ShardBuildConfig, patch_grid
 from dyntrain.data.storage.s3 import DataSourceError

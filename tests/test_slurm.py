@@ -22,12 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from dyntrain import checkpoint as ck
+from helpers import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from dyntrain import checkpoint as ck  # noqa: E402
-from dyntrain.train.engine import free_port  # noqa: E402
-
 pytestmark = pytest.mark.slow
 
 DAEMONS = ("munged", "munge", "unmunge", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel",

@@ -15,8 +15,8 @@ import time
 import pytest
 
 from dyntrain.config import load_config
-from dyntrain.train.engine import free_port
 from dyntrain.tracking import make_tracker
+from helpers import free_port
 
 
 def _cfg(uri: str, experiment: str, *extra: str):

@@ -15,8 +15,11 @@ import pytest
 import torch
 
 from dyntrain.config import load_config
+from dyntrain.data.loader import LoaderBase
+from dyntrain.train.callbacks import OnEveryStep
 from dyntrain.train.schedule import VariantSchedule
 from dyntrain.train.trainer import NonFiniteLossError, Trainer, restoration_loss
+from helpers import free_port, spawn_ranks
 
 TINY = ["run.name=hot", "run.seed=3", "run.log_every=1000", "checkpoint.every=0",
         "model.variants={S: [1, 1, 1, 1], L: [2, 2, 2, 2]}", "schedule.variant_probs={S: 0.5, L: 0.5}"]
@@ -57,7 +60,7 @@ class StandInEngine:
             self.opt.zero_grad()
 
 
-class Batches:
+class Batches(LoaderBase):
     """Seeded 2x3x8x8 batches; NaN inputs from batch ``nan_at``; ``on_batch(i)`` before batch i."""
 
     def __init__(self, seed: int = 0, nan_at: Optional[int] = None, on_batch=None) -> None:
@@ -137,8 +140,8 @@ def test_logged_losses_are_the_per_step_values_of_a_plain_loop():
     trainer = make_trainer([f"run.max_steps={steps}", "run.log_every=3"], StandInEngine(accum),
                            Batches(seed=5))
     logged: list[tuple[int, str, float]] = []
-    trainer.add_callback(lambda _t, step, m: logged.append((step, m["variant"], m["loss"])),
-                         at=lambda step: False)
+    trainer.add_callback(OnEveryStep(lambda ctx: logged.append((ctx.step, ctx.metrics["variant"],
+                                                                ctx.metrics["loss"]))))
     trainer.train()
     # the same steps by hand: mean over micro-batches of each micro-batch's loss read at once
     engine, batches, schedule = StandInEngine(accum), Batches(seed=5), trainer.schedule
@@ -187,21 +190,10 @@ def _stop_rank(rank: int, port: int, queue) -> None:
 
 
 def test_stop_request_on_one_rank_stops_both_after_the_same_step():
-    from dyntrain.train.engine import free_port
-
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_stop_rank, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        results = sorted(queue.get(timeout=120) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    assert [p.exitcode for p in procs] == [0, 0]
+    queue = mp.get_context("spawn").Queue()
+    exitcodes = spawn_ranks(_stop_rank, 2, free_port(), queue, timeout=150)
+    results = sorted(queue.get(timeout=30) for _ in exitcodes)
+    assert exitcodes == [0, 0]
     assert results == [(0, 6, True, [6]), (1, 6, True, [6])]
 
 
