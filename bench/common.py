@@ -331,6 +331,7 @@ def train_phase(cfg, engine, loader, schedule, info, steps: int, start: int = 0)
     """Train global iterations ``start .. start + steps - 1`` through the project's Trainer (a
     fresh Trainer and GPU-hour account on the given engine and loader); returns the account's
     metrics plus the per-step records."""
+    from dyntrain.train.callbacks import OnEveryStep
     from dyntrain.train.trainer import Trainer
 
     phase_cfg = with_overrides(cfg, [f"run.max_steps={start + steps}", f"run.log_every={steps}"])
@@ -338,9 +339,8 @@ def train_phase(cfg, engine, loader, schedule, info, steps: int, start: int = 0)
                       device=info.device)
     trainer.step = start  # the schedule's draws continue where the previous chunk stopped
     records: list[dict[str, Any]] = []
-    trainer.add_callback(lambda _t, _step, m: records.append(
-        {k: m[k] for k in ("variant", "step_time_s", "data_wait_s", "loss")}),
-        at=lambda _step: False)  # records need no step read early: keep the hot path unsynchronised
+    trainer.add_callback(OnEveryStep(lambda ctx: records.append(
+        {k: ctx.metrics[k] for k in ("variant", "step_time_s", "data_wait_s", "loss")})))  # never forces a host read
     sync(info.device)
     result = trainer.train()
     sync(info.device)

@@ -26,9 +26,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import add_common_args, headline, resolve_device, set_threads, write_json  # noqa: E402
+from common import add_common_args, headline, resolve_device, set_threads, write_json  # noqa: E402
 from dyntrain.config import load_config  # noqa: E402
 from dyntrain.data.finetune.tasks import TaskCurriculum  # noqa: E402
 from dyntrain.data.finetune.degradations import TABLE  # noqa: E402

@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dyntrain.data.pretrain.degrade import DegradeSpec, batch_params, degrade_reference  # noqa: E402
 from dyntrain.data.pretrain.pipeline import DaliPretrainLoader  # noqa: E402

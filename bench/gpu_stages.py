@@ -20,9 +20,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 BENCH = Path(__file__).resolve().parent
-for _path in (str(BENCH.parent), str(BENCH)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
 
 from dyntrain.logs import get_logger  # noqa: E402
 

@@ -38,9 +38,6 @@ from typing import Any, Optional
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-for _path in (str(ROOT), str(BENCH)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
 
 from dyntrain.logs import get_logger, setup_logging  # noqa: E402
 

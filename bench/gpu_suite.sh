@@ -13,6 +13,8 @@ fi
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
 python="${PYTHON:-python3}"
+# the benchmarks import dynet/dyntrain as packages: from the checkout when the project is not installed
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 out="$1"
 mkdir -p "$out"
 wheels="${GPU_SUITE_WHEELS:-$root/.whl}"

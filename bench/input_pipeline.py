@@ -37,8 +37,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 from dyntrain.logs import get_logger, setup_logging  # noqa: E402
 

@@ -15,13 +15,10 @@ gflops_saved_vs_L_at_0.05db = 1 - router GFLOPs / largest variant's GFLOPs at 0.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
 from dyntrain.config import add_config_arguments, config_from_args  # noqa: E402

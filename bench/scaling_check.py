@@ -27,9 +27,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import scaling_model  # noqa: E402
 
 from dyntrain.logs import get_logger, setup_logging  # noqa: E402
 
@@ -157,8 +156,6 @@ def _launch(ranks: int, outs: list[Path], args, timeout: float = 600) -> list[di
 
 def run_check(args, probs: dict[str, float]) -> dict[str, Any]:
     """Measure 1 and 2 ranks, fit the gloo link, predict the 2-rank step from the 1-rank one."""
-    import scaling
-
     with tempfile.TemporaryDirectory() as tmp:
         ranks_here = 2
         log.info("2-rank check: the engine on 1 CPU rank (two such runs side by side, so each has "
@@ -175,12 +172,12 @@ def run_check(args, probs: dict[str, float]) -> dict[str, Any]:
     grad_bytes = two["params"] * two["comm_bytes"]
     latency = col["all_reduce_8_bytes_s"] / (2 * math.ceil(math.log2(n)))
     moving = max(col["all_reduce_grad_s"] - col["all_reduce_8_bytes_s"], 1e-9)
-    link = scaling.Link(latency, 2 * (n - 1) / n * grad_bytes / moving, "gloo (measured)")
+    link = scaling_model.Link(latency, 2 * (n - 1) / n * grad_bytes / moving, "gloo (measured)")
     cfg = check_config(args.check_set, args.check_steps)
     zero = two["zero_optimization"]
-    shape = scaling.model_shape(cfg, zero.get("stage3_param_persistence_threshold", 0))
+    shape = scaling_model.model_shape(cfg, zero.get("stage3_param_persistence_threshold", 0))
     same = {v: 1.0 for v in one["step_s"]}  # the timed chunks run one variant at a time
-    predicted = scaling.step_time_s(one["step_s"], same, two["zero_stage"], zero, shape,
+    predicted = scaling_model.step_time_s(one["step_s"], same, two["zero_stage"], zero, shape,
                                     two["comm_bytes"], n, link)
     mix = lambda d: sum(probs[v] * d[v] for v in probs)  # noqa: E731
     predicted["mix"] = mix(predicted)
