@@ -169,10 +169,9 @@ class DyNet(nn.Module):
         return out[..., :height, :width]
 
 
-
 def _raise_recompile_limit(limit: int) -> None:
     """Let dynamo keep at least `limit` graphs per code object (the default 8 can be too few)."""
-    import torch._dynamo
+    import torch._dynamo  # lazy: dynamo is loaded only by compile_blocks, never for eager use
 
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
