@@ -33,7 +33,7 @@ GPU hours are each phase's training-loop wall time x the number of GPUs (the acc
 
 Defaults: the paper's setting (dim 48, 128x128 crops, micro-batch 32 per GPU, N=300, W=10,
 R=3, compiled blocks, channels-last) on CUDA; dim 8, 32x32, batch 2, N=4, W=1, R=2 on the CPU.
-Last line: gpu_hours_saved_frac=<measured saving>.
+Last line: gpu_hours_saved_frac=<measured saving at equal iterations>.
 """
 from __future__ import annotations
 
@@ -215,8 +215,9 @@ def _print_table(r: dict[str, Any], variants: list[str], device) -> None:
     print(f"separate ({sep}): {r['gpu_hours_separate']:.3g} GPU h")
     for v in variants:
         print(f"MFU of {v} alone: {common.fmt(r['mfu_alone'][v], '.1%')}")
-    print(f"GPU hours saved by dynamic training: {r['gpu_hours_saved_frac']:.1%} measured, "
-          f"{r['expected_saved_frac']:.1%} expected from the draw at the separate step times")
+    print(f"GPU hours saved by dynamic training at equal iterations: {r['gpu_hours_saved_frac']:.1%} measured, "
+          f"{r['expected_saved_frac']:.1%} expected from the draw at the separate step times "
+          f"(the saving at equal quality: bench/quality_saving.py)")
     print(f"switching overhead (dynamic wall / its steps priced at the separate step times - 1): "
           f"{r['switching_overhead_frac']:+.2%}")
     print(f"switch penalty (a step after a switch vs after its own variant): "

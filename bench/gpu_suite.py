@@ -251,7 +251,7 @@ def markdown(r: dict[str, Any]) -> str:
                                                        f"{num(r['mfu_S'], '.1%')}"),
             ("speed-up of L over fp32 eager", num(r["speedup_L_vs_fp32_eager"]) + "x"),
             ("compile time of the optimised recipe (s)", num(r["compile_s"], ".1f")),
-            ("GPU hours saved, dynamic vs separate (ZeRO 2)",
+            ("GPU hours saved at equal iterations, dynamic vs separate (ZeRO 2)",
              num(r["gpu_hours_saved_frac"], ".1%")),
             ("switch penalty (s per switched step)", num(r["switch_penalty_s"], "+.4f")),
             ("DALI decode + crop (images/s)", num(r["dali_images_per_s"], ".0f")),

@@ -191,7 +191,7 @@ def run_recipes(work: Path, size: dict[str, Any], seed: int, device: str, recipe
 
 def format_recipes(r: dict[str, Any]) -> str:
     """One line per recipe (markdown table)."""
-    head = ("| recipe | steps | iso saving (GPU h) | iso saving (PFLOP) | final val PSNR S / L | "
+    head = ("| recipe | steps | saving at equal val. quality (GPU h) | saving at equal val. quality (PFLOP) | final val PSNR S / L | "
             "separate at same PFLOP S / L | equal-iterations saving |\n|---|---|---|---|---|---|---|")
     rows = [head]
     for name, x in r["recipes"].items():
@@ -230,7 +230,8 @@ def summarize(paths: list[str]) -> str:
         return f"{' / '.join(parts)} (mean {mean:+.2f})"
 
     order = list(RECIPES)
-    out = ["| scale | recipe | seeds | iso saving, PFLOP axis | iso saving, GPU-hour axis | final val PSNR S / L |",
+    out = ["| scale | recipe | seeds | saving at equal val. quality, PFLOP axis | saving at equal val. quality, "
+           "GPU-hour axis | final val PSNR S / L |",
            "|---|---|---|---|---|---|"]
     for scale in sorted(base, key=lambda k: (k != "toy", k)):
         for name in sorted({n for (sc, n) in rows if sc == scale}, key=order.index):

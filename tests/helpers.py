@@ -102,3 +102,15 @@ def assert_resumes_exactly(make_loader: Callable, straight: list, before: int,
     finally:
         resumed.close()
     return state
+
+
+SAVING_BASES = ("at equal iterations", "at equal validation quality", "at equal fine-tuned quality")
+
+
+def unlabelled_savings(text: str) -> list[str]:
+    """Lines of ``text`` that print a saving ("saved 49.1%", "iso_quality_saving=0.2 ...") without
+    naming its basis (``dyntrain.tracking.savings``)."""
+    import re
+
+    shows = re.compile(r"\bsaved -?\d|\bsaving[ =]+-?\d", re.I)
+    return [line for line in text.splitlines() if shows.search(line) and not any(b in line for b in SAVING_BASES)]

@@ -5,6 +5,7 @@ import pytest
 
 from dyntrain.config import load_config
 from dyntrain.tracking import GPUHourAccount, NullTracker, make_tracker, redact
+from helpers import unlabelled_savings
 
 
 class FakeClock:
@@ -161,8 +162,13 @@ def test_console_tracker_lines_and_the_fan_out(caplog):
         "[unit] dynamic training of S=0.50, L=0.50 | world 2 on cpu | ZeRO 2 | bf16 False | global batch 8 | "
         "steps 0->8 | mlflow run abc",
         "[unit] step 6/8 | loss 0.5000 (L 0.6000 S 0.4000) | lr 1.00e-04 | 12.3 patches/s | L 3.000s S 1.000s"
-        " | saved 25.0% | ETA 0:00:04",
+        " | saved 25.0% at equal iterations | ETA 0:00:04",
         "[unit] stopped early at step 8 | gpu_hours 0.01000 | outside steps 2.00%"]
+    summary = console.summary_line(8, False, {"gpu_hours": 0.01, "gpu_hours_separate": 0.02,
+                                              "gpu_hours_saved_frac": 0.5, "gpu_hours_saved_frac_expected": 0.49})
+    assert "saved 50.00% at equal iterations (expected from step times 49.00%)" in summary
+    assert unlabelled_savings("\n".join(lines + [summary])) == []
+    assert unlabelled_savings("[unit] step 6/8 | saved 25.0% | ETA 0:00:04") != []  # the check can fail
     assert [s for s, _ in rec.metrics] == [6, 6]
 
 

@@ -29,7 +29,7 @@ def test_known_answer():
     m = as_metrics(r)
     assert m["iso_quality_saving"] == pytest.approx(r["iso_quality_saving"])
     assert m["iso/L/gh_separate_to_match"] == pytest.approx(2.5)
-    assert "iso_quality_saving=0.4872" in format_result(r)
+    assert "iso_quality_saving=0.4872 at equal validation quality" in format_result(r)
 
 
 def test_not_reached_is_a_marked_lower_bound():

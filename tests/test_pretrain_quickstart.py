@@ -4,12 +4,15 @@ MLflow run with per-variant losses, the GPU-hour account and checkpoints. Plus t
 path (``python launch/pretrain.py``) in fixed-variant mode."""
 from __future__ import annotations
 
+import re
+
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import unlabelled_savings
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -62,6 +65,12 @@ def test_quickstart_script_end_to_end(tmp_path):
     assert len(client.get_metric_history(run.info.run_id, "loss")) >= 3  # logged during the run
     assert len(client.get_metric_history(run.info.run_id, "gpu_hours")) >= 3
     assert tags["dyntrain.stage"] == "pretrain" and tags["mode"] == "dynamic" and tags["variants"] == "L,S"
+    # every saving printed or logged names its basis: the progress and final lines, and the run's tags
+    assert "saved" in proc.stdout and unlabelled_savings(proc.stdout + proc.stderr) == []
+    assert re.search(r"saved \d+\.\d% at equal iterations \|", proc.stdout)
+    assert tags["gpu_hours_saved_basis"] == "equal_iterations"
+    note = tags["mlflow.note.content"]
+    assert "equal iterations" in note and "--iso-quality" in note and "iso_quality_saving" in note
     assert params["model.dim"] == "8" and params["data.crop_size"] == "48"
     assert params["run.max_steps"] == "30"  # overrides recorded, not the YAML value
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

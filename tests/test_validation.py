@@ -111,6 +111,9 @@ def test_compare_cli_reproduces_the_saving_from_real_runs(tmp_path):
     dyn = client.get_run(client.search_runs(
         [client.get_experiment_by_name(r["experiment"]).experiment_id], "tags.mode = 'dynamic'")[0].info.run_id)
     assert dyn.data.metrics["iso_quality_saving"] == pytest.approx(r["iso_quality_saving"])
+    # which saving each figure is: tags of the run, and the table printed by compare
+    assert dyn.data.tags["iso_quality_saving_basis"] == "equal_validation_quality"
+    assert dyn.data.tags["gpu_hours_saved_basis"] == "equal_iterations"
 
     def cli(*args):
         return subprocess.run([sys.executable, str(ROOT / "launch" / "compare.py"), "--iso-quality",

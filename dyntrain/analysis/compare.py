@@ -22,6 +22,7 @@ from dyntrain.analysis.runs import PretrainRun, ResultRun, separate_vs_dynamic
 from dyntrain.eval.iso_quality import as_metrics, format_result, iso_quality
 from dyntrain.eval.testdata import TASK_LABELS
 from dyntrain.tracking import store
+from dyntrain.tracking.savings import EQUAL_ITERATIONS, iso_basis_tag, saved_text
 
 
 EVAL_METRIC = re.compile(r"^eval/(?P<variant>[^/]+)/(?P<task>[^/]+)/(?P<name>psnr|ssim)$")
@@ -78,13 +79,14 @@ def format_tables(pretrain: list[PretrainRun], results: list[ResultRun]) -> str:
                  _fmt(r.metrics.get("gpu_hours_saved_frac"), ".3f"), _fmt(r.metrics.get("loss"), ".4f")]
                 for r in pretrain]
         parts.append("Pre-training runs\n" + text_table(
-            ["run", "mode", "status", "steps", "gpu_hours", "gpu_hours_separate", "saved_frac", "loss"], rows))
+            ["run", "mode", "status", "steps", "gpu_hours", "gpu_hours_separate",
+             "saved_frac (equal iterations)", "loss"], rows))
         saving = separate_vs_dynamic(pretrain)
         if saving:
             parts.append(f"dynamic run {saving['dynamic']}: {saving['dynamic_gpu_hours']:.4f} GPU h for "
                          f"{saving['steps']:.0f} steps; fixed-variant baselines "
                          f"({', '.join(saving['baselines'])}) at the same step count: "
-                         f"{saving['separate_gpu_hours']:.4f} GPU h -> saved {saving['saved_frac']:.1%}")
+                         f"{saving['separate_gpu_hours']:.4f} GPU h -> {saved_text(saving['saved_frac'], EQUAL_ITERATIONS)}")
     else:
         parts.append("Pre-training runs: none found")
     if results:
@@ -202,6 +204,8 @@ def compare_iso_quality(tracking_uri: str, experiment: Optional[str], run_ids=No
         step = max(store.metric_history(client, dynamic.info.run_id, f"val/{x}"))
         store.log_batch_metrics(client, dynamic.info.run_id,
                                 [(k, v, step) for k, v in as_metrics(result, x).items()])
+        for key, basis in iso_basis_tag(x).items():  # which saving iso_quality_saving is
+            store.set_tag(client, dynamic.info.run_id, key, basis)
         store.log_text(client, dynamic.info.run_id, result["text"] + "\n",
                        "iso_quality.txt" if x == "gpu_hours" else f"iso_quality_{x}.txt")
         if png is not None:

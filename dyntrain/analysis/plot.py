@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dyntrain.analysis.runs import PretrainRun, ResultRun, separate_vs_dynamic
+from dyntrain.tracking.savings import EQUAL_ITERATIONS, saved_text
 
 
 def plot(pretrain: list[PretrainRun], results: list[ResultRun], path: str | Path) -> Path:
@@ -60,9 +61,9 @@ def plot(pretrain: list[PretrainRun], results: list[ResultRun], path: str | Path
     title = "Pre-training: dynamic vs separate"
     dyn = [r for r in pretrain if r.mode == "dynamic" and r.metrics.get("gpu_hours_saved_frac") is not None]
     if saving:
-        title += f" (saved {saving['saved_frac']:.0%})"
+        title += f" ({saved_text(saving['saved_frac'], EQUAL_ITERATIONS, 0)})"
     elif dyn:
-        title += f" (saved {dyn[-1].metrics['gpu_hours_saved_frac']:.0%}, estimated)"
+        title += f" ({saved_text(dyn[-1].metrics['gpu_hours_saved_frac'], EQUAL_ITERATIONS, 0)}, estimated)"
     ax2.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -97,7 +98,7 @@ def plot_iso(dynamic: dict, separate: dict, path: str | Path, result: dict | Non
         ax.set_title(f"DyNet-{v}")
         ax.legend(fontsize=8)
     if result is not None and result.get("iso_quality_saving") is not None:
-        fig.suptitle(f"iso_quality_saving = {result['iso_quality_saving']:.3f}"
+        fig.suptitle(f"iso_quality_saving = {result['iso_quality_saving']:.3f} at equal validation quality"
                      + (" (lower bound)" if result["iso_quality_saving_is_bound"] else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from dyntrain.tracking.savings import BASIS_WORDS, EQUAL_VALIDATION_QUALITY
+
 
 Point = tuple[float, float, float]  # (gpu_hours, own_steps, psnr)
 
@@ -127,5 +129,5 @@ def format_result(result: dict, unit: str = "GPU h") -> str:
         if result["iso_quality_saving_is_bound"] else ""
     lines.append(f"dynamic run: {result['gh_dynamic']:.4g} {unit}; separate runs to the same PSNR: "
                  f"{result['gh_separate_total']:.4g} {unit} -> iso_quality_saving="
-                 f"{_num(saving, '.4f')}{bound}")
+                 f"{_num(saving, '.4f')} {BASIS_WORDS[EQUAL_VALIDATION_QUALITY]}{bound}")
     return "\n".join(lines)

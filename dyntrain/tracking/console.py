@@ -5,10 +5,12 @@ Three kinds of line, each prefixed with ``[<run name>]``:
 - the header before the first step (``log_start``): schedule and variant probabilities, world,
   device, ZeRO stage, bf16, global batch, steps, MLflow run;
 - a progress line for every window of metrics the trainer logs (those with ``patches_per_s``):
-  ``step t/total | loss L (S l_S L l_L) | lr | patches/s | per-variant step time | saved | ETA``;
+  ``step t/total | loss L (S l_S L l_L) | lr | patches/s | per-variant step time | saved X% at equal
+  iterations | ETA`` (every saving names its basis: ``dyntrain.tracking.savings``);
   the per-variant figures are the ``loss_<v>`` / ``step_time_<v>`` metrics of the window, and the
   ETA is the remaining steps at the window's mean step time;
-- the summary at the end (``log_end``): finished / stopped early, GPU hours, separate, saved.
+- the summary at the end (``log_end``): finished / stopped early, GPU hours, separate, saved (at
+  equal iterations).
 
 Other metrics (evaluation, the final account) make no line here. The lines are INFO records of the
 ``dyntrain`` logger (``dyntrain.logs``).
@@ -20,6 +22,7 @@ from typing import Optional
 
 from dyntrain.logs import get_logger
 from dyntrain.tracking.base import RunHeader, Tracker
+from dyntrain.tracking.savings import EQUAL_ITERATIONS, saved_text
 
 
 log = get_logger(__name__)
@@ -59,7 +62,7 @@ class ConsoleTracker(Tracker):
         times = " ".join(f"{n} {m[f'step_time_{n}']:.3f}s" for n in variants)
         eta = datetime.timedelta(seconds=round((self.max_steps - step) * m["step_time_s"]))
         saved = m.get("gpu_hours_saved_frac")
-        saved_txt = f" | saved {saved * 100:.1f}%" if saved is not None else ""
+        saved_txt = f" | {saved_text(saved, EQUAL_ITERATIONS)}" if saved is not None else ""
         return (f"[{self.run_name}] step {step}/{self.max_steps} | loss {m['loss']:.4f} "
                 f"({per_variant}) | lr {m['lr']:.2e} | {m['patches_per_s']:.1f} patches/s | "
                 f"{times}{saved_txt} | ETA {eta}")
@@ -68,7 +71,7 @@ class ConsoleTracker(Tracker):
         parts = [f"gpu_hours {m['gpu_hours']:.5f}"]
         if "gpu_hours_separate" in m:
             parts += [f"separate {m['gpu_hours_separate']:.5f}",
-                      f"saved {m['gpu_hours_saved_frac'] * 100:.2f}% "
+                      f"{saved_text(m['gpu_hours_saved_frac'], EQUAL_ITERATIONS, 2)} "
                       f"(expected from step times {m['gpu_hours_saved_frac_expected'] * 100:.2f}%)"]
         if "overhead_frac" in m:
             parts.append(f"outside steps {m['overhead_frac'] * 100:.2f}%")

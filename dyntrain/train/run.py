@@ -30,6 +30,7 @@ from dyntrain.config import Config
 from dyntrain.data.loader import LoaderFactory
 from dyntrain.logs import setup_logging
 from dyntrain.tracking import GPUHourAccount, make_tracker
+from dyntrain.tracking.savings import run_tags
 from dyntrain.train.callbacks import Callback
 from dyntrain.train.engine import ZERO3_NOTE, build_engine, init_distributed, shutdown_distributed
 from dyntrain.train.model import build_model, variant_flops
@@ -141,6 +142,7 @@ def _describe_run(tracker, cfg: Config, ds_config: dict, schedule: VariantSchedu
         "zero_stage": str(cfg.deepspeed.zero_stage),
         "bf16": str(ds_config["bf16"]["enabled"]),
     }
+    tags.update(run_tags())  # which saving gpu_hours_saved_frac is (dyntrain.tracking.savings)
     if cfg.deepspeed.zero_stage == 3:
         tags["zero3_note"] = ZERO3_NOTE[:5000]
     if resumed_from:
