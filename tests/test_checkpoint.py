@@ -302,6 +302,10 @@ def test_resume_choice(tmp_path):
     _fake_tag(tmp_path, 30, complete=False)
     (tmp_path / ck.LATEST).write_text("step_00000010")   # stale pointer: a crash before it moved
     assert ck.CheckpointManager(cfg(), None, 0, 1).find_resume() == "step_00000020"
+    assert (tmp_path / ck.LATEST).read_text() == "step_00000020"  # the pointer follows the resume
+    (tmp_path / ck.LATEST).unlink()  # killed between step 20's COMPLETE and its latest
+    assert ck.CheckpointManager(cfg(), None, 0, 1).find_resume() == "step_00000020"
+    assert (tmp_path / ck.LATEST).read_text() == "step_00000020"
     assert ck.CheckpointManager(cfg(resume="step_00000010"), None, 0, 1).find_resume() == "step_00000010"
     assert ck.CheckpointManager(cfg(resume="10"), None, 0, 1).find_resume() == "step_00000010"
     with pytest.raises(ck.CheckpointError, match="step_00000040 does not exist"):

@@ -183,6 +183,8 @@ class CheckpointManager:
             return None
         if mode in ("auto", "latest"):
             info = newest_complete(self.dir)
+            if info is not None:
+                self._point_latest_at(info.tag)
             return info.tag if info else None
         tag = tag_for_step(int(mode)) if mode.isdigit() else mode
         tag_dir = self.dir / tag
@@ -198,6 +200,16 @@ class CheckpointManager:
         if problem:
             raise CheckpointError(f"checkpoint.resume={mode}: {problem}")
         return tag
+
+    def _point_latest_at(self, tag: str) -> None:
+        """Rank 0, resuming from the newest complete ``tag``: a job killed between a tag's
+        ``COMPLETE`` and ``latest`` (or a tag whose files failed their check) leaves ``latest``
+        missing or naming another tag; it names the tag the run continues from again."""
+        path = self.dir / LATEST
+        current = path.read_text().strip() if path.is_file() else None
+        if current != tag:
+            atomic_write_text(path, tag)
+            self._say(f"{LATEST} named {current or 'nothing'}; it now names {tag}, the newest complete checkpoint")
 
     def _clear_for_fresh_start(self) -> None:
         """Rank 0, before a fresh start (``checkpoint.resume=never``): tags already in
