@@ -42,7 +42,7 @@ import torch.distributed as dist
 from dyntrain.data.pretrain.degrade import DegradeSpec, batch_params, region_masks
 from dyntrain.data.pretrain.pipeline import DaliPretrainLoader
 from dyntrain.errors import ConfigError
-from dyntrain.eval.periodic import PeriodicEvaluation, plain_copy
+from dyntrain.eval.periodic import PeriodicEvaluation
 from dyntrain.logs import get_logger
 from dyntrain.seeds import seed32
 from dyntrain.train.callbacks import StepContext
@@ -178,14 +178,14 @@ def to_metrics(sums: dict[str, list[float]]) -> dict[str, float]:
 class Validation(PeriodicEvaluation):
     """Pre-training validation (a callback of every rank): builds the fixed set at the start,
     evaluates a fresh run before its first step, then every ``eval.every`` steps and at the last.
-    ``history`` holds (step, figures) of every evaluation."""
+    Subscribers (``then``) get each evaluation's ``val/...`` figures."""
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg.eval.every, cfg.run.max_steps, cfg.deepspeed.zero_stage == 3, all_ranks=True)
         self.cfg = cfg
         self.valset: Optional[ValSet] = None
         self.digest = ""
-        self.history: list[tuple[int, dict[str, float]]] = []
+        self._t0 = 0.0
 
     def on_start(self, ctx: StepContext) -> None:
         """Build the set (its time is booked as validation) and, for a fresh run, evaluate at step 0
@@ -205,15 +205,14 @@ class Validation(PeriodicEvaluation):
             self.run(ctx)
 
     def run(self, ctx: StepContext) -> dict[str, float]:
-        t0 = time.perf_counter()
+        self._t0 = time.perf_counter()  # the evaluation's time includes the check and the weights' copy
         if self.valset.digest() != self.digest:
             raise ValidationInputsChanged(f"step {ctx.step}: the validation tensors changed since they "
                                           f"were built (sha256 {self.digest[:12]}...)")
-        return self.evaluate(None, ctx, t0)
+        return super().run(ctx)
 
-    def evaluate(self, model: Optional[torch.nn.Module], ctx: StepContext, t0: float = 0.0) -> dict[str, float]:
+    def evaluate(self, model: Optional[torch.nn.Module], ctx: StepContext) -> dict[str, float]:
         step = ctx.step
-        model = plain_copy(ctx.model, True, self.zero3).to(ctx.device)
         local = score_variants(model, self.valset, dict(self.cfg.model.variants), ctx.rank,
                                ctx.world_size, ctx.device, self.cfg.eval.val_batch_size)
         del model
@@ -221,13 +220,12 @@ class Validation(PeriodicEvaluation):
         account = ctx.account
         for name in self.cfg.model.variants:
             out[f"val/{name}/own_steps"] = float(account.count.get(name, 0))
-        dt = time.perf_counter() - t0
+        dt = time.perf_counter() - self._t0
         account.add_validation(dt)
         out["val/gpu_hours"] = account.gpu_hours_train
         if account.flops_per_sample:
             out["val/pflop"] = account.pflop
         out["val/time_s"] = dt
-        self.history.append((step, out))
         ctx.tracker.log_metrics(out, step=step)
         if ctx.rank == 0:
             psnr = ", ".join(f"{n} {out[f'val/{n}/psnr']:.2f}" for n in self.cfg.model.variants

@@ -29,7 +29,8 @@ import torch
 
 from dyntrain.checkpoint.weights import load_weights
 from dyntrain.config import PARAMETER_FIELDS, Config, dynet_config_from_dict
-from dyntrain.data.finetune.paired import build_finetune_loader, task_curriculum
+from dyntrain.data.finetune.paired import build_finetune_loader
+from dyntrain.data.finetune.tasks import task_curriculum
 from dyntrain.data.loader import LoaderFactory
 from dyntrain.errors import DyntrainError
 from dyntrain.eval.periodic import TestSetEvaluation

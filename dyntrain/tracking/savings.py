@@ -9,10 +9,12 @@
                                validation PSNR per variant.
     equal_finetuned_quality    the same at equal PSNR after fine-tuning (the downstream saving).
 
-A metric ``M`` of these carries the MLflow tag ``M_basis`` with the basis's name, and the run's
-description (``mlflow.note.content``) says what the equal-iterations figure means.
+In MLflow the basis is a tag: ``gpu_hours_saved_basis`` on every training run (with the run's
+description, ``mlflow.note.content``, saying what that figure means), ``iso_quality_saving_basis``
+(``iso_quality_saving_<axis>_basis``) on the run ``compare --iso-quality`` writes to.
 """
 from __future__ import annotations
+
 
 EQUAL_ITERATIONS = "equal_iterations"
 EQUAL_VALIDATION_QUALITY = "equal_validation_quality"

@@ -33,8 +33,7 @@ class StepContext:
     max_steps, log_every: ``run.max_steps`` and ``run.log_every``.
     rank, world_size, device: this process in the data-parallel world.
     model: the engine's module (under ZeRO-3 partitioned: gather collectively, see
-        ``dyntrain.eval.snapshot.plain_copy``); read it, never train it.
-    zero_stage: ``deepspeed.zero_stage``.
+        ``dyntrain.eval.periodic.plain_copy``); read it, never train it.
     schedule: the variant schedule (the cost-aware draw sets its probabilities).
     account: the GPU-hour account (an evaluation books its time with ``add_validation``).
     tracker: where metrics, params and tags go (MLflow on rank 0, the console).
@@ -48,7 +47,6 @@ class StepContext:
     world_size: int
     device: torch.device
     model: torch.nn.Module
-    zero_stage: int
     schedule: Any
     account: Any
     tracker: Any

@@ -56,6 +56,7 @@ class TrainResult:
 
 log = get_logger(__name__)
 
+
 class Trainer(TrainerStateMixin):
     """Args:
     cfg: the run's ``dyntrain.config.Config``.
@@ -67,8 +68,8 @@ class Trainer(TrainerStateMixin):
         summary lines).
     rank, world_size: this process in the data-parallel world.
     account: the run's ``GPUHourAccount`` (None = a fresh one that counts no FLOPs).
-    checkpoint_manager: object with ``save(step, client_state, rank_state) -> tag``,
-        ``find_resume() -> tag | None`` and ``load(tag) -> (client_state, rank_state)``; None = no
+    checkpoint_manager: object with ``save(step, client_state, rank_state) -> tag`` (the resume is
+        read before the trainer exists: ``dyntrain.train.state.load_resume_state``); None = no
         checkpoints.
     verify_group: process group for ``schedule.verify_every`` (see ``schedule.new_verify_group``).
     callbacks: ``dyntrain.train.callbacks.Callback`` objects, called in this order.
@@ -102,7 +103,6 @@ class Trainer(TrainerStateMixin):
         self._last_saved_step: Optional[int] = None
         self._trace: Optional[list[dict]] = None    # per-step records once enable_trace() ran
         self._trace_dir = None
-        self._last_metrics: dict[str, float] = {}
         self._window = StepWindow()
         self._resolved: dict[str, Any] = {}  # the last step read on the host
 
@@ -115,17 +115,16 @@ class Trainer(TrainerStateMixin):
         """Append a callback (see ``dyntrain.train.callbacks``) after those given at construction."""
         self.callbacks.append(callback)
 
-    def context(self, metrics: Optional[dict] = None) -> StepContext:
-        """What a callback sees at ``self.step``."""
-        return StepContext(step=self.step, metrics=metrics or {}, max_steps=self.cfg.run.max_steps,
+    def context(self, step: int, metrics: Optional[dict] = None) -> StepContext:
+        """What a callback sees after ``step`` steps."""
+        return StepContext(step=step, metrics=metrics or {}, max_steps=self.cfg.run.max_steps,
                            log_every=self.cfg.run.log_every, rank=self.rank, world_size=self.world_size,
-                           device=self.device, model=self.engine.module,
-                           zero_stage=self.cfg.deepspeed.zero_stage, schedule=self.schedule,
+                           device=self.device, model=self.engine.module, schedule=self.schedule,
                            account=self.account, tracker=self.tracker, loader=self.loader)
 
     def start_callbacks(self) -> None:
         """Every callback's ``on_start`` (after the resume, before the first step)."""
-        ctx = self.context()
+        ctx = self.context(self.step)
         for cb in self.callbacks:
             cb.on_start(ctx)
 
@@ -180,8 +179,7 @@ class Trainer(TrainerStateMixin):
                                 "losses": m["losses"], "teacher": pending.teacher,
                                 "keys": pending.keys})
         if self.callbacks:
-            ctx = self.context(m)
-            ctx.step = m["step"] + 1
+            ctx = self.context(m["step"] + 1, m)
             for cb in self.callbacks:
                 cb.on_step(ctx)
         self._resolved = m
@@ -273,7 +271,6 @@ class Trainer(TrainerStateMixin):
         metrics["corrupt_skipped"] = float(stats.get("corrupt_skipped", 0))
         account = self.account.metrics()
         metrics.update(account)
-        self._last_metrics = metrics
         self.tracker.log_metrics(metrics, step=self.step)  # the console tracker prints the progress line
 
     def _print_header(self) -> None:

@@ -34,7 +34,7 @@ from dyntrain.data.finetune.base import (TASKS, PairedDataError, PairedLoaderBas
 from dyntrain.data.finetune.curriculum_loader import CurriculumPairedLoader
 from dyntrain.data.finetune.paired_shards import PairedShardLoader, pack_paired_shards
 from dyntrain.data.finetune.synthetic_pairs import build_synthetic_loader
-from dyntrain.data.finetune.tasks import TaskCurriculum
+from dyntrain.data.finetune.tasks import task_curriculum
 from dyntrain.data.synthetic import make_demo_data
 from dyntrain.errors import ConfigError
 from dyntrain.images import read_image
@@ -160,16 +160,6 @@ class PairedFolderLoader(PairedLoaderBase):
 
 
 # ------------------------------------------------------------------------------------ factory
-def task_curriculum(cfg) -> Optional[TaskCurriculum]:
-    """The task curriculum by which the fine-tuning loader of ``cfg`` draws each sample's task: the
-    synthetic pairs (either mode) and the paired folders in sequential mode; None where the loader
-    draws from a fixed mix (paired folders in mixed mode, paired shards)."""
-    source = cfg.data.source
-    if source == "synthetic" or (source == "paired" and cfg.schedule.tasks.mode == "sequential"):
-        return TaskCurriculum.from_config(cfg)
-    return None
-
-
 def build_finetune_loader(cfg, rank: int, world_size: int, device) -> PairedLoaderBase:
     """The fine-tuning loader for ``cfg.data.source`` ("paired" folders or "paired_shards")."""
     data = cfg.data

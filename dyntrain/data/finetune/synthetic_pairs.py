@@ -27,7 +27,7 @@ from PIL import Image
 from dyntrain.data.finetune.degradations import TABLE, DegradationError, degrade, draw_params
 from dyntrain.data.finetune.degradations.depth import clean_images, load_depth
 from dyntrain.data.finetune.synthetic_shards import ShardCleanLoader
-from dyntrain.data.finetune.tasks import TaskCurriculum
+from dyntrain.data.finetune.tasks import task_curriculum
 from dyntrain.data.loader import LoaderBase
 from dyntrain.images import read_image
 from dyntrain.logs import get_logger
@@ -159,7 +159,7 @@ def build_synthetic_loader(cfg, rank: int, world_size: int, device):
 
     data, urls = cfg.data, list(cfg.data.clean_urls)
     accum = cfg.gradient_accumulation(world_size)
-    curriculum = TaskCurriculum.from_config(cfg)
+    curriculum = task_curriculum(cfg)
     if clean_form(urls) == "shards":
         return ShardCleanLoader(urls, curriculum, data.preset, data.crop_size, data.micro_batch_size,
                                 cfg.run.seed, rank, world_size, accum, device,

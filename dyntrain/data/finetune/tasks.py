@@ -106,3 +106,13 @@ class TaskCurriculum:
     def describe(self) -> dict:
         return {"mode": self.mode, "order": self.order, "weights": self.weights, "seed": self.seed,
                 "period_steps": self.period_steps, "periods": self.periods, "warmup_steps": self.warmup_steps}
+
+
+def task_curriculum(cfg) -> Optional[TaskCurriculum]:
+    """The task curriculum by which the fine-tuning loader of ``cfg`` draws each sample's task: the
+    synthetic pairs (either mode) and the paired folders in sequential mode; None where the loader
+    draws from a fixed mix (paired folders in mixed mode, paired shards)."""
+    source = cfg.data.source
+    if source == "synthetic" or (source == "paired" and cfg.schedule.tasks.mode == "sequential"):
+        return TaskCurriculum.from_config(cfg)
+    return None

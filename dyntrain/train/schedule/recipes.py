@@ -116,7 +116,6 @@ class CostAwareUpdater:
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
-        self.history: list[tuple[int, dict[str, float]]] = []
 
     @staticmethod
     def costs(ctx: StepContext, names: Sequence[str]) -> dict[str, float]:
@@ -136,7 +135,6 @@ class CostAwareUpdater:
         probs = cost_aware_probs({n: val[f"val/{n}/psnr"] for n in names}, self.costs(ctx, names),
                                  c.headroom_db, c.min_prob)
         schedule.set_probs(step, probs)
-        self.history.append((step, probs))
         ctx.tracker.log_metrics({f"schedule/p_{n}": p for n, p in probs.items()}, step=step)
         if ctx.rank == 0:
             log.info(f"[{self.cfg.run.name}] cost-aware draw from step {step}: " +
