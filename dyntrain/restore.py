@@ -20,10 +20,11 @@ from PIL import Image
 
 from dynet import DyNet
 from dynet.inference import gray_world, restore_image
-from dyntrain.checkpoint.weights import checkpoint_info, load_weights
+from dyntrain.checkpoint.weights import checkpoint_info
 from dyntrain.config import Config, dynet_config_from_dict
 from dyntrain.errors import ConfigError
 from dyntrain.images import IMAGE_EXTS, list_images, read_image as _decode_image, to_tensor
+from dyntrain.interop import read_weights
 from dyntrain.logs import get_logger
 from dyntrain.progress import progress_bar
 
@@ -51,7 +52,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", cfg: Option
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state, model_cfg = load_weights(path)
+    state, model_cfg = read_weights(path)  # dyntrain's own files or the authors' reference layout
     if model_cfg:
         dyncfg = dynet_config_from_dict(model_cfg, where=f"checkpoint {path}: model")
     elif cfg is not None:

@@ -36,6 +36,7 @@ LAYERS = {
     "dyntrain.data.finetune": 2.3,
     "dyntrain.checkpoint": 2.0,
     "dyntrain.tracking": 2.0,
+    "dyntrain.interop": 2.5,
     "dyntrain.restore": 3,
     "dyntrain.train": 3,
     "dyntrain.eval": 4,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Optional
 
@@ -112,23 +113,54 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Optional[di
     if path.is_dir():
         weights, model_cfg, _ = consolidated_weights(path)
         return weights, model_cfg
-    if path.suffix == ".safetensors":
+    if is_safetensors(path):
         tensors, meta = _read_safetensors(path)
         model_cfg = json.loads(meta["model_config"]) if meta.get("model_config") else None
         return tensors, model_cfg
+    return weights_from_object(load_torch_file(path), path)
+
+
+def load_torch_file(path: str | Path, trust: bool = False) -> Any:
+    """``torch.load`` of a weights file on the CPU, with ``weights_only=True`` unless ``trust``.
+
+    A file that holds Python objects beyond tensors (a Lightning checkpoint with hyper-parameters,
+    say) is refused by the safe loader; the error says so and how to proceed."""
+    path = Path(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path} holds Python objects beyond tensors, which torch.load(weights_only=True) refuses "
+            f"({first}); if you trust the file, convert it once with python launch/convert.py --trust "
+            f"--from reference {path} --out weights.safetensors") from exc
     except Exception as exc:
         raise CheckpointError(f"{path} is not a torch weights file: {exc}") from exc
+
+
+def weights_from_object(obj: Any, path: str | Path) -> tuple[dict[str, torch.Tensor], Optional[dict[str, Any]]]:
+    """``(state_dict, model_config_dict or None)`` of a loaded torch file: dyntrain's export, a
+    checkpoint dict with a ``state_dict`` (Lightning's), or a bare state_dict."""
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         return obj["state_dict"], obj.get("model_config")
-    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj, None
     raise CheckpointError(f"{path} holds neither a state_dict nor dyntrain weights")
 
 
+def is_safetensors(path: str | Path) -> bool:
+    """Whether a file is in the safetensors format, by its content (an 8-byte little-endian header
+    length, then the JSON header), whatever its name."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < (1 << 32)
+
+
 def _weights_meta(path: Path) -> dict[str, Any]:
-    if path.suffix == ".safetensors":
+    if is_safetensors(path):
         return json.loads(_safetensors_metadata(path).get("info") or "{}")
     obj = torch.load(path, map_location="cpu", weights_only=True)
     return dict(obj.get("info") or {}) if isinstance(obj, dict) else {}

@@ -27,13 +27,13 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from dyntrain.checkpoint.weights import load_weights
 from dyntrain.config import PARAMETER_FIELDS, Config, dynet_config_from_dict
 from dyntrain.data.finetune.paired import build_finetune_loader
 from dyntrain.data.finetune.tasks import task_curriculum
 from dyntrain.data.loader import LoaderFactory
 from dyntrain.errors import DyntrainError
 from dyntrain.eval.periodic import TestSetEvaluation
+from dyntrain.interop import read_weights
 from dyntrain.logs import get_logger, setup_logging
 from dyntrain.train import run
 from dyntrain.train.curriculum import CurriculumLog, CurriculumLR
@@ -56,7 +56,7 @@ def read_init_weights(cfg: Config) -> tuple[Optional[dict[str, torch.Tensor]], O
         return None, None
     if not Path(path).exists():
         raise InitCheckpointError(f"init.checkpoint: {path} does not exist")
-    return load_weights(path)
+    return read_weights(path)  # dyntrain's own files or the authors' reference layout
 
 
 def adopt_architecture(cfg: Config, model_cfg: Optional[dict[str, Any]]) -> list[str]:
