@@ -304,3 +304,13 @@ def test_curriculum_bench_cpu(tmp_path):
     diff = {v: arms["seq_detail"]["psnr"][v]["mio_in_average"] - arms["mixed"]["psnr"][v]["mio_in_average"]
             for v in ("S", "L")}
     assert last == f"sequential_minus_mixed_db={(diff['S'] + diff['L']) / 2:.4g}"
+
+
+def test_shared_weights_bench_cpu(tmp_path):
+    result, last = run_bench("shared_weights.py", tmp_path, "--steps", "4", "--batch", "2",
+                             "--train-images", "2", "--test-images", "1")
+    arms = result["arms"]
+    assert arms["L_only"]["drawn"] == {"S": 0, "L": 4} and arms["S_only"]["drawn"] == {"S": 4, "L": 0}
+    assert arms["dynamic"]["drawn"]["S"] + arms["dynamic"]["drawn"]["L"] == 4
+    psnr = arms["L_only"]["psnr"]
+    assert last == f"l_trained_as_s_cost_db={psnr['L']['mio_in_average'] - psnr['S']['mio_in_average']:.4g}"

@@ -8,14 +8,13 @@
 """
 from dyntrain.interop.convert import (Imported, ReferenceFormatError, from_reference, infer_config,
                                       looks_like_reference, strip_prefixes, to_reference)
-from dyntrain.interop.files import (export_reference, import_reference, is_reference_file, read_reference,
-                                    read_weights, write_reference)
+from dyntrain.interop.files import export_reference, import_reference, read_reference, read_weights, write_reference
 from dyntrain.interop.names import architecture_differences, name_table, reference_name, unused_shapes
 
 
 __all__ = [
     "Imported", "ReferenceFormatError", "architecture_differences", "export_reference", "from_reference",
-    "import_reference", "infer_config", "is_reference_file", "looks_like_reference", "name_table",
+    "import_reference", "infer_config", "looks_like_reference", "name_table",
     "read_reference", "read_weights", "reference_name", "strip_prefixes", "to_reference", "unused_shapes",
     "write_reference",
 ]

@@ -18,8 +18,9 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from dyntrain.checkpoint.weights import (is_safetensors, load_torch_file, load_weights, save_weights,
-                                         weights_from_object)
+from dyntrain.checkpoint import CheckpointError
+from dyntrain.checkpoint.weights import (checkpoint_info, is_safetensors, load_torch_file, load_weights,
+                                         save_weights, weights_from_object)
 from dyntrain.config import dynet_config_from_dict
 from dyntrain.interop.convert import (Imported, ReferenceFormatError, from_reference, looks_like_reference,
                                       strip_prefixes, to_reference)
@@ -43,12 +44,6 @@ def _load(path: Path, trust: bool) -> tuple[dict[str, torch.Tensor], Optional[di
     state, model_cfg = weights_from_object(obj, path)
     facts = {k: obj[k] for k in ("global_step", "epoch") if isinstance(obj, dict) and isinstance(obj.get(k), int)}
     return state, model_cfg, facts
-
-
-def is_reference_file(path: str | Path, trust: bool = False) -> bool:
-    """Whether ``path`` holds a state_dict in the reference layout."""
-    state, model_cfg, _ = _load(Path(path), trust)
-    return model_cfg is None and looks_like_reference(strip_prefixes(state)[0])
 
 
 def read_reference(path: str | Path, trust: bool = False) -> tuple[Imported, dict[str, Any]]:
@@ -110,7 +105,11 @@ def export_reference(src: str | Path, out: str | Path, form: Optional[str] = Non
         log.warning(f"{src}: the authors' code builds another architecture ({'; '.join(differences)}); "
                     "the names are theirs but their classes cannot load these shapes")
     reference = to_reference(state, config, source=str(src))
-    write_reference(out, reference, form)
+    try:
+        step = int(checkpoint_info(src).get("step") or 0)
+    except (CheckpointError, OSError, ValueError):  # a plain state_dict file records no step
+        step = 0
+    write_reference(out, reference, form, step=step)
     return out
 
 
