@@ -42,6 +42,53 @@ DETAIL = ["sr", "blur", "noise", "jpeg", "rain", "haze", "lowlight"]
 TINY = ["model.dim=8", "model.prompt_dims=[8,8,16]", "model.prompt_sizes=[16,8,4]", "model.num_refinement=1"]
 
 
+def add_mio_args(parser) -> None:
+    """The options of a tiny-DyNet MiO comparison (this bench and bench/shared_weights.py)."""
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--crop", type=int, default=32)
+    parser.add_argument("--dim", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--preset", default="in", choices=["in", "out"])
+    parser.add_argument("--train-images", type=int, default=8)
+    parser.add_argument("--test-images", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    add_common_args(parser)
+
+
+def run_arms(args, train, names) -> tuple[dict, torch.device, int]:
+    """``train(name, args, images, test_pairs, device)`` for every arm, on clean training images and MiO
+    test pairs made from synthetic photographs; returns (results by arm, device, threads)."""
+    device = resolve_device(args.device)
+    threads = set_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_synthetic_images(tmp / "train", args.train_images, size=(96, 96), seed=args.seed)
+        write_synthetic_images(tmp / "test", args.test_images, size=(64, 64), seed=args.seed + 1000)
+        make_testsets(tmp / "test", tmp / "mio", [args.preset], DETAIL, args.seed)
+        images, _ = scan_clean([str(tmp / "train")], args.crop)
+        pairs = load_test_sets({"mio": str(tmp / "mio")})
+        return {name: train(name, args, images, pairs, device) for name in names}, device, threads
+
+
+def train_and_evaluate(model, opt, loader, variant_at, steps: int, test_pairs, device, lr_of=None) -> tuple[float, dict]:
+    """``steps`` L1 steps (the variant of each from ``variant_at``, the LR from ``lr_of`` when given),
+    then every test pair restored as S and L; returns (train seconds, results by variant)."""
+    t0 = time.perf_counter()
+    for step in range(steps):
+        if lr_of is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr_of(step)
+        batch = next(loader)
+        out = model(batch["input"], variant=variant_at(step))
+        loss = (out.clamp(0, 1) - batch["target"]).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    train_s = time.perf_counter() - t0
+    model.eval()
+    return train_s, evaluate_model(model, test_pairs, ["S", "L"], device)
+
+
 def arm(name: str, args, images, test_pairs, device) -> dict:
     """Train one arm from the common init; return its per-variant results and wall time."""
     weights = {t: 1 for t in DETAIL}
@@ -60,19 +107,7 @@ def arm(name: str, args, images, test_pairs, device) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     schedule = VariantSchedule.from_config(cfg)
     loader = SyntheticPairLoader(images, cur, args.preset, args.crop, args.batch, args.seed, 0, 1, 1, device)
-    t0 = time.perf_counter()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_of(step)
-        batch = next(loader)
-        out = model(batch["input"], variant=schedule.variant_at(step))
-        loss = (out.clamp(0, 1) - batch["target"]).abs().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    train_s = time.perf_counter() - t0
-    model.eval()
-    results = evaluate_model(model, test_pairs, ["S", "L"], device)
+    train_s, results = train_and_evaluate(model, opt, loader, schedule.variant_at, steps, test_pairs, device, lr_of)
     return {"train_s": train_s, "steps": steps, "samples": loader.stats(),
             "psnr": {v: {t: r["psnr"] for t, r in res.items()} for v, res in results.items()}}
 
@@ -81,25 +116,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--steps-per-period", type=int, default=20)
     parser.add_argument("--periods", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--crop", type=int, default=32)
-    parser.add_argument("--dim", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--preset", default="in", choices=["in", "out"])
-    parser.add_argument("--train-images", type=int, default=8)
-    parser.add_argument("--test-images", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    add_common_args(parser)
+    add_mio_args(parser)
     args = parser.parse_args(argv)
-    device = resolve_device(args.device)
-    threads = set_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        write_synthetic_images(Path(tmp, "train"), args.train_images, size=(96, 96), seed=args.seed)
-        write_synthetic_images(Path(tmp, "test"), args.test_images, size=(64, 64), seed=args.seed + 1000)
-        make_testsets(Path(tmp, "test"), Path(tmp, "mio"), [args.preset], DETAIL, args.seed)
-        pairs = load_test_sets({"mio": str(Path(tmp, "mio"))})
-        images, _ = scan_clean([str(Path(tmp, "train"))], args.crop)
-        arms = {name: arm(name, args, images, pairs, device) for name in ("mixed", "seq_detail", "seq_luminance")}
+    arms, device, threads = run_arms(args, arm, ("mixed", "seq_detail", "seq_luminance"))
     avg = f"mio_{args.preset}_average"
     rows = [f"{'arm':14s} {'var':3s} " + " ".join(f"{t:>8s}" for t in list(TABLE) + ["average"])]
     for name, res in arms.items():

@@ -19,20 +19,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 import torch
-from common import add_common_args, headline, resolve_device, set_threads, write_json
-from curriculum import DETAIL, TINY
+from common import headline, write_json
+from curriculum import DETAIL, TINY, add_mio_args, run_arms, train_and_evaluate
 
 from dyntrain.config import load_config
-from dyntrain.data.finetune.synthetic_pairs import SyntheticPairLoader, scan_clean
+from dyntrain.data.finetune.synthetic_pairs import SyntheticPairLoader
 from dyntrain.data.finetune.tasks import TaskCurriculum
-from dyntrain.data.synthetic import write_synthetic_images
-from dyntrain.eval.evaluate import evaluate_model, load_test_sets
-from dyntrain.eval.testsets import make_testsets
 from dyntrain.train.model import build_model
 from dyntrain.train.schedule import VariantSchedule
 
@@ -49,19 +43,8 @@ def train_arm(name: str, args, images, test_pairs, device) -> dict:
     schedule = VariantSchedule.from_config(cfg)
     curriculum = TaskCurriculum(args.seed, {t: 1 for t in DETAIL}, "mixed")
     loader = SyntheticPairLoader(images, curriculum, args.preset, args.crop, args.batch, args.seed, 0, 1, 1, device)
-    drawn = {"S": 0, "L": 0}
-    t0 = time.perf_counter()
-    for step in range(args.steps):
-        variant = schedule.variant_at(step)
-        drawn[variant] += 1
-        batch = next(loader)
-        loss = (model(batch["input"], variant=variant).clamp(0, 1) - batch["target"]).abs().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    train_s = time.perf_counter() - t0
-    model.eval()
-    results = evaluate_model(model, test_pairs, ["S", "L"], device)
+    drawn = {v: sum(schedule.variant_at(step) == v for step in range(args.steps)) for v in ("S", "L")}
+    train_s, results = train_and_evaluate(model, opt, loader, schedule.variant_at, args.steps, test_pairs, device)
     return {"train_s": train_s, "drawn": drawn,
             "psnr": {v: {t: r["psnr"] for t, r in res.items()} for v, res in results.items()}}
 
@@ -69,25 +52,9 @@ def train_arm(name: str, args, images, test_pairs, device) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--crop", type=int, default=32)
-    parser.add_argument("--dim", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--preset", default="in", choices=["in", "out"])
-    parser.add_argument("--train-images", type=int, default=8)
-    parser.add_argument("--test-images", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    add_common_args(parser)
+    add_mio_args(parser)
     args = parser.parse_args(argv)
-    device = resolve_device(args.device)
-    threads = set_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        write_synthetic_images(Path(tmp, "train"), args.train_images, size=(96, 96), seed=args.seed)
-        write_synthetic_images(Path(tmp, "test"), args.test_images, size=(64, 64), seed=args.seed + 1000)
-        make_testsets(Path(tmp, "test"), Path(tmp, "mio"), [args.preset], DETAIL, args.seed)
-        pairs = load_test_sets({"mio": str(Path(tmp, "mio"))})
-        images, _ = scan_clean([str(Path(tmp, "train"))], args.crop)
-        arms = {name: train_arm(name, args, images, pairs, device) for name in SCHEDULES}
+    arms, device, threads = run_arms(args, train_arm, SCHEDULES)
     avg = f"mio_{args.preset}_average"
     print(f"{'arm':8s} {'steps S/L':>10s} {'run as S':>9s} {'run as L':>9s}   (MiO {args.preset}-Dis average PSNR, dB)")
     for name, res in arms.items():
