@@ -113,7 +113,7 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Optional[di
     if path.is_dir():
         weights, model_cfg, _ = consolidated_weights(path)
         return weights, model_cfg
-    if is_safetensors(path):
+    if path.suffix == ".safetensors" or is_safetensors(path):
         tensors, meta = _read_safetensors(path)
         model_cfg = json.loads(meta["model_config"]) if meta.get("model_config") else None
         return tensors, model_cfg
@@ -160,7 +160,7 @@ def is_safetensors(path: str | Path) -> bool:
 
 
 def _weights_meta(path: Path) -> dict[str, Any]:
-    if is_safetensors(path):
+    if path.suffix == ".safetensors" or is_safetensors(path):
         return json.loads(_safetensors_metadata(path).get("info") or "{}")
     obj = torch.load(path, map_location="cpu", weights_only=True)
     return dict(obj.get("info") or {}) if isinstance(obj, dict) else {}
