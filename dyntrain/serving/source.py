@@ -51,9 +51,10 @@ def fetch_model(uri: str, tracking_uri: str) -> FetchedModel:
 
     dst = tempfile.mkdtemp(prefix="dyntrain-model-")
     atexit.register(shutil.rmtree, dst, True)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)  # models:/ URIs are resolved by the registry
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst,
-                                                         tracking_uri=tracking_uri))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst))
         pyfunc = Model.load(str(local)).flavors.get("python_function", {})
     except mlflow.exceptions.MlflowException as exc:
         raise ModelSourceError(f"--model {uri} at {tracking_uri}: {exc.message}") from None
