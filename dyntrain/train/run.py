@@ -13,9 +13,10 @@ callbacks (validation, fine-tuning evaluation, the curriculum's log ...), the mo
 fine-tuning's initial weights), the LR scheduler (e.g. the curriculum's restarts) and the run's
 tags (``dyntrain.stage``), and ``end_hooks``: called on every rank with a ``RunEnd`` once the last
 step and its checkpoint are done and before the MLflow run is ended (the job's model logging:
-``dyntrain.serving``); not after a run stopped early to be resumed. Two more extension points serve tests and debugging: ``schedule_hook``
-(may replace the variant schedule of a rank) and ``trace_dir`` (``Trainer.enable_trace``), plus
-``checkpoint_factory`` (e.g. a manager with a ``before_commit`` callback).
+``dyntrain.serving``); not after a run stopped early to be resumed. Two more extension points
+serve tests and debugging: ``schedule_hook`` (may replace the variant schedule of a rank) and
+``trace_dir`` (``Trainer.enable_trace``), plus ``checkpoint_factory`` (e.g. a manager with a
+``before_commit`` callback).
 """
 from __future__ import annotations
 
