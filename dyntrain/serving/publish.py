@@ -151,9 +151,9 @@ def log_checkpoint_model(tracking_uri: str, run_id: str, checkpoint_dir: str | P
         if router.is_file():
             artifacts[ROUTER] = str(router)
         tags["dyntrain.router"] = str(router.is_file()).lower()
-        info_ = Model.log(artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id,
+        model_info = Model.log(artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id,
                           python_model=DyNetModel(), artifacts=artifacts, signature=signature(variant),
                           input_example=example_table(), pip_requirements=pinned_requirements(),
                           registered_model_name=register_as, tags=tags, step=int(info.get("step") or 0))
-    version = getattr(info_, "registered_model_version", None)
-    return LoggedModel(info_.model_uri, register_as, None if version is None else str(version), reference, tags)
+    version = getattr(model_info, "registered_model_version", None)
+    return LoggedModel(model_info.model_uri, register_as, None if version is None else str(version), reference, tags)
