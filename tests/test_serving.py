@@ -55,6 +55,17 @@ def _run(cmd, cwd: Path, timeout: float = 600, env=None, check: bool = True) -> 
     return proc
 
 
+def _cli(script: str):
+    """``launch/<script>.py``'s ``main``, to run in this process (the same code as the command,
+    without an interpreter start-up per call)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"launch_{script}", ROOT / f"launch/{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
 def _b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
 
@@ -101,34 +112,29 @@ def finetuned(work, mlflow_server) -> dict:
 @pytest.fixture(scope="module")
 def restored(work, finetuned) -> dict[str, dict[str, np.ndarray]]:
     """What ``launch/restore.py --checkpoint`` writes to a .png for each input, with S and with L
-    (its ``main`` run in this process, without four interpreter start-ups). One torch thread, as
+    (its ``main`` run in this process). One torch thread, as
     the tests' ``load_model`` has (conftest): on the CPU, bit-for-bit equality holds at equal thread
     counts (a module fixture runs before the per-test fixture that sets it, so it is set here)."""
-    import importlib.util
-
     import torch
 
-    spec = importlib.util.spec_from_file_location("restore_cli", ROOT / "launch/restore.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     out: dict[str, dict[str, np.ndarray]] = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _restore_all(cli, work, out)
+        _restore_all(_cli("restore"), work, out)
     finally:
         torch.set_num_threads(threads)
     return out
 
 
-def _restore_all(cli, work: Path, out: dict) -> None:
+def _restore_all(restore_main, work: Path, out: dict) -> None:
     from PIL import Image
 
     for variant in ("S", "L"):
         out[variant] = {}
         for src in sorted((work / "inputs").iterdir()):
             dst = work / "restored" / variant / f"{src.stem}.png"
-            assert cli.main(["--checkpoint", str(work / CKPT), "--variant", variant, "--device", "cpu",
+            assert restore_main(["--checkpoint", str(work / CKPT), "--variant", variant, "--device", "cpu",
                              str(src), str(dst)]) == 0
             out[variant][src.name] = np.asarray(Image.open(dst))
 
@@ -174,24 +180,23 @@ def test_load_model_restores_bit_for_bit_as_restore_py(work, finetuned, restored
     assert all(np.array_equal(_png(t), restored["L"][n]) for n, t in zip(names, by_run["image"]))
 
 
-def test_promote_then_restore_by_alias(work, finetuned, restored, mlflow_server):
+def test_promote_then_restore_by_alias(work, finetuned, restored, mlflow_server, capsys, monkeypatch):
     from mlflow.tracking import MlflowClient
-
-    uri, run_id = mlflow_server.uri, finetuned["run"].info.run_id
-    proc = _run([sys.executable, ROOT / "launch/compare.py", "--tracking-uri", uri, "--promote", run_id,
-                 "--alias", "production"], work)
-    assert f"{NAME}@production -> version {finetuned['version'].version}" in proc.stdout
-    assert MlflowClient(uri).get_model_version_by_alias(NAME, "production").run_id == run_id
     from PIL import Image
 
-    _run([sys.executable, ROOT / "launch/restore.py", "--model", f"models:/{NAME}@production",
-          "--tracking-uri", uri, "--variant", "S", "inputs/hazy.jpg", "by_alias.png"], work)
+    monkeypatch.chdir(work)
+    uri, run_id = mlflow_server.uri, finetuned["run"].info.run_id
+    assert _cli("compare")(["--tracking-uri", uri, "--promote", run_id, "--alias", "production"]) == 0
+    assert f"{NAME}@production -> version {finetuned['version'].version}" in capsys.readouterr().out
+    client = MlflowClient(uri)
+    assert client.get_model_version_by_alias(NAME, "production").run_id == run_id
+    assert _cli("restore")(["--model", f"models:/{NAME}@production", "--tracking-uri", uri, "--variant", "S",
+                            "--device", "cpu", "inputs/hazy.jpg", "by_alias.png"]) == 0
     assert np.array_equal(np.asarray(Image.open(work / "by_alias.png")), restored["S"]["hazy.jpg"])
     # evaluate.py --model: the metrics go to a child of the run the model came from
-    _run([sys.executable, ROOT / "launch/evaluate.py", "--model", f"models:/{NAME}@production", "--variant", "S",
-          "--child", "--config", ROOT / "configs/finetune_quickstart.yaml", f"tracking.uri={uri}",
-          "eval.max_images=1"], work)
-    client = MlflowClient(uri)
+    assert _cli("evaluate")(["--model", f"models:/{NAME}@production", "--variant", "S", "--child", "--device",
+                             "cpu", "--config", str(ROOT / "configs/finetune_quickstart.yaml"),
+                             f"tracking.uri={uri}", "eval.max_images=1"]) == 0
     (child,) = client.search_runs([finetuned["run"].info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
     assert "eval/S/average/psnr" in child.data.metrics
