@@ -323,3 +323,37 @@ def test_a_model_over_the_size_limit_is_logged_as_a_reference_to_its_checkpoint(
     model = mlflow.pyfunc.load_model(logged.model_uri)
     out = model.predict(pd.DataFrame({"image": [_b64(work / "inputs/odd.png")]}), params={"variant": "S"})
     assert np.array_equal(_png(out["image"][0]), restored["S"]["odd.png"])
+
+
+def test_a_router_beside_the_checkpoint_is_logged_and_serves_variant_auto(work, finetuned, mlflow_server):
+    """variant=auto: the router in the logged model chooses as ``restore.py --variant auto`` does."""
+    import shutil
+
+    import mlflow
+    import pandas as pd
+    import torch
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from dynet.router import RouterConfig, VariantRouter
+    from dyntrain.restore import load_model
+    from dyntrain.routing.router import save_router
+    from dyntrain.serving.publish import log_checkpoint_model
+
+    routed = work / "routed_ckpt"
+    shutil.copytree(work / CKPT, routed, dirs_exist_ok=True)
+    model = load_model(routed)
+    torch.manual_seed(0)
+    save_router(routed / "router.pt", VariantRouter(RouterConfig(variants=model.variants)), model)
+    run_id = MlflowClient(mlflow_server.uri).create_run(finetuned["run"].info.experiment_id,
+                                                        run_name="routed").info.run_id
+    logged = log_checkpoint_model(mlflow_server.uri, run_id, routed)
+    assert logged.tags["dyntrain.router"] == "true"
+    assert _cli("restore")(["--checkpoint", str(routed), "--variant", "auto", "--device", "cpu",
+                            str(work / "inputs/odd.png"), str(work / "auto.png")]) == 0
+    out = mlflow.pyfunc.load_model(logged.model_uri).predict(
+        pd.DataFrame({"image": [_b64(work / "inputs/odd.png")]}), params={"variant": "auto"})
+    assert np.array_equal(_png(out["image"][0]), np.asarray(Image.open(work / "auto.png")))
+    with pytest.raises(Exception, match="needs a router"):  # the fine-tuning run's model has none
+        mlflow.pyfunc.load_model(f"runs:/{finetuned['run'].info.run_id}/model").predict(
+            pd.DataFrame({"image": [_b64(work / "inputs/odd.png")]}), params={"variant": "auto"})
