@@ -5,9 +5,14 @@ PSNR/SSIM per variant and task. Prints the tables, writes a PNG and logs both to
                              [--out runs/comparison.png] [--log-experiment dynet-comparison] [--no-log]
     python launch/compare.py --iso-quality --experiment NAME [--runs DYN_ID S_ID L_ID] [--out X.png]
                              [--x gpu_hours|pflop]
+    python launch/compare.py --promote RUN_ID --alias production [--name NAME]
 
 --iso-quality: the GPU-hour saving at equal validation quality of a dynamic run against its
 fixed-variant baselines (dyntrain.eval.iso_quality): table, plot, and metrics logged to the dynamic run.
+
+--promote: after a comparison, point a Model Registry alias (@candidate, @production ...) at the
+registered version of that run's model (registering it as --name first when it was logged but not
+registered); refused, naming the run, when the run's model was never logged.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from dyntrain.analysis.plot import plot  # noqa: E402
 from dyntrain.config import load_config  # noqa: E402
 from dyntrain.errors import cli_main  # noqa: E402
 from dyntrain.logs import setup_logging  # noqa: E402
+from dyntrain.tracking.store import promote_run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,11 +51,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--x", choices=("gpu_hours", "pflop"), default="gpu_hours",
                         help="iso-quality cost axis: GPU hours (wall time, the default) or PFLOP of "
                              "training work (independent of the machine's speed and load)")
+    parser.add_argument("--promote", default=None, metavar="RUN_ID",
+                        help="point --alias at the registered version of this run's model")
+    parser.add_argument("--alias", default=None, help="--promote: the alias (candidate, production ...)")
+    parser.add_argument("--name", default=None, help="--promote: the registered model's name")
     args = parser.parse_args(argv)
     setup_logging()
 
     uri = (args.tracking_uri or (load_config(args.config).tracking.uri if args.config else None)
            or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+    if args.promote:
+        if not args.alias:
+            parser.error("--promote needs --alias (e.g. --alias production)")
+        name, version = promote_run(uri, args.promote, args.alias, args.name)
+        print(f"{name}@{args.alias} -> version {version} (run {args.promote})")
+        return 0
     if args.iso_quality or args.runs:
         out = Path(args.out if args.out != parser.get_default("out") else "runs/iso_quality.png")
         try:

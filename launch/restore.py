@@ -1,14 +1,18 @@
 """Restore your own images with DyNet-S or DyNet-L from one weights file.
 
     python launch/restore.py --checkpoint PATH --variant S|L INPUT OUTPUT
+    python launch/restore.py --model models:/NAME@ALIAS [--tracking-uri URI] --variant S|L|auto INPUT OUTPUT
     python launch/restore.py --checkpoint PATH --variant auto [--tolerance-db 0.05] [--router FILE] INPUT OUTPUT
         [--tile N | --max-memory-mb MB] [--overlap 32] [--gray-world] [--device auto|cpu|cuda]
 
 INPUT/OUTPUT: an image file and an output file (.png/.jpg), or a folder and an output folder.
+--model takes the weights (and router) of a model logged in MLflow (models:/NAME@ALIAS,
+models:/NAME/VERSION, runs:/RUN_ID/model) where --checkpoint takes a file or folder.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -25,7 +29,12 @@ log = get_logger("restore")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder or exported weights file")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint folder or exported weights file")
+    source.add_argument("--model", help="a model logged in MLflow: models:/NAME@ALIAS, models:/NAME/VERSION, "
+                        "runs:/RUN_ID/model")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="--model: MLflow URI (default: $MLFLOW_TRACKING_URI, sqlite:///mlflow.db)")
     parser.add_argument("--variant", default="L", help="family member to run (S, L, ...), or auto: the "
                         "router trained by launch/train_router.py chooses per image; default L")
     parser.add_argument("--tolerance-db", type=float, default=0.05, help="auto: the cheapest variant "
@@ -47,14 +56,23 @@ def main(argv: list[str] | None = None) -> int:
 
     device = choose_device(args.device)
     cfg = load_config(args.config) if args.config else None
-    model = load_model(args.checkpoint, device, cfg)
+    weights, router = args.checkpoint, args.router
+    if args.model:
+        # lazy: mlflow is imported only when a model is fetched from it
+        from dyntrain.serving.source import fetch_model
+
+        fetched = fetch_model(args.model, args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                              or "sqlite:///mlflow.db")
+        weights, router = str(fetched.weights), args.router or (str(fetched.router) if fetched.router else None)
+    model = load_model(weights, device, cfg)
     options = RestoreOptions(variant=args.variant, tile=args.tile, overlap=args.overlap,
                              max_memory_mb=args.max_memory_mb, gray_world=args.gray_world)
     if args.variant == "auto":
+        # lazy: routing only for --variant auto
         from dyntrain.routing.router import RouterError, load_routing
         from dyntrain.routing.evaluate import restore_paths_routed
         try:
-            routing = load_routing(args.checkpoint, model, args.router, args.tolerance_db)
+            routing = load_routing(weights, model, router, args.tolerance_db)
         except RouterError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -42,6 +42,7 @@ LAYERS = {
     "dyntrain.eval": 4,
     "dyntrain.routing": 5,
     "dyntrain.analysis": 5,
+    "dyntrain.serving": 5.5,  # the MLflow Model: restores (3), routes (5); the jobs log it
     "dyntrain.jobs": 6,
 }
 UTILITIES = {"dyntrain.errors", "dyntrain.logs", "dyntrain.progress", "dyntrain.images", "dyntrain.seeds",

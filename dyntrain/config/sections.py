@@ -176,6 +176,11 @@ class TrackingConfig:
     retry_max_s: longest wait between two attempts to reach the store during an outage.
     request_timeout_s, request_retries: MLflow's HTTP time-out and retries per request (set as
         MLFLOW_HTTP_REQUEST_TIMEOUT / MLFLOW_HTTP_REQUEST_MAX_RETRIES unless those are set already).
+    log_model: at the end of a run, rank 0 logs the consolidated weights as an MLflow Model
+        (``pyfunc``, ``dyntrain.serving``); "auto" = for a fine-tuning run, not for pre-training.
+    register_as: registered-model name the logged model becomes a new version of (None = not registered).
+    model_max_mb: a model whose weights are larger is logged as a reference to its checkpoint
+        instead of a copy (the model then loads only where the checkpoint is reachable).
     """
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "dynet-pretrain"
@@ -188,9 +193,15 @@ class TrackingConfig:
     retry_max_s: float = 30.0
     request_timeout_s: int = 10
     request_retries: int = 0
+    log_model: Union[bool, Literal["auto"]] = "auto"
+    register_as: Optional[str] = None
+    model_max_mb: float = 2048.0
 
     def __post_init__(self) -> None:
-        for key in ("system_metrics_interval_s", "buffer_records", "retry_max_s", "request_timeout_s"):
+        if self.register_as is not None and not str(self.register_as).strip():
+            raise ConfigError("tracking.register_as: a registered-model name, or null")
+        for key in ("system_metrics_interval_s", "buffer_records", "retry_max_s", "request_timeout_s",
+                    "model_max_mb"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"tracking.{key}: must be positive, got {getattr(self, key)}")
         for key in ("flush_timeout_s", "request_retries"):

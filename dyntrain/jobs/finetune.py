@@ -18,7 +18,9 @@ the task curriculum's log and LR restarts when the source draws tasks by a curri
 evaluation (``dyntrain.eval.periodic.TestSetEvaluation``): rank 0 evaluates every variant of
 ``eval.variants`` every ``eval.every`` steps and at the last step, and logs
 ``eval/<variant>/<task>/psnr|ssim`` into the fine-tuning run (test sets are read once, at start-up,
-so a wrong folder fails before training starts).
+so a wrong folder fails before training starts). At the end, rank 0 logs the model into the run as
+an MLflow Model and registers it with ``tracking.register_as`` (``dyntrain.serving.hook``;
+``tracking.log_model: false`` turns it off).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from dyntrain.errors import DyntrainError
 from dyntrain.eval.periodic import TestSetEvaluation
 from dyntrain.interop import read_weights
 from dyntrain.logs import get_logger, setup_logging
+from dyntrain.serving.hook import model_logging
 from dyntrain.train import run
 from dyntrain.train.curriculum import CurriculumLog, CurriculumLR
 from dyntrain.train.model import build_model
@@ -125,7 +128,8 @@ def run_finetune(cfg: Config, loader_factory: Optional[LoaderFactory] = None, **
         log.info(f"model architecture taken from init.checkpoint ({'; '.join(changed)})")
     callbacks, lr_scheduler = finetune_callbacks(cfg)
     callbacks += list(extension.pop("callbacks", ()))
+    end_hooks = model_logging(cfg, default=True) + list(extension.pop("end_hooks", ()))
     tags = {"dyntrain.stage": "finetune", "init_checkpoint": str(cfg.init.checkpoint or "none (from scratch)")}
     return run.run_training(cfg, loader_factory or build_finetune_loader, callbacks=callbacks, tags=tags,
                             model_builder=make_model_builder(cfg, state), lr_scheduler=lr_scheduler,
-                            **extension)
+                            end_hooks=end_hooks, **extension)

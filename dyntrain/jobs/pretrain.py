@@ -5,6 +5,8 @@
                 (``dyntrain.eval.validation``), and the cost-aware draw subscribed to it when
                 ``schedule.variant_probs: cost_aware`` (it needs validation's figures, so it follows
                 validation explicitly rather than by its place in a list)
+    end hooks   the model logged into the run as an MLflow Model when ``tracking.log_model: true``
+                (``dyntrain.serving.hook``; off by default for pre-training)
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dyntrain.data.loader import LoaderFactory
 from dyntrain.data.pretrain.pipeline import build_pretrain_loader
 from dyntrain.errors import ConfigError
 from dyntrain.eval.validation import Validation
+from dyntrain.serving.hook import model_logging
 from dyntrain.train import run
 from dyntrain.train.callbacks import Callback
 from dyntrain.train.schedule import CostAwareUpdater
@@ -37,5 +40,6 @@ def run_pretrain(cfg: Config, loader_factory: Optional[LoaderFactory] = None, **
     ``extension``: ``run_training``'s test and debugging hooks (``schedule_hook``, ``trace_dir``,
     ``checkpoint_factory``; ``callbacks`` run before the job's own)."""
     callbacks = list(extension.pop("callbacks", ())) + pretrain_callbacks(cfg)
+    end_hooks = model_logging(cfg, default=False) + list(extension.pop("end_hooks", ()))
     return run.run_training(cfg, loader_factory or build_pretrain_loader, callbacks=callbacks,
-                            tags={"dyntrain.stage": "pretrain"}, **extension)
+                            tags={"dyntrain.stage": "pretrain"}, end_hooks=end_hooks, **extension)

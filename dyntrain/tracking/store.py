@@ -1,5 +1,6 @@
 """The read side of MLflow (and the small writes done outside a training run): finding experiments
-and runs, metric histories, and logging evaluation, comparison and router runs.
+and runs, metric histories, logging evaluation, comparison and router runs, and the Model Registry's
+aliases (``promote_run``).
 
 Training runs log through ``mlflow_tracker`` + ``sender``; everything else that talks to MLflow's
 client API (``dyntrain.analysis.compare``, ``dyntrain.eval.evaluate``, ``dyntrain.routing.train``)
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from dyntrain.errors import DyntrainError
 from dyntrain.tracking.mlflow_tracker import experiment_id_for
 
 
@@ -193,3 +195,48 @@ def log_comparison_run(tracking_uri: str, experiment: str, png: str | Path, text
     client.set_terminated(run_id, "FINISHED")
     mlflow.set_tracking_uri(tracking_uri)
     return run_id
+
+
+# ------------------------------------------------------------------------------ registry
+class PromotionError(DyntrainError, ValueError):
+    """A run that cannot be promoted: no such run, or its model was never logged or registered."""
+
+
+def run_model_versions(where: Any, run_id: str) -> list:
+    """The registered model versions made from run ``run_id``'s model, newest first."""
+    versions = _client(where).search_model_versions(f"run_id = '{run_id}'")
+    return sorted(versions, key=lambda v: int(v.creation_timestamp or 0), reverse=True)
+
+
+def promote_run(tracking_uri: str, run_id: str, alias: str, name: Optional[str] = None) -> tuple[str, str]:
+    """Point alias ``alias`` of the registered model at the version made from run ``run_id``'s model;
+    returns (name, version). A model logged but not registered is registered as ``name`` first.
+    PromotionError naming the run when it does not exist, its model was never logged, or it is
+    ambiguous (versions under several names and no ``name``)."""
+    # lazy: mlflow is needed only where tracking is on (the GPU image has none)
+    import mlflow
+
+    client = open_client(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException as exc:
+        raise PromotionError(f"run {run_id} not found at {tracking_uri}: {exc.message}") from None
+    label = f"run {run_id} ({run.info.run_name})"
+    versions = [v for v in run_model_versions(client, run_id) if name is None or v.name == name]
+    if not versions:
+        outputs = run.outputs.model_outputs if run.outputs is not None else []
+        if not outputs:
+            raise PromotionError(f"{label} has no logged model (tracking.log_model was off, or logging "
+                                 "failed: see the run's log); nothing to promote")
+        if name is None:
+            raise PromotionError(f"{label} has a logged model that is not registered; give --name to "
+                                 "register it under that name")
+        mlflow.set_tracking_uri(tracking_uri)
+        version = mlflow.register_model(f"models:/{outputs[-1].model_id}", name)
+        versions = [client.get_model_version(name, version.version)]
+    names = sorted({v.name for v in versions})
+    if len(names) > 1:
+        raise PromotionError(f"{label}'s model is registered as {names}; give --name to choose one")
+    chosen = versions[0]
+    client.set_registered_model_alias(chosen.name, alias, chosen.version)
+    return chosen.name, str(chosen.version)

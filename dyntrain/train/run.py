@@ -11,15 +11,19 @@ on request, to be resumed) or FAILED (any exception, re-raised).
 Nothing here asks which kind of job it runs: the entry point hands over the loader factory, the
 callbacks (validation, fine-tuning evaluation, the curriculum's log ...), the model builder (e.g.
 fine-tuning's initial weights), the LR scheduler (e.g. the curriculum's restarts) and the run's
-tags (``dyntrain.stage``). Two more extension points serve tests and debugging: ``schedule_hook``
-(may replace the variant schedule of a rank) and ``trace_dir`` (``Trainer.enable_trace``), plus
-``checkpoint_factory`` (e.g. a manager with a ``before_commit`` callback).
+tags (``dyntrain.stage``), and ``end_hooks``: called on every rank with a ``RunEnd`` once the last
+step and its checkpoint are done and before the MLflow run is ended (the job's model logging:
+``dyntrain.serving``); not after a run stopped early to be resumed. Two more extension points
+serve tests and debugging: ``schedule_hook`` (may replace the variant schedule of a rank) and
+``trace_dir`` (``Trainer.enable_trace``), plus ``checkpoint_factory`` (e.g. a manager with a
+``before_commit`` callback).
 """
 from __future__ import annotations
 
 import json
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -42,6 +46,21 @@ from dyntrain.train.trainer import Trainer, TrainResult
 ScheduleHook = Callable[[VariantSchedule, int], VariantSchedule]
 
 
+@dataclass(frozen=True)
+class RunEnd:
+    """What an end hook sees: the config, this rank, the result, the MLflow run (None without one)
+    and the run's tags (variants, recipe, stage ...)."""
+    cfg: Config
+    rank: int
+    world_size: int
+    result: TrainResult
+    run_id: Optional[str]
+    tags: Mapping[str, str]
+
+
+EndHook = Callable[[RunEnd], None]
+
+
 def default_checkpoint_manager(cfg: Config, engine, rank: int, world_size: int) -> Optional[CheckpointManager]:
     """``dyntrain.checkpoint.CheckpointManager`` when ``checkpoint.dir`` is set, else None."""
     if not cfg.checkpoint.dir:
@@ -55,7 +74,8 @@ def run_training(cfg: Config, loader_factory: LoaderFactory, *, callbacks: Seque
                  lr_scheduler: Optional[Callable[[Any], Any]] = None,
                  checkpoint_factory=default_checkpoint_manager,
                  schedule_hook: Optional[ScheduleHook] = None,
-                 trace_dir: Optional[str | Path] = None) -> TrainResult:
+                 trace_dir: Optional[str | Path] = None,
+                 end_hooks: Sequence[EndHook] = ()) -> TrainResult:
     """Train ``cfg`` end to end on this rank; returns the trainer's result.
 
     Args:
@@ -68,6 +88,7 @@ def run_training(cfg: Config, loader_factory: LoaderFactory, *, callbacks: Seque
         schedule_hook: ``(schedule, rank) -> schedule`` used by this rank instead (default: the
             config's ``VariantSchedule`` unchanged).
         trace_dir: every rank writes its step trace there (``Trainer.enable_trace``).
+        end_hooks: ``RunEnd -> None``, called in order after a run that reached ``run.max_steps``.
     """
     t_start = time.perf_counter()
     setup_logging()  # the launcher's RANK until the process group exists
@@ -102,8 +123,8 @@ def run_training(cfg: Config, loader_factory: LoaderFactory, *, callbacks: Seque
             trainer.restore(*resume)
         if trace_dir is not None:
             trainer.enable_trace(trace_dir)
-        _describe_run(tracker, cfg, ds_config, schedule, info, dict(tags or {}),
-                      resume[0] if resume else None, step=trainer.step)
+        run_tags = _describe_run(tracker, cfg, ds_config, schedule, info, dict(tags or {}),
+                                 resume[0] if resume else None, step=trainer.step)
         trainer.start_callbacks()
         trainer.account.add_startup(time.perf_counter() - t_start)
         previous = _install_signal_handlers(trainer)
@@ -111,6 +132,10 @@ def run_training(cfg: Config, loader_factory: LoaderFactory, *, callbacks: Seque
             result = trainer.train()
         finally:
             _restore_signal_handlers(previous)
+        if not result.stopped_early:
+            end = RunEnd(cfg, rank, world, result, tracker.run_id, run_tags)
+            for hook in end_hooks:
+                hook(end)
         status = "KILLED" if result.stopped_early else "FINISHED"
         return result
     except KeyboardInterrupt:
@@ -125,8 +150,8 @@ def run_training(cfg: Config, loader_factory: LoaderFactory, *, callbacks: Seque
 
 
 def _describe_run(tracker, cfg: Config, ds_config: dict, schedule: VariantSchedule, info, tags: dict,
-                  resumed_from: Optional[str], step: int) -> None:
-    """Params, tags and artifacts of the MLflow run (rank 0; no-ops on a NullTracker)."""
+                  resumed_from: Optional[str], step: int) -> dict[str, str]:
+    """Params, tags and artifacts of the MLflow run (rank 0; no-ops on a NullTracker); returns the tags."""
     variants = schedule.active
     schedule_mode = f"fixed:{schedule.fixed_variant}" if schedule.mode == "fixed" else schedule.mode
     tags = {
@@ -155,6 +180,7 @@ def _describe_run(tracker, cfg: Config, ds_config: dict, schedule: VariantSchedu
         tracker.log_text(cfg.to_yaml(), "config.yaml")
     tracker.log_text(json.dumps(ds_config, indent=2, default=str), "deepspeed_config.json")
     tracker.set_tags(tags)
+    return tags
 
 
 def _install_signal_handlers(trainer: Trainer) -> dict:
