@@ -116,20 +116,31 @@ def run_chaos(args, services: Services, faults: list[dict]) -> int:
     last = None               # the fault blamed for the next exit
     mounts: list[Path] = []
     while True:
-        fault_step = None
-        nxt = pending[0] if pending else None
-        if nxt is not None and nxt["kind"] == "ckpt_kill":
-            fault_step = -(-nxt["at_step"] // EVERY) * EVERY
+        # the hook that kills every rank inside the save of the first checkpoint at or after the
+        # first pending ckpt_kill (armed in every segment until that fault has happened)
+        armed = next((f for f in pending if f["kind"] == "ckpt_kill"), None)
+        fault_step = None if armed is None else -(-armed["at_step"] // EVERY) * EVERY
         job = Job(args, services, "chaos", segment, ranks, fault_step)
         deadline = time.monotonic() + args.segment_timeout
-        while job.proc.poll() is None and time.monotonic() < deadline:
-            if pending and job.step() >= pending[0]["at_step"]:
-                f = pending.pop(0)
-                last = inject(f, job, services, args, mounts)
-                if f["kind"] == "resume_1rank":
-                    ranks = 1
-            time.sleep(0.2)
-        rc = job.wait(5)
+        try:
+            while job.proc.poll() is None and time.monotonic() < deadline:
+                if pending and job.step() >= pending[0]["at_step"]:
+                    f = pending.pop(0)
+                    last = inject(f, job, services, args, mounts)
+                    if f["kind"] == "resume_1rank":
+                        ranks = 1
+                time.sleep(0.2)
+            rc = job.wait(5)
+        finally:
+            if job.proc.poll() is None:
+                os.killpg(job.proc.pid, signal.SIGKILL)
+                job.proc.wait()
+        if armed is not None and "[rank_entry] killing rank" in job.log.read_text(errors="replace"):
+            armed["fired_at_save"] = fault_step
+            if armed in pending:     # killed in the save before the supervisor saw the step
+                pending.remove(armed)
+                print(f"chaos: step {fault_step}: ckpt_kill", flush=True)
+            last = armed
         for m in mounts:
             subprocess.run(["umount", str(m)], check=False)
         mounts.clear()
@@ -192,6 +203,7 @@ def main() -> None:
     args.steps = args.steps or max(40, 8 * args.faults)
     if args.faults > args.steps - 2 * EVERY - 1:
         raise SystemExit(f"--steps {args.steps} leaves no room for {args.faults} faults")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the services and the job on the way out
     t0 = time.time()
     kinds = tuple(k for k in args.kinds.split(",") if k)
     unknown = set(kinds) - set(KINDS)
