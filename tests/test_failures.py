@@ -216,9 +216,9 @@ def _upload(folder: Path, bucket: str, endpoint: str) -> None:
 
 @pytest.mark.slow
 def test_s3_outage_mid_run_then_exact_resume(tmp_path, shards):
-    """The S3 server stops after step 3: the run ends within a bound with one error naming the
-    shard URL, the newest checkpoint is intact, and with the server back (a new moto, the same
-    shards) the restart resumes to the same weights as an uninterrupted run."""
+    """The S3 server stops after step 3 and stays down: past ``data.io_retry_s`` (5 s here) of
+    retries the run ends with one error naming the shard URL, the newest checkpoint is intact, and
+    with the server back (a new moto, the same shards) the restart resumes to the same weights as an uninterrupted run."""
     bucket, steps = "dyntrain-outage", 10
     urls = f"s3://{bucket}/pre/*.tar"
     server, endpoint = start_moto()
@@ -230,7 +230,7 @@ def test_s3_outage_mid_run_then_exact_resume(tmp_path, shards):
         def run(name: str, *entry: str, env=env) -> subprocess.Popen:
             cmd = [PY, ENTRY, "--cli", "--trace", str(tmp_path / "trace" / name), *entry, PRETRAIN,
                    "--config", QUICKSTART, *_overrides(tmp_path, urls, tmp_path / name,
-                                                       **{"run.max_steps": steps})]
+                                                       **{"run.max_steps": steps, "data.io_retry_s": 5})]
             runs.append(name)
             return _start(cmd, tmp_path / f"{name}-{len(runs)}.log", env, tmp_path)
 
@@ -256,6 +256,7 @@ def test_s3_outage_mid_run_then_exact_resume(tmp_path, shards):
     lines = _errors(err)
     assert faulted.returncode == 2 and len(lines) == 1, err[-3000:]
     assert f"s3://{bucket}/pre/shard-" in lines[0] and "Traceback" not in err
+    assert "still failing after" in lines[0] and "data.io_retry_s=5" in lines[0], lines[0]
     assert failed_after < 120, failed_after
     newest = ck.newest_complete(tmp_path / "outage")
     assert newest is not None and newest.step >= 2 and ck.verify_files(newest) is None

@@ -142,3 +142,63 @@ def test_pack_to_s3_and_stream_pairs_from_s3(packed, s3_bucket):
     assert not keys[0] & keys[1]  # each rank streams its own share
     with pytest.raises(PairedDataError, match="paired-missing"):
         build_finetune_loader(_cfg(f"{s3_bucket}/paired-missing"), 0, 1, "cpu")
+
+
+def _corrupt(shard_dir: Path, key: str, component: str) -> None:
+    """Overwrite the middle of one image of ``key`` inside its shard with garbage of the same length
+    (the tar and its index stay valid: only the image no longer decodes)."""
+    from dyntrain.data.shards.wds import parse_index
+
+    for idx in shard_dir.glob("*.idx"):
+        comps = parse_index(idx.read_text()).get(key)
+        if comps:
+            off, size = comps[component]
+            tar = idx.with_suffix(".tar")
+            data = bytearray(tar.read_bytes())
+            data[off + 40: off + size - 20] = (b"\x00garbage" * size)[: size - 60]
+            tar.write_bytes(bytes(data))
+            return
+    raise KeyError(key)
+
+
+def test_corrupt_pair_is_skipped_counted_named_and_resumes_exactly(packed, tmp_path):
+    """A pair whose target no longer decodes (damaged after packing): the batch is replayed without
+    it, its slot holds a copy of a good pair, it is counted and named; every other batch is what the
+    undamaged shards give, and a resume just before a recovered batch replays it exactly."""
+    import shutil
+
+    from helpers import same_batch
+
+    _, shards, _ = packed
+    damaged = tmp_path / "shards"
+    shutil.copytree(shards, damaged)
+    _corrupt(damaged, "derain_0000001", "target.png")
+    extra = ("data.tasks={denoise: 0, derain: 1, dehaze: 0}", "data.micro_batch_size=2")
+    cfg = _cfg(damaged, *extra)
+    loader = build_finetune_loader(cfg, 0, 1, "cpu")
+    states, batches = [], []
+    for _ in range(6):  # 12 samples: the 5 derain pairs twice and a bit, so the bad one comes twice
+        states.append(loader.state_dict())
+        batches.append(next(loader))
+    stats = loader.stats()
+    loader.close()
+    assert stats["corrupt_skipped"] == 2 and stats["corrupt_keys"] == ["derain/rain-1"] * 2, stats
+    assert all("derain/rain-1" not in b["keys"] for b in batches)
+    recovered = [i for i, b in enumerate(batches) if len(set(b["keys"])) < 2]
+    assert len(recovered) == 2, [b["keys"] for b in batches]
+    for b in batches:
+        for i, key in enumerate(b["keys"]):  # a copied slot is still a consistent pair
+            x, y = (b["input"][i] * 255).round(), (b["target"][i] * 255).round()
+            assert torch.equal(x, torch.div(y, 2, rounding_mode="floor") + 7), key
+    clean = build_finetune_loader(_cfg(shards, *extra), 0, 1, "cpu")
+    for i in range(6):
+        want = next(clean)
+        if i not in recovered:
+            same_batch(batches[i], want)
+    clean.close()
+    resumed = build_finetune_loader(cfg, 0, 1, "cpu")
+    resumed.load_state_dict(states[recovered[0]])
+    for want in batches[recovered[0]:]:
+        same_batch(next(resumed), want)
+    assert resumed.stats()["corrupt_skipped"] == 2
+    resumed.close()

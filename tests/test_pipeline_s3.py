@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from conftest import start_moto, stop
-from dyntrain.data.storage import s3
+from dyntrain.data.storage import retry, s3
 from dyntrain.data.pretrain.degrade import DegradeSpec
 from dyntrain.data.pretrain.pipeline import DaliPretrainLoader
 from dyntrain.data.storage.s3 import DataSourceError
@@ -164,11 +164,20 @@ def test_clear_errors(s3_shards, monkeypatch, tmp_path):
         expand_urls([f"{bucket}/pre/*.tgz"])
     with pytest.raises(DataSourceError, match="s3://no-such-bucket-x/a.tar.*bucket does not exist"):
         expand_urls(["s3://no-such-bucket-x/a.tar"])
-    # an endpoint nobody listens on
+    # an endpoint nobody listens on: retried for data.io_retry_s, then one error naming the URL
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("DYNTRAIN_S3_RETRIES", "1")
-    with pytest.raises(DataSourceError, match=r"s3://b-x/p/\*\.tar.*127.0.0.1:9 is unreachable"):
-        expand_urls(["s3://b-x/p/*.tar"])
+    try:
+        retry.set_bound(0)
+        with pytest.raises(DataSourceError, match=r"s3://b-x/p/\*\.tar.*127.0.0.1:9 is unreachable"):
+            expand_urls(["s3://b-x/p/*.tar"])
+        retry.set_bound(2)
+        before = retry.counters()["io_retries"]
+        with pytest.raises(DataSourceError, match=r"s3://b-x/p/\*\.tar.*unreachable.*still failing after \d+ retries"):
+            expand_urls(["s3://b-x/p/*.tar"])
+        assert retry.counters()["io_retries"] > before
+    finally:
+        retry.set_bound(retry.DEFAULT_BOUND_S)
     # a server that checks credentials, asked with unknown ones
     proc, endpoint = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
     try:

@@ -64,6 +64,9 @@ class DataConfig:
         or pre-training shards as in train_urls (.tar paths/globs/braces, s3:// URLs), read by DALI.
     preset: "synthetic": the degradations' parameter ranges, "in" (In-Dis) or "out" (Out-Dis).
     sigmas: Gaussian noise levels (8-bit units) for the denoising task.
+    io_retry_s: seconds a transient storage error (S3 connection refused or reset, timeout, HTTP 5xx,
+        SlowDown) is retried with backoff while reading shards before the run fails naming the URL;
+        nothing is skipped meanwhile. 0 fails at the first such error.
     """
     source: Literal["shards", "paired", "paired_shards", "synthetic"] = "shards"
     train_urls: list[str] = field(default_factory=list)
@@ -86,10 +89,13 @@ class DataConfig:
     sigmas: list[int] = field(default_factory=lambda: [15, 25, 50])
     clean_urls: list[str] = field(default_factory=list)
     preset: str = "in"
+    io_retry_s: float = 180.0
 
     def __post_init__(self) -> None:
         positive("data.crop_size", self.crop_size)
         positive("data.micro_batch_size", self.micro_batch_size)
+        if not 0 <= self.io_retry_s < float("inf"):
+            raise ConfigError(f"data.io_retry_s: must be a number of seconds >= 0, got {self.io_retry_s}")
         for key in ("degrade_frac", "mask_frac"):
             v = getattr(self, key)
             if not 0.0 <= v <= 1.0:

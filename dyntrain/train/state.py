@@ -117,7 +117,7 @@ class TrainerStateMixin:
         trace_dir.mkdir(parents=True, exist_ok=True)
         out = {"rank": self.rank, "world_size": self.world_size, "final_step": self.step,
                "stopped_early": self.stopped_early, "steps": self._trace, "weights_sha256": digest,
-               "account": self.account.metrics()}
+               "account": self.account.metrics(), "loader_stats": self.loader.stats()}
         (trace_dir / f"trace_rank{self.rank}.json").write_text(json.dumps(out))
 
 

@@ -269,6 +269,7 @@ class Trainer(TrainerStateMixin):
         stats = self.loader.stats()
         metrics["data_epoch"] = float(stats.get("epoch", 0))
         metrics["corrupt_skipped"] = float(stats.get("corrupt_skipped", 0))
+        metrics["io_retries"] = float(stats.get("io_retries", 0))
         account = self.account.metrics()
         metrics.update(account)
         self.tracker.log_metrics(metrics, step=self.step)  # the console tracker prints the progress line

@@ -18,9 +18,10 @@ from PIL import Image
 
 from dyntrain.data.finetune.base import TASKS, PairedDataError, PairedLoaderBase, PairEntry, scan_tasks
 from dyntrain.data.pretrain.dali_torch import dali_to_torch
-from dyntrain.data.shards.samples import share_size
+from dyntrain.data.pretrain.recovery import CorruptRecovery
+from dyntrain.data.shards.samples import ShardSamples, share_size
 from dyntrain.data.shards.wds import make_index, write_tar
-from dyntrain.data.storage import s3
+from dyntrain.data.storage import retry, s3
 from dyntrain.data.storage.output import ShardOutput
 from dyntrain.data.storage.s3 import DataSourceError
 from dyntrain.data.storage.urls import index_url
@@ -155,15 +156,18 @@ def paired_shard_list(base: str, manifest: dict[str, Any], tasks: dict[str, int]
     return [urls[i] for i in order], total
 
 
-class PairedShardLoader(PairedLoaderBase):
+class PairedShardLoader(CorruptRecovery, PairedLoaderBase):
     """Fine-tuning loader over paired WebDataset shards (``data.source: paired_shards``): a DALI
     pipeline per rank reads (local or s3://) shards, decodes input and target (nvJPEG on a GPU),
     and cuts the same random crop from both; the flip/rotation and the denoising noise follow on the
     device in torch. ``data.train_urls[0]`` is the packed folder or s3:// prefix (its manifest lists
     the shards). Like the pre-training reader, a rank always reads the same share of the samples
     (``stick_to_shard``), shuffled through a buffer of ``data.shuffle_buffer``. The reader state is a
-    DALI checkpoint, so resume is exact. ``pack_paired_shards`` decoded every image before writing it,
-    so a DALI failure here is an I/O problem and raises ``DataSourceError`` naming the shards.
+    DALI checkpoint, so resume is exact. A batch that fails is handled as in pre-training
+    (``dyntrain.data.pretrain.recovery``): a transient storage error is retried for up to
+    ``data.io_retry_s`` with nothing skipped; a pair whose input or target does not decode (a shard
+    damaged after ``pack_paired_shards`` checked it) is left out, its slot filled with a copy of a
+    good pair of the batch, counted in ``stats()["corrupt_skipped"]`` and named in ``corrupt_keys``.
     """
 
     kind = "paired_shards"
@@ -185,19 +189,44 @@ class PairedShardLoader(PairedLoaderBase):
         self.share = share_size(total, rank, world_size)  # DALI's split of the sample list
         if self.share < 1:
             raise PairedDataError(f"rank {rank}: no paired samples in its share ({total} for {world_size} ranks)")
+        self.io_retry_s = float(data.io_retry_s)
+        retry.set_bound(self.io_retry_s)
         self._pipe = None
-        self._checkpoint: Optional[str] = None
+        self._ckpt: Optional[str] = None       # DALI checkpoint after the last batch handed out
+        self.iteration = 0                      # DALI iterations consumed (>= batches)
+        self.recoveries = self.io_retries = 0
+        self.corrupt_keys: list[str] = []
+        self._skip: dict[int, tuple[int, ...]] = {}  # iteration -> slots not to decode
+        gpu = self.device.type == "cuda"
+        self._samples = ShardSamples(True, (self.device.index or 0) if gpu else None,
+                                     self._decode_device() == "mixed")
 
-    def _build(self) -> None:
+    def _callback(self, info) -> np.ndarray:
+        skip = np.zeros(self.batch_size, dtype=bool)
+        skip[list(self._skip.get(int(info.iteration), ()))] = True
+        return skip
+
+    def _sample_decodes(self, url: str, key: str) -> bool:
+        return self._samples.decodes(url, key, ("input.", "target."))
+
+    def _shard_names(self) -> str:
+        return f"paired shards under {self.base}"
+
+    def _rebuild(self, checkpoint: Optional[str]) -> None:
+        self._pipe = None
+        self._build(checkpoint)
+
+    def _build(self, checkpoint: Optional[str]) -> None:
         # lazy: DALI is loaded only by the code that runs a pipeline (the GPU image may lack it)
-        from nvidia.dali import fn, pipeline_def
+        from nvidia.dali import fn, pipeline_def, types
 
         gpu = self.device.type == "cuda"
         decode_device = self._decode_device()
+        blank = np.zeros((self.crop, self.crop, 3), dtype=np.uint8)
         exts = ["input." + ";input.".join(PAIRED_EXTS + ("jpeg",)),
                 "target." + ";target.".join(PAIRED_EXTS + ("jpeg",)), "json"]
 
-        @pipeline_def(enable_checkpointing=True)
+        @pipeline_def(enable_checkpointing=True, enable_conditionals=True)
         def pipeline():
             inp, tgt, meta = fn.readers.webdataset(
                 paths=self.urls, index_paths=self.index, ext=exts, shard_id=self.rank,
@@ -205,20 +234,23 @@ class PairedShardLoader(PairedLoaderBase):
                 random_shuffle=self.shuffle_buffer > 0, initial_fill=max(1, self.shuffle_buffer),
                 seed=mix_seed(self.seed, self.rank, 0x5A4D) & 0x7FFFFFFF,
                 missing_component_behavior="error", name="paired_reader")
-            inp = fn.decoders.image(inp, device=decode_device)
-            tgt = fn.decoders.image(tgt, device=decode_device)
+            skip = fn.external_source(source=self._callback, batch=True, batch_info=True, dtype=types.BOOL)
             pos_x = fn.random.uniform(range=[0.0, 1.0])
             pos_y = fn.random.uniform(range=[0.0, 1.0])  # one position for both images
-            inp = fn.crop(inp, crop=(self.crop, self.crop), crop_pos_x=pos_x, crop_pos_y=pos_y,
-                          out_of_bounds_policy="pad")
-            tgt = fn.crop(tgt, crop=(self.crop, self.crop), crop_pos_x=pos_x, crop_pos_y=pos_y,
-                          out_of_bounds_policy="pad")
+            if skip:  # decoders switched off for this pair (corrupt-sample recovery)
+                inp = fn.reshape(types.Constant(blank, device="gpu" if gpu else "cpu"), layout="HWC")
+                tgt = fn.reshape(types.Constant(blank, device="gpu" if gpu else "cpu"), layout="HWC")
+            else:
+                inp = fn.crop(fn.decoders.image(inp, device=decode_device), crop=(self.crop, self.crop),
+                              crop_pos_x=pos_x, crop_pos_y=pos_y, out_of_bounds_policy="pad")
+                tgt = fn.crop(fn.decoders.image(tgt, device=decode_device), crop=(self.crop, self.crop),
+                              crop_pos_x=pos_x, crop_pos_y=pos_y, out_of_bounds_policy="pad")
             return inp, tgt, meta
 
         device_id = (self.device.index or 0) if gpu else None
         pipe = pipeline(batch_size=self.batch_size, num_threads=self.num_threads, device_id=device_id,
                         seed=mix_seed(self.seed, self.rank, 0xDA11) & 0x7FFFFFFF,
-                        prefetch_queue_depth=self.prefetch, checkpoint=self._checkpoint)
+                        prefetch_queue_depth=self.prefetch, checkpoint=checkpoint)
         try:
             pipe.build()
         except RuntimeError as exc:
@@ -227,16 +259,32 @@ class PairedShardLoader(PairedLoaderBase):
         self._pipe = pipe
 
     def __next__(self) -> dict[str, Any]:
-        if self._pipe is None:
-            self._build()
-        assert self._pipe is not None
-        try:
-            inp, tgt, meta = self._pipe.run()
-        except RuntimeError as exc:  # pack decoded every image, so this is I/O (a shard gone, S3 down)
-            raise DataSourceError(f"rank {self.rank}: reading the paired shards under {self.base} failed "
-                                  f"at batch {self.batches}: {exc}") from exc
-        metas = [json.loads(bytes(np.array(meta.at(i))).decode()) for i in range(len(meta))]
+        while True:
+            if self._pipe is None:
+                self._rebuild(self._ckpt)
+            it = self.iteration
+            (inp, tgt, meta), bad = self._run_batch(it)
+            self.iteration += 1
+            self._ckpt = self._pipe.checkpoint()
+            self._skip.pop(it, None)
+            metas = [json.loads(bytes(np.array(meta.at(i))).decode()) for i in range(len(meta))]
+            if bad:
+                names = [metas[i]["key"] for i in bad]
+                self.corrupt_keys = (self.corrupt_keys + names)[-100:]
+                log.warning("rank %d: skipped %d corrupt pair(s) in batch %d: %s", self.rank, len(bad), it,
+                            ", ".join(names))
+                if len(bad) == len(metas):
+                    self.corrupt_skipped += len(bad)
+                    continue  # nothing usable in this batch: take the next one
+            return self._paired_batch(inp, tgt, metas, bad)
+
+    def _paired_batch(self, inp, tgt, metas: list[dict], bad: tuple[int, ...]) -> dict[str, Any]:
         x, y = dali_to_torch(inp, self.device), dali_to_torch(tgt, self.device)  # (B, H, W, 3) uint8
+        if bad:  # the slots of corrupt pairs get copies of good pairs of this batch
+            good = [i for i in range(len(metas)) if i not in bad]
+            order = [good[bad.index(i) % len(good)] if i in bad else i for i in range(len(metas))]
+            x, y = x[torch.as_tensor(order)], y[torch.as_tensor(order)]
+            metas = [metas[i] for i in order]
         gen = torch.Generator(device="cpu")
         gen.manual_seed(mix_seed(self.seed, self.rank, self.batches, 0xF11))
         ops = torch.randint(0, 8, (len(metas),), generator=gen).tolist()
@@ -246,12 +294,13 @@ class PairedShardLoader(PairedLoaderBase):
         sigma = torch.tensor([self.sigmas[p] if m["task"] == "denoise" else 0.0 for m, p in zip(metas, pick)])
         keys = [m["key"] + (f"/s{self.sigmas[p]:g}" if m["task"] == "denoise" else "") for m, p in zip(metas, pick)]
         raw = {"input": x, "target": y, "sigma": sigma, "keys": keys, "tasks": [m["task"] for m in metas],
-               "epoch": ((self.batches + 1) * self.batch_size - 1) // self.share, "skipped": 0}
+               "epoch": (self.iteration * self.batch_size - 1) // self.share, "skipped": len(bad)}
         return self._finish(raw)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["dali_checkpoint"] = self._pipe.checkpoint() if self._pipe is not None else self._checkpoint
+        state["dali_checkpoint"] = self._ckpt
+        state.update(iteration=self.iteration, corrupt_keys=list(self.corrupt_keys))
         state["urls"] = len(self.urls)
         state["decode_device"] = self._decode_device()
         return state
@@ -267,10 +316,18 @@ class PairedShardLoader(PairedLoaderBase):
                                       f"{state.get(key)!r}, now {mine!r} (rank {self.rank})")
         self.close()
         self._restore_counters(state)
-        self._checkpoint = state.get("dali_checkpoint")
+        self._ckpt = state.get("dali_checkpoint")
+        self.iteration = int(state.get("iteration", self.batches))
+        self.corrupt_keys = list(state.get("corrupt_keys", []))
+        self._skip.clear()
+
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), "corrupt_keys": list(self.corrupt_keys), "recoveries": self.recoveries,
+                "io_retries": self.io_retries}
 
     def close(self) -> None:
         self._pipe = None
+        self._samples.close()
 
 
 def _dihedral_t(img: torch.Tensor, op: int) -> torch.Tensor:

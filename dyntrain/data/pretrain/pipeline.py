@@ -30,7 +30,8 @@ Exact resume. ``state_dict()`` holds the DALI checkpoint taken after the last ba
 and the batch counter; the degradation is a pure function of the batch counter, so
 ``load_state_dict`` reproduces the next batches exactly.
 
-Corrupt samples: see ``pipeline_recovery`` (the batch is replayed without its corrupt images).
+A batch that fails: see ``recovery`` (a transient storage error is retried for up to ``io_retry_s``
+with nothing skipped; a corrupt image is left out, counted and named).
 
 Hooks for loaders built on this reader (``synthetic_shards``): ``_params`` / ``_param_types`` (the
 per-sample external-source arrays), ``_degrade_graph`` (the DALI degradation) and ``_emit`` (the
@@ -50,6 +51,7 @@ from dyntrain.data.pretrain.degrade import DegradeSpec, batch_params, compose
 from dyntrain.data.pretrain.recovery import CorruptRecovery
 from dyntrain.data.shards.samples import (IMAGE_COMPONENTS, ShardSamples, parse_source_info, share_size,
                                           short_error)
+from dyntrain.data.storage import retry
 from dyntrain.data.storage.s3 import DataSourceError
 from dyntrain.data.storage.urls import expand_urls, index_url, missing_indices
 from dyntrain.errors import ConfigError
@@ -70,14 +72,14 @@ class DaliPretrainLoader(CorruptRecovery, LoaderBase):
     def __init__(self, urls: Sequence[str] | str, spec: DegradeSpec, batch_size: int,
                  rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
                  seed: int = 0, num_threads: int = 4, prefetch: int = 2,
-                 shuffle_buffer: int = 1024, decode: str = "auto") -> None:
+                 shuffle_buffer: int = 1024, decode: str = "auto", io_retry_s: float = 180.0) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of {world_size}")
         self.spec, self.batch_size = spec, int(batch_size)
         self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
         self.device = torch.device(device)
         self.num_threads, self.prefetch = max(1, int(num_threads)), max(1, int(prefetch))
-        self.shuffle_buffer = int(shuffle_buffer)
+        self.shuffle_buffer, self.io_retry_s = int(shuffle_buffer), float(io_retry_s)
         if decode == "auto":
             decode = "mixed" if self.device.type == "cuda" else "cpu"
         if decode == "mixed" and not torch.cuda.is_available():
@@ -108,6 +110,7 @@ class DaliPretrainLoader(CorruptRecovery, LoaderBase):
         self.corrupt_skipped = 0
         self.corrupt_keys: list[str] = []
         self.recoveries = 0
+        self.io_retries = 0       # batch replays after a transient storage error (recovery)
         self._skip: dict[int, tuple[int, ...]] = {}   # iteration -> slots not to decode
         self._samples = ShardSamples(self.indices is not None, self.device_id, decode == "mixed")
         self._check_patch_size()
@@ -208,6 +211,13 @@ class DaliPretrainLoader(CorruptRecovery, LoaderBase):
                                   f"{short_error(exc)}") from exc
         return pipe
 
+    def _sample_decodes(self, url: str, key: str) -> bool:
+        return self._samples.decodes(url, key)
+
+    def _shard_names(self) -> str:
+        more = f" and {len(self.shards) - 1} more" if len(self.shards) > 1 else ""
+        return f"shards {self.shards[0]}{more}"
+
     def _rebuild(self, checkpoint) -> None:
         self._pipe = None
         self._pipe = self._build(checkpoint)
@@ -219,11 +229,7 @@ class DaliPretrainLoader(CorruptRecovery, LoaderBase):
     def __next__(self) -> dict[str, Any]:
         while True:
             it = self.iteration
-            try:
-                crop, jpeg, meta = self._pipe.run()
-                bad: tuple[int, ...] = ()
-            except RuntimeError as exc:
-                crop, jpeg, meta, bad = self._recover(exc, it)
+            (crop, jpeg, meta), bad = self._run_batch(it)
             self.iteration += 1
             self._ckpt = self._pipe.checkpoint()
             self._skip.pop(it, None)
@@ -313,6 +319,7 @@ class DaliPretrainLoader(CorruptRecovery, LoaderBase):
                 "epoch": read // self.share, "batches": self.batches,
                 "iteration": self.iteration, "share": self.share,
                 "total_samples": self.total_samples, "recoveries": self.recoveries,
+                "io_retries": self.io_retries,
                 "corrupt_keys": list(self.corrupt_keys)}
 
     def close(self) -> None:
@@ -328,6 +335,7 @@ def build_pretrain_loader(cfg, rank: int, world_size: int, device) -> DaliPretra
         raise ConfigError(f"data.source: pre-training reads 'shards', got {data.source!r}")
     if not data.train_urls:
         raise ConfigError("data.train_urls: no shards given")
+    retry.set_bound(data.io_retry_s)  # the S3 reads outside DALI (listings, indices, single samples)
     try:
         spec = DegradeSpec.from_config(data)
     except ValueError as exc:
@@ -335,4 +343,5 @@ def build_pretrain_loader(cfg, rank: int, world_size: int, device) -> DaliPretra
     return DaliPretrainLoader(data.train_urls, spec, data.micro_batch_size, rank=rank,
                               world_size=world_size, device=device, seed=cfg.run.seed,
                               num_threads=data.num_threads, prefetch=data.prefetch,
-                              shuffle_buffer=data.shuffle_buffer, decode=data.decode)
+                              shuffle_buffer=data.shuffle_buffer, decode=data.decode,
+                              io_retry_s=data.io_retry_s)

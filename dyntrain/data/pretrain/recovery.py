@@ -1,55 +1,105 @@
-"""Corrupt samples in a DALI shard stream (a mixin of ``pipeline.DaliPretrainLoader``).
+"""A DALI shard batch that fails: a transient storage error (retried, nothing skipped) or a corrupt
+sample (skipped, counted, named). A mixin of ``pipeline.DaliPretrainLoader`` and
+``finetune.paired_shards.PairedShardLoader``.
 
-A JPEG that does not decode makes DALI fail the whole batch ("Critical error in
-pipeline") and leaves the pipeline unusable. The loader then (1) rebuilds the pipeline from the
-checkpoint of the last good batch with the decoder switched off for every sample of the failing
-batch (a DALI conditional driven by an external-source flag), which yields the batch's keys;
-(2) decodes each of those images alone (``shard_samples.ShardSamples``) to find the culprits; (3)
-rebuilds from the same checkpoint with the decoder switched off for the culprits only, whose slots
-are filled with copies of good samples of the same batch, counted in ``stats()["corrupt_skipped"]``
-and named in ``stats()["corrupt_keys"]``. The recovery is deterministic, so it replays identically
-after a resume. A failure in which no image is corrupt (a shard that vanished, a broken
-connection) raises :class:`DataSourceError` naming the shards.
+A failed read and an image that does not decode look alike from outside: DALI fails the whole batch
+("Critical error in pipeline") and the pipeline is unusable. Each batch therefore starts from the
+DALI checkpoint of the last good batch, and a sample is blamed only on evidence:
+
+1. rebuild from that checkpoint with the decoders switched off for the whole batch (a DALI
+   conditional driven by an external-source flag) and run it: this reads every sample and yields
+   the batch's keys. A failure here is I/O, never a corrupt image.
+2. read each sample's encoded images whole through ``dyntrain.data.storage.s3`` (a read cut short
+   raises) and decode each alone with the training decoder (``ShardSamples``). A sample is corrupt
+   only when its bytes arrived complete and do not decode.
+3. rebuild from the same checkpoint with the decoders off for the culprits only and run the batch;
+   their slots are filled with copies of good samples of the batch, counted in
+   ``stats()["corrupt_skipped"]`` and named in ``stats()["corrupt_keys"]``. With no culprit the
+   batch is run again whole (the first failure was a blip that has passed).
+
+Any I/O failure in these steps (DALI's reads, a rebuild, a read of the bytes) is transient: the
+whole replay is tried again with backoff (``storage.retry.RetryWindow``) for up to
+``data.io_retry_s``, counted in ``stats()["io_retries"]``; past the bound the run fails with one
+error naming the shards. The replay is deterministic, so a batch after a retry or a recovery is the
+batch an uninterrupted run reads, and a resume stays exact. A batch that fails whole three times in
+a row although every image decodes and the storage answers raises instead of retrying until the bound.
 """
 from __future__ import annotations
 
 from dyntrain.data.shards.samples import parse_source_info, short_error
+from dyntrain.data.storage import retry
 from dyntrain.data.storage.s3 import DataSourceError
 
 
-_MAX_RECOVERY_ATTEMPTS = 3
+_MAX_UNEXPLAINED = 3
+
+
+class _Transient(Exception):
+    """An I/O failure inside a replay (wraps the cause)."""
 
 
 class CorruptRecovery:
-    """``_recover`` for a loader with ``_pipe``, ``_ckpt``, ``_skip``, ``_rebuild``, ``_samples``,
-    ``rank``, ``batch_size`` and ``recoveries`` (see the module docstring)."""
+    """``_run_batch`` for a loader with ``_pipe``, ``_ckpt``, ``_skip``, ``_rebuild``,
+    ``_sample_decodes``, ``_shard_names``, ``rank``, ``batch_size``, ``io_retry_s``, ``recoveries``
+    and ``io_retries`` (see the module docstring)."""
+
+    def _run_batch(self, it: int):
+        """Outputs of batch ``it`` and the slots of its corrupt samples: (outputs, bad)."""
+        try:
+            return self._pipe.run(), ()
+        except RuntimeError as exc:
+            return self._recover(exc, it)
 
     def _recover(self, exc: RuntimeError, it: int):
-        """Rebuild from the last good checkpoint and run batch ``it`` again with its corrupt images
-        left undecoded (see the module docstring). Returns (crop, jpeg, meta, bad slots)."""
+        window = retry.RetryWindow(f"rank {self.rank} batch {it} ({self._shard_names()})", self.io_retry_s)
         last: BaseException = exc
-        for _attempt in range(_MAX_RECOVERY_ATTEMPTS):
+        unexplained = 0
+        while True:
             self.recoveries += 1
-            self._skip[it] = tuple(range(self.batch_size))
-            self._rebuild(self._ckpt)
             try:
-                _, _, meta = self._pipe.run()
-            except RuntimeError as probe_exc:
-                raise DataSourceError(f"rank {self.rank}: reading batch {it} failed:\n"
-                                      f"{short_error(probe_exc)}") from probe_exc
-            refs = [parse_source_info(meta[i].source_info()) for i in range(self.batch_size)]
-            bad = tuple(i for i, (url, key) in enumerate(refs) if not self._samples.decodes(url, key))
-            if not bad:
-                shards = sorted({u for u, _ in refs})
+                outputs, bad = self._replay(it)
+            except _Transient as t:
+                last = t.__cause__ or t
+                unexplained = 0
+                if window.wait(last):
+                    self.io_retries += 1
+                    continue
+                raise DataSourceError(f"rank {self.rank}: reading batch {it} failed "
+                                      f"({self._shard_names()}), {window.gave_up()}:\n"
+                                      f"{short_error(last)}") from last
+            if outputs is not None:
+                window.done()
+                return outputs, bad
+            unexplained += 1    # the whole batch failed again with every image decoding alone
+            if unexplained >= _MAX_UNEXPLAINED:
                 raise DataSourceError(
-                    f"rank {self.rank}: DALI failed on batch {it} but every image of it decodes on "
-                    f"its own (shards {', '.join(shards)}):\n{short_error(last)}") from last
-            self._skip[it] = bad
-            self._rebuild(self._ckpt)
+                    f"rank {self.rank}: DALI failed on batch {it} {unexplained} times but every image "
+                    f"of it decodes on its own ({self._shard_names()}):\n{short_error(last)}") from last
+            if window.wait(last):
+                self.io_retries += 1
+
+    def _replay(self, it: int):
+        """Steps 1-3 of the module docstring; (None, ()) when the batch failed again whole."""
+        self._skip[it] = tuple(range(self.batch_size))
+        probe = self._rerun(it)
+        refs = [parse_source_info(probe[-1][i].source_info()) for i in range(self.batch_size)]
+        try:
+            bad = tuple(i for i, (url, key) in enumerate(refs) if not self._sample_decodes(url, key))
+        except DataSourceError as exc:
+            raise _Transient() from exc
+        self._skip[it] = bad
+        if not bad:
+            self._skip.pop(it, None)
             try:
-                crop, jpeg, meta = self._pipe.run()
-                return crop, jpeg, meta, bad
-            except RuntimeError as again:
-                last = again
-        raise DataSourceError(f"rank {self.rank}: batch {it} still fails after "
-                              f"{_MAX_RECOVERY_ATTEMPTS} recoveries:\n{short_error(last)}") from last
+                self._rebuild(self._ckpt)
+                return self._pipe.run(), ()
+            except (RuntimeError, DataSourceError):
+                return None, ()
+        return self._rerun(it), bad
+
+    def _rerun(self, it: int):
+        try:
+            self._rebuild(self._ckpt)
+            return self._pipe.run()
+        except (RuntimeError, DataSourceError) as exc:
+            raise _Transient() from exc

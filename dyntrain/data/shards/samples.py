@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from dyntrain.data.shards.wds import make_index, parse_index
-from dyntrain.data.storage.s3 import read_bytes
+from dyntrain.data.storage.s3 import DataSourceError, read_bytes
 from dyntrain.data.storage.urls import index_url
 
 
@@ -99,16 +99,23 @@ class ShardSamples:
                 return None
         return None
 
-    def decodes(self, url: str, key: str) -> bool:
-        """Whether sample ``key`` of shard ``url`` decodes alone with the training decoder."""
+    def decodes(self, url: str, key: str, prefixes: tuple[str, ...] = ("",)) -> bool:
+        """Whether sample ``key`` of shard ``url`` decodes alone with the training decoder: its image
+        component for each of ``prefixes`` ("" = the pre-training image; "input.", "target." = a
+        pair). The bytes are read whole first: a read that fails or comes back short raises
+        ``DataSourceError`` (I/O, never a reason to call the sample corrupt)."""
         comps = self.index(url).get(key, {})
-        ext = next((e for e in IMAGE_COMPONENTS if e in comps), None)
-        if ext is None:
-            return False
-        offset, size = comps[ext]
-        if size == 0:
-            return False
-        return self._validate(read_bytes(url, offset, size))
+        for prefix in prefixes:
+            name = next((prefix + e for e in IMAGE_COMPONENTS if prefix + e in comps), None)
+            if name is None or comps[name][1] == 0:
+                return False
+            offset, size = comps[name]
+            data = read_bytes(url, offset, size)
+            if len(data) != size:
+                raise DataSourceError(f"{url}: sample {key}: read {len(data)} of {size} bytes")
+            if not self._validate(data):
+                return False
+        return True
 
     def _validate(self, data: bytes) -> bool:
         """Decode one encoded image alone with the training decoder (device and library)."""

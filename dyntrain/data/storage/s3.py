@@ -4,7 +4,10 @@ errors that name the URL.
 The client comes from the standard AWS environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``/``AWS_DEFAULT_REGION``, profiles); boto3 reads the endpoint
 itself. Requests are retried (botocore "standard" mode, ``DYNTRAIN_S3_RETRIES`` attempts, default 5),
-uploads above 16 MiB go multipart (boto3 ``TransferConfig``).
+uploads above 16 MiB go multipart (boto3 ``TransferConfig``). On top of botocore's attempts, every
+operation here retries transient errors (outage, throttling, timeouts: ``retry.is_transient``) with
+backoff for up to ``data.io_retry_s`` (``retry.set_bound``) before it fails naming the URL; a body
+cut short counts as transient too.
 
 An S3 object appears whole or not at all, so a shard uploaded under its final key is never seen
 half-written; the shard builder writes ``manifest.json`` last so that a manifest only ever lists
@@ -17,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from dyntrain.data.storage import retry
 from dyntrain.errors import DyntrainError
 
 
@@ -118,12 +122,40 @@ def explain(exc: BaseException, url: str, action: str = "read") -> DataSourceErr
 
 
 def _call(fn, url: str, action: str, **kwargs):
+    """``fn(**kwargs)`` with transient errors retried for up to the bound (``retry``)."""
+    return _retrying(lambda: fn(**kwargs), url, action)
+
+
+def _retrying(op, url: str, action: str):
+    """``op()``; a transient boto3 error is retried with backoff for up to ``retry.bound()``, any
+    other error (or a transient one past the bound) raises DataSourceError naming ``url``."""
     # lazy: boto3 is needed only for s3:// URLs (the GPU image has none)
+    from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError
-    try:
-        return fn(**kwargs)
-    except (BotoCoreError, ClientError) as exc:
-        raise explain(exc, url, action) from exc
+    window = retry.RetryWindow(url)
+    while True:
+        try:
+            out = op()
+            window.done()
+            return out
+        except S3UploadFailedError as exc:   # boto3's transfer manager wraps the cause
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, (BotoCoreError, ClientError)):
+                if retry.is_transient(cause) and window.wait(cause):
+                    continue
+                raise _explained(cause, url, action, window) from exc
+            raise DataSourceError(f"cannot {action} {url}: {exc}") from exc
+        except (BotoCoreError, ClientError) as exc:
+            if retry.is_transient(exc) and window.wait(exc):
+                continue
+            raise _explained(exc, url, action, window) from exc
+
+
+def _explained(exc: BaseException, url: str, action: str, window: "retry.RetryWindow") -> DataSourceError:
+    err = explain(exc, url, action)
+    if window.tries:
+        err = DataSourceError(f"{err} - {window.gave_up()}")
+    return err
 
 
 # ------------------------------------------------------------------------------------ operations
@@ -135,20 +167,11 @@ def transfer_config():
 
 
 def upload_file(local_path: str | Path, url: str) -> None:
-    """Upload one file (multipart above 16 MiB; each part retried by botocore)."""
-    # lazy: boto3 is needed only for s3:// URLs (the GPU image has none)
-    from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import BotoCoreError, ClientError
+    """Upload one file (multipart above 16 MiB; each part retried by botocore, the whole upload
+    again while the error is transient)."""
     bucket, key = parse_s3_url(url)
-    try:
-        client().upload_file(str(local_path), bucket, key, Config=transfer_config())
-    except S3UploadFailedError as exc:
-        cause = exc.__cause__ or exc.__context__
-        if isinstance(cause, (BotoCoreError, ClientError)):
-            raise explain(cause, url, "write") from exc
-        raise DataSourceError(f"cannot write {url}: {exc}") from exc
-    except (BotoCoreError, ClientError) as exc:
-        raise explain(exc, url, "write") from exc
+    _retrying(lambda: client().upload_file(str(local_path), bucket, key, Config=transfer_config()),
+              url, "write")
 
 
 def get_bytes(url: str, start: Optional[int] = None, length: Optional[int] = None) -> bytes:
@@ -158,25 +181,36 @@ def get_bytes(url: str, start: Optional[int] = None, length: Optional[int] = Non
     if start is not None:
         end = "" if length is None else str(start + length - 1)
         kwargs["Range"] = f"bytes={start}-{end}"
-    resp = _call(client().get_object, url, "read", **kwargs)
-    return resp["Body"].read()
+
+    def get() -> bytes:  # the body is read inside the retry: a connection cut mid-body is transient
+        resp = client().get_object(**kwargs)
+        body = resp["Body"].read()
+        want = resp.get("ContentLength")
+        if want is not None and len(body) != int(want):
+            # lazy: boto3 is needed only for s3:// URLs (the GPU image has none)
+            from botocore.exceptions import IncompleteReadError
+            raise IncompleteReadError(actual_bytes=len(body), expected_bytes=int(want))
+        return body
+    return _retrying(get, url, "read")
 
 
 def head(url: str) -> Optional[dict]:
     """Object metadata, or None when the object does not exist (other errors raise)."""
     # lazy: boto3 is needed only for s3:// URLs (the GPU image has none)
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import ClientError
     bucket, key = parse_s3_url(url)
-    try:
-        return client().head_object(Bucket=bucket, Key=key)
-    except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in ("404", "NoSuchKey", "NotFound"):
-            check_bucket(url)
-            return None
-        raise explain(exc, url) from exc
-    except BotoCoreError as exc:
-        raise explain(exc, url) from exc
+
+    def op() -> Optional[dict]:
+        try:
+            return client().head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+    found = _retrying(op, url, "read")
+    if found is None:
+        check_bucket(url)
+    return found
 
 
 def check_bucket(url: str) -> None:
@@ -190,15 +224,12 @@ def list_objects(prefix_url: str, label: Optional[str] = None) -> Iterator[tuple
     """(s3 URL, size) of every object under ``s3://bucket/prefix`` (recursive). Errors name
     ``label`` (the URL the caller was asked for) when given."""
     bucket, prefix = parse_s3_url(prefix_url)
-    paginator = client().get_paginator("list_objects_v2")
-    # lazy: boto3 is needed only for s3:// URLs (the GPU image has none)
-    from botocore.exceptions import BotoCoreError, ClientError
-    try:
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-            for obj in page.get("Contents", []):
-                yield f"s3://{bucket}/{obj['Key']}", int(obj["Size"])
-    except (BotoCoreError, ClientError) as exc:
-        raise explain(exc, label or prefix_url, "list" if label is None else "read") from exc
+
+    def listing() -> list[tuple[str, int]]:  # whole, so that a retried listing yields nothing twice
+        pages = client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]))
+                for page in pages for obj in page.get("Contents", [])]
+    yield from _retrying(listing, label or prefix_url, "list" if label is None else "read")
 
 
 def delete(url: str) -> None:

@@ -1,0 +1,233 @@
+"""A week of faults in one run: pre-training on 2 CPU ranks from S3 shards (a real moto server behind
+``s3_fault_proxy.py``) with a real MLflow server, a seeded schedule of faults injected from outside
+the process tree, a supervisor that restarts the job as Slurm's requeue would, and a comparison with
+an uninterrupted run of the same config.
+
+    python bench/chaos_soak.py --faults 12 --seed 0 --workdir DIR --json PATH [--steps N]
+
+Fault kinds (cycled in a seeded order, at seeded steps):
+
+    kill9_rank    SIGKILL of one rank (the launcher then ends the job)      -> restart
+    ckpt_kill     every rank SIGKILLed inside a checkpoint save, before COMPLETE (the
+                  ``tests/rank_entry.py --ckpt-fault`` hook: the one point that cannot be hit
+                  from outside by timing)                                    -> restart
+    s3_down       the S3 endpoint refuses connections for 20-60 s            -> no restart expected
+    s3_503        the S3 endpoint answers 503 SlowDown for 10-30 s           -> no restart expected
+    mlflow_down   the MLflow server is killed for 60 s                       -> no restart expected
+    disk_full     the folder of the next checkpoint is a 16 KiB tmpfs for that save (root only;
+                  else recorded as skipped)                                  -> restart
+    resume_1rank  SIGUSR1, then the job resumes on 1 rank (and on 2 again at the next restart)
+    sigusr1       SIGUSR1 to every rank, as Slurm's preemption notice       -> restart
+
+Leaves the faulted run's checkpoints in ``DIR/chaos/``, the uninterrupted run's in ``DIR/clean/``,
+the MLflow store in ``DIR/mlflow/``, logs in ``DIR/logs/``. The JSON holds ``faults`` (kind, at_step,
+restarts, survived), ``weights_identical``, ``draws_identical``, ``metrics_missing``,
+``metrics_duplicated``, the checkpoint checks and the wall time. Last line: ``faults_survived=K/N``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import common
+from chaos_parts import Services, compare_runs, rank_pids
+
+ROOT = Path(__file__).resolve().parents[1]
+KINDS = ("s3_503", "kill9_rank", "s3_down", "ckpt_kill", "mlflow_down", "sigusr1", "disk_full",
+         "resume_1rank")
+TRANSIENT = {"s3_down", "s3_503", "mlflow_down"}
+EVERY = 4
+STEP_RE = re.compile(r"step (\d+)/(\d+)")
+
+
+def plan(faults: int, seed: int, steps: int, kinds: tuple[str, ...] = KINDS) -> list[dict]:
+    """``faults`` faults, every kind in turn (the order shuffled by ``seed``), at distinct steps
+    spread over the run (never in the first or last ``EVERY`` steps)."""
+    rng = random.Random(seed)
+    kinds = list(kinds)
+    rng.shuffle(kinds)
+    slots = sorted(rng.sample(range(EVERY + 1, steps - EVERY), faults))
+    return [{"kind": kinds[i % len(kinds)], "at_step": s, "restarts": 0, "survived": None,
+             "duration_s": None} for i, s in enumerate(slots)]
+
+
+def overrides(args, ckpt: Path, uri: str, experiment: str) -> list[str]:
+    o = {"run.max_steps": args.steps, "run.log_every": 1, "run.deterministic": "true", "run.seed": args.seed,
+         "model.dim": 8, "model.prompt_dims": "[8,8,16]", "model.prompt_sizes": "[16,8,4]",
+         "model.num_refinement": 1, "data.train_urls": "[s3://chaos-soak/pre/*.tar]", "data.crop_size": 32,
+         "data.micro_batch_size": 2, "data.num_threads": 1, "data.shuffle_buffer": 4, "data.decode": "cpu",
+         "data.io_retry_s": 150, "schedule.verify_every": 0, "optim.lr_schedule": "constant",
+         "deepspeed.zero_stage": 2, "deepspeed.bf16": "false", "deepspeed.global_batch_size": 4,
+         "tracking.uri": uri, "tracking.experiment": experiment, "tracking.system_metrics": "false",
+         "checkpoint.dir": str(ckpt), "checkpoint.every": EVERY, "checkpoint.keep": args.keep,
+         "checkpoint.resume": "auto", "checkpoint.overwrite": "false"}
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+class Job:
+    """One launch of the job (the deepspeed launcher in its own process group)."""
+
+    def __init__(self, args, services: Services, name: str, segment: int, ranks: int,
+                 ckpt_fault: int | None = None) -> None:
+        self.log = args.workdir / "logs" / f"{name}-{segment:02d}.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        entry = [str(ROOT / "tests" / "rank_entry.py"), "--cli", "--trace",
+                 str(args.workdir / "trace" / f"{name}-{segment:02d}")]
+        if ckpt_fault is not None:
+            entry += ["--ckpt-fault", f"before_complete@{ckpt_fault}"]
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
+               str(services.free_port()), *entry, str(ROOT / "launch" / "pretrain.py"), "--config",
+               str(ROOT / "configs" / "quickstart.yaml"),
+               *overrides(args, args.workdir / name, services.mlflow_uri, f"chaos-soak-{name}")]
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(cmd, cwd=args.workdir, env=services.env(), stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def step(self) -> int:
+        found = STEP_RE.findall(self.log.read_text(errors="replace"))
+        return max((int(s) for s, _ in found), default=0)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait()
+
+    def signal_ranks(self, sig: int, only_one: bool = False) -> None:
+        pids = rank_pids(self.proc.pid)
+        for pid in (pids[-1:] if only_one else pids):
+            os.kill(pid, sig)
+
+
+def run_chaos(args, services: Services, faults: list[dict]) -> int:
+    """The supervisor: launch, inject the faults due, restart after every exit until the run has
+    reached its last step. Returns the number of restarts."""
+    restarts, segment, ranks = 0, 0, 2
+    pending = list(faults)
+    last = None               # the fault blamed for the next exit
+    mounts: list[Path] = []
+    while True:
+        # the hook that kills every rank inside the save of the first checkpoint at or after the
+        # first pending ckpt_kill (armed in every segment until that fault has happened)
+        armed = next((f for f in pending if f["kind"] == "ckpt_kill"), None)
+        fault_step = None if armed is None else -(-armed["at_step"] // EVERY) * EVERY
+        job = Job(args, services, "chaos", segment, ranks, fault_step)
+        deadline = time.monotonic() + args.segment_timeout
+        try:
+            while job.proc.poll() is None and time.monotonic() < deadline:
+                if pending and job.step() >= pending[0]["at_step"]:
+                    f = pending.pop(0)
+                    last = inject(f, job, services, args, mounts)
+                    if f["kind"] == "resume_1rank":
+                        ranks = 1
+                time.sleep(0.2)
+            rc = job.wait(5)
+        finally:
+            if job.proc.poll() is None:
+                os.killpg(job.proc.pid, signal.SIGKILL)
+                job.proc.wait()
+        if armed is not None and "[rank_entry] killing rank" in job.log.read_text(errors="replace"):
+            armed["fired_at_save"] = fault_step
+            if armed in pending:     # killed in the save before the supervisor saw the step
+                pending.remove(armed)
+                print(f"chaos: step {fault_step}: ckpt_kill", flush=True)
+            last = armed
+        for m in mounts:
+            subprocess.run(["umount", str(m)], check=False)
+        mounts.clear()
+        reached = job.step() >= args.steps and rc == 0
+        if reached:
+            return restarts
+        restarts += 1
+        segment += 1
+        if last is not None:
+            last["restarts"] += 1
+        else:
+            print(f"chaos: restart {restarts} with no fault to blame (rc {rc}, log {job.log})", flush=True)
+        if ranks == 1 and (last is None or last["kind"] != "resume_1rank"):
+            ranks = 2
+        last = None
+        if restarts > 3 * len(faults) + 3:
+            raise SystemExit(f"chaos: gave up after {restarts} restarts (log {job.log})")
+
+
+def inject(f: dict, job: Job, services: Services, args, mounts: list[Path]) -> dict | None:
+    """Inject fault ``f`` into the running ``job``; returns the fault to blame if the job exits."""
+    kind, rng = f["kind"], random.Random(f["at_step"])
+    print(f"chaos: step {job.step()}: {kind}", flush=True)
+    if kind == "kill9_rank":
+        job.signal_ranks(signal.SIGKILL, only_one=True)
+    elif kind in ("sigusr1", "resume_1rank"):
+        job.signal_ranks(signal.SIGUSR1)
+    elif kind in ("s3_down", "s3_503"):
+        seconds = rng.uniform(20, 60) if kind == "s3_down" else rng.uniform(10, 30)
+        services.s3_fault("down" if kind == "s3_down" else "503", seconds)
+        f["duration_s"] = round(seconds, 1)
+    elif kind == "mlflow_down":
+        services.mlflow_outage(60.0)
+        f["duration_s"] = 60.0
+    elif kind == "disk_full":
+        step = -(-(job.step() + 1) // EVERY) * EVERY
+        tag = args.workdir / "chaos" / f"step_{step:08d}"
+        tag.mkdir(parents=True, exist_ok=True)
+        ok = os.geteuid() == 0 and shutil.which("mount") and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(tag)], capture_output=True).returncode == 0
+        if not ok:
+            f["survived"] = "skipped (mounting a tmpfs needs root)"
+            return None
+        mounts.append(tag)
+    return f
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--faults", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", required=True, type=Path)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--steps", type=int, default=0, help="default: 8 per fault, at least 40")
+    parser.add_argument("--keep", type=int, default=2, help="checkpoint.keep")
+    parser.add_argument("--segment-timeout", type=float, default=1200)
+    parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated fault kinds to draw from")
+    args = parser.parse_args()
+    args.workdir = args.workdir.resolve()
+    args.steps = args.steps or max(40, 8 * args.faults)
+    if args.faults > args.steps - 2 * EVERY - 1:
+        raise SystemExit(f"--steps {args.steps} leaves no room for {args.faults} faults")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the services and the job on the way out
+    t0 = time.time()
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    unknown = set(kinds) - set(KINDS)
+    if unknown or not kinds:
+        raise SystemExit(f"--kinds: unknown {sorted(unknown)} (known: {', '.join(KINDS)})")
+    faults = plan(args.faults, args.seed, args.steps, kinds)
+    with Services(args.workdir) as services:
+        clean = Job(args, services, "clean", 0, 2)
+        if clean.wait(args.segment_timeout) != 0:
+            raise SystemExit(f"chaos: the uninterrupted run failed (log {clean.log})")
+        restarts = run_chaos(args, services, faults)
+        services.settle()
+        result = compare_runs(args, services, faults, restarts)
+    result.update(benchmark="chaos_soak", seed=args.seed, steps=args.steps, wall_s=round(time.time() - t0, 1))
+    survived = sum(1 for f in faults if f["survived"] is True)
+    print(f"{'kind':<13} {'at_step':>7} {'restarts':>8} {'survived':>8}  metrics lost")
+    for f in faults:
+        print(f"{f['kind']:<13} {f['at_step']:>7} {f['restarts']:>8} {str(f['survived']):>8}  {f['metrics_lost']}")
+    for key in ("weights_identical", "draws_identical", "draws_checked", "metrics_missing", "metrics_duplicated",
+                "latest_complete", "retention_ok", "restarts", "wall_s"):
+        print(f"{key}={result[key]}")
+    common.write_json(args.json, result)
+    print(f"faults_survived={survived}/{len(faults)}")
+
+
+if __name__ == "__main__":
+    main()
