@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 @pytest.mark.timeout(2400)  # three DeepSpeed starts on 2 ranks: minutes each on a busy 2-core machine
 def test_short_chaos_soak_ends_bit_identical(tmp_path):
     out = tmp_path / "soak.json"
