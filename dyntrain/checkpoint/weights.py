@@ -113,7 +113,7 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Optional[di
     if path.is_dir():
         weights, model_cfg, _ = consolidated_weights(path)
         return weights, model_cfg
-    if path.suffix == ".safetensors" or is_safetensors(path):
+    if is_safetensors(path):
         tensors, meta = _read_safetensors(path)
         model_cfg = json.loads(meta["model_config"]) if meta.get("model_config") else None
         return tensors, model_cfg
@@ -149,8 +149,11 @@ def weights_from_object(obj: Any, path: str | Path) -> tuple[dict[str, torch.Ten
 
 
 def is_safetensors(path: str | Path) -> bool:
-    """Whether a file is in the safetensors format, by its content (an 8-byte little-endian header
-    length, then the JSON header), whatever its name."""
+    """Whether a file is to be read as safetensors: named ``.safetensors`` (so that a broken one is
+    reported as such), or in that format by its content (an 8-byte little-endian header length,
+    then the JSON header), whatever its name."""
+    if Path(path).suffix == ".safetensors":
+        return True
     try:
         with open(path, "rb") as f:
             head = f.read(9)
@@ -160,7 +163,7 @@ def is_safetensors(path: str | Path) -> bool:
 
 
 def _weights_meta(path: Path) -> dict[str, Any]:
-    if path.suffix == ".safetensors" or is_safetensors(path):
+    if is_safetensors(path):
         return json.loads(_safetensors_metadata(path).get("info") or "{}")
     obj = torch.load(path, map_location="cpu", weights_only=True)
     return dict(obj.get("info") or {}) if isinstance(obj, dict) else {}

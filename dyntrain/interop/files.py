@@ -37,7 +37,7 @@ FORMS = ("lightning", "state_dict")
 
 def _load(path: Path, trust: bool) -> tuple[dict[str, torch.Tensor], Optional[dict[str, Any]], dict[str, Any]]:
     """(state_dict, stored model config or None, facts from the file: step, epoch)."""
-    if path.is_dir() or path.suffix == ".safetensors" or is_safetensors(path):
+    if path.is_dir() or is_safetensors(path):
         state, model_cfg = load_weights(path)
         return state, model_cfg, {}
     obj = load_torch_file(path, trust=trust)
