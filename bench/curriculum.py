@@ -70,9 +70,10 @@ def run_arms(args, train, names) -> tuple[dict, torch.device, int]:
         return {name: train(name, args, images, pairs, device) for name in names}, device, threads
 
 
-def train_and_evaluate(model, opt, loader, variant_at, steps: int, test_pairs, device, lr_of=None) -> tuple[float, dict]:
+def train_and_evaluate(model, opt, loader, variant_at, steps: int, test_pairs, device, lr_of=None,
+                       variants=("S", "L")) -> tuple[float, dict]:
     """``steps`` L1 steps (the variant of each from ``variant_at``, the LR from ``lr_of`` when given),
-    then every test pair restored as S and L; returns (train seconds, results by variant)."""
+    then every test pair restored as each of ``variants``; returns (train seconds, results by variant)."""
     t0 = time.perf_counter()
     for step in range(steps):
         if lr_of is not None:
@@ -86,7 +87,7 @@ def train_and_evaluate(model, opt, loader, variant_at, steps: int, test_pairs, d
         opt.step()
     train_s = time.perf_counter() - t0
     model.eval()
-    return train_s, evaluate_model(model, test_pairs, ["S", "L"], device)
+    return train_s, evaluate_model(model, test_pairs, list(variants), device)
 
 
 def arm(name: str, args, images, test_pairs, device) -> dict:

@@ -338,6 +338,27 @@ def quality_saving(rec: Recorder) -> None:
     rec.figure("quality_saving", result)
 
 
+# ------------------------------------------------------- 5. downstream saving (the smallest version)
+def downstream_saving(rec: Recorder) -> None:
+    """Calls ``bench/downstream_saving.py``'s ``suite_stage``: one seed of the paper's recipe, S alone and
+    L alone with two checkpoints each, every checkpoint fine-tuned briefly and evaluated; the dry run
+    builds the fine-tuning data and test sets only."""
+    lacking = missing(("deepspeed", "deepspeed"), ("nvidia.dali", "nvidia-dali"), ("mlflow", "mlflow"))
+    if lacking and not rec.dry_run:
+        _skip_stage(rec, lacking, ("downstream_saving",))
+        return
+    import downstream_saving
+
+    result = downstream_saving.suite_stage(dry_run=rec.dry_run, deadline=rec.deadline)
+    if rec.dry_run:
+        rec.detail("downstream_saving_dry_run", result)
+        rec.figure("downstream_saving", None, "dry run: fine-tuning data and test sets built, no trainings "
+                                              "(CPU figures: bench/results/downstream_cpu.json)")
+        return
+    rec.figure("downstream_saving", result)
+
+
 STAGES: dict[str, Callable[[Recorder], None]] = {
     "gpu_tests": gpu_tests, "train_step": train_step, "dynamic_vs_separate": dynamic_vs_separate,
-    "input_pipeline": input_pipeline, "quality_saving": quality_saving}
+    "input_pipeline": input_pipeline, "quality_saving": quality_saving,
+    "downstream_saving": downstream_saving}

@@ -14,6 +14,7 @@ it needs is not installed:
   2  dynamic_vs_separate GPU hours of dynamic S/L vs separate runs through DeepSpeed, ZeRO 2, 0, 1
   3  input_pipeline      DALI ``mixed`` decode images/s; input wait of the Trainer fed by DALI
   4  quality_saving      the iso-quality saving benchmark, once ``bench/quality_saving.py`` exists
+  5  downstream_saving   the smallest version of ``bench/downstream_saving.py`` (one seed, paper)
 
 Writes OUTDIR/gpu_suite.json (rewritten after every stage; a figure not measured is null with its
 reason under ``skipped``), OUTDIR/gpu_suite.md (a summary for bench/RESULTS.md) and
@@ -51,7 +52,8 @@ STAGES: dict[str, tuple[int, float, float, tuple[str, ...]]] = {
     "dynamic_vs_separate": (2, 170, 45, ("gpu_hours_saved_frac", "switch_penalty_s",
                                          "zero_stage_step_ms")),
     "input_pipeline": (3, 70, 40, ("dali_images_per_s", "input_wait_frac")),
-    "quality_saving": (4, 0, 0, ()),  # what is left
+    "quality_saving": (4, 0, 0, ()),  # what is left after stage 5's share
+    "downstream_saving": (5, 110, 25, ()),
 }
 # stage -> (module, package) pairs it cannot run without
 NEEDS = {"gpu_tests": [("pytest", "pytest")],

@@ -4,6 +4,7 @@
                                    [--scale toy|long] [--steps N] [--eval-every E] [--images M]
                                    [--dim 8 --crop 32 --batch 4] [--device auto|cpu|cuda]
                                    [--work DIR] [--json PATH] [--reuse-baselines]
+    python bench/quality_saving.py --seeds K ...    # K seeds: mean, 95% interval, paired recipe differences
     python bench/quality_saving.py --summarize A.json B.json ...    # one table over scales x seeds
 
 Pre-trainings through the real path (``launch/pretrain.py``, one process each, one after another -
@@ -40,6 +41,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import common  # noqa: E402
+
+from dyntrain.analysis.stats import METHOD, format_ci, paired_difference, with_bound
+
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = {"dim": 8, "crop": 32, "batch": 4, "steps": 240, "eval_every": 20, "images": 16,
@@ -114,6 +118,19 @@ def _finished(client, experiment: str, name: str) -> bool:
     return bool(runs) and runs[0].info.status == "FINISHED"
 
 
+def base_overrides(size: dict[str, Any], seed: int, device: str, train: str, val: str, uri: str,
+                   experiment: str) -> list[str]:
+    """The pre-training settings every arm of a comparison shares (quickstart.yaml + these)."""
+    return [f"run.seed={seed}", f"run.log_every={size['eval_every']}",
+            f"run.device={device}", f"model.dim={size['dim']}", f"data.crop_size={size['crop']}",
+            f"data.micro_batch_size={size['batch']}", f"data.train_urls=[{train}]",
+            f"data.val_urls=[{val}]", "data.shuffle_buffer=64", f"eval.every={size['eval_every']}",
+            f"eval.val_samples={size['val_samples']}", f"optim.lr={size['lr']}",
+            "optim.lr_schedule=constant", "optim.warmup_steps=0",
+            f"tracking.uri={uri}", f"tracking.experiment={experiment}", "tracking.system_metrics=false",
+            "schedule.verify_every=0", "deepspeed.zero_stage=2"]
+
+
 def run_recipes(work: Path, size: dict[str, Any], seed: int, device: str, recipes: list[str],
                 extra: Optional[list[str]] = None, deadline: Optional[float] = None,
                 reuse_baselines: bool = False) -> dict[str, Any]:
@@ -133,14 +150,7 @@ def run_recipes(work: Path, size: dict[str, Any], seed: int, device: str, recipe
     train, val = prepare_data(work, size["images"], seed, max(64, 2 * size["crop"]))
     uri = f"sqlite:///{work / 'mlflow.db'}"
     experiment = f"quality-saving-seed{seed}"
-    base = [f"run.seed={seed}", f"run.log_every={size['eval_every']}",
-            f"run.device={device}", f"model.dim={size['dim']}", f"data.crop_size={size['crop']}",
-            f"data.micro_batch_size={size['batch']}", f"data.train_urls=[{train}]",
-            f"data.val_urls=[{val}]", "data.shuffle_buffer=64", f"eval.every={size['eval_every']}",
-            f"eval.val_samples={size['val_samples']}", f"optim.lr={size['lr']}",
-            "optim.lr_schedule=constant", "optim.warmup_steps=0", "checkpoint.dir=null",
-            f"tracking.uri={uri}", f"tracking.experiment={experiment}", "tracking.system_metrics=false",
-            "schedule.verify_every=0", "deepspeed.zero_stage=2"]
+    base = base_overrides(size, seed, device, train, val, uri, experiment) + ["checkpoint.dir=null"]
     names = {v: f"qs-{v}-seed{seed}" for v in BASELINES}
     longest = 0.0
     client = MlflowClient(uri)
@@ -226,8 +236,8 @@ def summarize(paths: list[str]) -> str:
 
     def cell(values: list[tuple[float, bool]]) -> str:
         parts = [f"{v:+.2f}{'*' if b else ''}" for v, b in values]
-        mean = sum(v for v, _ in values) / len(values)
-        return f"{' / '.join(parts)} (mean {mean:+.2f})"
+        summary = with_bound([v for v, _ in values], [b for _, b in values])
+        return f"{' / '.join(parts)} (mean [95% CI] {format_ci(summary, '+.2f')})"
 
     order = list(RECIPES)
     out = ["| scale | recipe | seeds | saving at equal val. quality, PFLOP axis | saving at equal val. quality, "
@@ -245,8 +255,36 @@ def summarize(paths: list[str]) -> str:
         b = base[scale]
         out.append(f"| {scale} | S alone / L alone | {','.join(map(str, sorted(b)))} | | | "
                    f"{sum(x['S'] for x in b.values()) / len(b):.2f} / {sum(x['L'] for x in b.values()) / len(b):.2f} |")
-    out.append("(* = a lower bound: a separate run never reached the recipe's PSNR)")
+    out.append("(* = a lower bound: a separate run never reached the recipe's PSNR; intervals: "
+               f"{METHOD})")
     return "\n".join(out)
+
+
+def seed_summary(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per recipe and axis the mean saving with its 95% interval over the seeds, and each recipe's
+    paired difference against the first on the same seeds."""
+    axes = {"gpu_hours": "iso_quality_saving", "pflop": "iso_quality_saving_pflop"}
+    recipes = list(per_seed[0]["recipes"])
+    out: dict[str, Any] = {"seeds": [r["seed"] for r in per_seed], "interval": METHOD, "recipes": {},
+                           "paired_vs_first": {}}
+    for name in recipes:
+        have = [r["recipes"][name] for r in per_seed if name in r["recipes"]]
+        out["recipes"][name] = {ax: with_bound([x[key] for x in have], [x[key + "_is_bound"] for x in have])
+                                for ax, key in axes.items()}
+    for name in recipes[1:]:
+        both = [r["recipes"] for r in per_seed if name in r["recipes"] and recipes[0] in r["recipes"]]
+        out["paired_vs_first"][name] = {ax: paired_difference([b[name][key] for b in both],
+                                                              [b[recipes[0]][key] for b in both])
+                                        for ax, key in axes.items()}
+    lines = [f"over seeds {out['seeds']} (mean [95% interval], {METHOD}):"]
+    for name, by_ax in out["recipes"].items():
+        lines.append(f"  {name:20s} GPU h {format_ci(by_ax['gpu_hours'])}   PFLOP {format_ci(by_ax['pflop'])}")
+    for name, by_ax in out["paired_vs_first"].items():
+        d = by_ax["pflop"]
+        lines.append(f"  paired {name} - {recipes[0]} (PFLOP): {format_ci(d)}"
+                     f"{' (the interval excludes 0)' if d['significant'] else ''}")
+    out["text"] = "\n".join(lines)
+    return out
 
 
 def run_three(work: Path, size: dict[str, Any], seed: int, device: str,
@@ -306,6 +344,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="run K seeds (seed, seed+1, ...; each in <work>-seed<S>) and summarize "
+                             "them with 95%% intervals and paired differences between recipes")
     parser.add_argument("--recipes", default="paper",
                         help=f"comma-separated, from {','.join(RECIPES)} (default paper)")
     parser.add_argument("--scale", choices=("toy", "long"), default="toy",
@@ -335,6 +376,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         if getattr(args, key, None) is not None:
             size[key] = getattr(args, key)
     recipes = [r for r in args.recipes.split(",") if r]
+    if args.seeds > 1:
+        per_seed = []
+        for seed in range(args.seed, args.seed + args.seeds):
+            work = Path(f"{args.work or f'runs/quality_saving/{args.scale}'}-seed{seed}")
+            per_seed.append(run_recipes(work, size, seed, device.type, recipes, args.set,
+                                        reuse_baselines=args.reuse_baselines))
+            print(format_recipes(per_seed[-1]))
+        summary = seed_summary(per_seed)
+        print(summary["text"])
+        common.write_json(args.json, {"scale": args.scale, "per_seed": per_seed, "summary": summary,
+                                      "environment": common.environment(device)})
+        common.headline("iso_quality_saving_mean", summary["recipes"][recipes[0]]["gpu_hours"]["mean"])
+        return 0
     work = Path(args.work or f"runs/quality_saving/{args.scale}-seed{args.seed}")
     r = run_recipes(work, size, args.seed, device.type, recipes, args.set,
                     reuse_baselines=args.reuse_baselines)

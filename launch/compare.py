@@ -5,10 +5,14 @@ PSNR/SSIM per variant and task. Prints the tables, writes a PNG and logs both to
                              [--out runs/comparison.png] [--log-experiment dynet-comparison] [--no-log]
     python launch/compare.py --iso-quality --experiment NAME [--runs DYN_ID S_ID L_ID] [--out X.png]
                              [--x gpu_hours|pflop]
+    python launch/compare.py --iso-quality --over-seeds --experiment NAME [--x gpu_hours|pflop]
     python launch/compare.py --promote RUN_ID --alias production [--name NAME]
 
 --iso-quality: the GPU-hour saving at equal validation quality of a dynamic run against its
 fixed-variant baselines (dyntrain.eval.iso_quality): table, plot, and metrics logged to the dynamic run.
+With --over-seeds: every seed's comparison in the experiment (runs grouped by their run.seed), then
+per recipe the mean saving with a 95% interval over seeds and the paired difference against the
+paper's recipe on the same seeds (dyntrain.analysis.over_seeds); nothing is logged.
 
 --promote: after a comparison, point a Model Registry alias (@candidate, @production ...) at the
 registered version of that run's model (registering it as --name first when it was logged but not
@@ -25,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from dyntrain.analysis.compare import (ComparisonError, collect_runs, compare_iso_quality,  # noqa: E402
                               format_tables, log_comparison)
+from dyntrain.analysis.over_seeds import iso_quality_over_seeds  # noqa: E402
 from dyntrain.analysis.plot import plot  # noqa: E402
 from dyntrain.config import load_config  # noqa: E402
 from dyntrain.errors import cli_main  # noqa: E402
@@ -51,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--x", choices=("gpu_hours", "pflop"), default="gpu_hours",
                         help="iso-quality cost axis: GPU hours (wall time, the default) or PFLOP of "
                              "training work (independent of the machine's speed and load)")
+    parser.add_argument("--over-seeds", action="store_true",
+                        help="--iso-quality over several runs per arm: mean and 95%% interval over seeds")
     parser.add_argument("--promote", default=None, metavar="RUN_ID",
                         help="point --alias at the registered version of this run's model")
     parser.add_argument("--alias", default=None, help="--promote: the alias (candidate, production ...)")
@@ -65,6 +72,19 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--promote needs --alias (e.g. --alias production)")
         name, version = promote_run(uri, args.promote, args.alias, args.name)
         print(f"{name}@{args.alias} -> version {version} (run {args.promote})")
+        return 0
+    if args.over_seeds:
+        if not args.experiment:
+            parser.error("--over-seeds needs --experiment NAME")
+        try:
+            result = iso_quality_over_seeds(uri, args.experiment[-1], args.x)
+        except ComparisonError as exc:
+            print(f"compare: error: {exc}", file=sys.stderr)
+            return 2
+        print(result["text"])
+        first = result["recipes"][result["reference"]]
+        suffix = "" if args.x == "gpu_hours" else f"_{args.x}"
+        print(f"iso_quality_saving{suffix}_mean={first['mean']}")
         return 0
     if args.iso_quality or args.runs:
         out = Path(args.out if args.out != parser.get_default("out") else "runs/iso_quality.png")
