@@ -137,6 +137,13 @@ def test_export_writes_what_the_authors_loader_reads(ref_state, tmp_path):
             state = {k.removeprefix("net."): v for k, v in state.items()}
         assert {k: list(v.shape) for k, v in state.items()} == dict(FIXTURE)
         assert all(torch.equal(state[k], v) for k, v in ref_state.items() if k not in UNUSED)
+    # the training step recorded in our file becomes the Lightning checkpoint's global_step
+    for name in ("s.safetensors", "s.pt"):
+        src = save_weights(tmp_path / name, imported.state_dict, imported.config.to_dict(), {"step": 1234})
+        export_reference(src, tmp_path / f"{name}.ckpt")
+        assert torch.load(tmp_path / f"{name}.ckpt", weights_only=True)["global_step"] == 1234
+    export_reference(ours, tmp_path / "nostep.ckpt")
+    assert torch.load(tmp_path / "nostep.ckpt", weights_only=True)["global_step"] == 0
 
 
 def test_non_reference_files_pass_through_and_names_are_not_guessed(tmp_path):

@@ -18,9 +18,8 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from dyntrain.checkpoint import CheckpointError
-from dyntrain.checkpoint.weights import (checkpoint_info, is_safetensors, load_torch_file, load_weights,
-                                         save_weights, weights_from_object)
+from dyntrain.checkpoint.weights import (checkpoint_info, consolidated_weights, is_safetensors,
+                                         load_torch_file, load_weights, save_weights, weights_from_object)
 from dyntrain.config import dynet_config_from_dict
 from dyntrain.interop.convert import (Imported, ReferenceFormatError, from_reference, looks_like_reference,
                                       strip_prefixes, to_reference)
@@ -36,13 +35,19 @@ FORMS = ("lightning", "state_dict")
 
 
 def _load(path: Path, trust: bool) -> tuple[dict[str, torch.Tensor], Optional[dict[str, Any]], dict[str, Any]]:
-    """(state_dict, stored model config or None, facts from the file: step, epoch)."""
-    if path.is_dir() or is_safetensors(path):
+    """(state_dict, stored model config or None, facts from the file: ``step`` (dyntrain's own),
+    ``global_step``, ``epoch`` (a Lightning checkpoint's)), reading the file once."""
+    if path.is_dir():
+        state, model_cfg, info = consolidated_weights(path)
+        return state, model_cfg, {"step": info.get("step")}
+    if is_safetensors(path):
         state, model_cfg = load_weights(path)
-        return state, model_cfg, {}
+        return state, model_cfg, {"step": checkpoint_info(path).get("step")}  # the header only
     obj = load_torch_file(path, trust=trust)
     state, model_cfg = weights_from_object(obj, path)
     facts = {k: obj[k] for k in ("global_step", "epoch") if isinstance(obj, dict) and isinstance(obj.get(k), int)}
+    if isinstance(obj, dict) and isinstance(obj.get("info"), dict):
+        facts["step"] = obj["info"].get("step")
     return state, model_cfg, facts
 
 
@@ -63,13 +68,17 @@ def read_weights(path: str | Path, trust: bool = False) -> tuple[dict[str, torch
     """``(state_dict, model config dict)`` of any file the entry points accept: dyntrain's checkpoint
     folders and exports (as ``dyntrain.checkpoint.weights.load_weights``) or a reference-layout file,
     converted on the fly (its architecture read off its shapes)."""
-    path = Path(path)
-    state, model_cfg, _ = _load(path, trust) if path.exists() else (*load_weights(path), {})
+    return _read(Path(path), trust)[:2]
+
+
+def _read(path: Path, trust: bool) -> tuple[dict[str, torch.Tensor], Optional[dict[str, Any]], dict[str, Any]]:
+    """``read_weights`` plus the file's facts (``_load``)."""
+    state, model_cfg, facts = _load(path, trust) if path.exists() else (*load_weights(path), {})
     if model_cfg is None and looks_like_reference(strip_prefixes(state)[0]):
         imported = from_reference(state, source=str(path))
         log.info(f"{path}: the authors' reference layout, converted ({imported.dropped_note()})")
-        return imported.state_dict, imported.config.to_dict()
-    return state, model_cfg
+        return imported.state_dict, imported.config.to_dict(), facts
+    return state, model_cfg, facts
 
 
 def import_reference(src: str | Path, out: str | Path, trust: bool = False) -> tuple[Path, Imported]:
@@ -96,7 +105,7 @@ def export_reference(src: str | Path, out: str | Path, form: Optional[str] = Non
     form = form or ("lightning" if out.suffix == ".ckpt" else "state_dict")
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    state, model_cfg = read_weights(src)
+    state, model_cfg, facts = _read(Path(src), False)
     if model_cfg is None:
         raise ReferenceFormatError(f"{src} carries no model config; export it with launch/export.py first")
     config = dynet_config_from_dict(model_cfg, where=f"{src}: model")
@@ -105,10 +114,7 @@ def export_reference(src: str | Path, out: str | Path, form: Optional[str] = Non
         log.warning(f"{src}: the authors' code builds another architecture ({'; '.join(differences)}); "
                     "the names are theirs but their classes cannot load these shapes")
     reference = to_reference(state, config, source=str(src))
-    try:
-        step = int(checkpoint_info(src).get("step") or 0)
-    except (CheckpointError, OSError, ValueError):  # a plain state_dict file records no step
-        step = 0
+    step = int(facts.get("step") or facts.get("global_step") or 0)  # a plain state_dict records none
     write_reference(out, reference, form, step=step)
     return out
 
