@@ -162,14 +162,35 @@ def summarize(per_seed: list[dict], recipes: list[str], variants: list[str], axe
     return result
 
 
+def headline_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The parent run's metrics: each saving's mean and interval ends per variant and axis (first
+    recipe), ``downstream_saving_family_<axis>_mean`` and the pre-training gain per variant."""
+    out: dict[str, float] = {}
+
+    def put(name: str, s: dict) -> None:
+        for key, value in (("mean", s["mean"]), ("ci95_lo", s["ci95"][0]), ("ci95_hi", s["ci95"][1])):
+            if value is not None:
+                out[f"{name}_{key}"] = value
+    for kind in ("downstream_saving", "proxy_saving"):
+        for v, by_axis in result[kind].items():
+            for axis, s in by_axis.items():
+                put(f"{kind}_{v}_{axis}", s)
+        for axis, s in result["family_saving"][kind.split("_")[0]].items():
+            put(f"{kind}_family_{axis}", s)
+    for v, s in result["pretraining_gain_db"].items():
+        put(f"pretraining_gain_db_{v}", s)
+    return out
+
+
 def _minus(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return None if a is None or b is None else a - b
 
 
 def format_table(result: dict[str, Any], recipes: list[str]) -> str:
     """Markdown: per recipe and variant, the two savings on both axes and the gains, with intervals."""
-    lines = [f"seeds {result['seeds']}; mean [95% interval] ({result['interval']}); (bound) = a separate "
-             "run never reached the dynamic run's PSNR in some seed, so the figure is a lower bound", "",
+    lines = [f"seeds {result['seeds']}; mean [95% interval] ({result['interval']}); downstream saving = at "
+             "equal fine-tuned quality, proxy saving = at equal validation quality (pre-training curves); (bound) "
+             "= a separate run never reached the dynamic run's PSNR in some seed, so the figure is a lower bound", "",
              "| recipe | variant | downstream saving, GPU h | downstream saving, PFLOP | proxy saving, GPU h | "
              "proxy saving, PFLOP | proxy - downstream, PFLOP | pre-training gain (dB) | dyn - sep at equal "
              "iterations (dB) |", "|---|---|---|---|---|---|---|---|---|"]

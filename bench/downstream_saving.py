@@ -48,6 +48,8 @@ import common
 import downstream_parts as parts
 from quality_saving import BASELINES, RECIPES, _run_id, _train, base_overrides, prepare_data
 
+from dyntrain.tracking.savings import EQUAL_FINETUNED_QUALITY, EQUAL_VALIDATION_QUALITY
+
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = {"dim": 8, "crop": 32, "batch": 4, "steps": 160, "fractions": 4, "images": 16, "val_samples": 32,
@@ -57,6 +59,7 @@ GPU = {"dim": 48, "crop": 128, "batch": 16, "steps": 800, "fractions": 4, "image
        "test_images": 4}
 AXES = ("gpu_hours", "pflop")
 EXPERIMENT = "downstream-saving"
+BASES = {"downstream_saving": EQUAL_FINETUNED_QUALITY, "proxy_saving": EQUAL_VALIDATION_QUALITY}
 
 
 def pretrain_arms(work: Path, size: dict[str, Any], seed: int, device: str, recipes: list[str],
@@ -173,6 +176,10 @@ def run(work: Path, size: dict[str, Any], seeds: list[int], device: str, recipes
     result["per_seed_results"] = per_seed
     result["table"] = parts.format_table(result, recipes)
     png = parts.plot(per_seed, recipes, work / "downstream_saving.png")
+    store.log_batch_metrics(uri, parent, [(k, v, 0) for k, v in parts.headline_metrics(result).items()])
+    for key, basis in BASES.items():  # which saving each figure is
+        store.set_tag(uri, parent, f"{key}_basis", basis)
+    result["basis"] = dict(BASES)
     store.log_text(uri, parent, result["table"] + "\n", "downstream_saving.md")
     store.log_artifact(uri, parent, png)
     store.finish_run(uri, parent)

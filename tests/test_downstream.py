@@ -242,6 +242,10 @@ def test_downstream_bench_end_to_end(tmp_path):
     client = MlflowClient(r["tracking_uri"])
     pre = client.get_run(arms["S"]["run_id"]).data.tags
     assert pre["arm"] == "S" and pre["seed"] == "0" and pre["mlflow.parentRunId"] == r["parent_run"]
+    parent = client.get_run(r["parent_run"]).data
+    assert parent.tags["downstream_saving_basis"] == "equal_finetuned_quality"
+    assert parent.tags["proxy_saving_basis"] == "equal_validation_quality"
+    assert parent.metrics["pretraining_gain_db_L_mean"] == pytest.approx(gain)
     arts = {a.path for a in client.list_artifacts(r["parent_run"])}
     assert {"downstream_saving.md", "downstream_saving.png"} <= arts
     children = client.search_runs([client.get_run(r["parent_run"]).info.experiment_id],
