@@ -11,7 +11,8 @@ import sys
 from typing import Optional
 
 from dyntrain.data.shards.patches import ShardBuildConfig
-from dyntrain.data.shards.writer import build_shards, build_with_holdout, empty_build_message
+from dyntrain.data.shards.builder import empty_message
+from dyntrain.data.shards.writer import build_shards, build_with_holdout
 from dyntrain.data.storage.s3 import DataSourceError
 from dyntrain.errors import DyntrainError, cli_main
 from dyntrain.logs import get_logger, setup_logging
@@ -96,7 +97,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         raise DyntrainError(f"make_shards: {exc}") from None
     if manifest["num_samples"] == 0:   # every patch filtered out: the manifest says why, but no data
-        raise DataSourceError(empty_build_message(args.src, manifest["counts"], args.patch_size, args.out))
+        raise DataSourceError(empty_message(args.src, manifest["counts"], args.patch_size, args.out))
     print(json.dumps({"out": args.out, "num_shards": manifest["num_shards"],
                       "num_samples": manifest["num_samples"], "counts": manifest["counts"]}))
     if val is not None:
