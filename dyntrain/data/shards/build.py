@@ -1,4 +1,7 @@
-"""The shard builder's command line (``python launch/make_shards.py``; logic in ``shards.py``).
+"""The shard builder's command line (``python launch/make_shards.py``; logic in ``writer.py``).
+
+    make_shards.py --src DIR ... --out OUT [--part I/N] ...   build (all of it, or part I of N)
+    make_shards.py merge --out OUT [--out VAL_OUT] [--parts N] join the parts of a parted build
 
 stdout carries one JSON line (output, shard and sample counts), and a second one for the validation
 shards with ``--holdout``; the log goes to stderr.
@@ -10,8 +13,10 @@ import json
 import sys
 from typing import Optional
 
-from dyntrain.data.shards.patches import ShardBuildConfig
 from dyntrain.data.shards.builder import empty_message
+from dyntrain.data.shards.merge import merge_parts
+from dyntrain.data.shards.patches import ShardBuildConfig
+from dyntrain.data.shards.sources import list_sources, parse_part
 from dyntrain.data.shards.writer import build_shards, build_with_holdout
 from dyntrain.data.storage.s3 import DataSourceError
 from dyntrain.errors import DyntrainError, cli_main
@@ -31,13 +36,50 @@ def _threshold(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not a number") from None
 
 
+def _part(text: str) -> tuple[int, int]:
+    try:
+        return parse_part(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parse_merge_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="make_shards.py merge",
+        description="Check the parts of a parted build (make_shards --part I/N) and write the one "
+                    "manifest.json and patches.jsonl over all of them.")
+    p.add_argument("--out", action="append", required=True, metavar="DIR_OR_S3_URL",
+                   help="the parts' output (repeat: e.g. the training and the validation output)")
+    p.add_argument("--parts", type=int, default=0, metavar="N", help="expected number of parts")
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def merge_main(argv: list[str]) -> int:
+    args = parse_merge_args(argv)
+    setup_logging(stream=sys.stderr)
+    for out in args.out:
+        m = merge_parts(out, args.parts, progress=not args.quiet)
+        print(json.dumps({"out": out, "num_shards": m["num_shards"], "num_samples": m["num_samples"],
+                          "parts": len(m["parts"]), "counts": m["counts"],
+                          **({"up_to_date": m["up_to_date"]} if "up_to_date" in m else {})}))
+    return 0
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="make_shards.py",
         description="Cut photographs into patches, filter flat/low-quality ones, write WebDataset "
                     "shards with DALI indices and a manifest to a folder or s3://bucket/prefix.")
-    p.add_argument("--src", action="append", required=True, metavar="DIR",
-                   help="image folder (recursive); repeat for several")
+    p.add_argument("--src", action="append", default=[], metavar="DIR_OR_S3",
+                   help="image folder (recursive) or s3:// prefix; repeat for several")
+    p.add_argument("--src-list", action="append", default=[], metavar="FILE",
+                   help="CSV or JSONL list of images: path (or url), optional source, link, license")
+    p.add_argument("--part", type=_part, default=None, metavar="I/N",
+                   help="build part I (0-based) of N: a fixed block of the source list; then merge")
+    p.add_argument("--max-decoded-pixels", type=int, default=ShardBuildConfig.max_decoded_pixels,
+                   metavar="PIXELS", help="skip (reason too_large) images with more pixels; decoding "
+                   "takes up to ~12 bytes a pixel, so the default 200e6 keeps a worker under 2.4 GB")
     p.add_argument("--out", required=True, metavar="DIR_OR_S3_URL")
     p.add_argument("--patch-size", type=int, default=512)
     p.add_argument("--shard-samples", type=int, default=1000, metavar="N")
@@ -71,8 +113,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["merge"]:
+        return merge_main(argv[1:])
     args = parse_args(argv)
     setup_logging(stream=sys.stderr)
+    if not args.src and not args.src_list:
+        raise DyntrainError("make_shards: give the images with --src and/or --src-list")
     qmin, qmax = dict(args.quality_min), dict(args.quality_max)
     if args.min_sharpness is not None:
         qmin["sharpness"] = args.min_sharpness
@@ -84,22 +131,29 @@ def main(argv: Optional[list[str]] = None) -> int:
                                flat_block=args.flat_block, flat_threshold=args.flat_threshold,
                                max_flat_frac=args.max_flat_frac, quality_min=qmin,
                                quality_max=qmax, quality_hook=args.quality_hook,
-                               workers=args.workers, prefix=args.prefix)
+                               workers=args.workers, prefix=args.prefix,
+                               max_decoded_pixels=args.max_decoded_pixels)
+        sources, prov = list_sources(args.src, args.src_list)
         val = None
         if args.holdout:
             val_out = args.val_out or args.out.rstrip("/") + "-val"
             manifest, val = build_with_holdout(args.src, args.out, val_out, args.holdout, cfg,
-                                               args.holdout_seed, args.force, not args.quiet)
+                                               args.holdout_seed, args.force, not args.quiet,
+                                               sources=sources, prov=prov, part=args.part)
         else:
-            manifest = build_shards(args.src, args.out, cfg, force=args.force, progress=not args.quiet)
+            manifest = build_shards(args.src, args.out, cfg, force=args.force, progress=not args.quiet,
+                                    sources=sources, prov=prov, part=args.part)
     except ValueError as exc:  # a bad option value (ShardBuildConfig); DyntrainErrors pass through
         if isinstance(exc, DyntrainError):
             raise
         raise DyntrainError(f"make_shards: {exc}") from None
-    if manifest["num_samples"] == 0:   # every patch filtered out: the manifest says why, but no data
-        raise DataSourceError(empty_message(args.src, manifest["counts"], args.patch_size, args.out))
+    if manifest["num_samples"] == 0 and args.part is None:
+        # every patch filtered out: the manifest says why, but no data (a part may be empty)
+        raise DataSourceError(empty_message(args.src + args.src_list, manifest["counts"],
+                                            args.patch_size, args.out))
     print(json.dumps({"out": args.out, "num_shards": manifest["num_shards"],
-                      "num_samples": manifest["num_samples"], "counts": manifest["counts"]}))
+                      "num_samples": manifest["num_samples"], "counts": manifest["counts"],
+                      **({"up_to_date": manifest["up_to_date"]} if "up_to_date" in manifest else {})}))
     if val is not None:
         print(json.dumps({"val_out": val["holdout"]["val_out"], "num_shards": val["num_shards"],
                           "num_samples": val["num_samples"],

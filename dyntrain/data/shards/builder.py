@@ -13,7 +13,7 @@ import re
 import sys
 import time
 from dataclasses import asdict
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 from dyntrain.data.shards.patches import ShardBuildConfig, init_worker, process_image
 from dyntrain.data.shards.resume import Journal, entry_text

@@ -40,8 +40,8 @@ from typing import Any, Optional
 from dyntrain.data.shards.builder import BUILDER_VERSION, Builder
 from dyntrain.data.shards.patches import ShardBuildConfig
 from dyntrain.data.shards.resume import Journal
-from dyntrain.data.shards.sources import (
-    Provenance, list_sources, part_block, sources_digest, split_holdout, stat_digest)
+from dyntrain.data.shards.sources import (Provenance, list_sources, part_block, sources_digest, split_holdout,
+                                          stat_digest)
 from dyntrain.data.storage.output import ShardOutput
 from dyntrain.logs import get_logger
 
