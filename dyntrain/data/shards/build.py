@@ -2,6 +2,9 @@
 
     make_shards.py --src DIR ... --out OUT [--part I/N] ...   build (all of it, or part I of N)
     make_shards.py merge --out OUT [--out VAL_OUT] [--parts N] join the parts of a parted build
+    make_shards.py index --src DIR ... --out OUT --part I/N     de-duplication: hash part I's images
+    make_shards.py plan --out OUT --parts N                     de-duplication: the plan over all parts
+    make_shards.py --dedup ...                                  build without the plan's duplicates
 
 stdout carries one JSON line (output, shard and sample counts), and a second one for the validation
 shards with ``--holdout``; the log goes to stderr.
@@ -14,6 +17,8 @@ import sys
 from typing import Optional
 
 from dyntrain.data.shards.builder import empty_message
+from dyntrain.data.shards.dedup import NEAR_THRESHOLD, apply_plan
+from dyntrain.data.shards.dedup_steps import index_part, load_plan, make_plan, plan_summary
 from dyntrain.data.shards.merge import merge_parts
 from dyntrain.data.shards.patches import ShardBuildConfig
 from dyntrain.data.shards.sources import list_sources, parse_part
@@ -66,6 +71,43 @@ def merge_main(argv: list[str]) -> int:
     return 0
 
 
+def plan_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="make_shards.py plan",
+        description="Group the exact and near duplicates over the indices of all N parts "
+                    "(make_shards index --part I/N) and write OUT/_dedup/plan.json.")
+    p.add_argument("--out", required=True, metavar="DIR_OR_S3_URL")
+    p.add_argument("--parts", type=int, default=1, metavar="N")
+    p.add_argument("--threshold", type=int, default=NEAR_THRESHOLD,
+                   help="pHash bits (of 64) within which two images are near duplicates")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    setup_logging(stream=sys.stderr)
+    plan = make_plan(args.out, args.parts, args.threshold, progress=not args.quiet)
+    print(json.dumps({"out": args.out, "images": plan["images"], "dropped": plan["counts"]}))
+    return 0
+
+
+def _dedup(args: argparse.Namespace, sources: list[str], prov: dict) -> tuple[list[str], dict]:
+    """The source list without the plan's duplicates, and the manifest's record of the plan; a
+    single-machine build makes the plan itself when it has none for these sources."""
+    try:
+        plan = load_plan(args.out, sources, prov)
+    except DataSourceError:
+        if args.part is not None:
+            raise
+        plan = None
+    if plan is None:
+        if args.part is not None:
+            raise DataSourceError(f"--dedup: no de-duplication plan in {args.out}: run make_shards "
+                                  "index (every part) and plan first")
+        index_part(sources, prov, args.out, (0, 1), args.max_decoded_pixels, args.workers,
+                   not args.quiet)
+        make_plan(args.out, 1, progress=not args.quiet)
+        plan = load_plan(args.out, sources, prov)
+    return apply_plan(sources, plan), {"dedup": plan_summary(plan)}
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="make_shards.py",
@@ -106,6 +148,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--val-out", default=None, metavar="DIR_OR_S3_URL",
                    help="where the held-out images' shards go (default: <out>-val)")
     p.add_argument("--holdout-seed", type=int, default=0, help="seed of the held-out image draw")
+    p.add_argument("--dedup", action="store_true",
+                   help="leave out the exact and near duplicates of OUT/_dedup/plan.json (made by "
+                        "index + plan; a build without --part makes it itself)")
     p.add_argument("--prefix", default="shard")
     p.add_argument("--force", action="store_true", help="rebuild even when up to date")
     p.add_argument("--quiet", action="store_true")
@@ -116,10 +161,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["merge"]:
         return merge_main(argv[1:])
-    args = parse_args(argv)
+    if argv[:1] == ["plan"]:
+        return plan_main(argv[1:])
+    index = argv[:1] == ["index"]
+    args = parse_args(argv[1:] if index else argv)
     setup_logging(stream=sys.stderr)
     if not args.src and not args.src_list:
         raise DyntrainError("make_shards: give the images with --src and/or --src-list")
+    if index:
+        sources, prov = list_sources(args.src, args.src_list)
+        head = index_part(sources, prov, args.out, args.part or (0, 1), args.max_decoded_pixels,
+                          args.workers, not args.quiet)
+        print(json.dumps({"out": args.out, **head}))
+        return 0
     qmin, qmax = dict(args.quality_min), dict(args.quality_max)
     if args.min_sharpness is not None:
         qmin["sharpness"] = args.min_sharpness
@@ -134,15 +188,18 @@ def main(argv: Optional[list[str]] = None) -> int:
                                workers=args.workers, prefix=args.prefix,
                                max_decoded_pixels=args.max_decoded_pixels)
         sources, prov = list_sources(args.src, args.src_list)
+        extra: dict = {}
+        if args.dedup:  # before the holdout split: a held-out image has no twin in training
+            sources, extra = _dedup(args, sources, prov)
         val = None
         if args.holdout:
             val_out = args.val_out or args.out.rstrip("/") + "-val"
             manifest, val = build_with_holdout(args.src, args.out, val_out, args.holdout, cfg,
                                                args.holdout_seed, args.force, not args.quiet,
-                                               sources=sources, prov=prov, part=args.part)
+                                               sources=sources, prov=prov, part=args.part, extra=extra)
         else:
             manifest = build_shards(args.src, args.out, cfg, force=args.force, progress=not args.quiet,
-                                    sources=sources, prov=prov, part=args.part)
+                                    sources=sources, prov=prov, part=args.part, extra=extra)
     except ValueError as exc:  # a bad option value (ShardBuildConfig); DyntrainErrors pass through
         if isinstance(exc, DyntrainError):
             raise
