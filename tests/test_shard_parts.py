@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from dyntrain.data.shards.build import main
 from dyntrain.data.shards.merge import merge_parts
 from dyntrain.data.shards.patches import ShardBuildConfig
 from dyntrain.data.shards.writer import build_shards
+from dyntrain.data.storage import s3
 from dyntrain.data.storage.s3 import DataSourceError
 from dyntrain.data.storage.urls import expand_urls
 from dyntrain.data.synthetic import write_synthetic_images
@@ -31,10 +33,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "launch" / "make_shards.py")
 
 
-def patch_set(out: Path) -> list[tuple[str, str]]:
-    """(key, SHA-256 of the decoded pixels) of every sample, in the order training reads them."""
+def patch_set(out: Path | str, scratch: Optional[Path] = None) -> list[tuple[str, str]]:
+    """(key, SHA-256 of the decoded pixels) of every sample, in the order training reads them
+    (an S3 shard is copied to the file ``scratch`` first)."""
     got = []
     for url in expand_urls([str(out)]):
+        if s3.is_s3(url):
+            scratch.write_bytes(s3.read_bytes(url))
+            url = str(scratch)
         for key, comps in read_tar(Path(url)).items():
             pixels = np.asarray(Image.open(io.BytesIO(comps["png"])))
             got.append((key, hashlib.sha256(pixels.tobytes()).hexdigest()))
@@ -171,3 +177,22 @@ def test_decoded_pixel_cap_skips_large_images(src, tmp_path):
     assert m["counts"]["images_too_large"] == 7 and m["counts"]["images_used"] == 1
     assert m["skipped_images"]["too_large"][0]["size"] == [256, 192]
     assert m["num_samples"] == 4
+
+
+def test_parts_from_and_to_s3(src, s3_bucket, tmp_path):
+    """Sources under an s3:// prefix, two parts and the merge into another prefix (journal and
+    part files on S3): the same patches as a local single-process build of the same images."""
+    for p in sorted(src.iterdir()):
+        s3.upload_file(p, f"{s3_bucket}/photos/{p.name}")
+    cfg = ShardBuildConfig(patch_size=64, shard_samples=7, image_format="png", workers=2)
+    build_shards([src], str(tmp_path / "single"), cfg, progress=False)
+    out = f"{s3_bucket}/shards"
+    for i in range(2):
+        m = build_shards([f"{s3_bucket}/photos"], out, cfg, progress=False, part=(i, 2))
+        assert m["sources"][0].startswith(f"{s3_bucket}/photos/")
+    merged = merge_parts(out, progress=False)
+    assert merged["num_samples"] == sum(p["num_samples"] for p in merged["parts"])
+    assert patch_set(out + "/", tmp_path / "shard.tar") == patch_set(tmp_path / "single")
+    names = {u[len(out) + 1:] for u, _ in s3.list_objects(out + "/")}
+    assert {"manifest.json", "patches.jsonl", "part-0000-of-0002.json"} <= names
+    assert not [n for n in names if "/" in n]   # the resume journal is gone

@@ -101,7 +101,7 @@ def merge_parts(out: str, expected: int = 0, progress: bool = True) -> dict[str,
             done["up_to_date"] = (f"{output.url_of(MANIFEST)} already merges these {len(parts)} parts "
                                   "and all its shards are present")
             if progress:
-                log.info("nothing to do: %s", done["up_to_date"])
+                log.info("up to date, nothing to do: %s", done["up_to_date"])
             return done
         counts: dict[str, Any] = {}
         skipped: dict[str, list] = {}

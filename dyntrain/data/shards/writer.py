@@ -145,7 +145,7 @@ def build_shards(srcs: list[str | Path], out: str, cfg: Optional[ShardBuildConfi
             manifest["up_to_date"] = (f"{output.url_of(names[1])} lists the same sources and settings "
                                       f"and all its {manifest['num_shards']} shards are present")
             if progress:
-                log.info("nothing to do: %s", manifest["up_to_date"])
+                log.info("up to date, nothing to do: %s", manifest["up_to_date"])
             return manifest
         return Builder(tasks, output, cfg, progress, [str(s) for s in srcs], extra, names,
                         journal).run(fingerprint, force)
