@@ -2,7 +2,9 @@
 ``sbatch slurm/pretrain.sbatch configs/quickstart.yaml ...`` on 2 CPU ranks, the preemption signal
 sent with ``scancel --signal=USR1 --batch``; the job must checkpoint at the next step boundary,
 requeue itself, come back (SLURM_RESTART_COUNT=1, about two minutes later: Slurm holds a requeued
-job back that long) and finish from where it stopped, in the same MLflow run.
+job back that long) and finish from where it stopped, in the same MLflow run. And the shard build
+``bash slurm/make_shards.sbatch --parts 2 --dedup -- ...``: index array, plan, build array and merge
+chained with afterok.
 
 Needs root and the packages (``.ci/run`` installs them: ``apt-get install -y slurm-wlm munge``);
 skips with the reason otherwise. All daemons are stopped at the end.
