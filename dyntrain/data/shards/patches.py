@@ -21,7 +21,7 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
-from dyntrain.data.shards.quality import QualityFilter, flat_fraction
+from dyntrain.data.shards.quality import QualityFilter, flat_fraction, luminance
 from dyntrain.data.storage import s3
 from dyntrain.data.storage.s3 import DataSourceError, is_s3
 from dyntrain.images import read_image
@@ -169,11 +169,12 @@ def process_image(task: tuple[int, str, dict]) -> dict[str, Any]:
     check_quality = bool(cfg.quality_min or cfg.quality_max or cfg.quality_hook)
     for row, col, y, x in grid:
         patch = np.ascontiguousarray(rgb[y:y + p, x:x + p])
-        flat = flat_fraction(patch, cfg.flat_block, cfg.flat_threshold)
+        luma = luminance(patch)  # once, for the flat detector and the built-in scores
+        flat = flat_fraction(luma, cfg.flat_block, cfg.flat_threshold)
         if flat > cfg.max_flat_frac:
             result["dropped"]["flat"] = result["dropped"].get("flat", 0) + 1
             continue
-        scores = qf.scores(patch)
+        scores = qf.scores(patch, luma)
         if check_quality:
             failed = qf.check(scores)
             if failed is not None:
