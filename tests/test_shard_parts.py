@@ -120,6 +120,8 @@ def test_part_killed_after_first_shard_resumes_identically(tmp_path):
     assert not (out / "part-0000-of-0002.json").exists()   # killed mid-way
     done = sorted(p.name for p in out.glob("shard-*.tar"))
     assert 1 <= len(done) < 6
+    with pytest.raises(DataSourceError, match=r"part 0 of 2 is unfinished \(\d+ shard\(s\) in its journal\)"):
+        merge_parts(str(out), expected=2, progress=False)
     r = cli(*args, "--out", str(out))
     assert r.returncode == 0, r.stderr
     want = json.loads((ref / "part-0000-of-0002.json").read_text())
@@ -196,3 +198,9 @@ def test_parts_from_and_to_s3(src, s3_bucket, tmp_path):
     names = {u[len(out) + 1:] for u, _ in s3.list_objects(out + "/")}
     assert {"manifest.json", "patches.jsonl", "part-0000-of-0002.json"} <= names
     assert not [n for n in names if "/" in n]   # the resume journal is gone
+
+
+def test_memory_warning_names_the_knob(src, tmp_path, caplog):
+    cfg = ShardBuildConfig(patch_size=64, workers=1, max_decoded_pixels=10**13)  # 120 TB at peak
+    build_shards([src], str(tmp_path / "out"), cfg, progress=False)
+    assert "may need 120000.0 GB" in caplog.text and "--max-decoded-pixels" in caplog.text

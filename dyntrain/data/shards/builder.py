@@ -13,7 +13,7 @@ import re
 import sys
 import time
 from dataclasses import asdict
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 from dyntrain.data.shards.patches import ShardBuildConfig, init_worker, process_image
 from dyntrain.data.shards.resume import Journal, entry_text
@@ -29,6 +29,19 @@ log = get_logger(__name__)
 BUILDER_VERSION = 2
 
 Task = tuple[int, str, dict]  # (image index, source, provenance)
+DECODE_BYTES_PER_PIXEL = 12   # peak of read_image: decoded RGB + orientation and colour copies
+
+
+def available_memory() -> Optional[int]:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def new_counts(images: int) -> dict[str, Any]:
@@ -99,6 +112,7 @@ class Builder:
         start = self._resume(force)
         workers = self.cfg.workers or os.cpu_count() or 1
         workers = max(1, min(workers, len(self.tasks) - start))
+        self._check_memory(workers)
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         with progress_bar(len(self.tasks), "[make_shards] images", "img", self.progress) as bar:
             bar.update(start)
@@ -134,6 +148,15 @@ class Builder:
             raise DataSourceError(empty_message(self.src_names, self.counts, self.cfg.patch_size,
                                                 self.output.url))
         return self._finish(t0)
+
+    def _check_memory(self, workers: int) -> None:
+        """Warn when the workers' peak decode (~12 bytes a pixel at the cap) exceeds the free memory."""
+        need = workers * self.cfg.max_decoded_pixels * DECODE_BYTES_PER_PIXEL
+        avail = available_memory()
+        if avail is not None and need > avail:
+            log.warning("%d workers decoding images of up to %.0f MP may need %.1f GB, more than the "
+                        "%.1f GB available: lower --workers or --max-decoded-pixels", workers,
+                        self.cfg.max_decoded_pixels / 1e6, need / 1e9, avail / 1e9)
 
     def _dropped(self) -> int:
         return sum(self.counts["patches_dropped"].values())
