@@ -40,6 +40,7 @@ from dyntrain.data.storage.s3 import DataSourceError
 
 NEAR_THRESHOLD = 6
 HASH_NAME = "pHash-64 (32x32 area luma, 2-D DCT-II, 8x8 low frequencies vs their median)"
+_CHUNK = 1024
 _BANDS = [(0, 9), (9, 18), (18, 27), (27, 36), (36, 45), (45, 54), (54, 64)]
 
 
@@ -117,10 +118,12 @@ def near_pairs(hashes: np.ndarray, threshold: int = NEAR_THRESHOLD) -> set[tuple
             if len(members) < 2:
                 continue
             x = hashes[members]
-            dist = np.bitwise_count(x[:, None] ^ x[None, :])
-            for u, v in zip(*np.nonzero(np.triu(dist <= threshold, 1))):
-                i, j = int(members[u]), int(members[v])
-                pairs.add((min(i, j), max(i, j)))
+            for c in range(0, len(members), _CHUNK):  # rows in chunks: memory _CHUNK x bucket
+                dist = np.bitwise_count(x[c:c + _CHUNK, None] ^ x[None, :])
+                for u, v in zip(*np.nonzero(dist <= threshold)):
+                    i, j = int(members[c + u]), int(members[v])
+                    if i != j:
+                        pairs.add((min(i, j), max(i, j)))
     return pairs
 
 
