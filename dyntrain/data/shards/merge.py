@@ -17,7 +17,6 @@ import re
 from typing import Any
 
 from dyntrain.data.shards.builder import BUILDER_VERSION, empty_message
-from dyntrain.data.shards.resume import Journal
 from dyntrain.data.shards.writer import MANIFEST, PATCH_LIST, part_names, up_to_date
 from dyntrain.data.storage.output import ShardOutput
 from dyntrain.data.storage.s3 import DataSourceError
@@ -65,9 +64,8 @@ def _parts(output: ShardOutput, expected: int = 0) -> list[dict[str, Any]]:
         name = part_names((i, n), "")[1]
         text = output.read_text(name) if i in found else None
         if text is None:
-            journal = Journal(output.url, part_names((i, n), "shard")[0])
-            done = len(journal.output.list_names())
-            journal.close()
+            journal = re.compile(rf"^journal-[A-Za-z0-9_-]+-p{i:04d}-\d{{6}}\.json$")
+            done = sum(1 for x in output.list_names() if journal.match(x))
             state = f"unfinished ({done} shard(s) in its journal)" if done else "missing"
             raise DataSourceError(f"merge: part {i} of {n} is {state}: no {output.url_of(name)}")
         manifests.append(json.loads(text))

@@ -1,7 +1,8 @@
 """The shard builder's resume journal: a killed build continues after its last complete shard.
 
-After shard ``n`` and its index are published, the builder publishes ``_journal/<prefix>-n.json``
-beside the output (a folder or an s3:// prefix): the build's fingerprint, the shard's manifest
+After shard ``n`` and its index are published, the builder publishes ``journal-<prefix>-n.json`` into
+the output (a folder or an s3:// prefix; no sub-folder, which parts running at the same time would
+have to share and remove): the build's fingerprint, the shard's manifest
 entry, its patch-list lines, the counts and skip lists as they stood when the shard was cut, and
 the resume point: the position of the image whose patch closed the shard and that patch's key.
 
@@ -14,32 +15,29 @@ twice or lost. The journal is removed once the build's manifest is written.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import re
 from typing import Any, Optional
 
 from dyntrain.data.storage.output import ShardOutput
-from dyntrain.data.storage.s3 import join_url
-
-
-JOURNAL_DIR = "_journal"
 
 
 class Journal:
     """The journal entries of the shards ``<prefix>-NNNNNN`` of one output."""
 
-    def __init__(self, out_url: str, prefix: str) -> None:
-        self.output = ShardOutput(join_url(out_url, JOURNAL_DIR))
-        self.prefix = prefix
+    def __init__(self, output: ShardOutput, prefix: str) -> None:
+        self.output, self.prefix = output, prefix
 
     def name(self, n: int) -> str:
-        return f"{self.prefix}-{n:06d}.json"
+        return f"journal-{self.prefix}-{n:06d}.json"
 
-    def _ours(self, name: str) -> bool:
-        return name.lstrip(".").startswith(self.prefix + "-")
+    def names(self) -> list[str]:
+        """This prefix's entries and staging leftovers in the output."""
+        ours = re.compile(rf"^\.?journal-{re.escape(self.prefix)}-\d{{6}}\.json(\.tmp-\d+)?$")
+        return [n for n in self.output.list_names() if ours.match(n)]
 
     def load(self, fingerprint: str, published: set[str]) -> list[dict[str, Any]]:
         """The entries a re-run can resume from (see the module docstring)."""
-        names = set(self.output.list_names())
+        names = set(self.names())
         entries: list[dict[str, Any]] = []
         while self.name(len(entries)) in names:
             text = self.output.read_text(self.name(len(entries)))
@@ -60,18 +58,9 @@ class Journal:
     def clear(self, keep: int = 0) -> None:
         """Remove this prefix's entries from ``keep`` on (all by default) and staging leftovers."""
         keep_names = {self.name(n) for n in range(keep)}
-        for name in self.output.list_names():
-            if self._ours(name) and name not in keep_names:
+        for name in self.names():
+            if name not in keep_names:
                 self.output.remove(name)
-
-    def close(self) -> None:
-        """Release the staging folder; an empty local journal folder is removed."""
-        self.output.close()
-        if not self.output.remote:
-            try:
-                Path(self.output.url).rmdir()
-            except OSError:
-                pass  # not empty: another part's journal is still there
 
 
 def entry_text(fingerprint: str, shard: dict[str, Any], lines: list[str], counts: dict[str, Any],

@@ -137,7 +137,7 @@ def build_shards(srcs: list[str | Path], out: str, cfg: Optional[ShardBuildConfi
                                     {"part": list(part) if part else None, **extra})
     names = part_names(part, cfg.prefix)
     output = ShardOutput(str(out))
-    journal = Journal(output.url, names[0])
+    journal = Journal(output, names[0])
     try:
         output.remove_leftovers(names[0], names[1:])
         manifest = None if force else up_to_date(output, fingerprint, names[1])
@@ -150,5 +150,4 @@ def build_shards(srcs: list[str | Path], out: str, cfg: Optional[ShardBuildConfi
         return Builder(tasks, output, cfg, progress, [str(s) for s in srcs], extra, names,
                         journal).run(fingerprint, force)
     finally:
-        journal.close()
         output.close()
