@@ -96,6 +96,18 @@ def test_merge_refuses_missing_and_mismatched_parts(src, tmp_path):
     r = cli("merge", "--out", str(out))
     assert r.returncode == 2 and "part 1 of 3 was built from another settings" in r.stderr
     assert not (out / "manifest.json").exists()
+    extra = tmp_path / "extra.png"   # another source list
+    Image.fromarray(np.full((64, 64, 3), 9, np.uint8)).save(extra)
+    assert main(base + ["--part", "1/3", "--src", str(extra)]) == 0
+    with pytest.raises(DataSourceError, match="part 1 of 3 was built from another source list"):
+        merge_parts(str(out), progress=False)
+    assert main(base + ["--part", "1/3"]) == 0
+    gone = json.loads((out / "part-0002-of-0003.json").read_text())["shards"][0]["name"]
+    (out / gone).unlink()
+    with pytest.raises(DataSourceError, match=f"part 2 of 3: shard {out / gone} .* is missing"):
+        merge_parts(str(out), progress=False)
+    assert main(base + ["--part", "2/3"]) == 0   # not up to date any more: rebuilt
+    assert merge_parts(str(out), progress=False)["num_samples"] > 0
     r = cli("--src", str(src), "--out", str(out), "--part", "3/3")
     assert r.returncode == 2 and "--part" in r.stderr
 
