@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import draws  # noqa: E402
 
 from dynet import DyNet, DyNetConfig
 from dynet.blocks import TransformerBlock
-
+from helpers import draws  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADLINE = re.compile(r"^([A-Za-z0-9_]+)=(-?[0-9.eE+-]+|nan)$")

@@ -16,7 +16,6 @@ from typing import Optional
 
 import numpy as np
 import pytest
-from helpers import read_tar
 from PIL import Image
 
 from dyntrain.data.shards.build import main
@@ -27,6 +26,7 @@ from dyntrain.data.storage import s3
 from dyntrain.data.storage.s3 import DataSourceError
 from dyntrain.data.storage.urls import expand_urls
 from dyntrain.data.synthetic import write_synthetic_images
+from helpers import read_tar
 
 
 ROOT = Path(__file__).resolve().parents[1]

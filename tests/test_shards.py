@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from braceexpand import braceexpand
-from helpers import read_tar
 from PIL import Image
 
 from dyntrain.data.shards import quality
@@ -23,6 +22,7 @@ from dyntrain.data.shards.writer import build_shards
 from dyntrain.data.storage.s3 import DataSourceError
 from dyntrain.data.storage.urls import expand_urls, index_url
 from dyntrain.data.synthetic import write_synthetic_images
+from helpers import read_tar
 
 
 def expand_braces(pattern: str) -> list[str]:

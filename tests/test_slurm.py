@@ -25,14 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import free_port, read_tar
 from PIL import Image
 
 from dyntrain import checkpoint as ck
 from dyntrain.data.shards.build import main as make_shards
 from dyntrain.data.storage.urls import expand_urls
 from dyntrain.data.synthetic import write_synthetic_images
-
+from helpers import free_port, read_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
