@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import tarfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,3 +116,13 @@ def unlabelled_savings(text: str) -> list[str]:
 
     shows = re.compile(r"\bsaved -?\d|\bsaving[ =]+-?\d", re.I)
     return [line for line in text.splitlines() if shows.search(line) and not any(b in line for b in SAVING_BASES)]
+
+
+def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
+    """A WebDataset shard as {key: {component: payload}}."""
+    out: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tf:
+        for m in tf:
+            key, ext = m.name.split(".", 1)
+            out.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    return out

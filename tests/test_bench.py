@@ -314,3 +314,22 @@ def test_shared_weights_bench_cpu(tmp_path):
     assert arms["dynamic"]["drawn"]["S"] + arms["dynamic"]["drawn"]["L"] == 4
     psnr = arms["L_only"]["psnr"]
     assert last == f"l_trained_as_s_cost_db={psnr['L']['mio_in_average'] - psnr['S']['mio_in_average']:.4g}"
+
+
+def test_shard_build_bench_cpu(tmp_path):
+    out = tmp_path / "shard_build.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "shard_build.py"), "--images", "2",
+                           "--size", "384x512", "--patch-size", "128", "--rounds", "1", "--nodes", "1,16",
+                           "--json", str(out)], cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    r = result["results"]
+    assert set(r) == {"plain", "builder_w1", "builder_w2", "parts_2x1", "index_w1"}
+    assert r["plain"]["patches_per_s"] == pytest.approx(12 * r["plain"]["images_per_s"])  # 12 a photo
+    ratio = r["builder_w1"]["images_per_s"] / r["plain"]["images_per_s"]
+    assert proc.stdout.strip().splitlines()[-1] == f"builder_vs_plain_ratio={ratio:.4g}"
+    one, sixteen = result["projection"]
+    assert one["build_hours"] == pytest.approx(16 * sixteen["build_hours"])
+    assert one["build_hours"] == pytest.approx(
+        2.09e6 * 4.0 / (r["builder_w1"]["mpix_per_s_per_worker"] * 32) / 3600)

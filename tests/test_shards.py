@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +17,12 @@ from PIL import Image
 from dyntrain.data.shards import quality
 from dyntrain.data.shards.build import main
 from dyntrain.data.shards.patches import ShardBuildConfig, patch_grid
-from dyntrain.data.storage.s3 import DataSourceError
-from dyntrain.data.shards.writer import build_shards
-from dyntrain.data.synthetic import write_synthetic_images
-from dyntrain.data.storage.urls import expand_urls, index_url
 from dyntrain.data.shards.wds import make_index, parse_index
+from dyntrain.data.shards.writer import build_shards
+from dyntrain.data.storage.s3 import DataSourceError
+from dyntrain.data.storage.urls import expand_urls, index_url
+from dyntrain.data.synthetic import write_synthetic_images
+from helpers import read_tar
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -105,15 +105,6 @@ def write(path: Path, img: np.ndarray, fmt: str = "PNG") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(img).save(path, fmt)
     return path
-
-
-def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
-    out: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tf:
-        for m in tf:
-            key, ext = m.name.split(".", 1)
-            out.setdefault(key, {})[ext] = tf.extractfile(m).read()
-    return out
 
 
 def test_patch_grid_is_centred_and_non_overlapping():

@@ -2,13 +2,16 @@
 ``sbatch slurm/pretrain.sbatch configs/quickstart.yaml ...`` on 2 CPU ranks, the preemption signal
 sent with ``scancel --signal=USR1 --batch``; the job must checkpoint at the next step boundary,
 requeue itself, come back (SLURM_RESTART_COUNT=1, about two minutes later: Slurm holds a requeued
-job back that long) and finish from where it stopped, in the same MLflow run.
+job back that long) and finish from where it stopped, in the same MLflow run. And the shard build
+``bash slurm/make_shards.sbatch --parts 2 --dedup -- ...``: index array, plan, build array and merge
+chained with afterok.
 
 Needs root and the packages (``.ci/run`` installs them: ``apt-get install -y slurm-wlm munge``);
 skips with the reason otherwise. All daemons are stopped at the end.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -20,10 +23,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from dyntrain import checkpoint as ck
-from helpers import free_port
+from dyntrain.data.shards.build import main as make_shards
+from dyntrain.data.storage.urls import expand_urls
+from dyntrain.data.synthetic import write_synthetic_images
+from helpers import free_port, read_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -148,8 +156,6 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
 
 def test_preempted_job_checkpoints_requeues_and_finishes(slurm, tmp_path):
-    from dyntrain.data.synthetic import write_synthetic_images
-
     t0 = time.time()
     write_synthetic_images(tmp_path / "images", 4, size=(128, 128), seed=5)
     subprocess.run([sys.executable, str(ROOT / "launch" / "make_shards.py"), "--src", str(tmp_path / "images"),
@@ -212,3 +218,42 @@ def test_preempted_job_checkpoints_requeues_and_finishes(slurm, tmp_path):
     print(json.dumps({"job": job, "stop_step": stop_step, "signal_after_s": round(t_signal - t0),
                       "checkpoint_and_requeue_s": round(t_requeued - t_signal),
                       "requeued_to_done_s": round(t_done - t_requeued), "total_s": round(t_done - t0)}))
+
+
+def test_shard_build_array_and_merge(slurm, tmp_path):
+    """``bash slurm/make_shards.sbatch --parts 2 --dedup -- ...``: index array, plan, build array and
+    merge, chained with afterok, give the same train and validation shards as one local build."""
+    src = tmp_path / "images"
+    write_synthetic_images(src, 6, size=(192, 256), seed=9, fmt="png")
+    Image.open(src / "img_00002.png").resize((128, 96)).save(src / "img_00002_small.jpg", quality=90)
+    args = ["--src", str(src), "--patch-size", "64", "--shard-samples", "6", "--holdout", "0.3"]
+    r = subprocess.run(["bash", str(ROOT / "slurm" / "make_shards.sbatch"), "--parts", "2", "--dedup",
+                        "--cpus", "1", f"--output={tmp_path}/%x-%A_%a.out", "--",
+                        *args, "--out", str(tmp_path / "shards")],
+                       env=slurm.env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    jobs = dict(line.split("=") for line in r.stdout.split())
+    assert list(jobs) == ["index", "plan", "build", "merge"]
+    deadline = time.time() + 600
+    while slurm.job(jobs["merge"]).get("JobState") != "COMPLETED":
+        states = {k: slurm.job(v).get("JobState") for k, v in jobs.items()}
+        stuck = slurm.job(jobs["merge"]).get("Reason") == "DependencyNeverSatisfied"
+        logs = "\n".join(p.read_text()[-1500:] for p in sorted(tmp_path.glob("*.out")))
+        assert time.time() < deadline and not stuck and not {"FAILED", "CANCELLED"} & set(
+            states.values()), f"{states}\n{logs}"
+        time.sleep(1)
+    assert make_shards([*args, "--out", str(tmp_path / "local"), "--dedup", "--quiet"]) == 0
+
+    def samples(out):
+        got = []
+        for url in expand_urls([str(out)]):
+            for key, comps in read_tar(Path(url)).items():
+                got.append((key, json.loads(comps["json"])["source"], np.asarray(Image.open(
+                    io.BytesIO(comps["jpg"]))).sum()))
+        return got
+
+    for a, b in (("shards", "local"), ("shards-val", "local-val")):
+        assert samples(tmp_path / a) == samples(tmp_path / b)
+    merged = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert len(merged["parts"]) == 2 and merged["dedup"]["images_dropped"] == {"exact": 0, "near": 1}
+    assert all(s["name"].startswith(("shard-p0000-", "shard-p0001-")) for s in merged["shards"])

@@ -2,7 +2,8 @@
 
 Per image (run in the builder's process pool):
   1. decode fully (``dyntrain.images.read_image``: EXIF orientation applied, 8-bit RGB); an
-     unreadable or corrupt file is reported, not raised; an image smaller than one patch likewise;
+     unreadable or corrupt file is reported, not raised; an image smaller than one patch likewise,
+     and one larger than ``max_decoded_pixels`` (checked on the header, before decoding);
   2. cut into non-overlapping ``patch_size`` squares on a grid centred in the image;
   3. drop a patch whose flat fraction exceeds ``max_flat_frac`` (``dyntrain.data.shards.quality``);
   4. optional quality filter (thresholds on named no-reference scores; built-in sharpness and
@@ -20,7 +21,9 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
-from dyntrain.data.shards.quality import QualityFilter, flat_fraction
+from dyntrain.data.shards.quality import QualityFilter, flat_fraction, luminance
+from dyntrain.data.storage import s3
+from dyntrain.data.storage.s3 import DataSourceError, is_s3
 from dyntrain.images import read_image
 
 
@@ -40,6 +43,10 @@ class ShardBuildConfig:
     workers: processes decoding and cutting images (0 = all CPUs).
     prefix: shard file prefix.
     max_image_pixels: PIL's decompression-bomb limit (very large photographs are legitimate).
+    max_decoded_pixels: images with more pixels (width x height, read from the header before
+        decoding) are skipped with the reason ``too_large``. Decoding costs up to ~12 bytes a pixel
+        at its peak (the decoded RGB, the orientation and colour conversions), so the default
+        200 MP keeps a worker under ~2.4 GB: a node's memory / 2.4 GB workers fit.
     """
     patch_size: int = 512
     shard_samples: int = 1000
@@ -54,6 +61,7 @@ class ShardBuildConfig:
     workers: int = 0
     prefix: str = "shard"
     max_image_pixels: int = 2_000_000_000
+    max_decoded_pixels: int = 200_000_000
 
     def __post_init__(self) -> None:
         if self.patch_size < 8:
@@ -68,6 +76,8 @@ class ShardBuildConfig:
             raise ValueError(f"max_flat_frac must lie in [0, 1], got {self.max_flat_frac}")
         if self.flat_block < 2 or self.flat_block > self.patch_size:
             raise ValueError(f"flat_block must lie in 2..patch_size, got {self.flat_block}")
+        if self.max_decoded_pixels < self.patch_size ** 2:
+            raise ValueError(f"max_decoded_pixels must be >= patch_size^2, got {self.max_decoded_pixels}")
         if not re.fullmatch(r"[A-Za-z0-9_-]+", self.prefix):
             raise ValueError(f"prefix may hold letters, digits, '_' and '-' only, got {self.prefix!r}")
 
@@ -117,16 +127,35 @@ def init_worker(cfg: ShardBuildConfig) -> None:
     _WORKER["quality"] = cfg.quality_filter()
 
 
-def process_image(task: tuple[int, str]) -> dict[str, Any]:
-    """Cut one image into kept patches. Never raises for a bad image: reports it instead."""
-    index, path = task
+def decode_capped(path: str, cap: int) -> tuple[Optional[np.ndarray], list[int]]:
+    """(RGB image, [width, height]) of a local file or s3:// object; the image is None (not decoded)
+    when the header says it has more than ``cap`` pixels."""
+    src: Any = io.BytesIO(s3.read_bytes(path)) if is_s3(path) else path
+    with Image.open(src) as im:
+        w, h = im.size
+    if w * h > cap:
+        return None, [w, h]
+    if not isinstance(src, str):
+        src.seek(0)
+    return read_image(src), [w, h]
+
+
+def process_image(task: tuple[int, str, dict]) -> dict[str, Any]:
+    """Cut one image into kept patches. Never raises for a bad image: reports it instead.
+    ``task``: (image index, local path or s3:// URL, provenance fields for the patches' JSON)."""
+    index, path, prov = task
     cfg: ShardBuildConfig = _WORKER["cfg"]
     qf: QualityFilter = _WORKER["quality"]
     result: dict[str, Any] = {"index": index, "path": path, "patches": [], "dropped": {}}
     try:
-        rgb = read_image(path)
+        rgb, result["size"] = decode_capped(path, cfg.max_decoded_pixels)
+    except DataSourceError:
+        raise  # an unreachable object is I/O, not a corrupt image
     except Exception as exc:  # noqa: BLE001 - any decoder failure means "corrupt"
         result.update(status="corrupt", error=f"{type(exc).__name__}: {exc}")
+        return result
+    if rgb is None:
+        result["status"] = "too_large"
         return result
     h, w = rgb.shape[:2]
     result["size"] = [w, h]
@@ -140,11 +169,12 @@ def process_image(task: tuple[int, str]) -> dict[str, Any]:
     check_quality = bool(cfg.quality_min or cfg.quality_max or cfg.quality_hook)
     for row, col, y, x in grid:
         patch = np.ascontiguousarray(rgb[y:y + p, x:x + p])
-        flat = flat_fraction(patch, cfg.flat_block, cfg.flat_threshold)
+        luma = luminance(patch)  # once, for the flat detector and the built-in scores
+        flat = flat_fraction(luma, cfg.flat_block, cfg.flat_threshold)
         if flat > cfg.max_flat_frac:
             result["dropped"]["flat"] = result["dropped"].get("flat", 0) + 1
             continue
-        scores = qf.scores(patch)
+        scores = qf.scores(patch, luma)
         if check_quality:
             failed = qf.check(scores)
             if failed is not None:
@@ -155,5 +185,7 @@ def process_image(task: tuple[int, str]) -> dict[str, Any]:
         meta = {"key": key, "source": path, "x": x, "y": y, "row": row, "col": col,
                 "patch_size": p, "image_width": w, "image_height": h,
                 "flat_frac": round(flat, 4), "scores": scores, "format": cfg.image_format}
+        if prov:
+            meta["provenance"] = prov
         result["patches"].append((key, encode(patch, cfg.image_format, cfg.jpeg_quality), meta))
     return result

@@ -38,7 +38,10 @@ ScoreHook = Callable[[np.ndarray], dict]
 
 
 def luminance(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 -> (H, W) float32 luma (BT.601 weights), 0..255."""
+    """(H, W, 3) uint8 -> (H, W) float32 luma (BT.601 weights), 0..255; a 2-D array is taken as the
+    luma already (the builder computes it once per patch for every measure)."""
+    if rgb.ndim == 2:
+        return rgb
     x = rgb.astype(np.float32)
     return 0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]
 
@@ -109,8 +112,10 @@ class QualityFilter:
         if self.hook is None and self.hook_spec:
             self.hook = load_hook(self.hook_spec)
 
-    def scores(self, rgb: np.ndarray) -> dict[str, float]:
-        out = {name: round(fn(rgb), 4) for name, fn in BUILTIN_SCORES.items()}
+    def scores(self, rgb: np.ndarray, luma: Optional[np.ndarray] = None) -> dict[str, float]:
+        """Built-in scores (from ``luma`` when given) and the hook's (from ``rgb``)."""
+        y = luminance(rgb) if luma is None else luma
+        out = {name: round(fn(y), 4) for name, fn in BUILTIN_SCORES.items()}
         if self.hook is not None:
             extra = self.hook(rgb)
             out.update({str(k): float(v) for k, v in dict(extra).items()})
