@@ -18,10 +18,10 @@ import sys
 import time
 
 import pytest
-from helpers import free_port
 
 from dyntrain.config import load_config
 from dyntrain.tracking import make_tracker
+from helpers import free_port
 
 
 def _cfg(uri: str, experiment: str, *extra: str):
