@@ -14,8 +14,10 @@ Fault kinds (cycled in a seeded order, at seeded steps):
     s3_down       the S3 endpoint refuses connections for 20-60 s            -> no restart expected
     s3_503        the S3 endpoint answers 503 SlowDown for 10-30 s           -> no restart expected
     mlflow_down   the MLflow server is killed for 60 s                       -> no restart expected
-    disk_full     the folder of the next checkpoint is a 16 KiB tmpfs for that save (root only;
-                  else recorded as skipped)                                  -> restart
+    disk_full     the next checkpoint save meets a full disk: every file DeepSpeed writes stops
+                  after 4 KiB with ENOSPC (``tests/rank_entry.py --disk-full FLAG``, switched on
+                  from outside by writing FLAG; no root needed); the save fails, ``latest`` keeps
+                  naming the previous checkpoint                              -> restart
     resume_1rank  SIGUSR1, then the job resumes on 1 rank (and on 2 again at the next restart)
     sigusr1       SIGUSR1 to every rank, as Slurm's preemption notice       -> restart
 
@@ -30,7 +32,6 @@ import argparse
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import common
 from chaos_parts import Services, compare_runs, rank_pids
+
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("s3_503", "kill9_rank", "s3_down", "ckpt_kill", "mlflow_down", "sigusr1", "disk_full",
@@ -72,6 +74,11 @@ def overrides(args, ckpt: Path, uri: str, experiment: str) -> list[str]:
     return [f"{k}={v}" for k, v in o.items()]
 
 
+def disk_flag(args) -> Path:
+    """The file whose presence fills the disk of the job's checkpoint saves (``disk_full``)."""
+    return args.workdir / "disk_full.flag"
+
+
 class Job:
     """One launch of the job (the deepspeed launcher in its own process group)."""
 
@@ -80,7 +87,7 @@ class Job:
         self.log = args.workdir / "logs" / f"{name}-{segment:02d}.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)
         entry = [str(ROOT / "tests" / "rank_entry.py"), "--cli", "--trace",
-                 str(args.workdir / "trace" / f"{name}-{segment:02d}")]
+                 str(args.workdir / "trace" / f"{name}-{segment:02d}"), "--disk-full", str(disk_flag(args))]
         if ckpt_fault is not None:
             entry += ["--ckpt-fault", f"before_complete@{ckpt_fault}"]
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
@@ -114,7 +121,6 @@ def run_chaos(args, services: Services, faults: list[dict]) -> int:
     restarts, segment, ranks = 0, 0, 2
     pending = list(faults)
     last = None               # the fault blamed for the next exit
-    mounts: list[Path] = []
     while True:
         # the hook that kills every rank inside the save of the first checkpoint at or after the
         # first pending ckpt_kill (armed in every segment until that fault has happened)
@@ -126,7 +132,7 @@ def run_chaos(args, services: Services, faults: list[dict]) -> int:
             while job.proc.poll() is None and time.monotonic() < deadline:
                 if pending and job.step() >= pending[0]["at_step"]:
                     f = pending.pop(0)
-                    last = inject(f, job, services, args, mounts)
+                    last = inject(f, job, services, args)
                     if f["kind"] == "resume_1rank":
                         ranks = 1
                 time.sleep(0.2)
@@ -141,9 +147,7 @@ def run_chaos(args, services: Services, faults: list[dict]) -> int:
                 pending.remove(armed)
                 print(f"chaos: step {fault_step}: ckpt_kill", flush=True)
             last = armed
-        for m in mounts:
-            subprocess.run(["umount", str(m)], check=False)
-        mounts.clear()
+        disk_flag(args).unlink(missing_ok=True)  # the disk is full for one save only
         reached = job.step() >= args.steps and rc == 0
         if reached:
             return restarts
@@ -160,7 +164,7 @@ def run_chaos(args, services: Services, faults: list[dict]) -> int:
             raise SystemExit(f"chaos: gave up after {restarts} restarts (log {job.log})")
 
 
-def inject(f: dict, job: Job, services: Services, args, mounts: list[Path]) -> dict | None:
+def inject(f: dict, job: Job, services: Services, args) -> dict | None:
     """Inject fault ``f`` into the running ``job``; returns the fault to blame if the job exits."""
     kind, rng = f["kind"], random.Random(f["at_step"])
     print(f"chaos: step {job.step()}: {kind}", flush=True)
@@ -176,15 +180,7 @@ def inject(f: dict, job: Job, services: Services, args, mounts: list[Path]) -> d
         services.mlflow_outage(60.0)
         f["duration_s"] = 60.0
     elif kind == "disk_full":
-        step = -(-(job.step() + 1) // EVERY) * EVERY
-        tag = args.workdir / "chaos" / f"step_{step:08d}"
-        tag.mkdir(parents=True, exist_ok=True)
-        ok = os.geteuid() == 0 and shutil.which("mount") and subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(tag)], capture_output=True).returncode == 0
-        if not ok:
-            f["survived"] = "skipped (mounting a tmpfs needs root)"
-            return None
-        mounts.append(tag)
+        disk_flag(args).write_text(str(job.step()))
     return f
 
 

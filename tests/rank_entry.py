@@ -2,7 +2,7 @@
 (``launch/pretrain.py``, ``launch/finetune.py``) with test hooks added to its ``run_training`` call.
 
     deepspeed --num_gpus 2 tests/rank_entry.py [--trace DIR] [--ckpt-fault before_complete@STEP]
-        [--corrupt-draw RANK@STEP] launch/pretrain.py --config C [dotted.key=value ...]
+        [--disk-full FLAG] [--corrupt-draw RANK@STEP] launch/pretrain.py --config C [dotted.key=value ...]
     python tests/rank_entry.py --trace DIR launch/finetune.py --config C [...]   # one process
 
 The launch script's own ``main`` parses its arguments and builds the run exactly as for a user; the
@@ -14,6 +14,9 @@ in addition to the job's own (nothing under dyntrain/ or launch/ knows about tes
     --ckpt-fault before_complete@STEP
                          ``checkpoint_factory``: the manager's ``before_commit`` SIGKILLs every rank
                          in the save of STEP, after DeepSpeed wrote its files and before COMPLETE
+    --disk-full FLAG     ``checkpoint_factory``: while the file FLAG exists (written from outside),
+                         every checkpoint file DeepSpeed writes stops after 4 KiB with ENOSPC, as
+                         on a full disk (the real writer's error path, without root)
     --corrupt-draw RANK@STEP
                          ``schedule_hook``: rank RANK draws the next variant (sorted order) from
                          STEP on, so that the cross-rank check (``schedule.verify_every``) must fail
@@ -30,6 +33,7 @@ The hook builders are importable for entry points that call ``run_training`` the
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import os
 import signal
@@ -99,6 +103,29 @@ def with_before_commit(factory: Callable, before_commit: Callable[[int, Path], N
     return make
 
 
+def with_disk_full(factory: Callable, flag: str | Path) -> Callable:
+    """A ``checkpoint_factory`` whose engines' checkpoint writer fails with ENOSPC after writing
+    4 KiB of a file, while ``flag`` exists."""
+
+    def make(cfg, engine, rank, world_size):
+        manager = factory(cfg, engine, rank, world_size)
+        writer = engine.checkpoint_engine
+        save = writer.save
+
+        def full_disk_save(state_dict, path):
+            if not Path(flag).exists():
+                return save(state_dict, path)
+            with open(path, "wb") as out:  # the part that fitted
+                out.write(b"\0" * 4096)
+            print(f"[rank_entry] disk full while writing {path}", file=sys.stderr, flush=True)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+        writer.save = full_disk_save
+        return manager
+
+    return make
+
+
 class PauseAt(CallbackBase):
     """Holds the run after ``step`` until ``go_file`` exists (every rank; at most 300 s)."""
 
@@ -126,6 +153,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--trace", default=None)
     parser.add_argument("--ckpt-fault", default=None)
+    parser.add_argument("--disk-full", default=None)
     parser.add_argument("--corrupt-draw", default=None)
     parser.add_argument("--pause-at", default=None)
     parser.add_argument("--cli", action="store_true")
@@ -157,9 +185,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     def run_training(cfg, loader_factory, **kwargs):
         kwargs["callbacks"] = list(kwargs.get("callbacks", ())) + added
+        factory = kwargs.get("checkpoint_factory", run_module.default_checkpoint_manager)
         if fault_step is not None:
-            factory = kwargs.get("checkpoint_factory", run_module.default_checkpoint_manager)
-            kwargs["checkpoint_factory"] = with_before_commit(factory, kill_before_complete(fault_step))
+            factory = with_before_commit(factory, kill_before_complete(fault_step))
+        if a.disk_full:
+            factory = with_disk_full(factory, a.disk_full)
+        kwargs["checkpoint_factory"] = factory
         return original(cfg, loader_factory, **{**kwargs, **extra})
 
     run_module.run_training = run_training  # what the launch script imports when it runs

@@ -314,3 +314,37 @@ def test_checkpoint_disk_full(tmp_path, shards):
         assert r.returncode == 0 and "step_00000002" in r.stdout, r.stderr[-3000:]
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+@pytest.mark.slow
+def test_disk_full_mid_save_keeps_latest_and_resumes(tmp_path, shards):
+    """No root needed: the checkpoint writer meets ENOSPC after 4 KiB of a file in the save of
+    step 4 (``rank_entry.py --disk-full FLAG``, the flag written from outside while the run is held
+    after step 3): one error naming the checkpoint, ``latest`` still names step 2, and the restart
+    (disk free again) resumes from step 2 to the end."""
+    urls, flag, go, ckpt = f"{shards}/*.tar", tmp_path / "full.flag", tmp_path / "go", tmp_path / "ckpt"
+
+    def run(n: int, *entry: str) -> subprocess.Popen:
+        cmd = [PY, ENTRY, "--cli", "--disk-full", str(flag), *entry, PRETRAIN, "--config", QUICKSTART,
+               *_overrides(tmp_path, urls, ckpt, **{"run.max_steps": 6})]
+        return _start(cmd, tmp_path / f"run{n}.log", _env(), tmp_path)
+
+    full = run(1, "--pause-at", f"3@{go}")
+    deadline = time.monotonic() + 600
+    while not Path(f"{go}.waiting").exists():
+        assert full.poll() is None and time.monotonic() < deadline, full.log.read_text()[-3000:]
+        time.sleep(0.1)
+    flag.write_text("")
+    go.write_text("")
+    log = _finish(full, 300)
+    lines = _errors(log)
+    assert full.returncode == 2 and len(lines) == 1, log[-3000:]
+    assert str(ckpt / "step_00000004") in lines[0] and "No space left on device" in lines[0], lines[0]
+    assert "Traceback" not in log
+    assert (ckpt / ck.LATEST).read_text().strip() == "step_00000002"
+    assert ck.newest_complete(ckpt).tag == "step_00000002"
+    flag.unlink()
+    log = _finish(run(2), 600)
+    assert "resumed from step_00000002 at step 2" in log and not _errors(log), log[-3000:]
+    assert (ckpt / ck.LATEST).read_text().strip() == "step_00000006"
+    assert ck.verify_files(ck.newest_complete(ckpt)) is None

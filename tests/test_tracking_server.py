@@ -6,10 +6,15 @@ step, ``finish``) against the session's server (``conftest.mlflow_server``), whi
 stops and starts again on the same port with the same store. The 2-rank pre-training and the fine-tune /
 evaluate / compare path against the session server are in ``test_engine_multirank.py`` and
 ``test_finetune.py``; the resume into a new store is also run end to end in ``test_resume.py``.
+The exactly-once test kills tracker processes with SIGKILL, as a node failure would.
 """
 from __future__ import annotations
 
+import json
 import logging
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -133,6 +138,82 @@ def test_resume_into_a_store_without_the_run_starts_a_new_run(backend, tmp_path,
     assert again.run_id == tracker.run_id and again.resumed
     again.finish("KILLED")
     assert client.get_run(tracker.run_id).info.status == "KILLED"
+
+
+_JOB = """
+import json, sys, time
+from dyntrain.config import load_config
+from dyntrain.tracking import make_tracker
+uri, exp, state, first, ckpt_at, last, out = sys.argv[1:8]
+prev = json.load(open(state)) if state != "-" else {}
+cfg = load_config(None, [f"tracking.uri={uri}", f"tracking.experiment={exp}", "run.name=t",
+                         "tracking.retry_max_s=1", "tracking.system_metrics=false"])
+t = make_tracker(cfg, 0, run_id=prev.get("run_id"), carried=prev.get("unsent"))
+for step in range(int(first), int(last) + 1):
+    t.log_metrics({"loss": 1.0 / (step + 1), "lr": 1e-4}, step=step)
+    if step == int(ckpt_at):  # the trainer's checkpoint: run id and unsent values
+        json.dump({"run_id": t.run_id, "unsent": t.unsent_metrics()}, open(out, "w"))
+    if step == int(first) + 5 and prev == {}:  # the first job: steps 0-5 stored, then the outage
+        while t.sender.pending:
+            time.sleep(0.05)
+        print("SENT", flush=True)
+        sys.stdin.readline()
+while t.sender.pending and not t.sender.down:
+    time.sleep(0.05)
+print("READY", t.sender.down, flush=True)
+if out.endswith("final.json"):
+    t.finish("FINISHED")
+else:
+    time.sleep(600)  # killed here
+"""
+
+
+def _job(uri: str, exp: str, state, first: int, ckpt_at: int, last: int, out) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _JOB, uri, exp, str(state), str(first), str(ckpt_at),
+                             str(last), str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def _kill_when(proc: subprocess.Popen, word: str, kill: bool = True) -> str:
+    """Wait for the job's line starting with ``word``; SIGKILL it after its READY line (``kill``)."""
+    line = proc.stdout.readline()
+    assert line.startswith(word), line
+    if word == "READY" and kill:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    return line
+
+
+@pytest.mark.timeout(600)
+def test_kills_during_an_outage_and_resumes_log_every_step_exactly_once(mlflow_server, tmp_path):
+    """Job A logs steps 0-5 (stored), the server goes down, A logs 6-11 with a checkpoint at 9 and is
+    killed -9 with them buffered; the server is back and B resumes from 9 (the checkpoint's unsent
+    6-9 sent again), logs 10-13 with a checkpoint at 11 and is killed once 12-13 are stored; C
+    resumes from 11 (replaying 12-13) to 15. Every step's metrics are in the run exactly once."""
+    from mlflow.tracking import MlflowClient
+
+    uri, exp = mlflow_server.uri, f"exactly-once-{tmp_path.name}"
+    a = _job(uri, exp, "-", 0, 9, 11, tmp_path / "ckpt9.json")
+    _kill_when(a, "SENT")
+    mlflow_server.stop()
+    try:
+        a.stdin.write("go\n")
+        a.stdin.flush()
+        assert _kill_when(a, "READY").split() == ["READY", "True"]  # killed with the outage's records
+    finally:
+        mlflow_server.start()
+    ckpt9 = json.loads((tmp_path / "ckpt9.json").read_text())
+    assert sorted({s for _, _, _, s in ckpt9["unsent"]}) == [6, 7, 8, 9]
+    b = _job(uri, exp, tmp_path / "ckpt9.json", 10, 11, 13, tmp_path / "ckpt11.json")
+    assert _kill_when(b, "READY").split() == ["READY", "False"]  # 6-13 stored, then killed
+    c = _job(uri, exp, tmp_path / "ckpt11.json", 12, 13, 15, tmp_path / "final.json")
+    _kill_when(c, "READY", kill=False)
+    assert c.wait(60) == 0
+    client = MlflowClient(uri)
+    run = client.get_run(ckpt9["run_id"])
+    assert run.info.status == "FINISHED"
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    for key in ("loss", "lr"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(range(16)), key
 
 
 def test_config_rejects_bad_tracking_values():

@@ -3,12 +3,15 @@
 server. While the faults last less than ``data.io_retry_s`` the run retries and carries on: no
 restart, no sample skipped or replaced, the same sample keys and variants at every step and the same
 final weights as an uninterrupted run. The bound itself (a fault that outlasts it ends the run with
-one error naming the URL) is ``tests/test_failures.py::test_s3_outage_mid_run_then_exact_resume``."""
+one error naming the URL) is ``tests/test_failures.py::test_s3_outage_mid_run_then_exact_resume``.
+Opening the pipeline during an outage (a requeued job resuming while S3 is away) waits for the storage
+in the same way."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -108,3 +111,33 @@ def test_transient_s3_faults_cost_no_restart_and_no_sample(tmp_path, s3_behind_p
     for g, w in zip(got["steps"], want["steps"]):
         assert g["keys"] == w["keys"] and g["variant"] == w["variant"], g["step"]
     assert got["weights_sha256"] == want["weights_sha256"], "weights differ from the clean run"
+
+
+def test_pipeline_opened_during_an_outage_waits_for_the_storage(s3_behind_proxy, monkeypatch):
+    """The loader's pipeline rebuilt from a resumed state while S3 refuses connections (8 s): it
+    waits, counts the retries, and hands out the batch the uninterrupted loader did."""
+    from dyntrain.config import load_config
+    from dyntrain.data.pretrain.degrade import DegradeSpec
+    from dyntrain.data.pretrain.pipeline import DaliPretrainLoader
+
+    endpoint, mode, urls = s3_behind_proxy
+    for key, value in {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(key, value)
+    data = load_config(None, ["data.crop_size=32"]).data
+    loader = DaliPretrainLoader(urls, DegradeSpec.from_config(data), 2, decode="cpu", num_threads=1,
+                                shuffle_buffer=4, io_retry_s=60)
+    next(loader)
+    state = loader.state_dict()
+    want = next(loader)["keys"]
+    mode.write_text("down")
+    back = threading.Timer(8, lambda: mode.write_text("pass"))
+    back.start()
+    try:
+        t0 = time.monotonic()
+        loader.load_state_dict(state)
+        waited = time.monotonic() - t0
+    finally:
+        back.join()
+    assert loader.io_retries > 0 and waited > 5, (loader.io_retries, waited)
+    assert next(loader)["keys"] == want
+    loader.close()

@@ -39,6 +39,11 @@ class Tracker:
     def log_end(self, step: int, stopped_early: bool, metrics: dict[str, float]) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
+    def unsent_metrics(self) -> list:
+        """Metric values logged but not yet stored, as (key, value, timestamp ms, step); a checkpoint
+        carries them (``MLflowTracker``)."""
+        return []
+
 
 class NullTracker(Tracker):
     """The tracker of ranks != 0 and of runs with tracking.enabled=False: does nothing."""
@@ -87,3 +92,6 @@ class TrackerGroup(Tracker):
 
     def finish(self, status: str = "FINISHED") -> None:
         self._each("finish", status)
+
+    def unsent_metrics(self) -> list:
+        return [m for member in self.members for m in getattr(member, "unsent_metrics", list)()]

@@ -8,6 +8,12 @@ run (``run_id`` from the checkpoint) is reopened and logs on; when the store doe
 (checkpoints moved, a new server, a lost mlflow.db) a new run takes over with tag ``previous_run_id``.
 ``finish("FAILED")`` marks a crash. Nothing here stalls or stops training: records go through a
 bounded buffer and a sender thread (``sender.py``) that waits out an unreachable store.
+
+Every step's metrics reach the run exactly once across kills and resumes: a checkpoint carries the
+metric values still unsent when it was written (``unsent_metrics``; a kill -9 during an MLflow outage
+loses the buffer, not those), the resumed tracker sends them again (``carried``), and a reopened run
+sends only the (metric, step) pairs its history lacks, read once when it is reopened (steps replayed
+after the checkpoint, or carried values that did reach the store before the kill, are not logged twice).
 ``experiment_id_for`` is the one get-or-create of an experiment (training, evaluation, comparison).
 """
 from __future__ import annotations
@@ -96,10 +102,12 @@ class MLflowTracker(Tracker):
     unreachable or slow store never stalls training. The run is opened by the first queued record:
     ``run_id`` stays None until then (a server that is down at start gets the run when it is back).
     ``wait_s``: how long the constructor waits for the first attempt to open it (default
-    ``tracking.request_timeout_s``).
+    ``tracking.request_timeout_s``). ``carried``: (key, value, timestamp ms, step) tuples the
+    checkpoint kept unsent (``unsent_metrics`` of the run that wrote it), sent after the run is open.
     """
 
-    def __init__(self, cfg, run_id: Optional[str] = None, wait_s: Optional[float] = None) -> None:
+    def __init__(self, cfg, run_id: Optional[str] = None, wait_s: Optional[float] = None,
+                 carried: Optional[list] = None) -> None:
         # lazy: mlflow is needed only where tracking is on (the GPU image has none)
         from mlflow.tracking import MlflowClient
 
@@ -116,8 +124,11 @@ class MLflowTracker(Tracker):
         self._config_due = False
         self._monitor = None
         self._finished = False
+        self._logged: Optional[set] = None  # (key, step) pairs the reopened run had (read once)
         self.sender = Sender(self.uri, t.buffer_records, t.retry_max_s)
         opened = self.sender.submit(Record("the run's creation", 1, self._open))
+        if carried:
+            self._submit_metrics(_metrics_of(carried), "metrics carried from the checkpoint")
         opened.tried.wait(t.request_timeout_s if wait_s is None else wait_s)
 
     # ---------------------------------------------------------------- sender-thread side
@@ -145,6 +156,8 @@ class MLflowTracker(Tracker):
                 self.run_id, self.resumed = prev, True
         elif self.run_id is None:
             self._create(tags={})
+        if self._logged is None:
+            self._logged = _logged_pairs(self.client, self.run_id) if self.resumed else set()
         if self._config_due:
             self._send_params(_clean_params(self.cfg.flatten()))
             self.client.log_text(self.run_id, self.cfg.to_yaml(), "config.yaml")
@@ -199,11 +212,21 @@ class MLflowTracker(Tracker):
         now = int(time.time() * 1000)
         clean = [Metric(metric_key(k), float(v), now, step or 0) for k, v in metrics.items()
                  if v is not None and isinstance(v, (int, float)) and math.isfinite(float(v))]
-        if clean:
-            self.sender.submit(Record("metrics", len(clean), self._send_metrics, metrics=clean))
+        self._submit_metrics(clean, "metrics")
+
+    def _submit_metrics(self, metrics: list, what: str) -> None:
+        if metrics:
+            self.sender.submit(Record(what, len(metrics), self._send_metrics, metrics=metrics))
 
     def _send_metrics(self, merged: Optional[list]) -> None:
-        self.client.log_batch(self._run(), metrics=merged)
+        if self._logged:  # log-if-absent on a reopened run
+            merged = [m for m in merged or () if (m.key, m.step) not in self._logged]
+        if merged:
+            self.client.log_batch(self._run(), metrics=merged)
+
+    def unsent_metrics(self) -> list[tuple[str, float, int, int]]:
+        """(key, value, timestamp ms, step) of every metric value not yet sent, for the checkpoint."""
+        return [(m.key, m.value, m.timestamp, m.step) for m in self.sender.unsent_metrics()]
 
     def set_tags(self, tags: dict) -> None:
         # lazy: mlflow is needed only where tracking is on (the GPU image has none)
@@ -242,6 +265,20 @@ class MLflowTracker(Tracker):
                         self.cfg.tracking.flush_timeout_s, where)
 
 
+def _metrics_of(carried: list) -> list:
+    """MLflow metrics of (key, value, timestamp ms, step) tuples."""
+    # lazy: mlflow is needed only where tracking is on (the GPU image has none)
+    from mlflow.entities import Metric
+
+    return [Metric(str(k), float(v), int(ts), int(step)) for k, v, ts, step in carried]
+
+
+def _logged_pairs(client, run_id: str) -> set[tuple[str, int]]:
+    """Every (metric key, step) run ``run_id`` holds: one history request per key."""
+    keys = client.get_run(run_id).data.metrics
+    return {(key, int(m.step)) for key in keys for m in client.get_metric_history(run_id, key)}
+
+
 def _clean_params(params: dict) -> dict[str, str]:
     """Redacted, stringified, cut to MLflow's length limit."""
     clean = {}
@@ -268,8 +305,9 @@ def _system_metrics_available() -> bool:
     return True
 
 
-def make_tracker(cfg, rank: int, run_id: Optional[str] = None):
-    """MLflow on rank 0 when ``tracking.enabled``; a ``NullTracker`` otherwise."""
+def make_tracker(cfg, rank: int, run_id: Optional[str] = None, carried: Optional[list] = None):
+    """MLflow on rank 0 when ``tracking.enabled``; a ``NullTracker`` otherwise. ``carried``: the
+    checkpoint's unsent metric values (``MLflowTracker``)."""
     if rank != 0 or not cfg.tracking.enabled:
         return NullTracker()
-    return MLflowTracker(cfg, run_id=run_id)
+    return MLflowTracker(cfg, run_id=run_id, carried=carried)

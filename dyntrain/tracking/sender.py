@@ -86,6 +86,12 @@ class Sender:
         with self._cond:
             return self._pending
 
+    def unsent_metrics(self) -> list:
+        """The metric values still in the buffer (in flight included), oldest first: what a checkpoint
+        carries so that a resumed run sends them (``MLflowTracker.unsent_metrics``)."""
+        with self._cond:
+            return [m for rec in self._queue if rec.metrics is not None for m in rec.metrics]
+
     def submit(self, record: Record) -> Record:
         """Queue ``record`` (never blocks); drops the oldest metric batches when the buffer is full."""
         with self._cond:

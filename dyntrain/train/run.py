@@ -113,7 +113,9 @@ def run_training(cfg: Config, loader_factory: LoaderFactory, *, callbacks: Seque
                         if cfg.schedule.verify_every and world > 1 else None)
         manager = checkpoint_factory(cfg, engine, rank, world)
         resume = load_resume_state(manager)
-        tracker = make_tracker(cfg, rank, run_id=resume[1].get("mlflow_run_id") if resume else None)
+        state = resume[1] if resume else {}
+        tracker = make_tracker(cfg, rank, run_id=state.get("mlflow_run_id"),
+                               carried=state.get("tracking_unsent"))  # the checkpoint's unsent metrics
         account = GPUHourAccount(world, schedule.active)
         account.flops_per_sample = variant_flops(cfg, schedule.variants)
         trainer = Trainer(cfg, engine, loader, schedule, tracker, rank, world, account=account,

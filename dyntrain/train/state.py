@@ -1,7 +1,8 @@
 """What a ``Trainer`` saves, restores and traces (a mixin of ``dyntrain.train.trainer.Trainer``).
 
 Checkpoint state: the global client state (step, schedule description and state - the cost-aware
-probability table -, GPU-hour account, MLflow run id, resolved config, world size) plus ``rank_state`` (this rank's torch/numpy/python/CUDA RNG and
+probability table -, GPU-hour account, MLflow run id and the metric values not yet sent to it,
+resolved config, world size) plus ``rank_state`` (this rank's torch/numpy/python/CUDA RNG and
 loader state), which makes a resume with the same number of ranks exact.
 
 Trace (debugging, tests): after ``enable_trace(directory)`` every rank writes ``trace_rank<r>.json``
@@ -45,6 +46,7 @@ class TrainerStateMixin:
             "schedule_state": self.schedule.state_dict(),
             "account": self.account.state_dict(),
             "mlflow_run_id": self.tracker.run_id or self.mlflow_run_id,
+            "tracking_unsent": self.tracker.unsent_metrics(),  # sent again by the resumed run
             "config": self.cfg.to_dict(),
             "world_size": self.world_size,
             "rank_state": self.rank_state(),

@@ -114,7 +114,7 @@ class DaliPretrainLoader(CorruptRecovery, LoaderBase):
         self._skip: dict[int, tuple[int, ...]] = {}   # iteration -> slots not to decode
         self._samples = ShardSamples(self.indices is not None, self.device_id, decode == "mixed")
         self._check_patch_size()
-        self._pipe = self._build(None)
+        self._reopen(None, self.shards[0])  # retried through an S3 outage (recovery)
         meta = self._pipe.reader_meta(READER)
         self.total_samples = int(meta["epoch_size"])
         self.share = share_size(self.total_samples, self.rank, self.world_size)
@@ -305,7 +305,7 @@ class DaliPretrainLoader(CorruptRecovery, LoaderBase):
                 raise DataSourceError(f"rank {self.rank}: the saved data-loader state cannot be "
                                       f"resumed exactly: {key} was {what!r}, now {now!r}")
         self._skip.clear()
-        self._rebuild(state["checkpoint"])
+        self._reopen(state["checkpoint"], self.shards[0])
         self._ckpt = state["checkpoint"]
         self.iteration = int(state["iteration"])
         self.batches = int(state["batches"])

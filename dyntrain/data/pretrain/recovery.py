@@ -23,11 +23,16 @@ whole replay is tried again with backoff (``storage.retry.RetryWindow``) for up 
 error naming the shards. The replay is deterministic, so a batch after a retry or a recovery is the
 batch an uninterrupted run reads, and a resume stays exact. A batch that fails whole three times in
 a row although every image decodes and the storage answers raises instead of retrying until the bound.
+
+Opening the pipeline (the first build, or the rebuild from a resumed checkpoint) is retried the same
+way (``_reopen``) while a direct request for a shard fails transiently (the storage is down or
+throttling); a build that fails while the storage answers is a real error and raises at once (one
+more try is given right after an outage ends).
 """
 from __future__ import annotations
 
 from dyntrain.data.shards.samples import parse_source_info, short_error
-from dyntrain.data.storage import retry
+from dyntrain.data.storage import retry, s3
 from dyntrain.data.storage.s3 import DataSourceError
 
 
@@ -78,6 +83,25 @@ class CorruptRecovery:
             if window.wait(last):
                 self.io_retries += 1
 
+    def _reopen(self, checkpoint, probe: str) -> None:
+        """``_rebuild(checkpoint)``, retried while the storage of ``probe`` (a shard URL) is
+        unreachable, for up to ``io_retry_s`` (see the module docstring)."""
+        window = retry.RetryWindow(f"rank {self.rank}: opening {self._shard_names()}", self.io_retry_s)
+        after_outage = False
+        while True:
+            try:
+                self._rebuild(checkpoint)
+                window.done()
+                return
+            except DataSourceError as exc:
+                cause = _storage_fault(probe)
+                if cause is None and (after_outage or not window.tries):
+                    raise
+                after_outage = cause is None
+                if not window.wait(cause or exc):
+                    raise DataSourceError(f"{exc}\n{window.gave_up()}") from exc
+                self.io_retries += 1
+
     def _replay(self, it: int):
         """Steps 1-3 of the module docstring; (None, ()) when the batch failed again whole."""
         self._skip[it] = tuple(range(self.batch_size))
@@ -103,3 +127,15 @@ class CorruptRecovery:
             return self._pipe.run()
         except (RuntimeError, DataSourceError) as exc:
             raise _Transient() from exc
+
+
+def _storage_fault(url: str):
+    """The transient error a direct request for ``url`` gets now (None: it answers, or a local path)."""
+    if not s3.is_s3(url):
+        return None
+    bucket, key = s3.parse_s3_url(url)
+    try:
+        s3.client().head_object(Bucket=bucket, Key=key)
+    except Exception as exc:  # noqa: BLE001 - only the transient ones matter here
+        return exc if retry.is_transient(exc) else None
+    return None
