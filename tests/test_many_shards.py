@@ -4,7 +4,10 @@ exact resume and the split between ranks must be those of the loader that opens 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import boto3
 import pytest
@@ -19,6 +22,8 @@ from dyntrain.data.storage.s3 import DataSourceError
 
 
 pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SHARDS, PER_SHARD, BATCH = 80, 3, 4
 SPEC = DegradeSpec(crop_size=32, region_block=8)
@@ -103,3 +108,20 @@ def test_a_stale_manifest_is_named(s3_server, monkeypatch):
     s3.client().put_object(Bucket=name, Key="pre/manifest.json", Body=json.dumps(manifest).encode())
     with pytest.raises(DataSourceError, match=r"shard-000000\.idx.*5 samples the manifest lists"):
         loader(f"s3://{name}/pre/", monkeypatch=monkeypatch)
+
+
+def test_startup_bench_runs_the_window_through_pretrain(tmp_path):
+    """bench/startup.py end to end, small: launch/pretrain.py reaches step 2 on 130 shards (the
+    window) and on 8 (every shard opened); JSON rows and the headline as its last line."""
+    out = tmp_path / "startup.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "startup.py"), "--shards", "8,130",
+                           "--per-shard", "2", "--repeats", "1", "--baseline-upto", "0",
+                           "--json", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    name, value = last.split("=")
+    assert name == "startup_ratio_130_to_8" and float(value) > 0
+    report = json.loads(out.read_text())
+    assert [r["shards"] for r in report["rows"]] == [8, 130]
+    assert all(r["now_s"] > 0 and len(r["runs_s"]) == 1 for r in report["rows"])
+    assert abs(report["ratio"] - report["rows"][1]["now_s"] / report["rows"][0]["now_s"]) < 1e-9
