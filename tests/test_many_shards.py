@@ -50,7 +50,7 @@ def take(ld: DaliPretrainLoader, n: int) -> list[dict]:
         ld.close()
 
 
-@pytest.mark.parametrize("rank,world", [(0, 1), (1, 3)])
+@pytest.mark.parametrize("rank,world", [(0, 1), (1, 2)])
 def test_window_gives_the_same_batches_as_opening_every_shard(many, monkeypatch, rank, world):
     share = SHARDS * PER_SHARD // world
     steps = share // BATCH + 6                                   # past the end of the share

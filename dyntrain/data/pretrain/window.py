@@ -108,12 +108,13 @@ class ShardWindow:
 
     def reach(self, consumed: int) -> bool:
         """Make the window cover the share up to ``consumed + ahead`` samples (capped at the
-        share); True when it grew (the pipeline must then be rebuilt)."""
+        share), growing it to at least twice its size and ``ahead`` past that; True when it grew
+        (the pipeline must then be rebuilt)."""
         need = min(self.share, int(consumed) + self.ahead)
         if need <= self.covered:
             return False
         self.rebuilds += self.covered > 0
-        self.covered = min(self.share, max(need, 2 * self.covered))
+        self.covered = min(self.share, max(need + self.ahead, 2 * self.covered))  # slack >= ahead
         lo = self.first
         hi = self.first + self.covered                         # global sample range [lo, hi)
         first = bisect.bisect_right(self.starts, lo) - 1
