@@ -69,6 +69,24 @@ def time_to_step2(urls: str, work: Path, env: dict, timeout: float) -> float:
     raise SystemExit("startup: no 'step 2/2' from launch/pretrain.py:\n" + "".join(lines[-30:]))
 
 
+def loader_start(urls: str) -> float:
+    """Seconds to build the pre-training loader in this process (the quickstart's data settings)
+    and take 2 batches from it: the start-up without the launcher, the model and DeepSpeed."""
+    from dyntrain.config import load_config
+    from dyntrain.data.pretrain.degrade import DegradeSpec
+    from dyntrain.data.pretrain.pipeline import DaliPretrainLoader
+
+    data = load_config(str(ROOT / "configs" / "quickstart.yaml")).data
+    t0 = time.perf_counter()
+    loader = DaliPretrainLoader([urls], DegradeSpec.from_config(data), data.micro_batch_size, device="cpu",
+                                num_threads=data.num_threads, prefetch=data.prefetch,
+                                shuffle_buffer=data.shuffle_buffer, decode=data.decode)
+    next(loader), next(loader)
+    elapsed = time.perf_counter() - t0
+    loader.close()
+    return elapsed
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", default="20,2000,8000", help="shard counts, comma-separated")
@@ -78,6 +96,8 @@ def main() -> int:
     p.add_argument("--baseline-upto", type=int, default=2000,
                    help="also time the every-shard path for counts up to this (0: never)")
     p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--loader-only", action="store_true",
+                   help="time only the loader's start (built in this process, 2 batches), not pretrain.py")
     p.add_argument("--json", default=None, metavar="PATH", help="write the full results here")
     args = p.parse_args()
     counts = [int(c) for c in args.shards.split(",")]
@@ -101,17 +121,19 @@ def main() -> int:
             rows.append({"shards": n, "samples": n * args.per_shard, "write_s": round(time.perf_counter() - t0, 1),
                          "runs_s": [], "every_shard_runs_s": []})
             print(f"wrote {n} shards x {args.per_shard} samples in {rows[-1]['write_s']:.0f} s", flush=True)
+        def measure(urls: str, work: Path) -> float:
+            return loader_start(urls) if args.loader_only else time_to_step2(urls, work, env, args.timeout)
+
         with tempfile.TemporaryDirectory(prefix="startup-bench-") as tmp:
             for r in range(args.repeats):  # rounds over the counts: a busy machine slows all alike
                 for row in rows:
                     n, folder = row["shards"], f"s3://{bucket}/n{row['shards']}"
-                    row["runs_s"].append(round(time_to_step2(f"{folder}/*.tar", Path(tmp) / f"w{n}-{r}", env,
-                                                             args.timeout), 2))
+                    row["runs_s"].append(round(measure(f"{folder}/*.tar", Path(tmp) / f"w{n}-{r}"), 2))
                     if n <= args.baseline_upto:
                         braces = f"{folder}/shard-{{000000..{n - 1:06d}}}.tar"
-                        row["every_shard_runs_s"].append(round(time_to_step2(
-                            braces, Path(tmp) / f"b{n}-{r}", env, args.timeout), 2))
-                    print(f"  round {r}: {n:>6} shards {row['runs_s'][-1]:.1f} s to step 2"
+                        row["every_shard_runs_s"].append(round(measure(braces, Path(tmp) / f"b{n}-{r}"), 2))
+                    print(f"  round {r}: {n:>6} shards {row['runs_s'][-1]:.1f} s to "
+                          f"{'2 loader batches' if args.loader_only else 'step 2'}"
                           + (f", {row['every_shard_runs_s'][-1]:.1f} s opening every shard"
                              if row["every_shard_runs_s"] else ""), flush=True)
         for row in rows:
@@ -132,7 +154,8 @@ def main() -> int:
     common.write_json(args.json, {
         "benchmark": "startup", "environment": common.environment(common.resolve_device("cpu")),
         "per_shard": args.per_shard, "size": args.size, "repeats": args.repeats,
-        "what": "seconds from process start to the end of step 2, 1 rank, quickstart model, moto S3",
+        "what": ("seconds to build the loader and take 2 batches, in process" if args.loader_only else
+                 "seconds from process start to the end of step 2, 1 rank, quickstart model, moto S3"),
         "rows": rows, "ratio": ratio})
     common.headline(f"startup_ratio_{large['shards']}_to_{small['shards']}", ratio)
     return 0
