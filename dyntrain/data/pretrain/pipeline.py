@@ -39,7 +39,6 @@ batch from the uint8 crops and their DALI degradation).
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -49,11 +48,11 @@ from dyntrain.data.loader import LoaderBase
 from dyntrain.data.pretrain.dali_torch import dali_to_torch
 from dyntrain.data.pretrain.degrade import DegradeSpec, batch_params, compose
 from dyntrain.data.pretrain.recovery import CorruptRecovery
+from dyntrain.data.pretrain.window import read_ahead, resolve_shards
 from dyntrain.data.shards.samples import (IMAGE_COMPONENTS, ShardSamples, parse_source_info, share_size,
                                           short_error)
 from dyntrain.data.storage import retry
 from dyntrain.data.storage.s3 import DataSourceError
-from dyntrain.data.storage.urls import expand_urls, index_url, missing_indices
 from dyntrain.errors import ConfigError
 from dyntrain.logs import get_logger
 from dyntrain.seeds import seed32
@@ -93,16 +92,9 @@ class DaliPretrainLoader(CorruptRecovery, LoaderBase):
             self.device_id = self.device.index if self.device.type == "cuda" and \
                 self.device.index is not None else torch.cuda.current_device()
 
-        self.shards = expand_urls(urls)
-        indices = [index_url(u) for u in self.shards]
-        missing = missing_indices(indices)
-        if missing:
-            warnings.warn(f"{len(missing)} shard index file(s) missing (first: {missing[0]}); DALI "
-                          f"will scan every shard to index it, which is slow for large or remote "
-                          f"data - rebuild the indices with make_shards or wds2idx")
-            self.indices: Optional[list[str]] = None
-        else:
-            self.indices = indices
+        # many shards under a manifest: a window of real shards ahead of the reader (window.py)
+        ahead = read_ahead(self.shuffle_buffer, self.prefetch, self.batch_size)
+        self._window, self.shards, self.indices = resolve_shards(urls, self.rank, self.world_size, ahead)
 
         self.iteration = 0        # DALI iterations consumed (the degradation's batch index)
         self.batches = 0          # batches handed out
@@ -173,12 +165,14 @@ class DaliPretrainLoader(CorruptRecovery, LoaderBase):
 
         S = self.spec.crop_size
         mixed = self.decode == "mixed"
+        paths, index_paths = (self._window.dali_paths() if self._window is not None
+                              else (self.shards, self.indices))
         blank = np.zeros((S, S, 3), dtype=np.uint8)
 
         @pipeline_def(enable_conditionals=True)
         def pretrain_pipeline():
             encoded, meta = fn.readers.webdataset(
-                paths=self.shards, index_paths=self.indices, ext=[";".join(IMAGE_COMPONENTS), "json"],
+                paths=paths, index_paths=index_paths, ext=[";".join(IMAGE_COMPONENTS), "json"],
                 missing_component_behavior="skip", name=READER,
                 shard_id=self.rank, num_shards=self.world_size, stick_to_shard=True,
                 pad_last_batch=False, random_shuffle=self.shuffle_buffer > 0,
@@ -212,6 +206,8 @@ class DaliPretrainLoader(CorruptRecovery, LoaderBase):
         return pipe
 
     def _sample_decodes(self, url: str, key: str) -> bool:
+        if self._window is not None:  # a placeholder's empty image is what failed: our error
+            self._window.check(url)
         return self._samples.decodes(url, key)
 
     def _shard_names(self) -> str:
@@ -229,6 +225,8 @@ class DaliPretrainLoader(CorruptRecovery, LoaderBase):
     def __next__(self) -> dict[str, Any]:
         while True:
             it = self.iteration
+            if self._window is not None and self._window.reach((it + 1) * self.batch_size):
+                self._reopen(self._ckpt, self.shards[0])
             (crop, jpeg, meta), bad = self._run_batch(it)
             self.iteration += 1
             self._ckpt = self._pipe.checkpoint()
@@ -305,6 +303,8 @@ class DaliPretrainLoader(CorruptRecovery, LoaderBase):
                 raise DataSourceError(f"rank {self.rank}: the saved data-loader state cannot be "
                                       f"resumed exactly: {key} was {what!r}, now {now!r}")
         self._skip.clear()
+        if self._window is not None:  # DALI replays the epoch up to the saved position
+            self._window.reach((int(state["iteration"]) + 1) * self.batch_size)
         self._reopen(state["checkpoint"], self.shards[0])
         self._ckpt = state["checkpoint"]
         self.iteration = int(state["iteration"])
@@ -325,6 +325,8 @@ class DaliPretrainLoader(CorruptRecovery, LoaderBase):
     def close(self) -> None:
         self._pipe = None
         self._samples.close()
+        if self._window is not None:
+            self._window.close()
 
 
 def build_pretrain_loader(cfg, rank: int, world_size: int, device) -> DaliPretrainLoader:
