@@ -315,47 +315,42 @@ def input_pipeline(rec: Recorder) -> None:
 
 
 # ------------------------------------------------------------ 4. iso-quality saving (a slot)
-def quality_saving(rec: Recorder) -> None:
-    """Calls ``bench/quality_saving.py``'s ``suite_stage(dry_run=..., deadline=...)``: the GPU-sized
-    baselines, the paper's recipe and, while time is left, sandwich, sandwich_distill and cost_aware,
-    each with its equal-quality comparison (a dict of figures); the dry run only
-    builds the held-out data and the fixed validation set (three trainings do not fit its budget)."""
-    if not (BENCH / "quality_saving.py").exists():
-        rec.figure("quality_saving", None, "bench/quality_saving.py not present")
+def _saving_stage(rec: Recorder, name: str, dry_note: str) -> None:
+    """Runs ``bench/<name>.py``'s ``suite_stage(dry_run=..., deadline=...)`` and records its dict of
+    figures as ``name`` (the dry run's description as a detail, the figure then null with ``dry_note``);
+    skipped while DeepSpeed, DALI or MLflow is missing."""
+    if not (BENCH / f"{name}.py").exists():
+        rec.figure(name, None, f"bench/{name}.py not present")
         return
     lacking = missing(("deepspeed", "deepspeed"), ("nvidia.dali", "nvidia-dali"), ("mlflow", "mlflow"))
     if lacking:
-        _skip_stage(rec, lacking, ("quality_saving",))
+        _skip_stage(rec, lacking, (name,))
         return
-    import quality_saving
-
-    result = quality_saving.suite_stage(dry_run=rec.dry_run, deadline=rec.deadline)
+    module = importlib.import_module(name)
+    result = module.suite_stage(dry_run=rec.dry_run, deadline=rec.deadline)
     if rec.dry_run:
-        rec.detail("quality_saving_dry_run", result)
-        rec.figure("quality_saving", None, "dry run: data and validation set built, no trainings "
-                                           "(CPU figures: bench/RESULTS.md)")
+        rec.detail(f"{name}_dry_run", result)
+        rec.figure(name, None, dry_note)
         return
-    rec.figure("quality_saving", result)
+    rec.figure(name, result)
+
+
+def quality_saving(rec: Recorder) -> None:
+    """``bench/quality_saving.py``'s stage: the GPU-sized baselines, the paper's recipe and, while time
+    is left, sandwich, sandwich_distill and cost_aware, each with its equal-quality comparison; the dry
+    run only builds the held-out data and the fixed validation set (three trainings do not fit its
+    budget)."""
+    _saving_stage(rec, "quality_saving", "dry run: data and validation set built, no trainings "
+                                         "(CPU figures: bench/RESULTS.md)")
 
 
 # ------------------------------------------------------- 5. downstream saving (the smallest version)
 def downstream_saving(rec: Recorder) -> None:
-    """Calls ``bench/downstream_saving.py``'s ``suite_stage``: one seed of the paper's recipe, S alone and
-    L alone with two checkpoints each, every checkpoint fine-tuned briefly and evaluated; the dry run
-    builds the fine-tuning data and test sets only."""
-    lacking = missing(("deepspeed", "deepspeed"), ("nvidia.dali", "nvidia-dali"), ("mlflow", "mlflow"))
-    if lacking and not rec.dry_run:
-        _skip_stage(rec, lacking, ("downstream_saving",))
-        return
-    import downstream_saving
-
-    result = downstream_saving.suite_stage(dry_run=rec.dry_run, deadline=rec.deadline)
-    if rec.dry_run:
-        rec.detail("downstream_saving_dry_run", result)
-        rec.figure("downstream_saving", None, "dry run: fine-tuning data and test sets built, no trainings "
-                                              "(CPU figures: bench/results/downstream_cpu.json)")
-        return
-    rec.figure("downstream_saving", result)
+    """``bench/downstream_saving.py``'s stage: one seed of the paper's recipe, S alone and L alone with
+    two checkpoints each, every checkpoint fine-tuned briefly and evaluated; the dry run builds the
+    fine-tuning data and test sets only."""
+    _saving_stage(rec, "downstream_saving", "dry run: fine-tuning data and test sets built, no trainings "
+                                            "(CPU figures: bench/results/downstream_cpu.json)")
 
 
 STAGES: dict[str, Callable[[Recorder], None]] = {
