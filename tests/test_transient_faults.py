@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -113,31 +112,48 @@ def test_transient_s3_faults_cost_no_restart_and_no_sample(tmp_path, s3_behind_p
     assert got["weights_sha256"] == want["weights_sha256"], "weights differ from the clean run"
 
 
-def test_pipeline_opened_during_an_outage_waits_for_the_storage(s3_behind_proxy, monkeypatch):
+# run in a process of its own: DALI's S3 client keeps the endpoint of the first S3 pipeline a process
+# built, so in the pytest process it could still point at an earlier test's moto server
+OPEN_DURING_OUTAGE = """
+import json, sys, threading, time
+from pathlib import Path
+from dyntrain.config import load_config
+from dyntrain.data.pretrain.degrade import DegradeSpec
+from dyntrain.data.pretrain.pipeline import DaliPretrainLoader
+
+urls, mode = sys.argv[1], Path(sys.argv[2])
+data = load_config(None, ["data.crop_size=32"]).data
+loader = DaliPretrainLoader(urls, DegradeSpec.from_config(data), 2, decode="cpu", num_threads=1,
+                            shuffle_buffer=4, io_retry_s=60)
+next(loader)
+state = loader.state_dict()
+want = next(loader)["keys"]
+mode.write_text("down")
+back = threading.Timer(8, lambda: mode.write_text("pass"))
+back.start()
+try:
+    t0 = time.monotonic()
+    loader.load_state_dict(state)
+    waited = time.monotonic() - t0
+finally:
+    back.join()
+got = next(loader)["keys"]
+print(json.dumps({"retries": loader.io_retries, "waited": waited, "want": list(want), "got": list(got)}))
+loader.close()
+"""
+
+
+def test_pipeline_opened_during_an_outage_waits_for_the_storage(s3_behind_proxy):
     """The loader's pipeline rebuilt from a resumed state while S3 refuses connections (8 s): it
     waits, counts the retries, and hands out the batch the uninterrupted loader did."""
-    from dyntrain.config import load_config
-    from dyntrain.data.pretrain.degrade import DegradeSpec
-    from dyntrain.data.pretrain.pipeline import DaliPretrainLoader
-
     endpoint, mode, urls = s3_behind_proxy
-    for key, value in {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
-        monkeypatch.setenv(key, value)
-    data = load_config(None, ["data.crop_size=32"]).data
-    loader = DaliPretrainLoader(urls, DegradeSpec.from_config(data), 2, decode="cpu", num_threads=1,
-                                shuffle_buffer=4, io_retry_s=60)
-    next(loader)
-    state = loader.state_dict()
-    want = next(loader)["keys"]
-    mode.write_text("down")
-    back = threading.Timer(8, lambda: mode.write_text("pass"))
-    back.start()
+    env = _env(**S3_ENV, AWS_ENDPOINT_URL=endpoint)
     try:
-        t0 = time.monotonic()
-        loader.load_state_dict(state)
-        waited = time.monotonic() - t0
+        proc = subprocess.run([sys.executable, "-c", OPEN_DURING_OUTAGE, urls, str(mode)], env=env,
+                              capture_output=True, text=True, timeout=300, cwd=ROOT)
     finally:
-        back.join()
-    assert loader.io_retries > 0 and waited > 5, (loader.io_retries, waited)
-    assert next(loader)["keys"] == want
-    loader.close()
+        mode.write_text("pass")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["retries"] > 0 and r["waited"] > 5, r
+    assert r["got"] == r["want"]
