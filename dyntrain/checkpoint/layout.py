@@ -7,7 +7,8 @@ Layout::
                                          schedule, MLflow run id, resolved config and EVERY rank's
                                          reader/RNG state (gathered)
         [bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt   rank r's ZeRO partition
-        COMPLETE                         JSON written last, by rank 0 (step, world size, files)
+        COMPLETE                         JSON written last, by rank 0 (step, world size, data ranks,
+                                         files)
         universal/                       DeepSpeed universal form, made on demand (new world size)
     latest                               the newest complete tag (for humans and DeepSpeed tools)
 
@@ -110,7 +111,7 @@ def verify_files(info: CheckpointInfo) -> Optional[str]:
     return None
 
 
-def newest_complete(ckpt_dir: str | Path, verify: bool = True) -> Optional[CheckpointInfo]:
+def newest_complete(ckpt_dir: str | Path, verify: bool = True, warn: bool = True) -> Optional[CheckpointInfo]:
     """The complete tag with the highest step (files checked against the marker when ``verify``)."""
     for info in reversed(list_checkpoints(ckpt_dir)):
         if not info.complete:
@@ -118,5 +119,49 @@ def newest_complete(ckpt_dir: str | Path, verify: bool = True) -> Optional[Check
         problem = verify_files(info) if verify else None
         if problem is None:
             return info
-        log.warning(f"skipping {info.path}: {problem}")
+        if warn:
+            log.warning(f"skipping {info.path}: {problem}")
     return None
+
+
+def resume_tag(ckpt_dir: str | Path, mode: Optional[str], warn: bool = True) -> Optional[str]:
+    """The tag ``checkpoint.resume`` = ``mode`` continues from: "auto"/"latest" = the newest complete
+    tag (None when there is none), "never" = None, else that tag or step, which must exist, be complete
+    and hold every file its marker lists (``CheckpointError`` otherwise). Reads only."""
+    mode = (mode or "auto").strip()
+    if mode == "never":
+        return None
+    if mode in ("auto", "latest"):
+        info = newest_complete(ckpt_dir, warn=warn)
+        return info.tag if info else None
+    tag = tag_for_step(int(mode)) if mode.isdigit() else mode
+    tag_dir = Path(ckpt_dir, tag)
+    available = [i.tag for i in list_checkpoints(ckpt_dir) if i.complete]
+    if not tag_dir.is_dir():
+        raise CheckpointError(f"checkpoint.resume={mode}: {tag_dir} does not exist "
+                              f"(complete checkpoints: {available or 'none'})")
+    meta = read_marker(tag_dir)
+    if not meta:
+        raise CheckpointError(f"checkpoint.resume={mode}: {tag_dir} is incomplete (no {COMPLETE} "
+                              f"marker; complete checkpoints: {available or 'none'})")
+    problem = verify_files(CheckpointInfo(tag, step_of_tag(tag), tag_dir, True, meta))
+    if problem:
+        raise CheckpointError(f"checkpoint.resume={mode}: {problem}")
+    return tag
+
+
+def resume_data_ranks(ckpt_dir: Optional[str | Path], mode: Optional[str]) -> Optional[int]:
+    """How many data-parallel readers ("data ranks") wrote the checkpoint a resume would continue
+    from: the marker's ``data_ranks``, or its ``world_size`` for a checkpoint that predates them; None
+    for a fresh start (or a choice ``resume_tag`` refuses: the resume itself reports it). Read by
+    every rank before the engine exists, because the gradient accumulation depends on it."""
+    if not ckpt_dir:
+        return None
+    try:
+        tag = resume_tag(ckpt_dir, mode, warn=False)
+    except CheckpointError:
+        return None
+    meta = read_marker(Path(ckpt_dir, tag)) if tag else None
+    if not meta:
+        return None
+    return int(meta.get("data_ranks") or meta.get("world_size") or 0) or None

@@ -28,9 +28,9 @@ from typing import Any, Callable, Optional
 from dyntrain.checkpoint.collective import all_gather, barrier, broadcast
 from dyntrain.checkpoint.files import atomic_write_text, fsync_dir, fsync_file, remove_tag
 from dyntrain.checkpoint.layout import (COMPLETE, FORMAT_VERSION, LATEST, STATE_KEY, UNIVERSAL,
-                                        CheckpointError, CheckpointInfo, list_checkpoints, newest_complete,
-                                        owner_rank, read_marker, step_of_tag, tag_for_step, verify_files)
-from dyntrain.checkpoint.reshard import ensure_universal, reshard_note, reshard_rank_states
+                                        CheckpointError, CheckpointInfo, list_checkpoints, owner_rank,
+                                        read_marker, resume_tag, step_of_tag, tag_for_step)
+from dyntrain.checkpoint.reshard import ensure_universal, reshard_rank_states
 from dyntrain.errors import one_line
 from dyntrain.logs import get_logger
 
@@ -116,7 +116,7 @@ class CheckpointManager:
                     fsync_file(p)
             barrier()
             if self.rank == 0:
-                self._commit(step, tag_dir)
+                self._commit(step, tag_dir, int(client_state.get("data_ranks") or self.world_size))
         except OSError as exc:   # a full or failing disk; `latest` still names the previous tag
             raise CheckpointError(f"cannot complete checkpoint {tag_dir}: {exc}"
                                   f"{_free_space(self.dir)}") from exc
@@ -124,14 +124,14 @@ class CheckpointManager:
         self._say(f"saved {tag_dir} ({self.world_size} rank(s), {time.perf_counter() - t0:.1f} s)")
         return tag
 
-    def _commit(self, step: int, tag_dir: Path) -> None:
+    def _commit(self, step: int, tag_dir: Path, data_ranks: int) -> None:
         """Rank 0, once every rank's files are durable: the marker, ``latest``, retention."""
         files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()}
         if not files:
             raise CheckpointError(f"DeepSpeed wrote no files into {tag_dir}")
         fsync_dir(tag_dir)
         meta = {
-            "tag": tag_dir.name, "step": int(step), "world_size": self.world_size,
+            "tag": tag_dir.name, "step": int(step), "world_size": self.world_size, "data_ranks": data_ranks,
             "zero_stage": int(self.engine.zero_optimization_stage()),
             "bf16": bool(self.engine.bfloat16_enabled()),
             "deepspeed": _ds_version(), "format": FORMAT_VERSION,
@@ -181,24 +181,9 @@ class CheckpointManager:
         if mode == "never":
             self._clear_for_fresh_start()
             return None
-        if mode in ("auto", "latest"):
-            info = newest_complete(self.dir)
-            if info is not None:
-                self._point_latest_at(info.tag)
-            return info.tag if info else None
-        tag = tag_for_step(int(mode)) if mode.isdigit() else mode
-        tag_dir = self.dir / tag
-        available = [i.tag for i in list_checkpoints(self.dir) if i.complete]
-        if not tag_dir.is_dir():
-            raise CheckpointError(f"checkpoint.resume={mode}: {tag_dir} does not exist "
-                                  f"(complete checkpoints: {available or 'none'})")
-        info = CheckpointInfo(tag, step_of_tag(tag), tag_dir, False, read_marker(tag_dir) or {})
-        if not info.meta:
-            raise CheckpointError(f"checkpoint.resume={mode}: {tag_dir} is incomplete (no {COMPLETE} "
-                                  f"marker; complete checkpoints: {available or 'none'})")
-        problem = verify_files(CheckpointInfo(tag, info.step, tag_dir, True, info.meta))
-        if problem:
-            raise CheckpointError(f"checkpoint.resume={mode}: {problem}")
+        tag = resume_tag(self.dir, mode)
+        if tag is not None and mode in ("auto", "latest"):
+            self._point_latest_at(tag)
         return tag
 
     def _point_latest_at(self, tag: str) -> None:
@@ -236,7 +221,8 @@ class CheckpointManager:
     def load(self, tag: str) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
         """Restore weights, optimizer and LR schedule from ``tag`` (all ranks); returns
         ``(client_state, this_rank_state)``. Across a world-size change the optimizer comes from the
-        universal form and ``this_rank_state`` from ``reshard_rank_states``."""
+        universal form and ``this_rank_state`` from ``reshard_rank_states`` (the loader decides what
+        its readers resume: ``dyntrain.data.logical``)."""
         t0 = time.perf_counter()
         tag_dir = self.dir / tag
         meta = read_marker(tag_dir)
@@ -260,7 +246,6 @@ class CheckpointManager:
         rank_states = ours["rank_states"]
         if self.resharded:
             rank_state = reshard_rank_states(rank_states, self.rank, self.world_size)
-            self._say(reshard_note(rank_states, self.world_size))
         else:
             rank_state = rank_states[self.rank]
         self.loaded = CheckpointInfo(tag, step_of_tag(tag), tag_dir, True, meta)

@@ -4,8 +4,9 @@ With the same world size every rank gets its own reader/RNG state back (exact re
 world size the ZeRO optimizer partitions no longer fit: rank 0 converts the tag once into
 DeepSpeed's universal format (``deepspeed.checkpoint.ds_to_universal``, into ``<tag>/universal``,
 atomically) and all ranks load it with ``load_universal``; ZeRO-0 fp32 checkpoints (unpartitioned)
-load directly. Weights, Adam moments, LR schedule and step carry over; the data policy (the
-interrupted epoch restarts with the new sharding) is ``reshard_rank_states``.
+load directly. Weights, Adam moments, LR schedule and step carry over; ``reshard_rank_states``
+hands every saved reader state to the new ranks, and the data policy is the loader's
+(``dyntrain.data.logical``: the same data ranks hosted on fewer processes, exact).
 """
 from __future__ import annotations
 
@@ -23,33 +24,24 @@ def reshard_rank_states(saved: list[dict[str, Any]], rank: int, world_size: int)
     """The state rank ``rank`` of a new world of ``world_size`` ranks resumes with, given the
     rank states of the ``len(saved)`` ranks that wrote the checkpoint.
 
-    Data policy on a world-size change: a reader state belongs to its rank's 1/W share of the
-    samples (DALI ``shard_id``/``num_shards``), so it cannot carry over to a share of another size.
-    The new world therefore restarts the interrupted epoch with the new sharding: every rank's
-    reader starts its new share from the beginning (``loader: None``). Nothing of the interrupted
-    epoch is lost; the samples the old ranks had consumed since the last epoch boundary (at most
-    one epoch, reported at resume) are seen a second time. The RNG state of old rank ``rank`` is
-    kept where that rank existed; new ranks start from their seeded streams.
+    The RNG state of old rank ``rank`` is kept where that rank existed (new ranks start from their
+    seeded streams). The data is the loader's business: a reader state belongs to one of the data
+    ranks the checkpoint's run had (its 1/N share of the samples), so every saved reader state is
+    handed over under ``saved_loaders`` (with the rank, world size and data ranks of the process
+    that saved it) and the loader decides: ``dyntrain.data.logical.LogicalRanks`` hosts the same
+    data ranks on fewer processes and resumes each exactly, or restarts the interrupted epoch with
+    the new sharding when they cannot be hosted. ``loader`` is None: no state of this process's own.
     """
     old = saved[rank] if rank < len(saved) else {}
     state: dict[str, Any] = {"rank": rank, "world_size": world_size, "resharded_from": len(saved),
                              "loader": None}
     if old.get("rng") is not None:
         state["rng"] = old["rng"]
+    if any(s.get("loader") is not None for s in saved):
+        state["saved_loaders"] = [
+            {"rank": int(s.get("rank", i)), "world_size": int(s.get("world_size", len(saved))),
+             "data_ranks": s.get("data_ranks"), "loader": s.get("loader")} for i, s in enumerate(saved)]
     return state
-
-
-def reshard_note(saved: list[dict[str, Any]], world_size: int) -> str:
-    """One line that says what the data policy does to this resume (for the log)."""
-    read = []
-    for s in saved:
-        loader = s.get("loader") or {}
-        if "iteration" in loader and "batch_size" in loader:
-            read.append(int(loader["iteration"]) * int(loader["batch_size"]))
-    told = f" (the old ranks had read {read} samples in all)" if read else ""
-    return (f"data: reader positions of {len(saved)} rank(s) do not fit {world_size} rank(s); the "
-            f"interrupted epoch restarts with the new sharding: no sample of it is lost, those the "
-            f"old ranks consumed since their last epoch boundary are seen again{told}")
 
 
 def ensure_universal(tag_dir: str | Path, workers: int = 1) -> Path:

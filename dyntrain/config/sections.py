@@ -67,6 +67,11 @@ class DataConfig:
     io_retry_s: seconds a transient storage error (S3 connection refused or reset, timeout, HTTP 5xx,
         SlowDown) is retried with backoff while reading shards before the run fails naming the URL;
         nothing is skipped meanwhile. 0 fails at the first such error.
+    logical_ranks: data ranks: readers the data is split into, each with its own share, seeds and
+        state (``dyntrain.data.logical``). 0 = the world size of the run's first start, which its
+        checkpoints keep: a resume on fewer ranks hosts several readers per rank, takes their
+        micro-batches in turn as gradient accumulation and trains on exactly the batches of the
+        original run. Must be a multiple of the world size, else the data is resharded.
     """
     source: Literal["shards", "paired", "paired_shards", "synthetic"] = "shards"
     train_urls: list[str] = field(default_factory=list)
@@ -90,10 +95,13 @@ class DataConfig:
     clean_urls: list[str] = field(default_factory=list)
     preset: str = "in"
     io_retry_s: float = 180.0
+    logical_ranks: int = 0
 
     def __post_init__(self) -> None:
         positive("data.crop_size", self.crop_size)
         positive("data.micro_batch_size", self.micro_batch_size)
+        if self.logical_ranks < 0:
+            raise ConfigError(f"data.logical_ranks: must be >= 0 (0 = the world size), got {self.logical_ranks}")
         if not 0 <= self.io_retry_s < float("inf"):
             raise ConfigError(f"data.io_retry_s: must be a number of seconds >= 0, got {self.io_retry_s}")
         for key in ("degrade_frac", "mask_frac"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -52,9 +52,15 @@ class Config:
             raise ConfigError(f"schedule.fixed_variant: {self.schedule.fixed_variant!r} is not in "
                               f"model.variants ({sorted(names)})")
 
-    def gradient_accumulation(self, world_size: int) -> int:
+    def gradient_accumulation(self, world_size: int, data_ranks: Optional[int] = None) -> int:
         """Micro-batches per optimizer step on each rank: ``deepspeed.gradient_accumulation_steps``,
-        or derived from ``deepspeed.global_batch_size`` (the only place the global batch is derived)."""
+        or derived from ``deepspeed.global_batch_size`` (the only place the global batch is derived),
+        per data rank; a rank that hosts several data ranks (``data.logical_ranks``) takes each one's
+        micro-batches in turn, so the global batch does not depend on the world size."""
+        if data_ranks is not None and data_ranks != world_size:
+            if data_ranks % world_size:
+                raise ConfigError(f"{data_ranks} data ranks cannot be spread evenly over {world_size} ranks")
+            return self.gradient_accumulation(data_ranks) * (data_ranks // world_size)
         ds, micro = self.deepspeed, self.data.micro_batch_size
         if ds.global_batch_size is None:
             return int(ds.gradient_accumulation_steps)

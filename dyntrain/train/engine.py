@@ -27,7 +27,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -136,12 +136,14 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def build_ds_config(cfg: Config, world_size: int, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """The DeepSpeed JSON for this run, from its parts: batch, optimizer, scheduler, ZeRO."""
+def build_ds_config(cfg: Config, world_size: int, device: torch.device | str = "cpu",
+                    data_ranks: Optional[int] = None) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run, from its parts: batch, optimizer, scheduler, ZeRO
+    (``data_ranks``: the readers the ranks host, ``dyntrain.data.logical``; None = one per rank)."""
     device = torch.device(device)
     ds = cfg.deepspeed
     config: dict[str, Any] = {
-        **ds_batch(cfg, world_size),
+        **ds_batch(cfg, world_size, data_ranks),
         "gradient_clipping": float(cfg.optim.grad_clip),  # explicit: 0.0 = no clipping
         "optimizer": ds_optimizer(cfg.optim),
         "scheduler": ds_scheduler(cfg),
@@ -157,10 +159,10 @@ def build_ds_config(cfg: Config, world_size: int, device: torch.device | str = "
     return config
 
 
-def ds_batch(cfg: Config, world_size: int) -> dict[str, int]:
+def ds_batch(cfg: Config, world_size: int, data_ranks: Optional[int] = None) -> dict[str, int]:
     """Micro-batch, accumulation and global batch (``Config.gradient_accumulation`` derives them)."""
     micro = cfg.data.micro_batch_size
-    accum = cfg.gradient_accumulation(world_size)
+    accum = cfg.gradient_accumulation(world_size, data_ranks)
     return {"train_batch_size": micro * accum * world_size, "train_micro_batch_size_per_gpu": micro,
             "gradient_accumulation_steps": accum}
 
@@ -229,13 +231,15 @@ def ds_zero(ds, device: torch.device) -> dict[str, Any]:
     return zero
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, dist_info: DistInfo, lr_scheduler=None):
+def build_engine(cfg: Config, model: torch.nn.Module, dist_info: DistInfo, lr_scheduler=None,
+                 data_ranks: Optional[int] = None):
     """Wrap ``model`` in a DeepSpeed engine built from ``build_ds_config``. ``lr_scheduler``
-    (``optimizer -> scheduler``, e.g. the task curriculum's restarts) replaces the JSON's scheduler."""
+    (``optimizer -> scheduler``, e.g. the task curriculum's restarts) replaces the JSON's scheduler;
+    ``data_ranks``: see ``build_ds_config``."""
     # lazy: deepspeed is slow to import and unused by inference
     import deepspeed
 
-    ds_config = build_ds_config(cfg, dist_info.world_size, dist_info.device)
+    ds_config = build_ds_config(cfg, dist_info.world_size, dist_info.device, data_ranks)
     if lr_scheduler is not None:
         ds_config.pop("scheduler")
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),

@@ -2,8 +2,11 @@
 call with the components they pick.
 
 Order: distributed start-up (launcher or single process) -> model (``model_builder``, init from
-``run.seed``) -> DeepSpeed engine (with ``lr_scheduler`` when given) -> loader (``loader_factory(cfg,
-rank, world_size, device)``) -> schedule -> checkpoint manager -> the resume state, if any -> MLflow
+``run.seed``) -> the data ranks (``data.logical_ranks`` or those of the checkpoint a resume continues
+from) -> DeepSpeed engine (with ``lr_scheduler`` when given; its accumulation covers the hosted data
+ranks) -> loader (``dyntrain.data.logical.LogicalRanks`` over ``loader_factory(cfg, data_rank,
+data_ranks, device)`` for each data rank this process hosts: one, unless a resume runs on fewer
+ranks than the run started with) -> schedule -> checkpoint manager -> the resume state, if any -> MLflow
 run (the checkpoint's run id when resuming) -> trainer with its account, tracker and ``callbacks``
 -> every callback's ``on_start`` -> ``train()``. The MLflow run ends FINISHED, KILLED (stopped early
 on request, to be resumed) or FAILED (any exception, re-raised).
@@ -29,10 +32,11 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from dyntrain.checkpoint import CheckpointManager
+from dyntrain.checkpoint import CheckpointManager, resume_data_ranks
 from dyntrain.config import Config
 from dyntrain.data.loader import LoaderFactory
-from dyntrain.logs import setup_logging
+from dyntrain.data.logical import LogicalRanks, choose_data_ranks
+from dyntrain.logs import get_logger, setup_logging
 from dyntrain.tracking import GPUHourAccount, make_tracker
 from dyntrain.tracking.savings import run_tags
 from dyntrain.train.callbacks import Callback
@@ -44,6 +48,7 @@ from dyntrain.train.trainer import Trainer, TrainResult
 
 
 ScheduleHook = Callable[[VariantSchedule, int], VariantSchedule]
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,8 @@ def run_training(cfg: Config, loader_factory: LoaderFactory, *, callbacks: Seque
     """Train ``cfg`` end to end on this rank; returns the trainer's result.
 
     Args:
-        loader_factory: ``(cfg, rank, world_size, device) -> Loader`` (``dyntrain.data.loader``).
+        loader_factory: ``(cfg, data_rank, data_ranks, device) -> Loader`` (``dyntrain.data.loader``;
+            called as ``(cfg, rank, world_size, device)`` unless this process hosts other data ranks).
         callbacks: ``dyntrain.train.callbacks.Callback`` objects, called in this order.
         tags: MLflow tags of the run (e.g. ``{"dyntrain.stage": "finetune"}``).
         model_builder: builds the (initialised) model; fine-tuning loads ``init.checkpoint`` here.
@@ -101,8 +107,14 @@ def run_training(cfg: Config, loader_factory: LoaderFactory, *, callbacks: Seque
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     model = model_builder(cfg)
-    engine, ds_config = build_engine(cfg, model, info, lr_scheduler=lr_scheduler)
-    loader = loader_factory(cfg, rank, world, info.device)
+    # the data ranks the checkpoint to resume was written with fix the accumulation (data.logical)
+    data_ranks, note = choose_data_ranks(cfg.data.logical_ranks,
+                                         resume_data_ranks(cfg.checkpoint.dir, cfg.checkpoint.resume), world)
+    if note and rank == 0:
+        log.info(note)
+    engine, ds_config = build_engine(cfg, model, info, lr_scheduler=lr_scheduler, data_ranks=data_ranks)
+    loader = LogicalRanks(lambda data_rank: loader_factory(cfg, data_rank, data_ranks, info.device),
+                          rank, world, data_ranks, int(engine.gradient_accumulation_steps()))
     tracker = None
     status = "FAILED"
     try:

@@ -2,8 +2,9 @@
 
 Checkpoint state: the global client state (step, schedule description and state - the cost-aware
 probability table -, GPU-hour account, MLflow run id and the metric values not yet sent to it,
-resolved config, world size) plus ``rank_state`` (this rank's torch/numpy/python/CUDA RNG and
-loader state), which makes a resume with the same number of ranks exact.
+resolved config, world size, data ranks) plus ``rank_state`` (this rank's torch/numpy/python/CUDA
+RNG and loader state), which makes a resume exact with the same number of ranks, and with fewer
+ranks that host the same data ranks (``dyntrain.data.logical``).
 
 Trace (debugging, tests): after ``enable_trace(directory)`` every rank writes ``trace_rank<r>.json``
 there at the end of ``train`` (per-step variant, loss and sample keys, and a SHA-256 of the full
@@ -49,6 +50,7 @@ class TrainerStateMixin:
             "tracking_unsent": self.tracker.unsent_metrics(),  # sent again by the resumed run
             "config": self.cfg.to_dict(),
             "world_size": self.world_size,
+            "data_ranks": self.data_ranks,
             "rank_state": self.rank_state(),
         }
 
@@ -57,7 +59,13 @@ class TrainerStateMixin:
                "python": random.getstate()}
         if torch.cuda.is_available() and self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"rank": self.rank, "world_size": self.world_size, "rng": rng, "loader": self.loader.state_dict()}
+        return {"rank": self.rank, "world_size": self.world_size, "data_ranks": self.data_ranks, "rng": rng,
+                "loader": self.loader.state_dict()}
+
+    @property
+    def data_ranks(self) -> int:
+        """The readers the data is split into (``dyntrain.data.logical``; one per rank by default)."""
+        return int(getattr(self.loader, "data_ranks", self.world_size))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
@@ -85,7 +93,9 @@ class TrainerStateMixin:
             random.setstate(rng["python"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
-        if rank_state.get("loader") is not None:
+        if hasattr(self.loader, "load_rank_state"):  # data ranks: it picks its readers' states
+            self.loader.load_rank_state(rank_state)
+        elif rank_state.get("loader") is not None:
             self.loader.load_state_dict(rank_state["loader"])
 
     # ----------------------------------------------------------------------------- trace
