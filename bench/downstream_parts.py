@@ -134,10 +134,10 @@ def summarize(per_seed: list[dict], recipes: list[str], variants: list[str], axe
         fam = {kind: {x: with_bound([s["recipes"][recipe][kind][x]["family_saving"] for s in per_seed],
                                     [s["recipes"][recipe][kind][x]["family_bound"] for s in per_seed])
                       for x in axes} for kind in ("downstream", "proxy")}
-        eq_iter = {v: mean_ci95([s["recipes"][recipe]["downstream"]["gpu_hours"]["per_variant"][v]
-                                 ["equal_iterations"][-1]["dynamic_minus_separate_db"]
-                                 if s["recipes"][recipe]["downstream"]["gpu_hours"]["per_variant"][v]
-                                 ["equal_iterations"] else None for s in per_seed]) for v in variants}
+        def final_gap(s: dict, v: str):  # dynamic - separate at the last equal-iterations point
+            points = s["recipes"][recipe]["downstream"]["gpu_hours"]["per_variant"][v]["equal_iterations"]
+            return points[-1]["dynamic_minus_separate_db"] if points else None
+        eq_iter = {v: mean_ci95([final_gap(s, v) for s in per_seed]) for v in variants}
         eq_cost = {v: {x: mean_ci95([_minus(r["target_psnr"], r["separate_psnr_at_dynamic_cost"])
                                      for r in (s["recipes"][recipe]["downstream"][x]["per_variant"][v]
                                                for s in per_seed)]) for x in axes} for v in variants}

@@ -16,6 +16,11 @@ from dyntrain.analysis.stats import METHOD, format_ci, paired_difference, with_b
 from dyntrain.tracking import store
 
 
+def seed_order(seed: str) -> tuple[int, str]:
+    """Sort key of seed params (strings): numerically for numbers ("2" before "10")."""
+    return len(seed), seed
+
+
 def _group(runs) -> dict[str, dict[str, Any]]:
     """seed -> {"fixed": {variant: run}, "recipes": {recipe: run}} (newest first in ``runs``)."""
     seeds: dict[str, dict[str, Any]] = {}
@@ -47,7 +52,7 @@ def iso_quality_over_seeds(tracking_uri: str, experiment: str, x: str = "gpu_hou
         raise ComparisonError(f"no pre-training runs with validation and a run.seed param in {experiment!r}")
     per: dict[str, dict[str, dict]] = {}
     skipped: list[str] = []
-    for seed in sorted(groups, key=lambda s: (len(s), s)):
+    for seed in sorted(groups, key=seed_order):
         g = groups[seed]
         for recipe, run in g["recipes"].items():
             ids = [run.info.run_id] + [f.info.run_id for f in g["fixed"].values()]
@@ -61,13 +66,13 @@ def iso_quality_over_seeds(tracking_uri: str, experiment: str, x: str = "gpu_hou
         raise ComparisonError(f"no seed of {experiment!r} has a complete comparison: " + "; ".join(skipped))
     out: dict[str, Any] = {"x": x, "interval": METHOD, "recipes": {}, "paired": {}, "skipped": skipped}
     for recipe, by_seed in per.items():
-        seeds = sorted(by_seed, key=lambda s: (len(s), s))
+        seeds = sorted(by_seed, key=seed_order)
         summary = with_bound([by_seed[s]["iso_quality_saving"] for s in seeds],
                              [by_seed[s]["iso_quality_saving_is_bound"] for s in seeds])
         out["recipes"][recipe] = dict(summary, seeds=seeds)
     ref = reference if reference in per else next(iter(per))
     for recipe, by_seed in per.items():
-        common = sorted(set(by_seed) & set(per[ref]), key=lambda s: (len(s), s))
+        common = sorted(set(by_seed) & set(per[ref]), key=seed_order)
         if recipe == ref or len(common) < 2:
             continue
         d = paired_difference([by_seed[s]["iso_quality_saving"] for s in common],
