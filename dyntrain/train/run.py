@@ -137,7 +137,8 @@ def run_training(cfg: Config, loader_factory: LoaderFactory, *, callbacks: Seque
             trainer.restore(*resume)
         if trace_dir is not None:
             trainer.enable_trace(trace_dir)
-        run_tags = _describe_run(tracker, cfg, ds_config, schedule, info, dict(tags or {}),
+        run_tags = _describe_run(tracker, cfg, ds_config, schedule, info,
+                                 {**(tags or {}), "data_ranks": str(data_ranks)},
                                  resume[0] if resume else None, step=trainer.step)
         trainer.start_callbacks()
         trainer.account.add_startup(time.perf_counter() - t_start)
