@@ -4,6 +4,7 @@ the process tree, a supervisor that restarts the job as Slurm's requeue would, a
 an uninterrupted run of the same config.
 
     python bench/chaos_soak.py --faults 12 --seed 0 --workdir DIR --json PATH [--steps N]
+        [--kinds K1,K2] [--outage-scale F]
 
 Fault kinds (cycled in a seeded order, at seeded steps):
 
@@ -14,6 +15,7 @@ Fault kinds (cycled in a seeded order, at seeded steps):
     s3_down       the S3 endpoint refuses connections for 20-60 s            -> no restart expected
     s3_503        the S3 endpoint answers 503 SlowDown for 10-30 s           -> no restart expected
     mlflow_down   the MLflow server is killed for 60 s                       -> no restart expected
+                  (the three outage lengths times --outage-scale, default 1)
     disk_full     the next checkpoint save meets a full disk: every file DeepSpeed writes stops
                   after 4 KiB with ENOSPC (``tests/rank_entry.py --disk-full FLAG``, switched on
                   from outside by writing FLAG; no root needed); the save fails, ``latest`` keeps
@@ -173,12 +175,13 @@ def inject(f: dict, job: Job, services: Services, args) -> dict | None:
     elif kind in ("sigusr1", "resume_1rank"):
         job.signal_ranks(signal.SIGUSR1)
     elif kind in ("s3_down", "s3_503"):
-        seconds = rng.uniform(20, 60) if kind == "s3_down" else rng.uniform(10, 30)
+        seconds = (rng.uniform(20, 60) if kind == "s3_down" else rng.uniform(10, 30)) * args.outage_scale
         services.s3_fault("down" if kind == "s3_down" else "503", seconds)
         f["duration_s"] = round(seconds, 1)
     elif kind == "mlflow_down":
-        services.mlflow_outage(60.0)
-        f["duration_s"] = 60.0
+        seconds = 60.0 * args.outage_scale
+        services.mlflow_outage(seconds)
+        f["duration_s"] = round(seconds, 1)
     elif kind == "disk_full":
         disk_flag(args).write_text(str(job.step()))
     return f
@@ -194,11 +197,16 @@ def main() -> None:
     parser.add_argument("--keep", type=int, default=2, help="checkpoint.keep")
     parser.add_argument("--segment-timeout", type=float, default=1200)
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated fault kinds to draw from")
+    parser.add_argument("--outage-scale", type=float, default=1.0,
+                        help="multiplies the outage durations (S3 down 20-60 s, 503 10-30 s, MLflow 60 s); "
+                             "the CI soak uses 0.25")
     args = parser.parse_args()
     args.workdir = args.workdir.resolve()
     args.steps = args.steps or max(40, 8 * args.faults)
     if args.faults > args.steps - 2 * EVERY - 1:
         raise SystemExit(f"--steps {args.steps} leaves no room for {args.faults} faults")
+    if args.outage_scale <= 0:
+        raise SystemExit(f"--outage-scale must be positive, got {args.outage_scale}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the services and the job on the way out
     t0 = time.time()
     kinds = tuple(k for k in args.kinds.split(",") if k)
@@ -206,20 +214,32 @@ def main() -> None:
     if unknown or not kinds:
         raise SystemExit(f"--kinds: unknown {sorted(unknown)} (known: {', '.join(KINDS)})")
     faults = plan(args.faults, args.seed, args.steps, kinds)
+    phases = {}                 # where the wall time goes: seconds per phase
+
+    def lap(name: str, since: float) -> float:
+        now = time.time()
+        phases[name] = round(now - since, 1)
+        return now
+
     with Services(args.workdir) as services:
+        t = lap("services", t0)
         clean = Job(args, services, "clean", 0, 2)
         if clean.wait(args.segment_timeout) != 0:
             raise SystemExit(f"chaos: the uninterrupted run failed (log {clean.log})")
+        t = lap("clean_run", t)
         restarts = run_chaos(args, services, faults)
         services.settle()
+        t = lap("chaos_run", t)
         result = compare_runs(args, services, faults, restarts)
-    result.update(benchmark="chaos_soak", seed=args.seed, steps=args.steps, wall_s=round(time.time() - t0, 1))
+        lap("compare", t)
+    result.update(benchmark="chaos_soak", seed=args.seed, steps=args.steps, outage_scale=args.outage_scale,
+                  phases_s=phases, wall_s=round(time.time() - t0, 1))
     survived = sum(1 for f in faults if f["survived"] is True)
     print(f"{'kind':<13} {'at_step':>7} {'restarts':>8} {'survived':>8}  metrics lost")
     for f in faults:
         print(f"{f['kind']:<13} {f['at_step']:>7} {f['restarts']:>8} {str(f['survived']):>8}  {f['metrics_lost']}")
     for key in ("weights_identical", "draws_identical", "draws_checked", "metrics_missing", "metrics_duplicated",
-                "latest_complete", "retention_ok", "restarts", "wall_s"):
+                "latest_complete", "retention_ok", "restarts", "phases_s", "wall_s"):
         print(f"{key}={result[key]}")
     common.write_json(args.json, result)
     print(f"faults_survived={survived}/{len(faults)}")

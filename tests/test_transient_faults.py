@@ -4,8 +4,8 @@ server. While the faults last less than ``data.io_retry_s`` the run retries and 
 restart, no sample skipped or replaced, the same sample keys and variants at every step and the same
 final weights as an uninterrupted run. The bound itself (a fault that outlasts it ends the run with
 one error naming the URL) is ``tests/test_failures.py::test_s3_outage_mid_run_then_exact_resume``.
-Opening the pipeline during an outage (a requeued job resuming while S3 is away) waits for the storage
-in the same way."""
+Opening the pipeline during an outage (a job starting, or a requeued job resuming, while S3 is away)
+waits for the storage in the same way, in the pre-training and the paired-shard fine-tuning loader."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import S3_ENV, start_moto, stop
-from dyntrain.data.synthetic import write_synthetic_images
+from dyntrain.data.synthetic import make_demo_data, write_synthetic_images
 from helpers import free_port
 from test_failures import ENTRY, PRETRAIN, QUICKSTART, _env, _errors, _finish, _overrides, _start, _upload
 
@@ -44,20 +44,26 @@ def start_proxy(target: str, mode_file: Path) -> tuple[subprocess.Popen, str]:
 
 @pytest.fixture(scope="module")
 def s3_behind_proxy(tmp_path_factory):
-    """Shards (4 photographs, 64 px patches, 4 per shard) in a bucket of a fresh moto server, and a
-    fault proxy in front of it: yields (proxy endpoint, mode file, shard glob)."""
+    """Pre-training shards (4 photographs, 64 px patches, 4 per shard) and paired fine-tuning shards
+    (the demo task folders, 2 pairs per shard) in buckets of a fresh moto server, and a fault proxy in
+    front of it: yields (proxy endpoint, mode file, {"pretrain": shard glob, "paired_shards": prefix})."""
+    from dyntrain.data.finetune.paired_shards import pack_paired_shards
     from dyntrain.data.shards.writer import ShardBuildConfig, build_shards
 
     base = tmp_path_factory.mktemp("transient")
     write_synthetic_images(base / "images", 4, size=(192, 256), seed=11)
     build_shards([base / "images"], str(base / "shards"),
                  ShardBuildConfig(patch_size=64, shard_samples=4, workers=1), progress=False)
+    make_demo_data(base / "demo", train_images=2, test_images=1)
+    pack_paired_shards(base / "demo" / "train", str(base / "paired"), shard_samples=2, progress=False)
     server, endpoint = start_moto()
     proxy = None
     try:
         _upload(base / "shards", "dyntrain-transient", endpoint)
+        _upload(base / "paired", "dyntrain-transient-paired", endpoint)
         proxy, via = start_proxy(endpoint, base / "mode")
-        yield via, base / "mode", "s3://dyntrain-transient/pre/*.tar"
+        yield via, base / "mode", {"pretrain": "s3://dyntrain-transient/pre/*.tar",
+                                   "paired_shards": "s3://dyntrain-transient-paired/pre"}
     finally:
         if proxy is not None:
             proxy.kill()
@@ -74,6 +80,7 @@ def test_transient_s3_faults_cost_no_restart_and_no_sample(tmp_path, s3_behind_p
     """Refused connections (6 s), 503 SlowDown (5 s) and resets (4 s) in a row while the run
     reads: exit 0 in one go, the retries logged, nothing skipped, the trace equal to a clean run."""
     endpoint, mode, urls = s3_behind_proxy
+    urls = urls["pretrain"]
     env = _env(**S3_ENV, AWS_ENDPOINT_URL=endpoint)
     steps = 12
 
@@ -113,47 +120,81 @@ def test_transient_s3_faults_cost_no_restart_and_no_sample(tmp_path, s3_behind_p
 
 
 # run in a process of its own: DALI's S3 client keeps the endpoint of the first S3 pipeline a process
-# built, so in the pytest process it could still point at an earlier test's moto server
+# built, so in the pytest process it could still point at an earlier test's moto server. The storage
+# is away (refused connections) for outage_s seconds while the loader opens its pipeline: the first
+# batch of the paired-shard loader, and the first batch after load_state_dict of either loader.
 OPEN_DURING_OUTAGE = """
 import json, sys, threading, time
 from pathlib import Path
 from dyntrain.config import load_config
-from dyntrain.data.pretrain.degrade import DegradeSpec
-from dyntrain.data.pretrain.pipeline import DaliPretrainLoader
 
-urls, mode = sys.argv[1], Path(sys.argv[2])
-data = load_config(None, ["data.crop_size=32"]).data
-loader = DaliPretrainLoader(urls, DegradeSpec.from_config(data), 2, decode="cpu", num_threads=1,
-                            shuffle_buffer=4, io_retry_s=60)
-next(loader)
+kind, urls, mode, outage_s = sys.argv[1], sys.argv[2], Path(sys.argv[3]), float(sys.argv[4])
+
+def make():
+    if kind == "pretrain":
+        from dyntrain.data.pretrain.degrade import DegradeSpec
+        from dyntrain.data.pretrain.pipeline import DaliPretrainLoader
+        data = load_config(None, ["data.crop_size=32"]).data
+        return DaliPretrainLoader(urls, DegradeSpec.from_config(data), 2, decode="cpu", num_threads=1,
+                                  shuffle_buffer=4, io_retry_s=60)
+    from dyntrain.data.finetune.paired_shards import PairedShardLoader
+    cfg = load_config(None, ["data.source=paired_shards", f"data.train_urls=[{urls}]", "data.crop_size=16",
+                             "data.micro_batch_size=2", "data.num_threads=1", "data.shuffle_buffer=4",
+                             "data.io_retry_s=60"])
+    return PairedShardLoader(cfg, 0, 1, "cpu")
+
+def during_outage(step):
+    mode.write_text("down")
+    back = threading.Timer(outage_s, lambda: mode.write_text("pass"))
+    back.start()
+    time.sleep(0.3)  # the proxy reads its mode file every 0.1 s
+    try:
+        t0 = time.monotonic()
+        out = step()
+        return out, time.monotonic() - t0
+    finally:
+        back.join()
+
+def resume():
+    loader.load_state_dict(state)
+    return next(loader)
+
+loader = make()
+if kind == "paired_shards":  # opens its pipeline at the first batch
+    first, waited_first = during_outage(lambda: next(loader))
+else:  # opened it in the constructor, after listing the shards (which waits in storage.s3)
+    first, waited_first = next(loader), None
+retries_first = loader.io_retries
 state = loader.state_dict()
 want = next(loader)["keys"]
-mode.write_text("down")
-back = threading.Timer(8, lambda: mode.write_text("pass"))
-back.start()
-try:
-    t0 = time.monotonic()
-    loader.load_state_dict(state)
-    waited = time.monotonic() - t0
-finally:
-    back.join()
-got = next(loader)["keys"]
-print(json.dumps({"retries": loader.io_retries, "waited": waited, "want": list(want), "got": list(got)}))
+got, waited_resume = during_outage(resume)
+clean = make()
+r = {"retries_first": retries_first, "retries": loader.io_retries, "waited_first": waited_first,
+     "waited_resume": waited_resume, "first": list(first["keys"]), "clean_first": list(next(clean)["keys"]),
+     "want": list(want), "got": list(got["keys"])}
 loader.close()
+clean.close()
+print(json.dumps(r))
 """
 
 
-def test_pipeline_opened_during_an_outage_waits_for_the_storage(s3_behind_proxy):
-    """The loader's pipeline rebuilt from a resumed state while S3 refuses connections (8 s): it
-    waits, counts the retries, and hands out the batch the uninterrupted loader did."""
+@pytest.mark.parametrize("kind", ["pretrain", "paired_shards"])
+def test_pipeline_opened_during_an_outage_waits_for_the_storage(s3_behind_proxy, kind):
+    """The loader's pipeline opened while S3 refuses connections (4 s each time: the paired-shard
+    loader's first batch, either loader's first batch after a resume): it waits, counts the retries,
+    and hands out the batches an uninterrupted loader does (both loaders open through
+    ``recovery.CorruptRecovery._reopen``)."""
     endpoint, mode, urls = s3_behind_proxy
     env = _env(**S3_ENV, AWS_ENDPOINT_URL=endpoint)
+    outage = 4.0
     try:
-        proc = subprocess.run([sys.executable, "-c", OPEN_DURING_OUTAGE, urls, str(mode)], env=env,
-                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+        proc = subprocess.run([sys.executable, "-c", OPEN_DURING_OUTAGE, kind, urls[kind], str(mode), str(outage)],
+                              env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     finally:
         mode.write_text("pass")
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert r["retries"] > 0 and r["waited"] > 5, r
-    assert r["got"] == r["want"]
+    if kind == "paired_shards":
+        assert r["retries_first"] > 0 and r["waited_first"] > outage - 1, r
+    assert r["retries"] > r["retries_first"] and r["waited_resume"] > outage - 1, r
+    assert r["first"] == r["clean_first"] and r["got"] == r["want"], r

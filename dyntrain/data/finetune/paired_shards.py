@@ -168,6 +168,8 @@ class PairedShardLoader(CorruptRecovery, PairedLoaderBase):
     ``data.io_retry_s`` with nothing skipped; a pair whose input or target does not decode (a shard
     damaged after ``pack_paired_shards`` checked it) is left out, its slot filled with a copy of a
     good pair of the batch, counted in ``stats()["corrupt_skipped"]`` and named in ``corrupt_keys``.
+    The pipeline is opened at the first batch and at the first after ``load_state_dict``; that open
+    waits through an outage of the storage in the same way (``CorruptRecovery._reopen``).
     """
 
     kind = "paired_shards"
@@ -178,6 +180,8 @@ class PairedShardLoader(CorruptRecovery, PairedLoaderBase):
             raise PairedDataError("data.train_urls: give exactly one packed paired-shard folder or s3:// prefix "
                                   f"for data.source=paired_shards, got {data.train_urls}")
         self.base = str(data.train_urls[0])
+        self.io_retry_s = float(data.io_retry_s)
+        retry.set_bound(self.io_retry_s)  # the S3 reads outside DALI (the manifest, single samples)
         self.manifest = read_paired_manifest(self.base)
         self.urls, total = paired_shard_list(self.base, self.manifest, data.tasks, data.sigmas,
                                                cfg.run.seed)
@@ -189,8 +193,6 @@ class PairedShardLoader(CorruptRecovery, PairedLoaderBase):
         self.share = share_size(total, rank, world_size)  # DALI's split of the sample list
         if self.share < 1:
             raise PairedDataError(f"rank {rank}: no paired samples in its share ({total} for {world_size} ranks)")
-        self.io_retry_s = float(data.io_retry_s)
-        retry.set_bound(self.io_retry_s)
         self._pipe = None
         self._ckpt: Optional[str] = None       # DALI checkpoint after the last batch handed out
         self.iteration = 0                      # DALI iterations consumed (>= batches)
@@ -260,8 +262,8 @@ class PairedShardLoader(CorruptRecovery, PairedLoaderBase):
 
     def __next__(self) -> dict[str, Any]:
         while True:
-            if self._pipe is None:
-                self._rebuild(self._ckpt)
+            if self._pipe is None:  # the first build, or the rebuild after load_state_dict
+                self._reopen(self._ckpt, self.urls[0])  # retried through an S3 outage (recovery)
             it = self.iteration
             (inp, tgt, meta), bad = self._run_batch(it)
             self.iteration += 1

@@ -26,8 +26,9 @@ a row although every image decodes and the storage answers raises instead of ret
 
 Opening the pipeline (the first build, or the rebuild from a resumed checkpoint) is retried the same
 way (``_reopen``) while a direct request for a shard fails transiently (the storage is down or
-throttling); a build that fails while the storage answers is a real error and raises at once (one
-more try is given right after an outage ends).
+throttling). A build that fails while the storage answers is tried once more at once (DALI's and
+boto3's own retries take seconds, so the outage that failed it may have ended since); failing again
+while the storage answers, it is a real error and raises.
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ class CorruptRecovery:
         """``_rebuild(checkpoint)``, retried while the storage of ``probe`` (a shard URL) is
         unreachable, for up to ``io_retry_s`` (see the module docstring)."""
         window = retry.RetryWindow(f"rank {self.rank}: opening {self._shard_names()}", self.io_retry_s)
-        after_outage = False
+        answered = False  # the last build failed although the storage answered the probe
         while True:
             try:
                 self._rebuild(checkpoint)
@@ -95,12 +96,14 @@ class CorruptRecovery:
                 return
             except DataSourceError as exc:
                 cause = _storage_fault(probe)
-                if cause is None and (after_outage or not window.tries):
+                if cause is None and answered:
                     raise
-                after_outage = cause is None
-                if not window.wait(cause or exc):
-                    raise DataSourceError(f"{exc}\n{window.gave_up()}") from exc
                 self.io_retries += 1
+                answered = cause is None
+                if answered:  # the outage may have ended during DALI's or the probe's own retries
+                    continue
+                if not window.wait(cause):
+                    raise DataSourceError(f"{exc}\n{window.gave_up()}") from exc
 
     def _replay(self, it: int):
         """Steps 1-3 of the module docstring; (None, ()) when the batch failed again whole."""
