@@ -153,8 +153,8 @@ def resume_tag(ckpt_dir: str | Path, mode: Optional[str], warn: bool = True) -> 
 def resume_data_ranks(ckpt_dir: Optional[str | Path], mode: Optional[str]) -> Optional[int]:
     """How many data-parallel readers ("data ranks") wrote the checkpoint a resume would continue
     from: the marker's ``data_ranks``, or its ``world_size`` for a checkpoint that predates them; None
-    for a fresh start (or a choice ``resume_tag`` refuses: the resume itself reports it). Read by
-    every rank before the engine exists, because the gradient accumulation depends on it."""
+    for a fresh start (or a choice ``resume_tag`` refuses: the resume itself reports it). Read (by
+    rank 0, ``dyntrain.train.run``) before the engine exists: the gradient accumulation depends on it."""
     if not ckpt_dir:
         return None
     try:

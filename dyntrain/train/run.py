@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from dyntrain.checkpoint import CheckpointManager, resume_data_ranks
+from dyntrain.checkpoint import CheckpointManager, broadcast, resume_data_ranks
 from dyntrain.config import Config
 from dyntrain.data.loader import LoaderFactory
 from dyntrain.data.logical import LogicalRanks, choose_data_ranks
@@ -107,9 +107,10 @@ def run_training(cfg: Config, loader_factory: LoaderFactory, *, callbacks: Seque
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     model = model_builder(cfg)
-    # the data ranks the checkpoint to resume was written with fix the accumulation (data.logical)
-    data_ranks, note = choose_data_ranks(cfg.data.logical_ranks,
-                                         resume_data_ranks(cfg.checkpoint.dir, cfg.checkpoint.resume), world)
+    # the data ranks the checkpoint to resume was written with fix the accumulation (data.logical);
+    # rank 0 reads the checkpoint folder, as it does to choose the resume, and tells the others
+    saved = resume_data_ranks(cfg.checkpoint.dir, cfg.checkpoint.resume) if rank == 0 else None
+    data_ranks, note = choose_data_ranks(cfg.data.logical_ranks, broadcast(saved, rank), world)
     if note and rank == 0:
         log.info(note)
     engine, ds_config = build_engine(cfg, model, info, lr_scheduler=lr_scheduler, data_ranks=data_ranks)
