@@ -2,8 +2,8 @@
 ``sbatch slurm/pretrain.sbatch configs/quickstart.yaml ...`` on 2 CPU ranks, the preemption signal
 sent with ``scancel --signal=USR1 --batch``; the job must checkpoint at the next step boundary,
 requeue itself, come back (SLURM_RESTART_COUNT=1; Slurm holds a requeued job back about two
-minutes, and the test starts it at once with ``scontrol update StartTime=now``) and finish from where
-it stopped, in the same MLflow run. And the shard build
+minutes, and the test starts it 3 s after it is pending with ``scontrol update StartTime=now+3``)
+and finish from where it stopped, in the same MLflow run. And the shard build
 ``bash slurm/make_shards.sbatch --parts 2 --dedup -- ...``: index array, plan, build array and merge
 chained with afterok.
 
@@ -177,9 +177,10 @@ def test_preempted_job_checkpoints_requeues_and_finishes(slurm, tmp_path):
     def wait_for(what, cond, timeout):
         deadline = time.time() + timeout
         while not cond():
-            if time.time() > deadline:
+            info = slurm.job(job)
+            if time.time() > deadline or info.get("JobState") in ("FAILED", "CANCELLED", "NODE_FAIL"):
                 text = out.read_text()[-5000:] if out.exists() else "(no job output)"
-                pytest.fail(f"timed out waiting for {what}; job {slurm.job(job)}\n{text}")
+                pytest.fail(f"gave up waiting for {what}; job {info}\n{text}")
             time.sleep(0.5)
 
     # 1. running and past its first periodic checkpoint: send the preemption signal to the batch shell
@@ -199,12 +200,15 @@ def test_preempted_job_checkpoints_requeues_and_finishes(slurm, tmp_path):
     t_requeued = time.time()
 
     # 3. the requeued job starts again, resumes there and finishes. Slurm holds a requeued job back
-    # (its begin time about two minutes ahead: Slurm's pacing, not the job's); the test lets it start
-    # now, as an operator can, instead of waiting the two minutes out
-    held = slurm.job(job)
-    assert held.get("JobState") in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "RUNNING", "COMPLETED"), held
-    if held.get("JobState") != "COMPLETED":
-        slurm.cmd("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+    # about two minutes (its begin time; Slurm's pacing, not the job's), and the test lets it start
+    # sooner, as an operator can. Not at once: slurmd refuses a launch credential made in the same
+    # second as the old one's revocation, and the job then FAILS without running (a CI run did, when
+    # the test set StartTime=now right after the requeue). So it waits until the first instance has
+    # completed (PENDING, no longer REQUEUED or COMPLETING) and sets the start 3 s ahead
+    wait_for("the first instance to complete", lambda: slurm.job(job).get("JobState") in
+             ("PENDING", "RUNNING", "COMPLETED"), 120)
+    if slurm.job(job).get("JobState") == "PENDING":
+        slurm.cmd("scontrol", "update", f"JobId={job}", "StartTime=now+3", check=False)
     wait_for("the requeued job to finish", lambda: slurm.job(job).get("JobState") == "COMPLETED", 420)
     t_done = time.time()
     text = out.read_text()
