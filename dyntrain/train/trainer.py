@@ -244,13 +244,9 @@ class Trainer(TrainerStateMixin):
     def _forward(self, x: torch.Tensor, reuse: tuple) -> torch.Tensor:
         return self.engine(x, reuse=reuse)
 
-    def _local_params(self):
-        for p in self.engine.module.parameters():
-            yield getattr(p, "ds_tensor", p)  # ZeRO-3: this rank's partition
-
     def _check_weights_finite(self) -> None:
         bad = torch.zeros(1, dtype=torch.float32)
-        for p in self._local_params():
+        for p in local_weights(self.engine.module.parameters()):
             if p.numel() and not torch.isfinite(p.detach()).all():
                 bad += 1
                 break
@@ -294,3 +290,20 @@ def _bf16(engine) -> bool:
 
 def _current_lr(engine) -> float:
     return float(engine.get_lr()[0])
+
+
+def local_weights(params):
+    """This rank's own elements of each parameter: the whole tensor, or under ZeRO-3 the real part of
+    its partition (``ds_tensor``). Partitions are padded to one size on every rank, and DeepSpeed
+    never writes the padding (``torch.empty``: the tail of the last rank's partition, all of it for a
+    parameter with fewer elements than ranks), so it holds whatever bits the memory had, NaN
+    included. Checking it refused a good checkpoint at random ("non-finite weights" from finite
+    losses, seen once in CI with ZeRO-3), so only elements below ``ds_numel`` are yielded."""
+    for p in params:
+        part = getattr(p, "ds_tensor", None)
+        if part is None:
+            yield p
+            continue
+        size = part.numel()
+        rank = dist.get_rank(group=getattr(p, "ds_process_group", None)) if dist.is_initialized() else 0
+        yield part.narrow(0, 0, max(0, min(size, p.ds_numel - size * rank)))
