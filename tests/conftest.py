@@ -19,20 +19,13 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import pytest
-from helpers import free_port
+from helpers import S3_ENV, free_port
 
 # DeepSpeed compiles its CPU comm op into TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions, one
 # folder for every checkout on the machine). Two checkouts' venvs then rebuild it in turn, 25-70 s at
 # the next DeepSpeed start of each; one folder per venv compiles it once. Ranks inherit the setting.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",  # no instance-metadata lookups (slow time-outs off EC2)
-}
 
 
 @pytest.fixture(autouse=True)

@@ -2,8 +2,10 @@
 the path)."""
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
 import sys
 import tarfile
 import time
@@ -12,6 +14,17 @@ from typing import Callable, Optional
 
 
 ROOT = Path(__file__).resolve().parents[1]
+PRETRAIN = str(ROOT / "launch" / "pretrain.py")
+ENTRY = str(ROOT / "tests" / "rank_entry.py")
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",  # no instance-metadata lookups (slow time-outs off EC2)
+}
 
 
 def draws(schedule, start: int, count: int) -> list[str]:
@@ -68,6 +81,90 @@ def spawn_ranks(fn: Callable, world_size: int, *args, timeout: Optional[float] =
                 p.join()
             raise AssertionError(f"{getattr(fn, '__name__', fn)}: ranks still running after {timeout} s")
     return [p.exitcode for p in context.processes]
+
+
+# ------------------------------------------------------------------ runs with faults from outside
+# A tiny pre-training run started as a process of its own (``rank_entry.py --cli``: one ``error:``
+# line, a trace), its output in a log file, held at a step boundary with ``--pause-at STEP@FILE``
+# while a fault is set up from outside (tests/test_failures.py, tests/test_transient_faults.py).
+
+def run_env(**extra: str) -> dict:
+    """This environment for one CPU rank, without a launcher's or tracking's variables (unless in
+    ``extra``)."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI",
+              "DYNTRAIN_TRACEBACK"):
+        if k not in extra:
+            env.pop(k, None)
+    return env
+
+
+def tiny_overrides(base: Path, urls: str, ckpt: Path, **kw) -> list[str]:
+    """A tiny pre-training run (dim 8, 32 px crops, batches of 2, fp32, deterministic)."""
+    o = {"run.max_steps": 4, "run.log_every": 2, "run.deterministic": "true", "run.seed": 3,
+         "model.dim": 8, "model.prompt_dims": "[8,8,16]", "model.prompt_sizes": "[16,8,4]",
+         "model.num_refinement": 1, "data.train_urls": f"[{urls}]", "data.crop_size": 32,
+         "data.micro_batch_size": 2, "data.num_threads": 1, "data.shuffle_buffer": 4,
+         "data.decode": "cpu", "schedule.verify_every": 0, "optim.lr_schedule": "constant",
+         "deepspeed.zero_stage": 2, "deepspeed.bf16": "false", "tracking.enabled": "false",
+         "checkpoint.dir": str(ckpt), "checkpoint.every": 2, "checkpoint.resume": "auto",
+         "checkpoint.overwrite": "false"}
+    o.update(kw)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def error_lines(log: str) -> list[str]:
+    return [ln for ln in log.splitlines() if ln.startswith("error: ")]
+
+
+def start_logged(cmd: list[str], log: Path, env: dict, cwd: Path) -> subprocess.Popen:
+    """A run whose stdout and stderr go to ``log`` (a pipe nobody reads could fill and block it)."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    proc.log = log
+    return proc
+
+
+def finish_logged(proc: subprocess.Popen, timeout: float) -> str:
+    """Wait for a run started by ``start_logged``; returns its log. A run that overstays is killed (a
+    hang must not outlive the test)."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"{proc.args[:4]} still running after {timeout} s:\n"
+                             f"{proc.log.read_text()[-3000:]}") from None
+    return proc.log.read_text()
+
+
+def wait_paused(proc: subprocess.Popen, go: Path, timeout: float = 600) -> None:
+    """Wait until a run started with ``--pause-at STEP@go`` holds at its step (``go.waiting``
+    exists). A run that ends or overstays first is killed and this raises with its log."""
+    deadline = time.monotonic() + timeout
+    while not Path(f"{go}.waiting").exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            raise AssertionError(f"the run never paused ({go.name}): {proc.log.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
+def rank0_trace(folder: Path) -> dict:
+    return json.loads((folder / "trace_rank0.json").read_text())
+
+
+def upload_shards(folder: Path, bucket: str, endpoint: str) -> None:
+    """Every file of ``folder`` to ``s3://bucket/pre/`` on the S3 server at ``endpoint``."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+                      region_name=S3_ENV["AWS_REGION"])
+    s3.create_bucket(Bucket=bucket)
+    for p in sorted(folder.iterdir()):
+        s3.upload_file(str(p), bucket, f"pre/{p.name}")
 
 
 # ------------------------------------------------------------------------- fine-tuning loaders

@@ -17,44 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import S3_ENV, start_moto, stop
+from conftest import start_moto, stop
 from dyntrain import checkpoint as ck
 from dyntrain.data.synthetic import write_synthetic_images
 from dyntrain.errors import DyntrainError, cli_main
-from helpers import deepspeed_cmd
+from helpers import (ENTRY, PRETRAIN, QUICKSTART, S3_ENV, deepspeed_cmd, error_lines, finish_logged,
+                     rank0_trace, run_env, start_logged, tiny_overrides, upload_shards, wait_paused)
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-PRETRAIN = str(ROOT / "launch" / "pretrain.py")
-ENTRY = str(ROOT / "tests" / "rank_entry.py")
-QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
-
-
-def _env(**extra: str) -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI",
-              "DYNTRAIN_TRACEBACK"):
-        if k not in extra:
-            env.pop(k, None)
-    return env
-
-
-def _overrides(base: Path, urls: str, ckpt: Path, **kw) -> list[str]:
-    """A tiny pre-training run (dim 8, 32 px crops, batches of 2, fp32, deterministic)."""
-    o = {"run.max_steps": 4, "run.log_every": 2, "run.deterministic": "true", "run.seed": 3,
-         "model.dim": 8, "model.prompt_dims": "[8,8,16]", "model.prompt_sizes": "[16,8,4]",
-         "model.num_refinement": 1, "data.train_urls": f"[{urls}]", "data.crop_size": 32,
-         "data.micro_batch_size": 2, "data.num_threads": 1, "data.shuffle_buffer": 4,
-         "data.decode": "cpu", "schedule.verify_every": 0, "optim.lr_schedule": "constant",
-         "deepspeed.zero_stage": 2, "deepspeed.bf16": "false", "tracking.enabled": "false",
-         "checkpoint.dir": str(ckpt), "checkpoint.every": 2, "checkpoint.resume": "auto",
-         "checkpoint.overwrite": "false"}
-    o.update(kw)
-    return [f"{k}={v}" for k, v in o.items()]
-
-
-def _errors(stderr: str) -> list[str]:
-    return [ln for ln in stderr.splitlines() if ln.startswith("error: ")]
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +80,12 @@ def test_missing_shard_one_line_under_launcher(tmp_path):
     the launcher's own exit status non-zero."""
     missing = tmp_path / "nowhere" / "shard-000000.tar"
     cmd = deepspeed_cmd(2, PRETRAIN, "--config", QUICKSTART,
-                        *_overrides(tmp_path, str(missing), tmp_path / "ckpt"))
+                        *tiny_overrides(tmp_path, str(missing), tmp_path / "ckpt"))
     # timeout: the first DeepSpeed start on a machine may compile its CPU comm op (minutes under load)
-    r = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=600)
     out = r.stdout + r.stderr
     assert r.returncode != 0, out[-3000:]
-    lines = _errors(r.stdout) + _errors(r.stderr)
+    lines = error_lines(r.stdout) + error_lines(r.stderr)
     assert len(lines) == 1 and str(missing) in lines[0], out[-3000:]
     assert "Traceback" not in out, out[-3000:]
 
@@ -130,17 +101,18 @@ def test_fresh_start_refused_then_missing_checkpoint(tmp_path, shards):
         (tag / ck.COMPLETE).write_text(json.dumps({"tag": tag.name, "step": step, "world_size": 1,
                                                    "files": {"mp_rank_00_model_states.pt": 1}}))
     base = [PY, PRETRAIN, "--config", QUICKSTART]
-    r = subprocess.run(base + _overrides(tmp_path, f"{shards}/*.tar", ckpt, **{"checkpoint.resume": "never"}),
-                       cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
-    lines = _errors(r.stderr)
+    r = subprocess.run(base + tiny_overrides(tmp_path, f"{shards}/*.tar", ckpt,
+                                             **{"checkpoint.resume": "never"}),
+                       cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=300)
+    lines = error_lines(r.stderr)
     assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
     assert str(ckpt) in lines[0] and "step_00000300" in lines[0] and "Traceback" not in r.stderr
     assert [i.tag for i in ck.list_checkpoints(ckpt)] == ["step_00000200", "step_00000300"]
-    r = subprocess.run(base + _overrides(tmp_path, f"{shards}/*.tar", tmp_path / "empty",
+    r = subprocess.run(base + tiny_overrides(tmp_path, f"{shards}/*.tar", tmp_path / "empty",
                                          **{"checkpoint.resume": "step_00000099"}),
-                       cwd=tmp_path, env=_env(DYNTRAIN_TRACEBACK="1"), capture_output=True, text=True,
+                       cwd=tmp_path, env=run_env(DYNTRAIN_TRACEBACK="1"), capture_output=True, text=True,
                        timeout=300)
-    lines = _errors(r.stderr)
+    lines = error_lines(r.stderr)
     assert r.returncode == 2 and len(lines) == 1 and "step_00000099" in lines[0], r.stderr[-3000:]
     assert "Traceback (most recent call last)" in r.stderr
 
@@ -162,7 +134,7 @@ def test_make_shards_without_usable_image(tmp_path):
     r = subprocess.run([PY, str(ROOT / "launch" / "make_shards.py"), "--src", str(empty), "--src",
                         str(small), "--out", str(out), "--patch-size", "64", "--workers", "1"],
                        capture_output=True, text=True, timeout=120)
-    lines = _errors(r.stderr)
+    lines = error_lines(r.stderr)
     assert r.returncode != 0 and len(lines) == 1, r.stderr
     assert str(empty) in lines[0] and str(small) in lines[0]
     assert "1 image(s) found" in lines[0] and "1 smaller than the patch size 64" in lines[0]
@@ -172,48 +144,12 @@ def test_make_shards_without_usable_image(tmp_path):
     r = subprocess.run([PY, str(ROOT / "launch" / "make_shards.py"), "--src", str(good), "--out", str(out),
                         "--patch-size", "64", "--workers", "1", "--max-noise", "0"],
                        capture_output=True, text=True, timeout=120)
-    lines = _errors(r.stderr)
+    lines = error_lines(r.stderr)
     assert r.returncode != 0 and len(lines) == 1, r.stderr
     assert str(good) in lines[0] and "1 used" in lines[0] and "0 kept" in lines[0] and "quality:noise" in lines[0]
 
 
 # ------------------------------------------------------------------------------ faults under load
-def _finish(proc: subprocess.Popen, timeout: float) -> str:
-    """Wait for a run started by ``_start``; returns its log. A run that overstays is killed (a
-    hang must not outlive the test)."""
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise AssertionError(f"{proc.args[:4]} still running after {timeout} s:\n"
-                             f"{proc.log.read_text()[-3000:]}") from None
-    return proc.log.read_text()
-
-
-def _start(cmd: list[str], log: Path, env: dict, cwd: Path) -> subprocess.Popen:
-    """A run whose stdout and stderr go to ``log`` (a pipe nobody reads could fill and block it)."""
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
-    proc.log = log
-    return proc
-
-
-def _trace(d: Path) -> dict:
-    return json.loads((d / "trace_rank0.json").read_text())
-
-
-def _upload(folder: Path, bucket: str, endpoint: str) -> None:
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
-                      region_name=S3_ENV["AWS_REGION"])
-    s3.create_bucket(Bucket=bucket)
-    for p in sorted(folder.iterdir()):
-        s3.upload_file(str(p), bucket, f"pre/{p.name}")
-
-
 @pytest.mark.slow
 def test_s3_outage_mid_run_then_exact_resume(tmp_path, shards):
     """The S3 server stops after step 3 and stays down: past ``data.io_retry_s`` (5 s here) of
@@ -223,37 +159,30 @@ def test_s3_outage_mid_run_then_exact_resume(tmp_path, shards):
     urls = f"s3://{bucket}/pre/*.tar"
     server, endpoint = start_moto()
     try:
-        _upload(shards, bucket, endpoint)
-        env = _env(**S3_ENV, AWS_ENDPOINT_URL=endpoint)
+        upload_shards(shards, bucket, endpoint)
+        env = run_env(**S3_ENV, AWS_ENDPOINT_URL=endpoint)
         runs: list[str] = []
 
         def run(name: str, *entry: str, env=env) -> subprocess.Popen:
             cmd = [PY, ENTRY, "--cli", "--trace", str(tmp_path / "trace" / name), *entry, PRETRAIN,
-                   "--config", QUICKSTART, *_overrides(tmp_path, urls, tmp_path / name,
+                   "--config", QUICKSTART, *tiny_overrides(tmp_path, urls, tmp_path / name,
                                                        **{"run.max_steps": steps, "data.io_retry_s": 5})]
             runs.append(name)
-            return _start(cmd, tmp_path / f"{name}-{len(runs)}.log", env, tmp_path)
+            return start_logged(cmd, tmp_path / f"{name}-{len(runs)}.log", env, tmp_path)
 
         ref = run("straight")
-        err = _finish(ref, 600)
+        err = finish_logged(ref, 600)
         assert ref.returncode == 0, err[-3000:]
         go = tmp_path / "go"
         faulted = run("outage", "--pause-at", f"3@{go}")
-        deadline = time.monotonic() + 600
-        while not Path(f"{go}.waiting").exists():
-            if faulted.poll() is not None or time.monotonic() > deadline:
-                if faulted.poll() is None:
-                    faulted.kill()
-                faulted.wait()
-                raise AssertionError(f"the run never paused at step 3: {faulted.log.read_text()[-3000:]}")
-            time.sleep(0.1)
+        wait_paused(faulted, go)
     finally:
         stop(server)
     t0 = time.monotonic()
     go.write_text("")
-    err = _finish(faulted, 300)
+    err = finish_logged(faulted, 300)
     failed_after = time.monotonic() - t0
-    lines = _errors(err)
+    lines = error_lines(err)
     assert faulted.returncode == 2 and len(lines) == 1, err[-3000:]
     assert f"s3://{bucket}/pre/shard-" in lines[0] and "Traceback" not in err
     assert "still failing after" in lines[0] and "data.io_retry_s=5" in lines[0], lines[0]
@@ -264,14 +193,14 @@ def test_s3_outage_mid_run_then_exact_resume(tmp_path, shards):
 
     server, endpoint = start_moto()   # the server is back (moto starts empty: same shards again)
     try:
-        _upload(shards, bucket, endpoint)
-        resumed = run("outage", env=_env(**S3_ENV, AWS_ENDPOINT_URL=endpoint))
-        err = _finish(resumed, 600)
+        upload_shards(shards, bucket, endpoint)
+        resumed = run("outage", env=run_env(**S3_ENV, AWS_ENDPOINT_URL=endpoint))
+        err = finish_logged(resumed, 600)
     finally:
         stop(server)
     assert resumed.returncode == 0, err[-3000:]
     assert f"resumed from {newest.tag} at step {newest.step}" in err
-    got, want = _trace(tmp_path / "trace" / "outage"), _trace(tmp_path / "trace" / "straight")
+    got, want = rank0_trace(tmp_path / "trace" / "outage"), rank0_trace(tmp_path / "trace" / "straight")
     ref_steps = {s["step"]: s for s in want["steps"]}
     assert [s["step"] for s in got["steps"]] == list(range(newest.step, steps))
     for s in got["steps"]:
@@ -288,8 +217,8 @@ def test_checkpoint_disk_full(tmp_path, shards):
     urls = f"{shards}/*.tar"
     probe = tmp_path / "probe"
     r = subprocess.run([PY, PRETRAIN, "--config", QUICKSTART,
-                        *_overrides(tmp_path, urls, probe, **{"run.max_steps": 2})],
-                       cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+                        *tiny_overrides(tmp_path, urls, probe, **{"run.max_steps": 2})],
+                       cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     size = sum(p.stat().st_size for p in (probe / "step_00000002").iterdir())
     disk = tmp_path / "disk"
@@ -300,9 +229,9 @@ def test_checkpoint_disk_full(tmp_path, shards):
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
         ckpt = disk / "ckpt"
-        r = subprocess.run([PY, PRETRAIN, "--config", QUICKSTART, *_overrides(tmp_path, urls, ckpt)],
-                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
-        lines = _errors(r.stderr)
+        r = subprocess.run([PY, PRETRAIN, "--config", QUICKSTART, *tiny_overrides(tmp_path, urls, ckpt)],
+                           cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=300)
+        lines = error_lines(r.stderr)
         assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
         assert str(ckpt / "step_00000004") in lines[0] and "Traceback" not in r.stderr
         assert (ckpt / ck.LATEST).read_text().strip() == "step_00000002"
@@ -326,25 +255,22 @@ def test_disk_full_mid_save_keeps_latest_and_resumes(tmp_path, shards):
 
     def run(n: int, *entry: str) -> subprocess.Popen:
         cmd = [PY, ENTRY, "--cli", "--disk-full", str(flag), *entry, PRETRAIN, "--config", QUICKSTART,
-               *_overrides(tmp_path, urls, ckpt, **{"run.max_steps": 6})]
-        return _start(cmd, tmp_path / f"run{n}.log", _env(), tmp_path)
+               *tiny_overrides(tmp_path, urls, ckpt, **{"run.max_steps": 6})]
+        return start_logged(cmd, tmp_path / f"run{n}.log", run_env(), tmp_path)
 
     full = run(1, "--pause-at", f"3@{go}")
-    deadline = time.monotonic() + 600
-    while not Path(f"{go}.waiting").exists():
-        assert full.poll() is None and time.monotonic() < deadline, full.log.read_text()[-3000:]
-        time.sleep(0.1)
+    wait_paused(full, go)
     flag.write_text("")
     go.write_text("")
-    log = _finish(full, 300)
-    lines = _errors(log)
+    log = finish_logged(full, 300)
+    lines = error_lines(log)
     assert full.returncode == 2 and len(lines) == 1, log[-3000:]
     assert str(ckpt / "step_00000004") in lines[0] and "No space left on device" in lines[0], lines[0]
     assert "Traceback" not in log
     assert (ckpt / ck.LATEST).read_text().strip() == "step_00000002"
     assert ck.newest_complete(ckpt).tag == "step_00000002"
     flag.unlink()
-    log = _finish(run(2), 600)
-    assert "resumed from step_00000002 at step 2" in log and not _errors(log), log[-3000:]
+    log = finish_logged(run(2), 600)
+    assert "resumed from step_00000002 at step 2" in log and not error_lines(log), log[-3000:]
     assert (ckpt / ck.LATEST).read_text().strip() == "step_00000006"
     assert ck.verify_files(ck.newest_complete(ckpt)) is None

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import S3_ENV, start_moto, stop
+from conftest import start_moto, stop
 from dyntrain.data.synthetic import make_demo_data, write_synthetic_images
-from helpers import free_port
-from test_failures import ENTRY, PRETRAIN, QUICKSTART, _env, _errors, _finish, _overrides, _start, _upload
+from helpers import (ENTRY, PRETRAIN, QUICKSTART, S3_ENV, error_lines, finish_logged, free_port, rank0_trace,
+                     run_env, start_logged, tiny_overrides, upload_shards, wait_paused)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROXY = str(ROOT / "bench" / "s3_fault_proxy.py")
@@ -59,8 +59,8 @@ def s3_behind_proxy(tmp_path_factory):
     server, endpoint = start_moto()
     proxy = None
     try:
-        _upload(base / "shards", "dyntrain-transient", endpoint)
-        _upload(base / "paired", "dyntrain-transient-paired", endpoint)
+        upload_shards(base / "shards", "dyntrain-transient", endpoint)
+        upload_shards(base / "paired", "dyntrain-transient-paired", endpoint)
         proxy, via = start_proxy(endpoint, base / "mode")
         yield via, base / "mode", {"pretrain": "s3://dyntrain-transient/pre/*.tar",
                                    "paired_shards": "s3://dyntrain-transient-paired/pre"}
@@ -71,34 +71,27 @@ def s3_behind_proxy(tmp_path_factory):
         stop(server)
 
 
-def _trace(d: Path) -> dict:
-    return json.loads((d / "trace_rank0.json").read_text())
-
-
 @pytest.mark.slow
 def test_transient_s3_faults_cost_no_restart_and_no_sample(tmp_path, s3_behind_proxy):
     """Refused connections (6 s), 503 SlowDown (5 s) and resets (4 s) in a row while the run
     reads: exit 0 in one go, the retries logged, nothing skipped, the trace equal to a clean run."""
     endpoint, mode, urls = s3_behind_proxy
     urls = urls["pretrain"]
-    env = _env(**S3_ENV, AWS_ENDPOINT_URL=endpoint)
+    env = run_env(**S3_ENV, AWS_ENDPOINT_URL=endpoint)
     steps = 12
 
     def run(name: str, *entry: str) -> subprocess.Popen:
         cmd = [sys.executable, ENTRY, "--cli", "--trace", str(tmp_path / "trace" / name), *entry, PRETRAIN,
-               "--config", QUICKSTART, *_overrides(tmp_path, urls, tmp_path / name,
+               "--config", QUICKSTART, *tiny_overrides(tmp_path, urls, tmp_path / name,
                                                    **{"run.max_steps": steps, "data.io_retry_s": 60})]
-        return _start(cmd, tmp_path / f"{name}.log", env, tmp_path)
+        return start_logged(cmd, tmp_path / f"{name}.log", env, tmp_path)
 
     clean = run("clean")
-    log = _finish(clean, 600)
+    log = finish_logged(clean, 600)
     assert clean.returncode == 0, log[-3000:]
     go = tmp_path / "go"
     faulted = run("faulted", "--pause-at", f"3@{go}")
-    deadline = time.monotonic() + 600
-    while not Path(f"{go}.waiting").exists():
-        assert faulted.poll() is None and time.monotonic() < deadline, faulted.log.read_text()[-3000:]
-        time.sleep(0.1)
+    wait_paused(faulted, go)
     try:
         for fault, seconds in (("down", 6), ("503", 5), ("reset", 4)):
             mode.write_text(fault)
@@ -107,10 +100,10 @@ def test_transient_s3_faults_cost_no_restart_and_no_sample(tmp_path, s3_behind_p
             time.sleep(seconds)
     finally:
         mode.write_text("pass")
-    log = _finish(faulted, 600)
-    assert faulted.returncode == 0 and not _errors(log), log[-3000:]
+    log = finish_logged(faulted, 600)
+    assert faulted.returncode == 0 and not error_lines(log), log[-3000:]
     assert "transient storage error" in log and "storage is back" in log, log[-3000:]
-    got, want = _trace(tmp_path / "trace" / "faulted"), _trace(tmp_path / "trace" / "clean")
+    got, want = rank0_trace(tmp_path / "trace" / "faulted"), rank0_trace(tmp_path / "trace" / "clean")
     assert got["loader_stats"]["io_retries"] > 0, got["loader_stats"]
     assert got["loader_stats"]["corrupt_skipped"] == 0 and got["loader_stats"]["corrupt_keys"] == []
     assert [s["step"] for s in got["steps"]] == list(range(steps))
@@ -185,7 +178,7 @@ def test_pipeline_opened_during_an_outage_waits_for_the_storage(s3_behind_proxy,
     and hands out the batches an uninterrupted loader does (both loaders open through
     ``recovery.CorruptRecovery._reopen``)."""
     endpoint, mode, urls = s3_behind_proxy
-    env = _env(**S3_ENV, AWS_ENDPOINT_URL=endpoint)
+    env = run_env(**S3_ENV, AWS_ENDPOINT_URL=endpoint)
     outage = 4.0
     try:
         proc = subprocess.run([sys.executable, "-c", OPEN_DURING_OUTAGE, kind, urls[kind], str(mode), str(outage)],
