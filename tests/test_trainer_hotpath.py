@@ -3,7 +3,8 @@ NaN and stop guarantees kept, logged losses unchanged.
 
 A plain-torch stand-in plays the DeepSpeed engine (forward with a reuse tuple, backward, step with
 gradient accumulation) so that the order of device work and host reads can be recorded in one fast
-process; the stop test runs two real ranks over gloo. The real engine paths are covered by
+process; the stop test and the test of the logged data counters (the run's totals) run two real
+ranks over gloo. The real engine paths are covered by
 tests/test_engine_multirank.py (NaN at step 3 under ZeRO-1) and tests/test_resume.py (exact resume).
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from dyntrain.config import load_config
 from dyntrain.data.loader import LoaderBase
+from dyntrain.tracking import NullTracker
 from dyntrain.train.callbacks import OnEveryStep
 from dyntrain.train.schedule import VariantSchedule
 from dyntrain.train.trainer import NonFiniteLossError, Trainer, restoration_loss
@@ -210,3 +212,48 @@ def test_gpu_suite_names_the_fastest_zero_stage_for_pretrain_yaml():
     assert fastest_zero_stage({"2": measured["2"]}) == 2
     with pytest.raises(ValueError, match="no ZeRO stage"):
         fastest_zero_stage({})
+
+
+class CountingBatches(Batches):
+    """Batches whose reader reports ``corrupt_skipped`` and ``io_retries`` of its own."""
+
+    def __init__(self, seed: int, corrupt: int, retries: int) -> None:
+        super().__init__(seed=seed)
+        self.counts = {"corrupt_skipped": corrupt, "io_retries": retries}
+
+    def stats(self) -> dict:
+        return {"epoch": 0, **self.counts}
+
+
+class Recorder(NullTracker):
+    def __init__(self) -> None:
+        self.logged: list[tuple[int, dict]] = []
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        self.logged.append((step, dict(metrics)))
+
+
+def _counts_rank(rank: int, port: int, queue) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        recorder = Recorder() if rank == 0 else None     # rank 0 alone holds the MLflow tracker
+        cfg = load_config(None, TINY + ["run.max_steps=4", "run.log_every=2"])
+        loader = CountingBatches(rank, corrupt=rank + 1, retries=10 * rank + 1)
+        Trainer(cfg, StandInEngine(), loader, VariantSchedule.from_config(cfg), recorder, rank, 2).train()
+        queue.put((rank, [(step, m["corrupt_skipped"], m["io_retries"]) for step, m in recorder.logged
+                          if "corrupt_skipped" in m] if recorder else []))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_logged_data_counters_are_the_runs_totals_over_ranks():
+    """Rank 0 logs ``corrupt_skipped`` and ``io_retries`` for the whole run: rank 1's reader skipped 2
+    samples and retried 11 reads, rank 0's 1 and 1, so each log step shows 3 and 12, not 1 and 1."""
+    queue = mp.get_context("spawn").Queue()
+    exitcodes = spawn_ranks(_counts_rank, 2, free_port(), queue, timeout=150)
+    results = dict(queue.get(timeout=30) for _ in exitcodes)
+    assert exitcodes == [0, 0]
+    assert results == {0: [(2, 3.0, 12.0), (4, 3.0, 12.0)], 1: []}

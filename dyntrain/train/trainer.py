@@ -264,8 +264,13 @@ class Trainer(TrainerStateMixin):
             torch.cuda.reset_peak_memory_stats(self.device)
         stats = self.loader.stats()
         metrics["data_epoch"] = float(stats.get("epoch", 0))
-        metrics["corrupt_skipped"] = float(stats.get("corrupt_skipped", 0))
-        metrics["io_retries"] = float(stats.get("io_retries", 0))
+        # the run's totals, not rank 0's share (every rank logs at the same steps)
+        counts = torch.tensor([stats.get("corrupt_skipped", 0), stats.get("io_retries", 0)],
+                              dtype=torch.float64)
+        if self.world_size > 1:
+            counts = counts.to(self.device)
+            dist.all_reduce(counts)
+        metrics["corrupt_skipped"], metrics["io_retries"] = (float(c) for c in counts.cpu())
         account = self.account.metrics()
         metrics.update(account)
         self.tracker.log_metrics(metrics, step=self.step)  # the console tracker prints the progress line
