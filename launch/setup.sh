@@ -35,8 +35,10 @@ echo "DALI: the [$dali] extra (launch/dali_flavour.sh)"
 if ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
     # DeepSpeed's CPU accelerator JIT-builds its shared-memory collective op at the first process-group
     # start. Build it once here: otherwise the first training run (or the first test) pays for it, and
-    # a run killed during that build leaves a lock file behind that makes every later start wait.
-    DS_ACCELERATOR=cpu .venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" \
+    # a run killed during that build leaves a lock file behind that makes every later start wait. It goes
+    # where the runs look for it (dyntrain.train.engine.extensions_dir_default): the venv's own folder.
+    DS_ACCELERATOR=cpu .venv/bin/python -c "from dyntrain.train.engine import extensions_dir_default as d; d()
+from deepspeed.comm.torch import build_shm_op; build_shm_op()" \
         >/dev/null 2>&1 || echo "warning: DeepSpeed's CPU communication op did not build" >&2
 fi
 echo "setup done: $(.venv/bin/python -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)' 2>/dev/null)"

@@ -21,10 +21,11 @@ from typing import Iterator, Optional
 import pytest
 from helpers import S3_ENV, free_port
 
-# DeepSpeed compiles its CPU comm op into TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions, one
-# folder for every checkout on the machine). Two checkouts' venvs then rebuild it in turn, 25-70 s at
-# the next DeepSpeed start of each; one folder per venv compiles it once. Ranks inherit the setting.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+from dyntrain.train.engine import extensions_dir_default
+
+# DeepSpeed's CPU comm op: the venv's own build (launch/setup.sh made it there), also for what the
+# tests start without going through init_distributed. Ranks inherit the setting.
+extensions_dir_default()
 
 
 

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
 from dyntrain.config import ConfigError, load_config
-from dyntrain.train.engine import build_ds_config, resolve_bf16
+from dyntrain.train.engine import build_ds_config, extensions_dir_default, resolve_bf16
 
 
 def ds(overrides, world=1, device="cpu"):
@@ -110,3 +111,19 @@ def test_buckets_sized_for_the_model_and_overlap_only_on_cuda(stage):
         assert "allgather_bucket_size" not in z
         assert z["stage3_prefetch_bucket_size"] == z["reduce_bucket_size"]
         assert z["stage3_param_persistence_threshold"] == int(1e5)
+
+
+def test_extensions_dir_defaults_to_the_environments_own_folder(monkeypatch, tmp_path):
+    """DeepSpeed's JIT-built ops go to ``<sys.prefix>/torch_extensions`` (where launch/setup.sh builds
+    the CPU comm op), not torch's machine-wide ~/.cache; an explicit TORCH_EXTENSIONS_DIR wins, and a
+    read-only environment is left to torch's default."""
+    import sys
+
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    assert extensions_dir_default() == str(tmp_path / "torch_extensions")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/elsewhere")
+    assert extensions_dir_default() == "/elsewhere"
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(tmp_path))  # a read-only prefix
+    assert extensions_dir_default() is None and "TORCH_EXTENSIONS_DIR" not in os.environ

@@ -26,7 +26,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -94,10 +96,22 @@ def _fill_single_process_env() -> None:
     os.environ.setdefault("LOCAL_SIZE", "1")
 
 
+def extensions_dir_default() -> Optional[str]:
+    """Where DeepSpeed's JIT-built ops go unless TORCH_EXTENSIONS_DIR says: the environment's own
+    ``torch_extensions`` folder, where ``launch/setup.sh`` builds the CPU accelerator's shared-memory
+    collective op. Torch's default, ``~/.cache/torch_extensions``, is shared by every checkout on the
+    machine, and two environments rebuild the op there in turn (25-70 s at a start). Left to torch
+    where the environment is not writable (a site-wide install). Returns the folder in use, if set."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
+    return os.environ.get("TORCH_EXTENSIONS_DIR")
+
+
 def init_distributed(cfg: Config) -> DistInfo:
     """Start torch.distributed through DeepSpeed (launcher or single process), pick the device,
     and on CPU share the cores between the local ranks (unless OMP_NUM_THREADS says otherwise)."""
     _fill_single_process_env()
+    extensions_dir_default()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(cfg, local_rank)
     if device.type == "cpu":
