@@ -14,9 +14,7 @@ extra="[$dali]"
 [ "${1:-}" = "--dev" ] && extra="[dev,$dali]"
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-# --no-compile: Python writes each module's bytecode at its first import; pip compiling every file of
-# torch, DALI, mlflow ... up front took 79 s of a 190 s set-up on 2 cores, mostly for modules never imported
-pip=(.venv/bin/python -m pip install --quiet --no-compile)
+pip=(.venv/bin/python -m pip install --quiet)
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 if .venv/bin/python -c "import torch" 2>/dev/null; then
     :  # keep whatever torch is there (CPU or CUDA build)
