@@ -264,13 +264,12 @@ class Trainer(TrainerStateMixin):
             torch.cuda.reset_peak_memory_stats(self.device)
         stats = self.loader.stats()
         metrics["data_epoch"] = float(stats.get("epoch", 0))
-        # the run's totals, not rank 0's share (every rank logs at the same steps)
-        counts = torch.tensor([stats.get("corrupt_skipped", 0), stats.get("io_retries", 0)],
-                              dtype=torch.float64)
-        if self.world_size > 1:
-            counts = counts.to(self.device)
-            dist.all_reduce(counts)
-        metrics["corrupt_skipped"], metrics["io_retries"] = (float(c) for c in counts.cpu())
+        counts = [float(stats.get("corrupt_skipped", 0)), float(stats.get("io_retries", 0))]
+        if self.world_size > 1:  # the run's totals, not rank 0's share (every rank logs at the same steps)
+            summed = torch.tensor(counts, dtype=torch.float64, device=self.device)
+            dist.all_reduce(summed)
+            counts = summed.tolist()
+        metrics["corrupt_skipped"], metrics["io_retries"] = counts
         account = self.account.metrics()
         metrics.update(account)
         self.tracker.log_metrics(metrics, step=self.step)  # the console tracker prints the progress line
