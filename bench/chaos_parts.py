@@ -81,9 +81,6 @@ class Services:
     def env(self) -> dict[str, str]:
         env = dict(os.environ, **S3_ENV, AWS_ENDPOINT_URL=f"http://127.0.0.1:{self.proxy_port}",
                    DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        # DeepSpeed's CPU comm op compiled once per venv, not rebuilt whenever another checkout's
-        # venv built it last in the shared ~/.cache/torch_extensions (25-70 s a start)
-        env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI"):
             env.pop(k, None)
         return env

@@ -28,7 +28,6 @@ from dyntrain.train.engine import extensions_dir_default
 extensions_dir_default()
 
 
-
 @pytest.fixture(autouse=True)
 def _one_torch_thread() -> Iterator[None]:
     """In-process tests use tiny tensors that gain nothing from threads, and on a busy 2-core

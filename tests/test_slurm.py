@@ -175,21 +175,21 @@ def test_preempted_job_checkpoints_requeues_and_finishes(slurm, tmp_path):
                     "configs/quickstart.yaml", *overrides).strip().split(";")[0]
 
     def wait_for(what, cond, timeout):
+        """Until ``cond(job record)``; a failed, cancelled or timed-out wait fails with the record."""
         deadline = time.time() + timeout
-        while not cond():
-            info = slurm.job(job)
+        while not cond(info := slurm.job(job)):
             if time.time() > deadline or info.get("JobState") in ("FAILED", "CANCELLED", "NODE_FAIL"):
                 text = out.read_text()[-5000:] if out.exists() else "(no job output)"
                 pytest.fail(f"gave up waiting for {what}; job {info}\n{text}")
             time.sleep(0.5)
 
     # 1. running and past its first periodic checkpoint: send the preemption signal to the batch shell
-    wait_for("the first checkpoint", lambda: (ckpt / ck.tag_for_step(every) / ck.COMPLETE).exists(), 300)
+    wait_for("the first checkpoint", lambda _: (ckpt / ck.tag_for_step(every) / ck.COMPLETE).exists(), 300)
     t_signal = time.time()
     slurm.cmd("scancel", "--signal=USR1", "--batch", job)
 
     # 2. it checkpoints at the next step boundary, exits cleanly and requeues itself
-    wait_for("the requeue", lambda: slurm.job(job).get("Restarts") == "1", 120)
+    wait_for("the requeue", lambda j: j.get("Restarts") == "1", 120)
     text = out.read_text()
     assert "SIGUSR1 received" in text and "requeueing job" in text, text[-4000:]
     stopped = re.search(r"stopped early at step (\d+)", text)
@@ -205,11 +205,11 @@ def test_preempted_job_checkpoints_requeues_and_finishes(slurm, tmp_path):
     # second as the old one's revocation, and the job then FAILS without running (a CI run did, when
     # the test set StartTime=now right after the requeue). So it waits until the first instance has
     # completed (PENDING, no longer REQUEUED or COMPLETING) and sets the start 3 s ahead
-    wait_for("the first instance to complete", lambda: slurm.job(job).get("JobState") in
+    wait_for("the first instance to complete", lambda j: j.get("JobState") in
              ("PENDING", "RUNNING", "COMPLETED"), 120)
     if slurm.job(job).get("JobState") == "PENDING":
         slurm.cmd("scontrol", "update", f"JobId={job}", "StartTime=now+3", check=False)
-    wait_for("the requeued job to finish", lambda: slurm.job(job).get("JobState") == "COMPLETED", 420)
+    wait_for("the requeued job to finish", lambda j: j.get("JobState") == "COMPLETED", 420)
     t_done = time.time()
     text = out.read_text()
     assert f"job {job} restart 1" in text
