@@ -17,6 +17,7 @@ from dyntrain.data.loader import LoaderFactory
 from dyntrain.data.pretrain.pipeline import build_pretrain_loader
 from dyntrain.errors import ConfigError
 from dyntrain.eval.validation import Validation
+from dyntrain.jobs.preflight import preflight_lines
 from dyntrain.serving.hook import model_logging
 from dyntrain.train import run
 from dyntrain.train.callbacks import Callback
@@ -39,7 +40,9 @@ def run_pretrain(cfg: Config, loader_factory: Optional[LoaderFactory] = None, **
     """``launch/pretrain.py``: pre-train ``cfg`` on this rank; returns the trainer's result.
     ``extension``: ``run_training``'s test and debugging hooks (``schedule_hook``, ``trace_dir``,
     ``checkpoint_factory``; ``callbacks`` run before the job's own)."""
+    job = run.prepare(cfg, preflight_lines)  # pre-flight, data ranks, batch plan: the parts see its config
+    cfg = job.cfg
     callbacks = list(extension.pop("callbacks", ())) + pretrain_callbacks(cfg)
     end_hooks = model_logging(cfg, default=False) + list(extension.pop("end_hooks", ()))
     return run.run_training(cfg, loader_factory or build_pretrain_loader, callbacks=callbacks,
-                            tags={"dyntrain.stage": "pretrain"}, end_hooks=end_hooks, **extension)
+                            tags={"dyntrain.stage": "pretrain"}, end_hooks=end_hooks, prepared=job, **extension)
