@@ -24,6 +24,7 @@ an MLflow Model and registers it with ``tracking.register_as`` (``dyntrain.servi
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -127,7 +128,8 @@ def run_finetune(cfg: Config, loader_factory: Optional[LoaderFactory] = None, **
     changed = adopt_architecture(cfg, model_cfg)
     if changed:
         log.info(f"model architecture taken from init.checkpoint ({'; '.join(changed)})")
-    job = run.prepare(cfg, preflight_lines)  # pre-flight, data ranks, batch plan: the parts see its config
+    # pre-flight (of the config's data source unless a loader is given), data ranks, batch plan
+    job = run.prepare(cfg, partial(preflight_lines, check_data=loader_factory is None))
     cfg = job.cfg
     callbacks, lr_scheduler = finetune_callbacks(cfg)
     callbacks += list(extension.pop("callbacks", ()))

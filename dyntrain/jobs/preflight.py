@@ -62,11 +62,13 @@ class PreflightReport:
     lines: list[str] = field(default_factory=list)
 
 
-def preflight(cfg: Config, world_size: int) -> PreflightReport:
-    """Every check, in order; raises at the first failure."""
+def preflight(cfg: Config, world_size: int, check_data: bool = True) -> PreflightReport:
+    """Every check, in order; raises at the first failure. ``check_data``: False when the job reads
+    through a loader of its own (tests, benchmarks), not the config's data source."""
     report = PreflightReport()
-    report.samples_per_epoch, what = count_samples(cfg, world_size)
-    report.lines.append(f"pre-flight: data {what}")
+    if check_data:
+        report.samples_per_epoch, what = count_samples(cfg, world_size)
+        report.lines.append(f"pre-flight: data {what}")
     report.resume_from, line = check_checkpoint_dir(cfg)
     report.resume_step = step_of_tag(report.resume_from) if report.resume_from else 0
     report.lines.append(f"pre-flight: {line}")
@@ -79,9 +81,9 @@ def preflight(cfg: Config, world_size: int) -> PreflightReport:
     return report
 
 
-def preflight_lines(cfg: Config, world_size: int) -> list[str]:
+def preflight_lines(cfg: Config, world_size: int, check_data: bool = True) -> list[str]:
     """``dyntrain.train.run.Preflight``: the checks as log lines."""
-    return preflight(cfg, world_size).lines
+    return preflight(cfg, world_size, check_data).lines
 
 
 # -------------------------------------------------------------------------------------- data

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Optional
 
 from dyntrain.config import Config
@@ -40,7 +41,8 @@ def run_pretrain(cfg: Config, loader_factory: Optional[LoaderFactory] = None, **
     """``launch/pretrain.py``: pre-train ``cfg`` on this rank; returns the trainer's result.
     ``extension``: ``run_training``'s test and debugging hooks (``schedule_hook``, ``trace_dir``,
     ``checkpoint_factory``; ``callbacks`` run before the job's own)."""
-    job = run.prepare(cfg, preflight_lines)  # pre-flight, data ranks, batch plan: the parts see its config
+    # pre-flight (of the config's data source unless a loader is given), data ranks, batch plan
+    job = run.prepare(cfg, partial(preflight_lines, check_data=loader_factory is None))
     cfg = job.cfg
     callbacks = list(extension.pop("callbacks", ())) + pretrain_callbacks(cfg)
     end_hooks = model_logging(cfg, default=False) + list(extension.pop("end_hooks", ()))
