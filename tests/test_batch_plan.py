@@ -118,3 +118,15 @@ def test_budget_in_samples_and_bad_values():
         load_config(None, ["optim.lr_scaling=cubic"])
     with pytest.raises(ConfigError, match="run.max_samples"):
         load_config(None, ["run.max_samples=0"])
+
+
+def test_a_resume_that_would_grow_the_batch_is_refused():
+    from dyntrain.config.plan import check_resume_plan
+
+    cfg = load_config(ROOT / "configs/pretrain.yaml")
+    check_resume_plan(cfg, batch_plan(cfg, 16), 8)      # 8 -> 16 GPUs: resharded, still 32
+    check_resume_plan(cfg, batch_plan(cfg, 4, 8), 8)    # 8 -> 4: two readers each
+    with pytest.raises(ConfigError, match="checkpoint.dir: the run was written by 8 data ranks at global batch 32"):
+        check_resume_plan(cfg, batch_plan(cfg, 64), 8)
+    fixed = load_config(ROOT / "configs/quickstart.yaml")   # a fixed per-GPU batch: as before
+    check_resume_plan(fixed, batch_plan(fixed, 4), 2)

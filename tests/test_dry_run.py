@@ -36,8 +36,11 @@ DOCUMENTED = [
     ("docs/finetuning.md", ".venv/bin/deepspeed --num_gpus 2 launch/finetune.py --config configs/finetune_quickstart.yaml", 2),
     ("docs/routing.md", ".venv/bin/deepspeed --num_gpus 2 launch/finetune.py --config configs/finetune_quickstart.yaml", 2),
     ("docs/slurm.md", "sbatch --nodes=4 --gpus-per-node=8 --ntasks-per-node=8 --time=24:00:00 slurm/pretrain.sbatch configs/pretrain.yaml", 32),
+    ("docs/pretraining.md", "python launch/pretrain.py --config configs/pretrain.yaml --dry-run --world-size 64", 64),
+    ("docs/pretraining.md", "python launch/finetune.py --config configs/finetune_allinone.yaml --dry-run --world-size 16", 16),
+    ("docs/pretraining.md", "sbatch --nodes=8 --gpus-per-node=8 --ntasks-per-node=8 slurm/pretrain.sbatch configs/pretrain.yaml", 64),
 ]
-COUNT = re.compile(r"--num_gpus[ =](\d+)|--nodes[ =](\d+)")
+COUNT = re.compile(r"--num_gpus[ =](\d+)|--nodes[ =](\d+)|--world-size[ =](\d+)")
 LAUNCHERS = ("launch/pretrain.py", "launch/finetune.py", "slurm/pretrain.sbatch", "slurm/finetune.sbatch")
 
 
@@ -57,7 +60,7 @@ def documented_commands() -> list[tuple[str, str]]:
 
 
 def gpus_named(line: str) -> int:
-    if m := re.search(r"--num_gpus[ =](\d+)", line):
+    if m := re.search(r"--(?:num_gpus|world-size)[ =](\d+)", line):
         return int(m.group(1))
     nodes = int(re.search(r"--nodes[ =](\d+)", line).group(1))
     per = re.search(r"--(?:gpus|ntasks)-per-node[ =](\d+)", line)
@@ -101,7 +104,7 @@ def documented_config(line: str) -> tuple[str, list[str]]:
     locations dropped: the test gives its own)."""
     words = shlex.split(line)
     at = next(i for i, w in enumerate(words) if w.startswith("configs/") and w.endswith(".yaml"))
-    return words[at], [w for w in words[at + 1:] if "=" in w and not w.startswith(("[", "data.", "--"))]
+    return words[at], [w for w in words[at + 1:] if "=" in w and not w.startswith(("[", "data.", "--", "init."))]
 
 
 def local_overrides(data, tmp_path) -> list[str]:

@@ -164,3 +164,19 @@ def batch_plan(cfg: Any, world_size: int, data_ranks: Optional[int] = None) -> B
         warmup_steps=scaled_steps(opt.warmup_steps, scale),
         total_steps=None if opt.total_steps is None else scaled_steps(opt.total_steps, scale),
         iterations=iterations, samples=iterations * glob)
+
+
+def check_resume_plan(cfg: Any, plan: BatchPlan, saved_data_ranks: Optional[int]) -> None:
+    """A resume whose data ranks changed (resharded onto more or other GPUs) must keep the run's
+    global batch: a grown batch would change its iterations and step counts mid-run. Raises
+    ``ConfigError`` then (a config without ``deepspeed.global_batch_size`` keeps its old behaviour:
+    the per-GPU batch is fixed, the global batch follows the ranks)."""
+    if cfg.deepspeed.global_batch_size is None or not saved_data_ranks or saved_data_ranks == plan.data_ranks:
+        return
+    before = batch_plan(cfg, saved_data_ranks, saved_data_ranks)
+    if before.global_batch != plan.global_batch:
+        raise ConfigError(
+            f"checkpoint.dir: the run was written by {saved_data_ranks} data ranks at global batch "
+            f"{before.global_batch}; on {plan.world_size} ranks the batch plan gives {plan.global_batch}, which "
+            f"would change its iterations and step counts mid-run: resume on a GPU count that divides "
+            f"{saved_data_ranks} or that keeps the batch, or start a new run (checkpoint.dir)")

@@ -22,7 +22,7 @@ import torch
 
 from dyntrain.checkpoint.layout import resume_data_ranks
 from dyntrain.config import Config
-from dyntrain.config.plan import batch_plan
+from dyntrain.config.plan import batch_plan, check_resume_plan
 from dyntrain.data.logical import choose_data_ranks
 from dyntrain.jobs.preflight import preflight
 from dyntrain.tracking.mlflow_tracker import redact
@@ -45,6 +45,7 @@ def dry_run(cfg: Config, world_size: int, custom_scheduler: bool = False,
     saved = resume_data_ranks(cfg.checkpoint.dir, cfg.checkpoint.resume)
     data_ranks, note = choose_data_ranks(cfg.data.logical_ranks, saved, world_size)
     plan = batch_plan(cfg, world_size, data_ranks)
+    check_resume_plan(cfg, plan, saved)
     planned = plan.apply(cfg)
     device = dry_run_device(cfg)
     hint = " (run.device=cuda: the JSON of a GPU job)" if device.type == "cpu" and cfg.run.device == "auto" else ""

@@ -34,7 +34,7 @@ import torch
 
 from dyntrain.checkpoint import CheckpointManager, broadcast, resume_data_ranks
 from dyntrain.config import Config
-from dyntrain.config.plan import BatchPlan, batch_plan
+from dyntrain.config.plan import BatchPlan, batch_plan, check_resume_plan
 from dyntrain.data.loader import LoaderFactory
 from dyntrain.data.logical import LogicalRanks, choose_data_ranks
 from dyntrain.errors import DyntrainError, one_line
@@ -116,6 +116,11 @@ def prepare(cfg: Config, preflight: Optional[Preflight] = None) -> Prepared:
         raise PreflightError(outcome[1])
     data_ranks, note = choose_data_ranks(cfg.data.logical_ranks, outcome[2], world)
     plan = batch_plan(cfg, world, data_ranks)
+    try:
+        check_resume_plan(cfg, plan, outcome[2])  # every rank sees the same: all raise alike
+    except DyntrainError:
+        shutdown_distributed()
+        raise
     if rank == 0:
         for line in [*outcome[1], *([note] if note else []), *plan.lines()]:
             log.info(line)
