@@ -209,3 +209,19 @@ def test_sbatch_script_passes_the_dry_run_with_the_allocations_world_size(data, 
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "batch plan: world size 32," in proc.stdout
     assert json.loads(proc.stdout.splitlines()[-1])["train_batch_size"] == 32
+
+
+def test_gpu_json_from_a_login_node_and_the_dali_rule(data, tmp_path, capsys):
+    """run.device=cuda on a machine without a GPU prints the GPU job's JSON; the pre-flight's DALI
+    rule is launch/dali_flavour.sh's (the script itself answers for each driver version)."""
+    from dyntrain.jobs.preflight import dali_extra_for
+
+    argv = ["--config", str(ROOT / "configs/pretrain.yaml"), "--dry-run", "--world-size", "8", "run.device=cuda",
+            *local_overrides(data, tmp_path)]
+    assert cli_main(launcher("pretrain").main, argv) == 0
+    ds = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert ds["bf16"]["enabled"] is True and ds["zero_optimization"]["overlap_comm"] is True
+    for version in ("12.2", "12.8", "13.0", "13.1", "11.8"):
+        script = subprocess.run(["bash", "-c", f"source launch/dali_flavour.sh && dali_extra {version}"], cwd=ROOT,
+                                capture_output=True, text=True, env=run_env())
+        assert (script.stdout.strip() or None) == dali_extra_for(version), version
