@@ -200,9 +200,13 @@ def test_a_real_job_fails_the_preflight_before_its_engine(data, tmp_path):
 
 @pytest.mark.skipif(shutil.which("scontrol") is None, reason="Slurm's scontrol not installed")
 def test_sbatch_script_passes_the_dry_run_with_the_allocations_world_size(data, tmp_path):
-    """slurm/pretrain.sbatch run as Slurm runs it (its variables for 4 nodes x 8 tasks) with --dry-run."""
+    """slurm/pretrain.sbatch run as the batch host of an allocation of 4 nodes x 8 tasks runs it (Slurm's
+    variables; the real scontrol expands the node list from a minimal slurm.conf, no daemon) with --dry-run."""
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=dry\nSlurmctldHost=localhost\nNodeName=localhost CPUs=1 State=UNKNOWN\n"
+                    "PartitionName=p Nodes=localhost Default=YES\n")
     env = run_env(SLURM_JOB_ID="7", SLURM_JOB_NODELIST="node[1-4]", SLURM_NTASKS_PER_NODE="8",
-                  DYNTRAIN_ROOT=str(ROOT), DYNTRAIN_PYTHON=PY)
+                  SLURM_CONF=str(conf), DYNTRAIN_ROOT=str(ROOT), DYNTRAIN_PYTHON=PY)
     proc = subprocess.run(["bash", ROOT / "slurm/pretrain.sbatch", "configs/pretrain.yaml",
                            *local_overrides(data, tmp_path), "--dry-run"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
@@ -225,3 +229,21 @@ def test_gpu_json_from_a_login_node_and_the_dali_rule(data, tmp_path, capsys):
         script = subprocess.run(["bash", "-c", f"source launch/dali_flavour.sh && dali_extra {version}"], cwd=ROOT,
                                 capture_output=True, text=True, env=run_env())
         assert (script.stdout.strip() or None) == dali_extra_for(version), version
+
+
+def test_dry_run_states_what_the_checkpoint_folder_would_refuse(data, tmp_path, capsys):
+    """A fresh start into another run's checkpoints is refused by the dry run as by the real start."""
+    from dyntrain.checkpoint import layout as ck
+
+    ckpt = tmp_path / "ckpt"
+    tag = ckpt / ck.tag_for_step(300)
+    tag.mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    (tag / ck.COMPLETE).write_text(json.dumps({"tag": tag.name, "step": 300, "world_size": 1,
+                                               "files": {"mp_rank_00_model_states.pt": 1}}))
+    argv = ["--config", str(ROOT / "configs/pretrain.yaml"), "--dry-run", "--world-size", "1",
+            *local_overrides(data, tmp_path), "checkpoint.resume=never"]
+    assert cli_main(launcher("pretrain").main, argv) == 2
+    assert "step_00000300: a fresh start (checkpoint.resume=never) would mix" in capsys.readouterr().err
+    assert cli_main(launcher("pretrain").main, argv + ["checkpoint.overwrite=true"]) == 0
+    assert "deletes 1 checkpoint(s) first" in capsys.readouterr().out and tag.is_dir()

@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from dyntrain.checkpoint.layout import resume_tag, step_of_tag
+from dyntrain.checkpoint.layout import list_checkpoints, resume_tag, step_of_tag
 from dyntrain.config import Config, ConfigError
 from dyntrain.data.finetune.base import mix, scan_tasks
 from dyntrain.data.finetune.degradations.depth import clean_images
@@ -189,7 +189,13 @@ def check_checkpoint_dir(cfg: Config) -> tuple[Optional[str], str]:
     tag = resume_tag(folder, cfg.checkpoint.resume, warn=False)  # CheckpointError names the tag
     if tag:
         return tag, f"checkpoints in {folder} (writable); resumes from {tag}"
-    return None, f"checkpoints in {folder} (writable); starts fresh (checkpoint.resume={cfg.checkpoint.resume})"
+    others = list_checkpoints(folder) if path.is_dir() and cfg.checkpoint.resume.strip() == "never" else []
+    if others and not cfg.checkpoint.overwrite:  # what the checkpoint manager refuses at the start
+        raise PreflightFailure(f"checkpoint.dir {folder} holds {len(others)} checkpoint(s) of another run, newest "
+                               f"{others[-1].tag}: a fresh start (checkpoint.resume=never) would mix its tags with "
+                               f"them; resume it, choose another checkpoint.dir, or set checkpoint.overwrite=true")
+    deletes = f"; deletes {len(others)} checkpoint(s) first (checkpoint.overwrite=true)" if others else ""
+    return None, f"checkpoints in {folder} (writable); starts fresh (checkpoint.resume={cfg.checkpoint.resume}){deletes}"
 
 
 def check_init_checkpoint(path: str) -> str:
