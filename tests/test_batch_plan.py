@@ -130,3 +130,20 @@ def test_a_resume_that_would_grow_the_batch_is_refused():
         check_resume_plan(cfg, batch_plan(cfg, 64), 8)
     fixed = load_config(ROOT / "configs/quickstart.yaml")   # a fixed per-GPU batch: as before
     check_resume_plan(fixed, batch_plan(fixed, 4), 2)
+
+
+def test_progress_of_a_grown_run_counts_its_planned_iterations(tmp_path, capsys):
+    """``python -m dyntrain.checkpoint progress`` (the Slurm requeue decision): a run of pretrain.yaml
+    written by 64 data ranks is finished at 500k steps (32M samples at batch 64), not 1M."""
+    import json
+
+    from dyntrain.checkpoint import layout as ck
+    from dyntrain.checkpoint.cli import main
+
+    tag = tmp_path / ck.tag_for_step(500_000)
+    tag.mkdir()
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    (tag / ck.COMPLETE).write_text(json.dumps({"tag": tag.name, "step": 500_000, "world_size": 64, "data_ranks": 64,
+                                               "files": {"mp_rank_00_model_states.pt": 1}}))
+    assert main(["progress", "--config", str(ROOT / "configs/pretrain.yaml"), f"checkpoint.dir={tmp_path}"]) == 0
+    assert capsys.readouterr().out.startswith("step=500000 max_steps=500000 finished=1")

@@ -1,9 +1,11 @@
 """Build and run one training job: what the jobs (``dyntrain.jobs.pretrain``, ``dyntrain.jobs.finetune``)
 call with the components they pick.
 
-Order: distributed start-up (launcher or single process) -> model (``model_builder``, init from
-``run.seed``) -> the data ranks (``data.logical_ranks`` or those of the checkpoint a resume continues
-from) -> DeepSpeed engine (with ``lr_scheduler`` when given; its accumulation covers the hosted data
+Order: ``prepare``: distributed start-up (launcher or single process) -> the job's pre-flight on rank 0
+(``dyntrain.jobs.preflight``; its outcome broadcast, a failure ends every rank with one line) -> the
+data ranks (``data.logical_ranks`` or those of the checkpoint a resume continues from) -> the batch
+plan (``dyntrain.config.plan``; logged, and the planned config is what every later part sees); then
+model (``model_builder``, init from ``run.seed``) -> DeepSpeed engine (with ``lr_scheduler`` when given; its accumulation covers the hosted data
 ranks) -> loader (``dyntrain.data.logical.LogicalRanks`` over ``loader_factory(cfg, data_rank,
 data_ranks, device)`` for each data rank this process hosts: one, unless a resume runs on fewer
 ranks than the run started with) -> schedule -> checkpoint manager -> the resume state, if any -> MLflow
