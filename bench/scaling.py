@@ -44,7 +44,12 @@ Model (DeepSpeed 0.19's collectives; n ranks; G = parameters x comm bytes):
   every step       one small all-reduce of the loss (dyntrain.train.trainer), latency only.
   dynamic mix      the step is S or L (schedule.variant_probs): t(n) = sum_v p_v t_v(n), each
                    variant with its own compute/communication ratio; efficiency = t(1) / t(n)
-                   (weak scaling: per-GPU micro-batch fixed, the global batch grows with n).
+                   (weak scaling: the per-GPU batch fixed at --batch, i.e. the job that states
+                   ``deepspeed.global_batch_size=<batch x n>``; each row's batch comes from the
+                   batch plan, ``dyntrain.config.plan.batch_plan``, the function the jobs use, and
+                   must give micro-batch x accumulation = --batch. Each row also carries the plan
+                   of the run config as shipped, ``config_plan``: pretrain.yaml's global batch 32 is
+                   split over n GPUs up to 32 and grows to n beyond, which is strong scaling).
   S3 read          aggregate samples/s x bytes per sample.
 
 Check (default on; --no-check skips): on this machine the real engine (DeepSpeed, gloo, CPU, the
@@ -65,6 +70,7 @@ from typing import Any, Optional
 import common  # noqa: E402
 from scaling_check import run_check  # noqa: E402 - the measured half
 
+from dyntrain.config.plan import batch_plan, lr_factor  # noqa: E402
 from dyntrain.logs import setup_logging  # noqa: E402
 
 from scaling_model import (  # noqa: E402, F401 - the model, re-exported for the tests
@@ -150,13 +156,38 @@ def scaling_table(cfg, step_s, probs, batch: int, intra: float, inter: float,
                 n = g * m
                 t = step_time_s(step_s, probs, stage, zero, shape, comm_bytes, n,
                                 gpu_link(g, m, intra, inter))
+                job, config_plan = weak_scaling_plan(cfg, batch, n), batch_plan(cfg, n)
                 per_gpu = batch / t["mix"]
                 rows.append({"zero_stage": stage, "gpus_per_node": g, "nodes": m, "gpus": n,
+                             "plan": plan_summary(job), "overrides": [f"deepspeed.global_batch_size={batch * n}",
+                                                                      f"data.micro_batch_size={batch}",
+                                                                      f"optim.lr={job.lr:.6g}"],
+                             "config_plan": plan_summary(config_plan),
                              "step_s": t, "efficiency": base["mix"] / t["mix"],
                              "efficiency_per_variant": {v: base[v] / t[v] for v in step_s},
                              "patches_per_s_per_gpu": per_gpu, "patches_per_s": per_gpu * n,
                              "s3_read_bytes_per_s": per_gpu * n * bytes_sample})
     return {"rows": rows, "stages": shapes, "comm_bytes": comm_bytes}
+
+
+def weak_scaling_plan(cfg, batch: int, n: int):
+    """The batch plan of the weak-scaling job on n GPUs: global batch ``batch x n`` with a per-GPU
+    cap of ``batch``, the config's samples budget, and its lr scaled from the config's global batch
+    by its ``optim.lr_scaling``; the plan must split the batch as ``batch`` per GPU."""
+    base = batch_plan(cfg, 1)
+    glob = batch * n
+    lr = cfg.optim.lr * lr_factor(cfg.optim.lr_scaling, glob / base.configured_global_batch)
+    plan = batch_plan(common.with_overrides(cfg, [f"deepspeed.global_batch_size={glob}",
+                                                  f"data.micro_batch_size={batch}", f"optim.lr={lr}",
+                                                  f"run.max_samples={base.samples}",
+                                                  "deepspeed.gradient_accumulation_steps=1"]), n)
+    assert plan.micro_batch * plan.accumulation == batch and not plan.grown, plan
+    return plan
+
+
+def plan_summary(plan) -> dict[str, Any]:
+    return {"global_batch": plan.global_batch, "micro_batch": plan.micro_batch,
+            "accumulation": plan.accumulation, "iterations": plan.iterations, "lr": plan.lr, "rule": plan.rule}
 
 
 def recommend(rows: list[dict]) -> dict[int, int]:
@@ -219,7 +250,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--inter-gbps", type=float, default=INTER_GBPS)
     p.add_argument("--manifest", default=None, help="the shards' manifest.json")
     p.add_argument("--bytes-per-sample", type=float, default=None)
-    p.add_argument("--config", default=None, help="run config (default: the paper's)")
+    p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs/pretrain.yaml"),
+                   help="run config (default: the paper's, configs/pretrain.yaml)")
     p.add_argument("--no-check", action="store_true", help="skip the 2-rank measurement")
     p.add_argument("--check-steps", type=int, default=16)
     p.add_argument("--check-warmup", type=int, default=2)

@@ -2,7 +2,8 @@
 # Shared body of slurm/pretrain.sbatch and slurm/finetune.sbatch (sourced by them, never submitted).
 #
 # Inputs (set by the sbatch file): ENTRY (launch/pretrain.py | launch/finetune.py), DEFAULT_CONFIG,
-# and the job's arguments: [config.yaml] [dotted.key=value ...].
+# and the job's arguments: [config.yaml] [dotted.key=value ...] [--dry-run] (--dry-run: one process
+# prints the job's plan and pre-flight for this allocation's world size, trains nothing).
 #
 # What it does, on the batch host of the allocation:
 #   1. resolves the hosts (scontrol show hostnames), MASTER_ADDR = first host, MASTER_PORT from the
@@ -38,9 +39,11 @@ else PY=python3; fi
 
 # ------------------------------------------------------------------------------ arguments
 CONFIG=$DEFAULT_CONFIG
-if [ $# -gt 0 ] && [[ "$1" != *=* ]]; then CONFIG=$1; shift; fi
+if [ $# -gt 0 ] && [[ "$1" != *=* && "$1" != --dry-run ]]; then CONFIG=$1; shift; fi
 [ -f "$CONFIG" ] || die "config file $CONFIG not found (in $ROOT)"
-OVERRIDES=("$@")
+OVERRIDES=()
+DRY_RUN=""
+for a in "$@"; do if [ "$a" = "--dry-run" ]; then DRY_RUN=1; else OVERRIDES+=("$a"); fi; done
 RESTARTS=${SLURM_RESTART_COUNT:-0}
 if [ "$RESTARTS" -gt 0 ]; then
     OVERRIDES+=("checkpoint.resume=auto")   # a requeued job always continues where it stopped
@@ -80,6 +83,10 @@ log "job $SLURM_JOB_ID restart $RESTARTS: $NNODES node(s) [${HOSTS[*]}] x $NPROC
     "($([ "$GPUS" -gt 0 ] && echo "$GPUS GPUs/node" || echo "CPU, DS_ACCELERATOR=cpu"))," \
     "master $MASTER_ADDR:$MASTER_PORT"
 log "$ENTRY --config $CONFIG ${OVERRIDES[*]}"
+if [ -n "$DRY_RUN" ]; then   # --dry-run: plan + pre-flight for this allocation's world size, one process
+    "$PY" "$ENTRY" --config "$CONFIG" "${OVERRIDES[@]}" --dry-run --world-size "$WORLD"
+    exit $?
+fi
 
 # ------------------------------------------------------------------------ preemption
 SRUN_PID=""

@@ -43,8 +43,10 @@ def test_global_batch_size_derives_accumulation():
     over = ["deepspeed.global_batch_size=32", "data.micro_batch_size=8"]
     assert ds(over, world=1)["gradient_accumulation_steps"] == 4
     assert ds(over, world=4)["gradient_accumulation_steps"] == 1
-    with pytest.raises(ConfigError, match="deepspeed.global_batch_size"):
-        ds(over, world=8)
+    # the batch plan (dyntrain.config.plan): 8 GPUs take 4 each, no longer a config error
+    eight = ds(over, world=8)
+    assert (eight["train_micro_batch_size_per_gpu"], eight["gradient_accumulation_steps"],
+            eight["train_batch_size"]) == (4, 1, 32)
     with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
         load_config(None, over + ["deepspeed.gradient_accumulation_steps=2"])
 

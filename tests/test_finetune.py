@@ -121,6 +121,19 @@ def test_two_ranks_finetune_from_the_pretraining_checkpoint(work, finetuned, uri
     assert run.data.params["data.source"] == "paired" and run.data.params["model.dim"] == "8"
     assert run.data.tags["init_checkpoint"] == PRETRAIN_CKPT
     assert {"config.yaml", "deepspeed_config.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    # the batch plan in the params, and the DeepSpeed JSON the run handed to deepspeed.initialize is
+    # the one its dry run prints for world size 2 (which also states the resume it would make now)
+    assert (run.data.params["plan.world_size"], run.data.params["plan.global_batch"],
+            run.data.params["plan.micro_batch"], run.data.params["plan.accumulation"]) == ("2", "8", "4", "1")
+    used = json.loads(Path(client.download_artifacts(run.info.run_id, "deepspeed_config.json", str(work))).read_text())
+    dry = _run([sys.executable, ROOT / "launch/finetune.py", "--config", ROOT / "configs/finetune_quickstart.yaml",
+                *FT_ARGS, f"tracking.uri={uri}", "--dry-run", "--world-size", "2"], work)
+    assert json.loads(dry.stdout.splitlines()[-1]) == used
+    assert "starts fresh (checkpoint.resume=never)" in dry.stdout
+    dry = _run([sys.executable, ROOT / "launch/finetune.py", "--config", ROOT / "configs/finetune_quickstart.yaml",
+                *FT_ARGS, f"tracking.uri={uri}", "checkpoint.resume=auto", "--dry-run", "--world-size", "1"], work)
+    assert json.loads(dry.stdout.splitlines()[-1])["gradient_accumulation_steps"] == 2  # 2 readers on 1 rank
+    assert "resumes from step_00000004" in dry.stdout and f"tracking server {uri} answers" in dry.stdout
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/L/average/psnr")] == [2, 4]
     for name in ("eval/S/sots/psnr", "eval/S/rain100l/ssim", "eval/L/bsd68_s50/psnr", "loss"):
         assert name in run.data.metrics

@@ -1,7 +1,8 @@
 """``python -m dyntrain.checkpoint progress --config C [overrides]``: where a run stands, for job scripts.
 
 Prints one machine-readable line on stdout (log lines go to stderr):
-``step=<newest complete step or none> max_steps=<M> finished=<0|1> dir=<checkpoint.dir>``.
+``step=<newest complete step or none> max_steps=<M> finished=<0|1> dir=<checkpoint.dir>``, where M is
+the run's iterations by its batch plan at the data ranks of that checkpoint (``dyntrain.config.plan``).
 Export and universal conversion are ``launch/export.py``.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Optional
 
 from dyntrain.checkpoint.layout import newest_complete
 from dyntrain.config import add_config_arguments, config_from_args
+from dyntrain.config.plan import batch_plan
 from dyntrain.logs import setup_logging
 
 
@@ -28,8 +30,12 @@ def progress(argv: list[str]) -> int:
     cfg = config_from_args(args)
     info = newest_complete(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
     step = info.step if info else None
-    finished = int(step is not None and step >= cfg.run.max_steps)
-    print(f"step={step if step is not None else 'none'} max_steps={cfg.run.max_steps} "
+    max_steps = cfg.run.max_steps
+    readers = int(info.meta.get("data_ranks") or info.meta.get("world_size") or 0) if info else 0
+    if readers:  # the run's iterations follow its batch plan, which its data ranks fix
+        max_steps = batch_plan(cfg, readers, readers).iterations
+    finished = int(step is not None and step >= max_steps)
+    print(f"step={step if step is not None else 'none'} max_steps={max_steps} "
           f"finished={finished} dir={cfg.checkpoint.dir}")
     return 0
 

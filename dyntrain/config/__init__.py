@@ -10,7 +10,7 @@ Modules: ``typed`` (type-checked building, ``ConfigError``), ``model`` (the ``mo
 (the other sections), ``tree`` (``Config``), ``loading`` (YAML, overrides, command lines).
 """
 from dyntrain.config.loading import (add_config_arguments, apply_override, config_from_args, load_config,
-                                     training_config)
+                                     training_command, training_config)
 from dyntrain.config.model import (ARCHITECTURE_FIELDS, PARAMETER_FIELDS, RUNTIME_FIELDS, ModelConfig,
                                    ModelRuntime, dynet_config_from_dict)
 from dyntrain.config.schedule import CostAwareConfig, DistillConfig, ScheduleConfig, TaskScheduleConfig
@@ -25,5 +25,5 @@ __all__ = [
     "DataConfig", "DeepSpeedConfig", "EvalConfig", "InitConfig", "ModelConfig", "ModelRuntime",
     "OptimConfig", "RunConfig", "ScheduleConfig", "TaskScheduleConfig", "DistillConfig", "CostAwareConfig",
     "TrackingConfig", "add_config_arguments",
-    "apply_override", "config_from_args", "dynet_config_from_dict", "load_config", "training_config",
+    "apply_override", "config_from_args", "dynet_config_from_dict", "load_config", "training_command", "training_config",
 ]

@@ -68,10 +68,26 @@ def config_from_args(args: Any) -> Config:
 
 def training_config(argv: Optional[list[str]], description: Optional[str],
                     config_help: str = "YAML config") -> Config:
+    """The config of a training entry point's command line (``training_command``)."""
+    return training_command(argv, description, config_help)[0]
+
+
+def training_command(argv: Optional[list[str]], description: Optional[str],
+                     config_help: str = "YAML config") -> tuple[Config, Optional[int]]:
     """The command line of a training entry point (pre-training, fine-tuning): ``--config``, dotted
-    overrides and the ``--local_rank`` the deepspeed launcher appends. Returns the config; a bad one
-    raises ``ConfigError``."""
+    overrides, ``--dry-run --world-size N`` and the ``--local_rank`` the deepspeed launcher appends.
+    Returns (config, N for a dry run else None); a bad one raises ``ConfigError``."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawTextHelpFormatter)
     add_config_arguments(parser, config_help)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the batch plan, the pre-flight and (last line) the DeepSpeed JSON; "
+                             "no GPU, no process group, no training")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="the number of processes (GPUs) the dry run plans for (default 1)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
-    return config_from_args(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    if args.world_size is not None and not args.dry_run:
+        raise ConfigError("--world-size: only with --dry-run (a real job takes the launcher's world size)")
+    if args.world_size is not None and args.world_size < 1:
+        raise ConfigError(f"--world-size: must be >= 1, got {args.world_size}")
+    return config_from_args(args), ((args.world_size or 1) if args.dry_run else None)

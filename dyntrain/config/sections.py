@@ -20,7 +20,10 @@ class RunConfig:
     """Args:
     name: run name shown in MLflow and the progress lines.
     seed: seeds the variant draw, the data order and the model init.
-    max_steps: optimizer steps to train (global iterations).
+    max_steps: optimizer steps to train (global iterations) at the configured global batch
+        (``deepspeed.global_batch_size``); the budget is the samples they take, kept when the
+        batch plan grows the batch (``dyntrain.config.plan``).
+    max_samples: the budget in samples instead (None = max_steps x the configured global batch).
     log_every: steps between progress lines / metric logs.
     device: "auto" (CUDA when present), "cuda" or "cpu".
     deterministic: ask torch for deterministic kernels (exact-resume tests).
@@ -28,12 +31,15 @@ class RunConfig:
     name: str = "dynet-pretrain"
     seed: int = 0
     max_steps: int = 1_000_000
+    max_samples: Optional[int] = None
     log_every: int = 50
     device: Literal["auto", "cuda", "cpu"] = "auto"
     deterministic: bool = False
 
     def __post_init__(self) -> None:
         positive("run.max_steps", self.max_steps)
+        if self.max_samples is not None:
+            positive("run.max_samples", self.max_samples)
         positive("run.log_every", self.log_every)
 
 
@@ -47,7 +53,9 @@ class DataConfig:
     val_urls: held-out validation shards (same URL forms; ``make_shards --holdout``); with
         ``eval.every`` every variant is validated on a fixed set drawn from them (dyntrain.eval.validation).
     crop_size: random crop side.
-    micro_batch_size: samples per rank per forward pass.
+    micro_batch_size: the most samples one rank takes per forward pass (a memory cap). With
+        ``deepspeed.global_batch_size`` the batch plan derives the micro-batch (<= this) and the
+        accumulation per world size (``dyntrain.config.plan``); without it, the micro-batch itself.
     num_threads: DALI CPU threads (or DataLoader workers for "paired") per rank.
     prefetch: batches queued ahead of the trainer.
     shuffle_buffer: samples held by the reader's shuffling buffer (0 disables shuffling).
@@ -132,6 +140,9 @@ class OptimConfig:
     lr_schedule: "constant", "cosine" (linear warm-up then cosine to min_lr) or "linear".
     warmup_steps: linear warm-up length in optimizer steps.
     total_steps: schedule length; None = run.max_steps.
+    lr_scaling: how lr and min_lr follow when the batch plan grows the global batch by k (the
+        configured one cannot be split over the data ranks): "linear" (x k), "sqrt" (x sqrt(k), the
+        rule for Adam) or "none". Step counts (warm-up, schedule, ...) are divided by k either way.
     grad_clip: max global gradient norm; 0 disables clipping.
     """
     name: Literal["adam", "adamw"] = "adam"
@@ -144,6 +155,7 @@ class OptimConfig:
     total_steps: Optional[int] = None
     min_lr: float = 0.0
     grad_clip: float = 0.0
+    lr_scaling: Literal["linear", "sqrt", "none"] = "sqrt"
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -230,9 +242,10 @@ class DeepSpeedConfig:
     bf16: true/false, or "auto" = on when training on a GPU with bf16 support.
     gradient_accumulation_steps: micro-batches per optimizer step (all with one variant).
     offload_optimizer: ZeRO-Offload of optimizer states to CPU (stage >= 1).
-    global_batch_size: samples per optimizer step over all ranks; when set, the gradient
-        accumulation is derived from it (global / (micro-batch x world size)) at launch, and
-        gradient_accumulation_steps must stay 1. None = micro-batch x accumulation x world size.
+    global_batch_size: samples per optimizer step over all ranks; when set, the micro-batch and the
+        gradient accumulation are derived from it per world size (``dyntrain.config.plan``; grown to the
+        smallest that the data ranks split evenly), and gradient_accumulation_steps must stay 1.
+        None = data.micro_batch_size x gradient_accumulation_steps x world size (a fixed per-GPU batch).
     """
     zero_stage: int = 2
     bf16: Union[bool, Literal["auto"]] = "auto"

@@ -10,6 +10,7 @@ from typing import Any, Optional
 import yaml
 
 from dyntrain.config.model import ModelConfig
+from dyntrain.config.plan import batch_plan
 from dyntrain.config.schedule import ScheduleConfig
 from dyntrain.config.sections import (CheckpointConfig, DataConfig, DeepSpeedConfig, EvalConfig, InitConfig,
                                       OptimConfig, RunConfig, TrackingConfig)
@@ -53,24 +54,10 @@ class Config:
                               f"model.variants ({sorted(names)})")
 
     def gradient_accumulation(self, world_size: int, data_ranks: Optional[int] = None) -> int:
-        """Micro-batches per optimizer step on each rank: ``deepspeed.gradient_accumulation_steps``,
-        or derived from ``deepspeed.global_batch_size`` (the only place the global batch is derived),
-        per data rank; a rank that hosts several data ranks (``data.logical_ranks``) takes each one's
-        micro-batches in turn, so the global batch does not depend on the world size."""
-        if data_ranks is not None and data_ranks != world_size:
-            if data_ranks % world_size:
-                raise ConfigError(f"{data_ranks} data ranks cannot be spread evenly over {world_size} ranks")
-            return self.gradient_accumulation(data_ranks) * (data_ranks // world_size)
-        ds, micro = self.deepspeed, self.data.micro_batch_size
-        if ds.global_batch_size is None:
-            return int(ds.gradient_accumulation_steps)
-        per_pass = micro * world_size
-        if ds.global_batch_size % per_pass:
-            raise ConfigError(
-                f"deepspeed.global_batch_size={ds.global_batch_size} is not a multiple of "
-                f"data.micro_batch_size ({micro}) x world size ({world_size}); choose "
-                f"data.micro_batch_size so that it divides {ds.global_batch_size // world_size or 1}")
-        return ds.global_batch_size // per_pass
+        """Micro-batches per optimizer step on each rank, from the batch plan
+        (``dyntrain.config.plan.batch_plan``, where the global batch is derived); a rank that hosts
+        several data ranks (``data.logical_ranks``) takes each one's micro-batches in turn."""
+        return batch_plan(self, world_size, data_ranks).accumulation
 
     # ----------------------------------------------------------------------------- conversions
     def to_dict(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ an MLflow Model and registers it with ``tracking.register_as`` (``dyntrain.servi
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -36,6 +37,7 @@ from dyntrain.data.loader import LoaderFactory
 from dyntrain.errors import DyntrainError
 from dyntrain.eval.periodic import TestSetEvaluation
 from dyntrain.interop import read_weights
+from dyntrain.jobs.preflight import preflight_lines
 from dyntrain.logs import get_logger, setup_logging
 from dyntrain.serving.hook import model_logging
 from dyntrain.train import run
@@ -126,10 +128,19 @@ def run_finetune(cfg: Config, loader_factory: Optional[LoaderFactory] = None, **
     changed = adopt_architecture(cfg, model_cfg)
     if changed:
         log.info(f"model architecture taken from init.checkpoint ({'; '.join(changed)})")
+    # pre-flight (of the config's data source unless a loader is given), data ranks, batch plan
+    job = run.prepare(cfg, partial(preflight_lines, check_data=loader_factory is None))
+    cfg = job.cfg
     callbacks, lr_scheduler = finetune_callbacks(cfg)
     callbacks += list(extension.pop("callbacks", ()))
     end_hooks = model_logging(cfg, default=True) + list(extension.pop("end_hooks", ()))
     tags = {"dyntrain.stage": "finetune", "init_checkpoint": str(cfg.init.checkpoint or "none (from scratch)")}
     return run.run_training(cfg, loader_factory or build_finetune_loader, callbacks=callbacks, tags=tags,
                             model_builder=make_model_builder(cfg, state), lr_scheduler=lr_scheduler,
-                            end_hooks=end_hooks, **extension)
+                            end_hooks=end_hooks, prepared=job, **extension)
+
+
+def brings_lr_scheduler(cfg: Config) -> bool:
+    """Whether the job hands DeepSpeed its own LR scheduler (a sequential task curriculum's restarts)."""
+    curriculum = task_curriculum(cfg)
+    return curriculum is not None and curriculum.mode == "sequential"

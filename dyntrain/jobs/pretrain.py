@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Optional
 
 from dyntrain.config import Config
@@ -17,6 +18,7 @@ from dyntrain.data.loader import LoaderFactory
 from dyntrain.data.pretrain.pipeline import build_pretrain_loader
 from dyntrain.errors import ConfigError
 from dyntrain.eval.validation import Validation
+from dyntrain.jobs.preflight import preflight_lines
 from dyntrain.serving.hook import model_logging
 from dyntrain.train import run
 from dyntrain.train.callbacks import Callback
@@ -39,7 +41,10 @@ def run_pretrain(cfg: Config, loader_factory: Optional[LoaderFactory] = None, **
     """``launch/pretrain.py``: pre-train ``cfg`` on this rank; returns the trainer's result.
     ``extension``: ``run_training``'s test and debugging hooks (``schedule_hook``, ``trace_dir``,
     ``checkpoint_factory``; ``callbacks`` run before the job's own)."""
+    # pre-flight (of the config's data source unless a loader is given), data ranks, batch plan
+    job = run.prepare(cfg, partial(preflight_lines, check_data=loader_factory is None))
+    cfg = job.cfg
     callbacks = list(extension.pop("callbacks", ())) + pretrain_callbacks(cfg)
     end_hooks = model_logging(cfg, default=False) + list(extension.pop("end_hooks", ()))
     return run.run_training(cfg, loader_factory or build_pretrain_loader, callbacks=callbacks,
-                            tags={"dyntrain.stage": "pretrain"}, end_hooks=end_hooks, **extension)
+                            tags={"dyntrain.stage": "pretrain"}, end_hooks=end_hooks, prepared=job, **extension)

@@ -1,8 +1,9 @@
 """DeepSpeed setup: the one function that writes the DeepSpeed JSON, process-group start-up, and
 engine construction.
 
-``build_ds_config`` derives everything DeepSpeed needs from the typed config — global batch
-(micro-batch x gradient accumulation x world size, derived by ``Config.gradient_accumulation``), ZeRO stage 0-3,
+``build_ds_config`` derives everything DeepSpeed needs from the typed config — the batch plan
+(micro-batch, gradient accumulation, global batch, lr and step counts for the world size at hand:
+``dyntrain.config.plan.batch_plan``), ZeRO stage 0-3,
 bf16, explicit gradient clipping, optimizer (DeepSpeed "Adam"/"AdamW" through ``torch_adam``, so no
 compiled ops are needed) and the LR schedule:
 
@@ -35,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from dyntrain.config import Config
+from dyntrain.config.plan import batch_plan
 from dyntrain.devices import choose_device
 from dyntrain.errors import ConfigError
 from dyntrain.train.model import compilation
@@ -71,6 +73,8 @@ def resolve_bf16(cfg: Config, device: torch.device) -> bool:
     """``deepspeed.bf16``: "auto" = on only on a CUDA device with bf16 support."""
     value = cfg.deepspeed.bf16
     if value == "auto":
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return True  # a dry run of a GPU job on a machine without one: the GPUs we target have bf16
         return device.type == "cuda" and torch.cuda.is_bf16_supported()
     return bool(value)
 
@@ -153,8 +157,11 @@ def shutdown_distributed() -> None:
 def build_ds_config(cfg: Config, world_size: int, device: torch.device | str = "cpu",
                     data_ranks: Optional[int] = None) -> dict[str, Any]:
     """The DeepSpeed JSON for this run, from its parts: batch, optimizer, scheduler, ZeRO
-    (``data_ranks``: the readers the ranks host, ``dyntrain.data.logical``; None = one per rank)."""
+    (``data_ranks``: the readers the ranks host, ``dyntrain.data.logical``; None = one per rank).
+    ``cfg`` is planned first (``batch_plan(...).apply``; a planned config plans to itself), so the
+    dry run and the real start hand DeepSpeed the same JSON."""
     device = torch.device(device)
+    cfg = batch_plan(cfg, world_size, data_ranks).apply(cfg)
     ds = cfg.deepspeed
     config: dict[str, Any] = {
         **ds_batch(cfg, world_size, data_ranks),
@@ -174,11 +181,11 @@ def build_ds_config(cfg: Config, world_size: int, device: torch.device | str = "
 
 
 def ds_batch(cfg: Config, world_size: int, data_ranks: Optional[int] = None) -> dict[str, int]:
-    """Micro-batch, accumulation and global batch (``Config.gradient_accumulation`` derives them)."""
-    micro = cfg.data.micro_batch_size
-    accum = cfg.gradient_accumulation(world_size, data_ranks)
-    return {"train_batch_size": micro * accum * world_size, "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": accum}
+    """Micro-batch, accumulation and global batch (``batch_plan`` derives them)."""
+    plan = batch_plan(cfg, world_size, data_ranks)
+    assert plan.micro_batch * plan.accumulation * world_size == plan.global_batch
+    return {"train_batch_size": plan.global_batch, "train_micro_batch_size_per_gpu": plan.micro_batch,
+            "gradient_accumulation_steps": plan.accumulation}
 
 
 def ds_optimizer(opt) -> dict[str, Any]:
@@ -245,6 +252,16 @@ def ds_zero(ds, device: torch.device) -> dict[str, Any]:
     return zero
 
 
+def ds_config_for(cfg: Config, world_size: int, device: torch.device | str, data_ranks: Optional[int] = None,
+                  custom_scheduler: bool = False) -> dict[str, Any]:
+    """Exactly the JSON ``build_engine`` hands to ``deepspeed.initialize`` (and ``--dry-run`` prints):
+    ``build_ds_config``, less its "scheduler" when the job brings its own LR scheduler."""
+    config = build_ds_config(cfg, world_size, device, data_ranks)
+    if custom_scheduler:
+        config.pop("scheduler")
+    return config
+
+
 def build_engine(cfg: Config, model: torch.nn.Module, dist_info: DistInfo, lr_scheduler=None,
                  data_ranks: Optional[int] = None):
     """Wrap ``model`` in a DeepSpeed engine built from ``build_ds_config``. ``lr_scheduler``
@@ -253,9 +270,8 @@ def build_engine(cfg: Config, model: torch.nn.Module, dist_info: DistInfo, lr_sc
     # lazy: deepspeed is slow to import and unused by inference
     import deepspeed
 
-    ds_config = build_ds_config(cfg, dist_info.world_size, dist_info.device, data_ranks)
-    if lr_scheduler is not None:
-        ds_config.pop("scheduler")
+    ds_config = ds_config_for(cfg, dist_info.world_size, dist_info.device, data_ranks,
+                              custom_scheduler=lr_scheduler is not None)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=ds_config, lr_scheduler=lr_scheduler)
     if compilation(cfg) == "engine":

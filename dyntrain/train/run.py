@@ -1,9 +1,11 @@
 """Build and run one training job: what the jobs (``dyntrain.jobs.pretrain``, ``dyntrain.jobs.finetune``)
 call with the components they pick.
 
-Order: distributed start-up (launcher or single process) -> model (``model_builder``, init from
-``run.seed``) -> the data ranks (``data.logical_ranks`` or those of the checkpoint a resume continues
-from) -> DeepSpeed engine (with ``lr_scheduler`` when given; its accumulation covers the hosted data
+Order: ``prepare``: distributed start-up (launcher or single process) -> the job's pre-flight on rank 0
+(``dyntrain.jobs.preflight``; its outcome broadcast, a failure ends every rank with one line) -> the
+data ranks (``data.logical_ranks`` or those of the checkpoint a resume continues from) -> the batch
+plan (``dyntrain.config.plan``; logged, and the planned config is what every later part sees); then
+model (``model_builder``, init from ``run.seed``) -> DeepSpeed engine (with ``lr_scheduler`` when given; its accumulation covers the hosted data
 ranks) -> loader (``dyntrain.data.logical.LogicalRanks`` over ``loader_factory(cfg, data_rank,
 data_ranks, device)`` for each data rank this process hosts: one, unless a resume runs on fewer
 ranks than the run started with) -> schedule -> checkpoint manager -> the resume state, if any -> MLflow
@@ -34,13 +36,16 @@ import torch
 
 from dyntrain.checkpoint import CheckpointManager, broadcast, resume_data_ranks
 from dyntrain.config import Config
+from dyntrain.config.plan import BatchPlan, batch_plan, check_resume_plan
 from dyntrain.data.loader import LoaderFactory
 from dyntrain.data.logical import LogicalRanks, choose_data_ranks
+from dyntrain.errors import DyntrainError, one_line
 from dyntrain.logs import get_logger, setup_logging
 from dyntrain.tracking import GPUHourAccount, make_tracker
 from dyntrain.tracking.savings import run_tags
 from dyntrain.train.callbacks import Callback
-from dyntrain.train.engine import ZERO3_NOTE, build_engine, init_distributed, shutdown_distributed
+from dyntrain.train.engine import (ZERO3_NOTE, DistInfo, build_engine, init_distributed,
+                                   shutdown_distributed)
 from dyntrain.train.model import build_model, variant_flops
 from dyntrain.train.schedule import VariantSchedule, new_verify_group, splitmix64
 from dyntrain.train.state import load_resume_state
@@ -49,6 +54,10 @@ from dyntrain.train.trainer import Trainer, TrainResult
 
 ScheduleHook = Callable[[VariantSchedule, int], VariantSchedule]
 log = get_logger(__name__)
+
+
+class PreflightError(DyntrainError):
+    """The pre-flight found a problem (its message names the key, file or URL)."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,53 @@ def default_checkpoint_manager(cfg: Config, engine, rank: int, world_size: int) 
     return CheckpointManager(cfg.checkpoint, engine, rank, world_size)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A job after its pre-flight, before its engine: the planned config (``BatchPlan.apply``), the
+    plan, the process group's view and the data ranks."""
+    cfg: Config
+    plan: BatchPlan
+    info: DistInfo
+    data_ranks: int
+    t_start: float
+
+
+Preflight = Callable[[Config, int], Sequence[str]]   # (cfg, world size) -> lines; raises DyntrainError
+
+
+def prepare(cfg: Config, preflight: Optional[Preflight] = None) -> Prepared:
+    """Start the process group; on rank 0 run ``preflight`` (if any) and read the data ranks of the
+    checkpoint a resume continues from; broadcast the outcome (a failure ends every rank with the
+    same one-line error, before any engine exists); derive the batch plan and log it."""
+    t_start = time.perf_counter()
+    setup_logging()  # the launcher's RANK until the process group exists
+    info = init_distributed(cfg)
+    rank, world = info.rank, info.world_size
+    setup_logging(rank)
+    outcome: Any = None
+    if rank == 0:
+        try:
+            lines = list(preflight(cfg, world)) if preflight is not None else []
+            outcome = ("ok", lines, resume_data_ranks(cfg.checkpoint.dir, cfg.checkpoint.resume))
+        except DyntrainError as exc:
+            outcome = ("failed", one_line(exc), None)
+    outcome = broadcast(outcome, rank)
+    if outcome[0] == "failed":
+        shutdown_distributed()  # every rank is here: leave the group cleanly
+        raise PreflightError(outcome[1])
+    data_ranks, note = choose_data_ranks(cfg.data.logical_ranks, outcome[2], world)
+    plan = batch_plan(cfg, world, data_ranks)
+    try:
+        check_resume_plan(cfg, plan, outcome[2])  # every rank sees the same: all raise alike
+    except DyntrainError:
+        shutdown_distributed()
+        raise
+    if rank == 0:
+        for line in [*outcome[1], *([note] if note else []), *plan.lines()]:
+            log.info(line)
+    return Prepared(plan.apply(cfg), plan, info, data_ranks, t_start)
+
+
 def run_training(cfg: Config, loader_factory: LoaderFactory, *, callbacks: Sequence[Callback] = (),
                  tags: Optional[Mapping[str, str]] = None,
                  model_builder: Callable[[Config], torch.nn.Module] = build_model,
@@ -80,7 +136,8 @@ def run_training(cfg: Config, loader_factory: LoaderFactory, *, callbacks: Seque
                  checkpoint_factory=default_checkpoint_manager,
                  schedule_hook: Optional[ScheduleHook] = None,
                  trace_dir: Optional[str | Path] = None,
-                 end_hooks: Sequence[EndHook] = ()) -> TrainResult:
+                 end_hooks: Sequence[EndHook] = (),
+                 prepared: Optional["Prepared"] = None) -> TrainResult:
     """Train ``cfg`` end to end on this rank; returns the trainer's result.
 
     Args:
@@ -95,24 +152,18 @@ def run_training(cfg: Config, loader_factory: LoaderFactory, *, callbacks: Seque
             config's ``VariantSchedule`` unchanged).
         trace_dir: every rank writes its step trace there (``Trainer.enable_trace``).
         end_hooks: ``RunEnd -> None``, called in order after a run that reached ``run.max_steps``.
+        prepared: what ``prepare(cfg)`` returned, when the job built its components from the planned
+            config first (None: prepared here, without a pre-flight).
     """
-    t_start = time.perf_counter()
-    setup_logging()  # the launcher's RANK until the process group exists
-    info = init_distributed(cfg)
+    job = prepared if prepared is not None else prepare(cfg)
+    cfg, info, data_ranks, t_start = job.cfg, job.info, job.data_ranks, job.t_start
     rank, world = info.rank, info.world_size
-    setup_logging(rank)
     # the global torch/numpy streams are seeded from (seed, rank); the model init forks its own
     torch.manual_seed(splitmix64(cfg.run.seed * 1_000_003 + rank) & 0x7FFF_FFFF_FFFF_FFFF)
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     model = model_builder(cfg)
-    # the data ranks the checkpoint to resume was written with fix the accumulation (data.logical);
-    # rank 0 reads the checkpoint folder, as it does to choose the resume, and tells the others
-    saved = resume_data_ranks(cfg.checkpoint.dir, cfg.checkpoint.resume) if rank == 0 else None
-    data_ranks, note = choose_data_ranks(cfg.data.logical_ranks, broadcast(saved, rank), world)
-    if note and rank == 0:
-        log.info(note)
     engine, ds_config = build_engine(cfg, model, info, lr_scheduler=lr_scheduler, data_ranks=data_ranks)
     loader = LogicalRanks(lambda data_rank: loader_factory(cfg, data_rank, data_ranks, info.device),
                           rank, world, data_ranks, int(engine.gradient_accumulation_steps()))
@@ -138,7 +189,7 @@ def run_training(cfg: Config, loader_factory: LoaderFactory, *, callbacks: Seque
             trainer.restore(*resume)
         if trace_dir is not None:
             trainer.enable_trace(trace_dir)
-        run_tags = _describe_run(tracker, cfg, ds_config, schedule, info,
+        run_tags = _describe_run(tracker, cfg, ds_config, job.plan, schedule, info,
                                  {**(tags or {}), "data_ranks": str(data_ranks)},
                                  resume[0] if resume else None, step=trainer.step)
         trainer.start_callbacks()
@@ -165,7 +216,7 @@ def run_training(cfg: Config, loader_factory: LoaderFactory, *, callbacks: Seque
             shutdown_distributed()
 
 
-def _describe_run(tracker, cfg: Config, ds_config: dict, schedule: VariantSchedule, info, tags: dict,
+def _describe_run(tracker, cfg: Config, ds_config: dict, plan: BatchPlan, schedule: VariantSchedule, info, tags: dict,
                   resumed_from: Optional[str], step: int) -> dict[str, str]:
     """Params, tags and artifacts of the MLflow run (rank 0; no-ops on a NullTracker); returns the tags."""
     variants = schedule.active
@@ -192,7 +243,7 @@ def _describe_run(tracker, cfg: Config, ds_config: dict, schedule: VariantSchedu
     else:
         tracker.log_params(cfg.flatten())
         tracker.log_params({"derived.global_batch": ds_config["train_batch_size"],
-                            "derived.world_size": info.world_size})
+                            "derived.world_size": info.world_size, **plan.params()})
         tracker.log_text(cfg.to_yaml(), "config.yaml")
     tracker.log_text(json.dumps(ds_config, indent=2, default=str), "deepspeed_config.json")
     tracker.set_tags(tags)

@@ -29,6 +29,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
+from dyntrain.config.plan import batch_plan
 from dyntrain.data.finetune.base import (TASKS, PairedDataError, PairedLoaderBase, PairEntry, collate_pairs,
                                          mix, random_pair_crop, scan_tasks)
 from dyntrain.data.finetune.curriculum_loader import CurriculumPairedLoader
@@ -161,7 +162,9 @@ class PairedFolderLoader(PairedLoaderBase):
 
 # ------------------------------------------------------------------------------------ factory
 def build_finetune_loader(cfg, rank: int, world_size: int, device) -> PairedLoaderBase:
-    """The fine-tuning loader for ``cfg.data.source`` ("paired" folders or "paired_shards")."""
+    """The fine-tuning loader for ``cfg.data.source`` ("paired" folders or "paired_shards") for one data
+    rank of ``world_size``, at the micro-batch and accumulation of the batch plan (``dyntrain.config.plan``)."""
+    cfg = batch_plan(cfg, world_size).apply(cfg)
     data = cfg.data
     if data.source == "paired":
         per_task = scan_tasks(data.root, data.tasks, data.sigmas)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dyntrain.config.plan import batch_plan
 from dyntrain.data.finetune.degradations import TABLE, DegradationError, degrade, draw_params
 from dyntrain.data.finetune.degradations.depth import clean_images, load_depth
 from dyntrain.data.finetune.synthetic_shards import ShardCleanLoader
@@ -155,8 +156,10 @@ class SyntheticPairLoader(LoaderBase):
 
 
 def build_synthetic_loader(cfg, rank: int, world_size: int, device):
-    """The ``data.source: synthetic`` loader of ``cfg`` for this rank (folder or shards form)."""
+    """The ``data.source: synthetic`` loader of ``cfg`` for this data rank (folder or shards form), at
+    the micro-batch and accumulation of the batch plan (``dyntrain.config.plan``)."""
 
+    cfg = batch_plan(cfg, world_size).apply(cfg)
     data, urls = cfg.data, list(cfg.data.clean_urls)
     accum = cfg.gradient_accumulation(world_size)
     curriculum = task_curriculum(cfg)

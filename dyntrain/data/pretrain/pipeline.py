@@ -44,6 +44,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from dyntrain.config.plan import batch_plan
 from dyntrain.data.loader import LoaderBase
 from dyntrain.data.pretrain.dali_torch import dali_to_torch
 from dyntrain.data.pretrain.degrade import DegradeSpec, batch_params, compose
@@ -330,9 +331,9 @@ class DaliPretrainLoader(CorruptRecovery, LoaderBase):
 
 
 def build_pretrain_loader(cfg, rank: int, world_size: int, device) -> DaliPretrainLoader:
-    """The pre-training loader of ``cfg.data`` (source "shards") for one rank."""
+    """The pre-training loader of ``cfg.data`` (source "shards") for one data rank, at the batch plan's micro-batch."""
 
-    data = cfg.data
+    data = batch_plan(cfg, world_size).apply(cfg).data
     if data.source != "shards":
         raise ConfigError(f"data.source: pre-training reads 'shards', got {data.source!r}")
     if not data.train_urls:
