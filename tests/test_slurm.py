@@ -32,6 +32,7 @@ from dyntrain import checkpoint as ck
 from dyntrain.data.shards.build import main as make_shards
 from dyntrain.data.storage.urls import expand_urls
 from dyntrain.data.synthetic import write_synthetic_images
+from conftest import server_env
 from helpers import free_port, read_tar
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ class Slurm:
     def __init__(self, base: Path):
         self.base = base
         self.conf = base / "slurm.conf"
-        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        self.env = server_env(dict(os.environ, SLURM_CONF=str(self.conf)))  # daemons outlive a test
         for k in list(self.env):
             if k.startswith("SLURM_") and k != "SLURM_CONF":
                 self.env.pop(k)
