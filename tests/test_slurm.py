@@ -5,7 +5,8 @@ requeue itself, come back (SLURM_RESTART_COUNT=1; Slurm holds a requeued job bac
 minutes, and the test starts it 3 s after it is pending with ``scontrol update StartTime=now+3``)
 and finish from where it stopped, in the same MLflow run. And the shard build
 ``bash slurm/make_shards.sbatch --parts 2 --dedup -- ...``: index array, plan, build array and merge
-chained with afterok.
+chained with afterok. And the whole paper at toy size, ``bash slurm/paper.sh --toy ...``: pre-training,
+fine-tuning from its checkpoint, evaluation and registration, chained with afterok (about a minute).
 
 Needs root and the packages (``.ci/run`` installs them: ``apt-get install -y slurm-wlm munge``);
 skips with the reason otherwise. All daemons are stopped at the end.
