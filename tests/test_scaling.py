@@ -3,6 +3,7 @@ engine on 2 CPU ranks over gloo (slow: two launches of a tiny model)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -80,29 +81,12 @@ def test_bytes_per_sample_from_a_manifest(tmp_path):
     assert scaling.bytes_per_sample(None)[0] == scaling.DEFAULT_BYTES_PER_SAMPLE
 
 
-@pytest.mark.slow
-def test_bench_two_rank_check_models_the_step_from_what_it_measured(tmp_path):
-    """The 2-rank check end to end (1 rank twice side by side, then 2 ranks under the deepspeed
-    launcher). Its error against the measured 2-rank step is the machine's figure: it goes to the
-    JSON and bench/RESULTS.md, and a busy machine moves it (35% in a loaded full tier, 3-7% alone),
-    so it is not asserted. What the machine cannot change is asserted: the gloo link fitted to this
-    run's collectives reproduces its measured gradient all-reduce, and each predicted ZeRO-2 step is
-    the measured 1-rank step plus this run's communication (loss all-reduce and the all-gather of the
-    updated partitions exposed, the gradient all-reduce at most exposed whole)."""
-    out, steps = tmp_path / "scaling.json", 4
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "scaling.py"), "--json", str(out),
-         "--check-steps", str(steps), "--check-warmup", "1"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    last = proc.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"weak_scaling_64=0\.\d+", last), last
-    result = json.loads(out.read_text())
-    assert Path(result["plot"]).stat().st_size > 1000
-    assert result["s3_read_bytes_per_s"] > 0
-    assert float(last.split("=")[1]) == pytest.approx(result["weak_scaling_64"], rel=1e-3)
-
-    check = result["two_rank"]
+def assert_models_what_it_measured(check: dict, probs: dict, steps: int) -> None:
+    """What the machine cannot change in a 2-rank check (``scaling_check.model_check``'s record): the
+    gloo link fitted to the run's collectives reproduces its measured gradient all-reduce, and each
+    predicted ZeRO-2 step is the measured 1-rank step plus the run's communication (the loss
+    all-reduce and the all-gather of the updated partitions exposed, the gradient all-reduce at
+    most exposed whole)."""
     assert check["ranks"] == 2 and check["zero_stage"] == 2
     for times in [*check["step_times_s"]["one_rank"], check["step_times_s"]["two_ranks"]]:
         assert {v: len(t) for v, t in times.items()} == {"S": steps, "L": steps}
@@ -119,9 +103,56 @@ def test_bench_two_rank_check_models_the_step_from_what_it_measured(tmp_path):
     for v in ("S", "L"):
         comm = predicted[v] - one[v]
         assert floor * (1 - 1e-3) <= comm <= (floor + col["all_reduce_grad_s"]) * (1 + 1e-3), (v, comm, col)
-    probs = result["variant_probs"]
     for d in (one, predicted, measured):
         assert d["mix"] == pytest.approx(probs["S"] * d["S"] + probs["L"] * d["L"], rel=1e-9)
     assert check["relative_error"] == pytest.approx(abs(predicted["mix"] - measured["mix"]) / measured["mix"],
                                                     rel=1e-9)
-    assert len(check["load_average_1min"]) == 3
+
+
+def test_the_two_rank_assertions_catch_a_model_that_misses_communication():
+    """``model_check`` on made-up measurements (2 ms gradient all-reduce, 0.2 ms latency) passes
+    ``assert_models_what_it_measured``; a prediction without the all-gather, or a link that does not
+    reproduce the measured all-reduce, fails it."""
+    import copy
+
+    import scaling_check
+
+    cfg = scaling_check.check_config([], 4)
+    zero = build_ds_config(cfg, 2, "cpu")["zero_optimization"]
+    times = {"S": [0.05] * 4, "L": [0.08] * 4}
+    ones = [{"step_s": {"S": 0.05, "L": 0.08}, "step_times_s": times}] * 2
+    two = {"world_size": 2, "threads": 1, "zero_stage": 2, "zero_optimization": zero, "params": 288_526,
+           "comm_bytes": 4, "step_s": {"S": 0.056, "L": 0.087}, "step_times_s": times,
+           "collectives": {"all_reduce_grad_s": 2e-3, "all_gather_grad_s": 1.1e-3, "all_reduce_8_bytes_s": 2e-4}}
+    check = scaling_check.model_check(ones, two, cfg, PROBS)
+    assert_models_what_it_measured(check, PROBS, 4)
+    no_gather = copy.deepcopy(check)
+    no_gather["predicted_step_s"]["S"] -= check["modelled_all_gather_s"]
+    wrong_link = copy.deepcopy(check)
+    wrong_link["link"]["busbw_bytes_per_s"] *= 2
+    for broken in (no_gather, wrong_link):
+        with pytest.raises(AssertionError):
+            assert_models_what_it_measured(broken, PROBS, 4)
+
+
+@pytest.mark.slow
+def test_bench_two_rank_check_models_the_step_from_what_it_measured(tmp_path):
+    """The 2-rank check end to end (1 rank twice side by side, then 2 ranks under the deepspeed
+    launcher). Its error against the measured 2-rank step is the machine's figure: it goes to the
+    JSON and bench/RESULTS.md, and a busy machine moves it (35% in a loaded full tier, 3-7% alone),
+    so it is not asserted; ``assert_models_what_it_measured`` is."""
+    out, steps = tmp_path / "scaling.json", 4
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "scaling.py"), "--json", str(out),
+         "--check-steps", str(steps), "--check-warmup", "1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"weak_scaling_64=0\.\d+", last), last
+    result = json.loads(out.read_text())
+    assert Path(result["plot"]).stat().st_size > 1000
+    assert result["s3_read_bytes_per_s"] > 0
+    assert float(last.split("=")[1]) == pytest.approx(result["weak_scaling_64"], rel=1e-3)
+    check = result["two_rank"]
+    assert_models_what_it_measured(check, result["variant_probs"], steps)
+    assert len(check["load_average_1min"]) == 3 and check["cpus"] == os.cpu_count()
