@@ -10,7 +10,7 @@ image the cheapest variant within the tolerance of the best) give a mean PSNR an
 (router included for the router; the project's FLOP counter, paper convention), per task and averaged over
 tasks. Regret: the oracle's PSNR at the router's mean GFLOPs minus the router's. Writes a plot
 (OUT/routing.png), logs it with the figures to MLflow (tracking.*, run "routing-bench") and prints
-gflops_saved_vs_L_at_0.05db = 1 - router GFLOPs / largest variant's GFLOPs at 0.05 dB (task average).
+gflops_saved_vs_largest_at_0.05db = 1 - router GFLOPs / largest variant's GFLOPs at 0.05 dB (task average).
 """
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"plot: {png}")
     if cfg.tracking.enabled:
         print(f"MLflow run: {log_mlflow(cfg, result, png, text)}")
-    common.headline("gflops_saved_vs_L_at_0.05db", result["gflops_saved_vs_largest_at_0.05db"])
+    common.headline("gflops_saved_vs_largest_at_0.05db", result["gflops_saved_vs_largest_at_0.05db"])
     return 0
 
 

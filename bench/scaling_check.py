@@ -166,6 +166,17 @@ def run_check(args, probs: dict[str, float]) -> dict[str, Any]:
         log.info("2-rank check: the engine on 2 CPU ranks (deepspeed launcher, gloo) ...")
         (two,) = _launch(2, [Path(tmp) / "two.json"], args)
         load.append(os.getloadavg()[0])
+    return {"command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+            "device": common.device_name(common.resolve_device("cpu")),
+            **model_check(ones, two, check_config(args.check_set, args.check_steps), probs),
+            "load_average_1min": load, "cpus": os.cpu_count()}
+
+
+def model_check(ones: list[dict[str, Any]], two: dict[str, Any], cfg, probs: dict[str, float]) -> dict[str, Any]:
+    """The model fed with what one check measured (the 1-rank runs ``ones``, the 2-rank run ``two``,
+    as ``worker`` writes them): the gloo link fitted to the 2-rank run's collectives, the predicted
+    2-rank step from the fastest 1-rank steps, and its error against the measured 2-rank step. Pure
+    arithmetic: the same inputs give the same prediction on any machine."""
     one = {"step_s": {v: min(o["step_s"][v] for o in ones) for v in ones[0]["step_s"]},
            "step_times_s": [o["step_times_s"] for o in ones]}
     n, col = two["world_size"], two["collectives"]
@@ -173,7 +184,6 @@ def run_check(args, probs: dict[str, float]) -> dict[str, Any]:
     latency = col["all_reduce_8_bytes_s"] / (2 * math.ceil(math.log2(n)))
     moving = max(col["all_reduce_grad_s"] - col["all_reduce_8_bytes_s"], 1e-9)
     link = scaling_model.Link(latency, 2 * (n - 1) / n * grad_bytes / moving, "gloo (measured)")
-    cfg = check_config(args.check_set, args.check_steps)
     zero = two["zero_optimization"]
     shape = scaling_model.model_shape(cfg, zero.get("stage3_param_persistence_threshold", 0))
     same = {v: 1.0 for v in one["step_s"]}  # the timed chunks run one variant at a time
@@ -184,8 +194,7 @@ def run_check(args, probs: dict[str, float]) -> dict[str, Any]:
     measured = {**two["step_s"], "mix": mix(two["step_s"])}
     errors = {k: abs(predicted[k] - measured[k]) / measured[k] for k in measured}
     return {
-        "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-        "device": common.device_name(common.resolve_device("cpu")), "ranks": n,
+        "ranks": n,
         "threads_per_rank": two["threads"], "zero_stage": two["zero_stage"], "params": two["params"],
         "comm_bytes_per_element": two["comm_bytes"], "collectives_s": col,
         "link": {"latency_s": link.latency_s, "busbw_bytes_per_s": link.busbw},
@@ -195,7 +204,6 @@ def run_check(args, probs: dict[str, float]) -> dict[str, Any]:
         "step_times_s": {"one_rank": one["step_times_s"], "two_ranks": two["step_times_s"]},
         "relative_error_per_variant": {v: errors[v] for v in one["step_s"]},
         "relative_error": errors["mix"],
-        "load_average_1min": load, "cpus": os.cpu_count(),
     }
 
 

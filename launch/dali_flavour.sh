@@ -40,6 +40,30 @@ dali_extra() {
     fi
 }
 
+# torch_cuda_tag CUDA_VERSION: the CUDA variant of PyTorch's wheel index for a driver that supports
+# CUDA_VERSION (cu126, cu128 or cu130: the variants PyTorch publishes for its 2.9-2.10 releases; a
+# newer driver runs an older CUDA build). Fails (status 1, message on stderr) for an older driver.
+torch_cuda_tag() {
+    local version=${1:-} major minor
+    major=${version%%.*}
+    minor=${version#*.}
+    minor=${minor%%.*}
+    if ! [[ "$major" =~ ^[0-9]+$ && "$minor" =~ ^[0-9]+$ ]]; then
+        echo "cannot read the driver's CUDA version '$version' (expected X.Y)" >&2
+        return 1
+    fi
+    if [ "$major" -ge 13 ]; then
+        echo cu130
+    elif [ "$major" -eq 12 ] && [ "$minor" -ge 8 ]; then
+        echo cu128
+    elif [ "$major" -eq 12 ] && [ "$minor" -ge 6 ]; then
+        echo cu126
+    else
+        echo "the NVIDIA driver supports CUDA $version; torch's CUDA wheels need 12.6 or newer: update the driver or set TORCH_INDEX_URL" >&2
+        return 1
+    fi
+}
+
 # The driver's CUDA version on this machine, empty without a usable GPU.
 machine_cuda_version() {
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then

@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from dyntrain.errors import cli_main  # noqa: E402
 from dyntrain.logs import setup_logging  # noqa: E402
 
 
@@ -28,20 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
 
-    from dyntrain.data.finetune.degradations import DegradationError
     from dyntrain.eval.testsets import make_testsets
 
     presets = ["in", "out"] if args.preset == "both" else [args.preset]
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    try:
-        manifest = make_testsets(args.src, args.out, presets, tasks, args.seed)
-    except DegradationError as exc:
-        print(f"make_testsets: {exc}", file=sys.stderr)
-        return 2
+    manifest = make_testsets(args.src, args.out, presets, tasks, args.seed)
     print(f"{len(manifest['images'])} test images in {args.out} "
           f"({manifest['depth_proxy']} haze images used the depth proxy)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

@@ -27,6 +27,64 @@ from dyntrain.train.engine import extensions_dir_default
 # tests start without going through init_distributed. Ranks inherit the setting.
 extensions_dir_default()
 
+# Every process a test starts inherits this mark (tests build child environments from os.environ);
+# the servers that outlive a test on purpose (the session's moto and MLflow, the Slurm daemons) are
+# started without it (``server_env``). What still carries it after a test's teardown was left behind.
+SESSION_MARK = "DYNTRAIN_TEST_SESSION"
+os.environ[SESSION_MARK] = str(os.getpid())
+_SESSION_START = time.time()
+
+
+def server_env(env: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """``env`` (default: this process's environment) without the session mark: for a server a
+    fixture keeps running beyond one test."""
+    return {k: v for k, v in (os.environ if env is None else env).items() if k != SESSION_MARK}
+
+
+def left_running() -> list:
+    """This session's processes (the mark, this pytest's pid) that are still alive, zombies aside."""
+    import psutil
+
+    mine, found = str(os.getpid()), []
+    for p in psutil.process_iter(["create_time"]):
+        if p.pid == os.getpid() or (p.info["create_time"] or 0) < _SESSION_START - 1:
+            continue
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and p.environ().get(SESSION_MARK) == mine:
+                found.append(p)
+        except psutil.Error:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _leaves_nothing_running(request) -> Iterator[None]:
+    """A test leaves no process running: a rank, launcher, server or pipeline worker that outlives
+    its test holds a core while later tests run (a DeepSpeed CPU rank whose peer died spins in its
+    shared-memory wait forever), and the timing a later test takes is then the leftover's. After the
+    teardown (this fixture is set up first, so it is torn down last) leftovers get 10 s to exit;
+    what remains is killed and the test errors, naming each process."""
+    import psutil
+
+    yield
+    left = left_running()
+    if not left:
+        return
+    _, alive = psutil.wait_procs(left, timeout=10)
+    if not alive:
+        return
+    names = []
+    for p in alive:
+        try:
+            names.append(f"pid {p.pid}: {' '.join(p.cmdline())[:200]}")
+            p.kill()
+        except psutil.Error:
+            continue
+    psutil.wait_procs(alive, timeout=10)
+    if names:
+        pytest.fail(f"{request.node.nodeid} left {len(names)} process(es) running (now killed):\n"
+                    + "\n".join(names), pytrace=False)
+
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread() -> Iterator[None]:
@@ -44,7 +102,7 @@ def _one_torch_thread() -> Iterator[None]:
 def start_moto(extra_env: Optional[dict[str, str]] = None) -> tuple[subprocess.Popen, str]:
     """Start ``moto.server`` on a free port of 127.0.0.1; returns (process, endpoint URL)."""
     port = free_port()
-    env = dict(os.environ, **(extra_env or {}))
+    env = server_env(dict(os.environ, **(extra_env or {})))
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 30
@@ -110,7 +168,11 @@ def start_mlflow_server(root: Path, port: Optional[int] = None, timeout: float =
            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
            "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
     with (root / "server.log").open("ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        # without MLflow 3's job execution: its seven huey consumers and job runner take about 15
+        # CPU-seconds in the half minute after each start and poll for ever after (about 1% of a core
+        # measured idle, against 0.2% without); no test submits an MLflow job
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=server_env(dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")))
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

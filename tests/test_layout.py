@@ -256,3 +256,13 @@ def test_no_test_only_environment_variable_in_production_code(folder):
     hits = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in (ROOT / folder).rglob("*")
             if p.suffix in (".py", ".sh") for m in pattern.finditer(p.read_text())]
     assert hits == []
+
+
+def test_every_environment_variable_the_code_reads_is_documented():
+    """docs/reliability.md's table names every ``DYNTRAIN_*`` variable of the production code."""
+    found = {m.group(0): p.relative_to(ROOT) for folder in ("dynet", "dyntrain", "launch", "slurm")
+             for p in sorted((ROOT / folder).rglob("*")) if p.suffix in (".py", ".sh", ".sbatch")
+             for m in re.finditer(r"\bDYNTRAIN_[A-Z0-9_]*[A-Z0-9]", p.read_text())}
+    documented = set(re.findall(r"`(DYNTRAIN_[A-Z0-9_]+)", (ROOT / "docs" / "reliability.md").read_text()))
+    assert len(found) >= 11
+    assert {k: str(v) for k, v in found.items() if k not in documented} == {}

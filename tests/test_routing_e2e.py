@@ -106,7 +106,7 @@ def test_train_router_then_restore_evaluate_and_bench_with_auto(work):
 
     bench = _run([sys.executable, ROOT / "bench/routing.py", "--checkpoint", "runs/ft/dynet.safetensors",
                   *CONFIG, *DATA, "--tolerances", "0", "0.5", "--out", "out/bench", "--json", "out/bench.json"], work)
-    assert bench.stdout.strip().splitlines()[-1].startswith("gflops_saved_vs_L_at_0.05db=")
+    assert bench.stdout.strip().splitlines()[-1].startswith("gflops_saved_vs_largest_at_0.05db=")
     result = json.loads((work / "out/bench.json").read_text())
     avg = result["curves"]["average"]
     assert [p["tolerance_db"] for p in avg["router"]] == [0.0, 0.05, 0.5]

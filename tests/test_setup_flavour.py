@@ -60,3 +60,19 @@ def test_extras_name_the_wheels_and_the_base_list_names_none():
                        env={k: v for k, v in {**os.environ, "PATH": "/usr/bin:/bin"}.items()
                             if k != "DYNTRAIN_DALI_FLAVOUR"})
     assert r.returncode == 0 and r.stdout.strip() == "cuda13", r.stderr
+
+
+@pytest.mark.parametrize("version, tag", [("12.6", "cu126"), ("12.7", "cu126"), ("12.8", "cu128"),
+                                          ("12.9", "cu128"), ("13.0", "cu130"), ("13.2", "cu130")])
+def test_torch_index_by_driver(version, tag):
+    """setup.sh installs torch from PyTorch's index for the driver's CUDA (a stock index would give
+    the one CUDA build it has, GPU or not)."""
+    r = _bash(f'torch_cuda_tag "{version}"')
+    assert r.returncode == 0 and r.stdout.strip() == tag, r.stderr
+
+
+def test_torch_index_refuses_an_old_driver_naming_the_override():
+    for version in ("12.4", "11.8", "x"):
+        r = _bash(f'torch_cuda_tag "{version}"')
+        assert r.returncode != 0 and r.stdout == "", version
+    assert "TORCH_INDEX_URL" in _bash('torch_cuda_tag "12.4"').stderr

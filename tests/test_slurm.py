@@ -5,7 +5,8 @@ requeue itself, come back (SLURM_RESTART_COUNT=1; Slurm holds a requeued job bac
 minutes, and the test starts it 3 s after it is pending with ``scontrol update StartTime=now+3``)
 and finish from where it stopped, in the same MLflow run. And the shard build
 ``bash slurm/make_shards.sbatch --parts 2 --dedup -- ...``: index array, plan, build array and merge
-chained with afterok.
+chained with afterok. And the whole paper at toy size, ``bash slurm/paper.sh --toy ...``: pre-training,
+fine-tuning from its checkpoint, evaluation and registration, chained with afterok (about a minute).
 
 Needs root and the packages (``.ci/run`` installs them: ``apt-get install -y slurm-wlm munge``);
 skips with the reason otherwise. All daemons are stopped at the end.
@@ -32,6 +33,7 @@ from dyntrain import checkpoint as ck
 from dyntrain.data.shards.build import main as make_shards
 from dyntrain.data.storage.urls import expand_urls
 from dyntrain.data.synthetic import write_synthetic_images
+from conftest import server_env
 from helpers import free_port, read_tar
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +47,7 @@ class Slurm:
     def __init__(self, base: Path):
         self.base = base
         self.conf = base / "slurm.conf"
-        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        self.env = server_env(dict(os.environ, SLURM_CONF=str(self.conf)))  # daemons outlive a test
         for k in list(self.env):
             if k.startswith("SLURM_") and k != "SLURM_CONF":
                 self.env.pop(k)
@@ -268,3 +270,66 @@ def test_shard_build_array_and_merge(slurm, tmp_path):
     merged = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert len(merged["parts"]) == 2 and merged["dedup"]["images_dropped"] == {"exact": 0, "near": 1}
     assert all(s["name"].startswith(("shard-p0000-", "shard-p0001-")) for s in merged["shards"])
+
+
+def test_paper_chain_pretrains_finetunes_evaluates_and_registers(slurm, tmp_path):
+    """``bash slurm/paper.sh --toy ...``: pre-training, fine-tuning from its last checkpoint, then
+    evaluation and registration, three jobs chained with afterok, at toy size (1 CPU rank, 4 steps
+    each), to a registered model version with the alias pointing at the fine-tuning run's model."""
+    from mlflow.tracking import MlflowClient
+
+    t0 = time.time()
+    write_synthetic_images(tmp_path / "images", 4, size=(128, 128), seed=5)
+    subprocess.run([sys.executable, str(ROOT / "launch" / "make_shards.py"), "--src", str(tmp_path / "images"),
+                    "--out", str(tmp_path / "shards"), "--patch-size", "64", "--shard-samples", "4",
+                    "--quiet"], check=True, timeout=120)
+    demo = tmp_path / "demo"
+    subprocess.run([sys.executable, "-m", "dyntrain.data.finetune.paired", "demo", "--out", str(demo),
+                    "--train-images", "4", "--test-images", "1", "--height", "40", "--width", "48"],
+                   check=True, timeout=120, cwd=ROOT)
+    uri, name, run_dir = f"sqlite:///{tmp_path / 'mlflow.db'}", "dynet-chain-test", tmp_path / "paper"
+    short = ["run.max_steps=4", "run.log_every=2", "checkpoint.every=0", "tracking.system_metrics=false"]
+    args = ["--toy", "--run-dir", str(run_dir), "--name", name, "--ntasks-per-node=1",
+            "--all", f"tracking.uri={uri}", "--all", "tracking.experiment=chain",
+            "--pretrain", f"data.train_urls=[{tmp_path}/shards/*.tar]", "--pretrain", "data.crop_size=32",
+            "--pretrain", "optim.warmup_steps=0", "--finetune", f"data.root={demo}/train",
+            "--finetune", "eval.every=0", "--finetune",
+            f"eval.sets={{sots: {demo}/test/sots, rain100l: {demo}/test/rain100l, bsd68: {demo}/test/bsd68}}"]
+    for stage in ("pretrain", "finetune"):
+        for kv in short:
+            args += [f"--{stage}", kv]
+    r = subprocess.run(["bash", str(ROOT / "slurm" / "paper.sh"), *args], env=slurm.env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr + r.stdout
+    jobs = dict(line.split("=") for line in r.stdout.split())
+    assert list(jobs) == ["pretrain", "finetune", "evaluate"]
+
+    def logs() -> str:
+        return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted(run_dir.glob("slurm-*.out")))
+
+    deadline = time.time() + 600
+    while (state := slurm.job(jobs["evaluate"])).get("JobState") != "COMPLETED":
+        states = {k: slurm.job(v).get("JobState") for k, v in jobs.items()}
+        stuck = state.get("Reason") == "DependencyNeverSatisfied"
+        assert time.time() < deadline and not stuck and not {"FAILED", "CANCELLED", "TIMEOUT"} & set(
+            states.values()), f"{states} {state.get('Reason')}\n{logs()}"
+        time.sleep(1)
+    records = {k: slurm.job(v) for k, v in jobs.items()}
+    assert all(j.get("ExitCode") == "0:0" for j in records.values()), records
+    # chained: each stage started only after the one before it had ended
+    assert records["pretrain"]["EndTime"] <= records["finetune"]["StartTime"]
+    assert records["finetune"]["EndTime"] <= records["evaluate"]["StartTime"]
+    text = logs()
+    finetune_log = (run_dir / f"slurm-finetune-{jobs['finetune']}.out").read_text()
+    assert f"init.checkpoint={run_dir}/pretrain/checkpoints" in finetune_log, text
+    pre_final = ck.read_client_state(run_dir / "pretrain" / "checkpoints", ck.tag_for_step(4))
+    ft_final = ck.read_client_state(run_dir / "finetune" / "checkpoints", ck.tag_for_step(4))
+    ft_run = ft_final["client"]["mlflow_run_id"]
+    assert pre_final["client"]["mlflow_run_id"] != ft_run
+
+    client = MlflowClient(uri)
+    version = client.get_model_version_by_alias(name, "candidate")
+    assert version.run_id == ft_run
+    metrics = client.get_run(ft_run).data.metrics
+    assert any(k.startswith("eval/") and "psnr" in k for k in metrics), sorted(metrics)
+    print(json.dumps({"jobs": jobs, "version": version.version, "total_s": round(time.time() - t0)}))

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
+from dyntrain.errors import cli_main
 from dyntrain.eval.evaluate import evaluate_model, format_table, load_test_sets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
@@ -60,14 +61,20 @@ def test_bad_input_is_named(tmp_path, capsys):
     src = tmp_path / "clean"
     src.mkdir()
     Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(src / "x.png")
-    assert make_testsets.main(["--src", str(src), "--out", str(tmp_path / "o"), "--tasks", "sr,fog"]) == 2
-    assert "--tasks: unknown tasks ['fog']" in capsys.readouterr().err
-    assert make_testsets.main(["--src", str(src), "--out", str(tmp_path / "o"), "--preset", "mid"]) == 2
-    assert "--preset: unknown preset 'mid'" in capsys.readouterr().err
+
+    def run(*args: str) -> str:  # through cli_main, as the script runs: one error line, exit 2
+        assert cli_main(make_testsets.main, ["--src", str(src), "--out", str(tmp_path / "o"), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        return err
+
+    assert "--tasks: unknown tasks ['fog']" in run("--tasks", "sr,fog")
+    assert "--preset: unknown preset 'mid'" in run("--preset", "mid")
     np.save(src / "x.npy", np.ones((10, 24), np.float32))
-    assert make_testsets.main(["--src", str(src), "--out", str(tmp_path / "o"), "--tasks", "haze"]) == 2
-    err = capsys.readouterr().err
+    err = run("--tasks", "haze")
     assert "x.npy" in err and "does not match its image (20x24)" in err
+    src = tmp_path / "none"
+    assert "--src: folder" in run()
 
 
 def test_evaluation_reports_per_task_and_preset(tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import start_moto, stop
+from conftest import server_env, start_moto, stop
 from dyntrain.data.synthetic import make_demo_data, write_synthetic_images
 from helpers import (ENTRY, PRETRAIN, QUICKSTART, S3_ENV, error_lines, finish_logged, free_port, rank0_trace,
                      run_env, start_logged, tiny_overrides, upload_shards, wait_paused)
@@ -32,7 +32,7 @@ def start_proxy(target: str, mode_file: Path) -> tuple[subprocess.Popen, str]:
     ready = mode_file.with_suffix(".ready")
     proc = subprocess.Popen([sys.executable, PROXY, "--port", str(port), "--target", target,
                              "--mode-file", str(mode_file), "--ready", str(ready)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=server_env())
     deadline = time.monotonic() + 30
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:

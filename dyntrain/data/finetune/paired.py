@@ -37,7 +37,7 @@ from dyntrain.data.finetune.paired_shards import PairedShardLoader, pack_paired_
 from dyntrain.data.finetune.synthetic_pairs import build_synthetic_loader
 from dyntrain.data.finetune.tasks import task_curriculum
 from dyntrain.data.synthetic import make_demo_data
-from dyntrain.errors import ConfigError
+from dyntrain.errors import ConfigError, cli_main
 from dyntrain.images import read_image
 from dyntrain.logs import get_logger, setup_logging
 
@@ -216,4 +216,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

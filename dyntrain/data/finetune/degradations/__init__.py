@@ -10,7 +10,9 @@ parameters (one tensor of shape (B,) per parameter), and returns the degraded ba
 uint8 values (the spec: "every degraded image is rounded to uint8"). Parameters are drawn per
 sample from (seed, step, rank, index) (``dyntrain.seeds``), so a resumed run draws the same ones.
 
-The set is open: a new degradation is one function and one row of ``TABLE`` (``registry.py``).
+The set is open: a new degradation is one function, one row of ``TABLE`` (``registry.py``) and its
+name in ``dyntrain.config.sections.SYNTHETIC_TASKS`` (the config checks ``data.tasks`` against it and
+may not import this package); the registry refuses to import when the two lists differ.
 """
 from dyntrain.data.finetune.degradations.registry import (PRESETS, TABLE, Degradation, DegradationError,
                                                           check_tasks, degrade, draw_params)
