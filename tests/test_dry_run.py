@@ -38,6 +38,10 @@ DOCUMENTED = [
     ("docs/slurm.md", "sbatch --nodes=4 --gpus-per-node=8 --ntasks-per-node=8 --time=24:00:00 slurm/pretrain.sbatch configs/pretrain.yaml", 32),
     ("docs/pretraining.md", "python launch/pretrain.py --config configs/pretrain.yaml --dry-run --world-size 64", 64),
     ("docs/pretraining.md", "python launch/finetune.py --config configs/finetune_allinone.yaml --dry-run --world-size 16", 16),
+    ("README.md", "python launch/pretrain.py --config configs/pretrain.yaml --dry-run --world-size 32", 32),
+    ("docs/slurm.md", '.venv/bin/python launch/pretrain.py --config configs/pretrain.yaml "${SET[@]}" --dry-run --world-size 32', 32),
+    ("docs/slurm.md", "sbatch --nodes=4 --gpus-per-node=8 --ntasks-per-node=8 --time=48:00:00 slurm/pretrain.sbatch configs/pretrain.yaml", 32),
+    ("docs/slurm.md", "python launch/finetune.py --config configs/finetune_allinone.yaml ... --dry-run --world-size 32", 32),
     ("docs/pretraining.md", "sbatch --nodes=8 --gpus-per-node=8 --ntasks-per-node=8 slurm/pretrain.sbatch configs/pretrain.yaml", 64),
 ]
 COUNT = re.compile(r"--num_gpus[ =](\d+)|--nodes[ =](\d+)|--world-size[ =](\d+)")
