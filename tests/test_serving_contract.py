@@ -6,12 +6,12 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from png_files import png_header, zero_png
 
 from dyntrain.config import load_config
 from dyntrain.errors import ConfigError
@@ -89,23 +89,6 @@ def test_which_jobs_log_their_model():
 
 
 # ------------------------------------------------------------------------------ serving limits
-def png_header(width: int, height: int, idat: bytes = b"") -> bytes:
-    """A PNG of width x height 8-bit RGB whose IDAT is ``idat`` (none: only the header is valid)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + (chunk(b"IDAT", idat) if idat else b"")
-            + chunk(b"IEND", b""))
-
-
-def zero_png(width: int, height: int) -> bytes:
-    """A black width x height RGB PNG, compressed row by row (13000 x 13000 is a 0.5 MB file)."""
-    comp = zlib.compressobj(9)
-    row = b"\0" * (1 + 3 * width)
-    return png_header(width, height, b"".join(comp.compress(row) for _ in range(height)) + comp.flush())
-
-
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 

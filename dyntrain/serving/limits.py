@@ -47,7 +47,7 @@ class ServingLimits:
     max_pixels: int = 4096 * 4096
     max_request_pixels: int = 2 * 4096 * 4096
     max_rows: int = 16
-    max_request_mb: float = 64.0
+    max_request_mb: float = 128.0
     max_memory_mb: float = 4096.0
     max_tile: int = 2048
     max_overlap: int = 128
