@@ -74,7 +74,8 @@ class ServingLimits:
             try:
                 values[f.name] = kind(text)
             except ValueError:
-                raise LimitError(f"serving limit {env_name(f.name)}={text!r} is not a{'n integer' if kind is int else ' number'}") from None
+                what = "an integer" if kind is int else "a number"
+                raise LimitError(f"serving limit {env_name(f.name)}={text!r} is not {what}") from None
         return cls(**values)
 
     def check_rows(self, rows: int, text_bytes: int) -> None:
