@@ -144,15 +144,36 @@ class RestoreOptions:
     gray_world: bool = False
 
 
-class Restorer:
-    """Restores uint8 images with one model; picks tiles per image from the memory budget."""
+@dataclass(frozen=True)
+class TilePlan:
+    """How one image is run: ``tile`` (None: whole), the ``overlap`` used, the number of model
+    ``passes`` and the pixels of the largest pass (the padded image, or one tile)."""
+    tile: Optional[int]
+    overlap: int
+    passes: int
+    pass_pixels: int
 
-    def __init__(self, model: torch.nn.Module, options: RestoreOptions, device: torch.device) -> None:
+
+def _tiles_along(size: int, tile: int, stride: int) -> int:
+    """How many tiles ``dynet.inference.restore_image`` runs along a side of ``size`` pixels."""
+    return 1 if size <= tile else -(-(size - tile) // stride) + 1
+
+
+class Restorer:
+    """Restores uint8 images with one model; picks tiles per image from the memory budget.
+
+    ``bytes_per_pixel`` (activation bytes per input pixel) is measured on CUDA, estimated elsewhere,
+    unless given (a server measures it once per variant)."""
+
+    def __init__(self, model: torch.nn.Module, options: RestoreOptions, device: torch.device,
+                 bytes_per_pixel: Optional[float] = None) -> None:
         if options.variant not in model.variants:
             raise ValueError(f"unknown variant {options.variant!r}; the checkpoint has {sorted(model.variants)}")
         self.model, self.options, self.device = model, options, device
-        measured = measure_bytes_per_pixel(model, device, options.variant)
-        self.bytes_per_pixel = measured * 1.1 if measured else estimate_bytes_per_pixel(model)
+        if bytes_per_pixel is None:
+            measured = measure_bytes_per_pixel(model, device, options.variant)
+            bytes_per_pixel = measured * 1.1 if measured else estimate_bytes_per_pixel(model)
+        self.bytes_per_pixel = bytes_per_pixel
 
     def tile_for(self, height: int, width: int) -> Optional[int]:
         opt = self.options
@@ -160,17 +181,27 @@ class Restorer:
             return opt.tile or None
         return tile_for_budget(self.bytes_per_pixel, opt.max_memory_mb * 2 ** 20, height, width, opt.overlap)
 
+    def plan(self, height: int, width: int, multiple: int = 8) -> TilePlan:
+        """The tiling of a height x width image, known before it is decoded (what ``__call__`` runs)."""
+        tile = self.tile_for(height, width)
+        if tile is not None and tile >= max(height, width):
+            tile = None  # one tile would cover the whole image
+        padded_h, padded_w = -(-height // multiple) * multiple, -(-width // multiple) * multiple
+        if tile is None:
+            return TilePlan(None, self.options.overlap, 1, padded_h * padded_w)
+        overlap = min(self.options.overlap, tile - multiple)
+        tile_h, tile_w = min(tile, padded_h), min(tile, padded_w)
+        passes = _tiles_along(padded_h, tile_h, tile - overlap) * _tiles_along(padded_w, tile_w, tile - overlap)
+        return TilePlan(tile, overlap, passes, tile_h * tile_w)
+
     @torch.no_grad()
     def __call__(self, img: np.ndarray) -> tuple[np.ndarray, Optional[int]]:
         x = to_tensor(img, self.device)
         if self.options.gray_world:
             x = gray_world(x)
-        tile = self.tile_for(*img.shape[:2])
-        if tile is not None and tile >= max(img.shape[:2]):
-            tile = None  # one tile would cover the whole image
-        overlap = min(self.options.overlap, tile - 8) if tile else self.options.overlap
-        y = restore_image(self.model, x, variant=self.options.variant, tile=tile, overlap=overlap)
-        return to_uint8(y), tile
+        plan = self.plan(*img.shape[:2])
+        y = restore_image(self.model, x, variant=self.options.variant, tile=plan.tile, overlap=plan.overlap)
+        return to_uint8(y), plan.tile
 
 
 def plan_outputs(src: str | Path, dst: str | Path) -> list[tuple[Path, Path]]:

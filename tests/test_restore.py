@@ -114,3 +114,26 @@ def test_inference_bench_reports_both_variants(tmp_path):
     assert {(r["variant"], r["size"]) for r in rows} == {("S", 32), ("L", 32)}
     by = {r["variant"]: r for r in rows}
     assert by["L"]["gflops"] > by["S"]["gflops"] and all(r["images_per_s"] > 0 for r in rows)
+
+
+def test_the_plan_counts_the_passes_restore_image_runs(weights):
+    """``Restorer.plan`` (what the server checks before decoding) matches the tiles actually run (a
+    whole image counts padded to a multiple of 8, as the model pads it)."""
+    from dynet.inference import restore_image
+
+    model = load_model(weights)
+    seen = []
+
+    def counting(x, reuse=None, variant=None):
+        seen.append(x.shape[-2] * x.shape[-1])
+        return x
+
+    for (height, width), tile, overlap in [((101, 75), 64, 16), ((300, 200), 64, 0), ((300, 200), 96, 24),
+                                           ((37, 45), 0, 32), ((130, 70), 64, 56), ((300, 200), None, 32)]:
+        opts = RestoreOptions(variant="S", tile=tile, overlap=overlap, max_memory_mb=0.05)
+        plan = Restorer(model, opts, torch.device("cpu"), bytes_per_pixel=100.0).plan(height, width)
+        seen.clear()
+        restore_image(counting, torch.zeros(1, 3, height, width), tile=plan.tile, overlap=plan.overlap)
+        largest = max(seen) if plan.tile else (-(-height // 8) * 8) * (-(-width // 8) * 8)
+        assert (plan.passes, plan.pass_pixels) == (len(seen), largest), (height, width, tile, overlap)
+        assert plan.tile is None or plan.passes > 1

@@ -3,8 +3,9 @@
 partitions) with ``tracking.register_as`` logs its model into the run and registers a version with
 the tags; ``mlflow.pyfunc.load_model`` restores images bit for bit as ``launch/restore.py
 --checkpoint`` does (S and L, fp32, CPU); ``restore.py --model models:/NAME@ALIAS`` after
-``compare.py --promote``; ``mlflow models serve`` answers scoring requests (and 400 for bad ones,
-serving on); and a tracking server that is down at the end of the run costs one warning, not the run.
+``compare.py --promote``; ``mlflow models serve`` answers scoring requests (and 400 for bad ones and
+for requests over the serving limits, within seconds and with its memory bounded, serving on); and a
+tracking server that is down at the end of the run costs one warning, not the run.
 """
 from __future__ import annotations
 
@@ -260,12 +261,84 @@ def test_mlflow_models_serve_answers_scoring_requests(work, finetuned, restored,
         assert 400 <= status < 500 and "row 0" in body["message"] and "neither PNG nor JPEG" in body["message"]
         status, body = _post(f"{url}/invocations", {"dataframe_records": [{"image": png}], "params": {"variant": "XL"}})
         assert 400 <= status < 500 and "unknown variant 'XL'" in body["message"]
+        _refuses_over_limit_requests_with_memory_bounded(url, server.pid)
         status, body = _post(f"{url}/invocations", {"dataframe_records": [{"image": jpeg}], "params": {"variant": "S"}})
         assert status == 200 and _psnr(_png(body["predictions"][0]["image"]), restored["S"]["hazy.jpg"]) > 60
     finally:
-        os.killpg(server.pid, signal.SIGKILL)
+        try:
+            os.killpg(server.pid, signal.SIGKILL)
+        except ProcessLookupError:  # killed already, by the memory guard of the limits' check
+            pass
         server.wait()
         log.close()
+
+
+REFUSAL_S = 15          # each over-limit request is answered within this (0.1 s measured; 2 shared cores)
+RSS_GROWTH_MB = 200     # the server's process tree grows by less than this while refusing them
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident bytes of process ``pid`` and its descendants (``mlflow models serve`` -> uvicorn)."""
+    import psutil
+
+    total = 0
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _refuses_over_limit_requests_with_memory_bounded(url: str, pid: int) -> None:
+    """A 13000x13000 PNG (a 0.5 MB file: 507 MB decoded), tile=0 on a 4000x3000 image (12 MP, within
+    the pixel limit; whole, the tiny model would need ~19 GB of activations by the project's estimate)
+    and a huge max_memory_mb each get a 400 naming the limit within REFUSAL_S, while the server's
+    process tree stays within RSS_GROWTH_MB of where it was (sampled every 50 ms). Before the limits
+    the first of them had no answer in 30 s and the tree passed 4.7 GB."""
+    import threading
+
+    from png_files import zero_png
+
+    huge, large = base64.b64encode(zero_png(13000, 13000)).decode(), base64.b64encode(zero_png(4000, 3000)).decode()
+    base = peak = _tree_rss(pid)
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _tree_rss(pid))
+            if peak - base > 4 * RSS_GROWTH_MB * 2 ** 20:  # limits broken: fail before the machine runs out
+                os.killpg(pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        for image, params, words in [(huge, {}, "13000x13000 = 169000000 pixels, over DYNTRAIN_SERVE_MAX_PIXELS="),
+                                     (large, {"tile": 0}, "the whole image (tile=0) needs about"),
+                                     (large, {"max_memory_mb": 1e8}, "over this server's budget "
+                                                                     "DYNTRAIN_SERVE_MAX_MEMORY_MB=4096")]:
+            start = time.monotonic()
+            try:
+                status, body = _post(f"{url}/invocations", {"dataframe_records": [{"image": image}], "params": params})
+            except OSError as exc:
+                raise AssertionError(f"{params}: no answer ({exc!r}); the server's tree grew by "
+                                     f"{(peak - base) / 2 ** 20:.0f} MiB (killed over {4 * RSS_GROWTH_MB})") from None
+            seconds = time.monotonic() - start
+            print(f"refused {params or 'a 13000x13000 PNG'}: {status} in {seconds:.2f} s")
+            assert status == 400 and words in body["message"], (status, body.get("message", "")[-500:])
+            assert seconds < REFUSAL_S
+    finally:
+        done.set()
+        sampler.join()
+    print(f"server tree RSS {base / 2 ** 20:.0f} MiB before the refusals, peak {peak / 2 ** 20:.0f} MiB")
+    assert peak - base < RSS_GROWTH_MB * 2 ** 20, (base, peak)
 
 
 def test_tracking_server_down_at_the_end_costs_one_warning_not_the_run(work, tmp_path):
