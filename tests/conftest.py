@@ -41,6 +41,16 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_credentials_stay_in_their_test(monkeypatch) -> None:
+    """``load_config`` moves credentials of a ``tracking.uri`` into MLflow's environment variables
+    (``dyntrain.redaction.mlflow_uri``): undo that after each test."""
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+        if not os.environ[name]:
+            monkeypatch.delenv(name)
+
+
 def start_moto(extra_env: Optional[dict[str, str]] = None) -> tuple[subprocess.Popen, str]:
     """Start ``moto.server`` on a free port of 127.0.0.1; returns (process, endpoint URL)."""
     port = free_port()

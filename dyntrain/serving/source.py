@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from dyntrain.errors import DyntrainError
+from dyntrain.redaction import redact_uri
 from dyntrain.serving.pyfunc_names import ROUTER, SERVING, WEIGHTS, WEIGHTS_REF
 
 
@@ -57,7 +58,7 @@ def fetch_model(uri: str, tracking_uri: str) -> FetchedModel:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst))
         pyfunc = Model.load(str(local)).flavors.get("python_function", {})
     except mlflow.exceptions.MlflowException as exc:
-        raise ModelSourceError(f"--model {uri} at {tracking_uri}: {exc.message}") from None
+        raise ModelSourceError(f"--model {uri} at {redact_uri(tracking_uri)}: {exc.message}") from None
     files = {name: local / spec["path"] for name, spec in (pyfunc.get("artifacts") or {}).items()}
     if WEIGHTS in files:
         weights = files[WEIGHTS]
