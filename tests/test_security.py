@@ -126,3 +126,25 @@ def test_a_checkpoint_with_a_foreign_pickled_object_is_refused_naming_the_file_u
     assert not marker.exists()  # refused without running it
     safe_load(target, trust=True)  # --trust: unpickled, and its code ran
     assert marker.exists()
+
+
+def test_a_logged_models_weights_reference_is_read_inside_the_model_unless_allowed(tmp_path, monkeypatch):
+    import json
+
+    from dyntrain.checkpoint import CheckpointError
+    from dyntrain.checkpoint.weights import referenced_checkpoint
+
+    model, shared = tmp_path / "model" / "artifacts", tmp_path / "shared"
+    model.mkdir(parents=True)
+    ref = model / "weights_ref.json"
+    monkeypatch.delenv("DYNTRAIN_CHECKPOINT_ROOTS", raising=False)
+    for named, inside in (("ckpt/step_1", True), (str(shared / "step_1"), False), ("../../shared/step_1", False)):
+        ref.write_text(json.dumps({"checkpoint": named}))
+        if inside:
+            assert referenced_checkpoint(ref) == model / "ckpt" / "step_1"
+            continue
+        with pytest.raises(CheckpointError, match="weights_ref.json names the checkpoint .* outside the model.*"
+                                                  "DYNTRAIN_CHECKPOINT_ROOTS"):
+            referenced_checkpoint(ref)
+    monkeypatch.setenv("DYNTRAIN_CHECKPOINT_ROOTS", f"/nonexistent{os.pathsep}{shared}")
+    assert referenced_checkpoint(ref) == shared / "step_1"

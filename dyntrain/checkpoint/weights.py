@@ -137,6 +137,29 @@ def load_torch_file(path: str | Path, trust: bool = False) -> Any:
                               f"reference {path} --out weights.safetensors") from None
 
 
+CHECKPOINT_ROOTS = "DYNTRAIN_CHECKPOINT_ROOTS"
+
+
+def referenced_checkpoint(ref_file: str | Path) -> Path:
+    """The checkpoint a logged model's ``weights_ref.json`` names, resolved relative to the model's
+    folder. A path outside it (an absolute one, or ``..``) is read only from under a folder the user
+    allows in ``DYNTRAIN_CHECKPOINT_ROOTS`` (``os.pathsep``-separated): a model from a shared
+    registry must not make the host read any file it names."""
+    ref_file = Path(ref_file)
+    try:
+        named = Path(json.loads(ref_file.read_text())["checkpoint"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{ref_file} is not a weights reference ({exc})") from None
+    model = ref_file.parent.resolve()
+    path = (model / named).resolve()
+    roots = [Path(r).resolve() for r in os.environ.get(CHECKPOINT_ROOTS, "").split(os.pathsep) if r]
+    if path.is_relative_to(model) or any(path.is_relative_to(r) for r in roots):
+        return path
+    raise CheckpointError(f"{ref_file} names the checkpoint {named}, outside the model; set "
+                          f"{CHECKPOINT_ROOTS} to the folder(s) whose checkpoints a model may name "
+                          f"(e.g. your shared checkpoint root) to allow it")
+
+
 def weights_from_object(obj: Any, path: str | Path) -> tuple[dict[str, torch.Tensor], Optional[dict[str, Any]]]:
     """``(state_dict, model_config_dict or None)`` of a loaded torch file: dyntrain's export, a
     checkpoint dict with a ``state_dict`` (Lightning's), or a bare state_dict."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from dyntrain.checkpoint.weights import referenced_checkpoint
 from dyntrain.errors import DyntrainError
 from dyntrain.redaction import redact_uri
 from dyntrain.serving.pyfunc_names import ROUTER, SERVING, WEIGHTS, WEIGHTS_REF
@@ -63,7 +64,7 @@ def fetch_model(uri: str, tracking_uri: str) -> FetchedModel:
     if WEIGHTS in files:
         weights = files[WEIGHTS]
     elif WEIGHTS_REF in files:
-        weights = Path(json.loads(files[WEIGHTS_REF].read_text())["checkpoint"])
+        weights = referenced_checkpoint(files[WEIGHTS_REF])  # inside the model unless allowed
         if not weights.exists():
             raise ModelSourceError(f"--model {uri} is logged as a reference to the checkpoint {weights}, "
                                    "which is not reachable from here")
