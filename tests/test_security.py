@@ -148,3 +148,15 @@ def test_a_logged_models_weights_reference_is_read_inside_the_model_unless_allow
             referenced_checkpoint(ref)
     monkeypatch.setenv("DYNTRAIN_CHECKPOINT_ROOTS", f"/nonexistent{os.pathsep}{shared}")
     assert referenced_checkpoint(ref) == shared / "step_1"
+
+
+def test_the_slurm_output_redacts_user_info_and_query_secrets():
+    """``slurm/_launch.sh`` echoes the overrides into the job's output file through its ``redact``."""
+    funcs = "\n".join(line for line in (ROOT / "slurm" / "_launch.sh").read_text().splitlines()
+                      if line.startswith(("redact() ", "log() ")))
+    line = ("launch/pretrain.py --config c.yaml tracking.uri=http://alice:Pw-1@h:5000/?token=Tk-2&x=1 "
+            "data.train_urls=[https://b/a.tar?X-Amz-Signature=Sg-3] run.name=sigma")
+    out = subprocess.run(["bash", "-c", f'{funcs}\nlog "$1"', "-", line], capture_output=True, text=True).stdout
+    assert "tracking.uri=http://***@h:5000/?token=***&x=1" in out
+    assert "X-Amz-Signature=***] run.name=sigma" in out
+    assert not any(s in out for s in ("Pw-1", "Tk-2", "Sg-3"))
