@@ -4,7 +4,10 @@ are read without unpickling and are private to their owner.
 The end-to-end run is one process of ``launch/pretrain.py`` on real shards against the session's
 ``mlflow server`` (``conftest.mlflow_server``), with a password and a token in ``tracking.uri``; it
 writes a checkpoint, then resumes from it. Everything the two runs wrote (checkpoint bytes, the
-server's store and artifacts, stdout, stderr) is searched for the secrets.
+server's store and artifacts, stdout, stderr) is searched for the secrets. The others run in this
+process: a checkpoint holding a foreign pickled object, a logged model's weights reference, the Slurm
+output's redaction. The authenticated server (401 without credentials, a 2-rank run with them) is
+in ``test_engine_multirank.py``, a worker killed mid-build in ``test_shards.py``.
 """
 from __future__ import annotations
 
