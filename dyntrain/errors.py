@@ -19,6 +19,8 @@ import sys
 import traceback
 from typing import Callable, Optional
 
+from dyntrain.redaction import redact_text
+
 
 TRACEBACK_FLAG = "--traceback"
 TRACEBACK_ENV = "DYNTRAIN_TRACEBACK"
@@ -58,8 +60,9 @@ def report(exc: BaseException, show_traceback: bool, rank: Optional[int] = None)
     if (_rank() if rank is None else rank) != 0:
         return
     if show_traceback:
-        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-    print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
+        stack = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        print(redact_text(stack), end="", file=sys.stderr)
+    print(f"error: {redact_text(one_line(exc))}", file=sys.stderr, flush=True)
 
 
 def cli_main(fn: Callable[[Optional[list[str]]], Optional[int]],

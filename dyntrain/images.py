@@ -15,6 +15,9 @@ from PIL import Image, ImageOps
 
 # file suffixes (lower case) that count as images everywhere in dyntrain
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# the Pillow decoders of those files (JPEG's also opens a camera's MPO); no other decoder ever runs
+# (an EPS file named .png would otherwise start Ghostscript where it is installed)
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "PPM")
 
 _HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 
@@ -29,10 +32,15 @@ def list_images(folder: str | Path) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if p.is_file() and is_image(p))
 
 
+def open_image(src) -> Image.Image:
+    """``Image.open`` of a path or file object with only the ``IMAGE_FORMATS`` decoders."""
+    return Image.open(src, formats=IMAGE_FORMATS)
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Decode a whole image to (H, W, 3) uint8 RGB, EXIF orientation applied; 16-bit and float
     grey images are scaled to 8 bits. Raises OSError (or ValueError) when the file does not decode."""
-    with Image.open(path) as img:
+    with open_image(path) as img:
         img.load()
         img = ImageOps.exif_transpose(img)
         if img.mode in _HIGH_DEPTH_MODES:

@@ -12,6 +12,9 @@ Format: ``HH:MM:SS [name] message`` where ``name`` is the logger's last componen
 Records below WARNING go to stdout and the rest to stderr, unless ``stream`` sends all of them to one
 stream (a CLI whose stdout is its machine-readable result logs to stderr).
 
+Every line goes through ``dyntrain.redaction.redact_text``: the user-info and secret query values
+of any URL in it are masked.
+
 The CLIs keep printing their results (a table, a JSON line) with ``print``: those are output, not log.
 """
 from __future__ import annotations
@@ -20,6 +23,8 @@ import logging
 import os
 import sys
 from typing import IO, Optional
+
+from dyntrain.redaction import redact_text
 
 
 ROOT = "dyntrain"
@@ -56,7 +61,7 @@ class _Format(logging.Formatter):
             text = f"{when} [{record.name.rsplit('.', 1)[-1]}] {message}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
-        return text
+        return redact_text(text)  # no credential of a URL reaches a log line
 
 
 class _Below(logging.Filter):

@@ -34,6 +34,7 @@ from dyntrain.analysis.plot import plot  # noqa: E402
 from dyntrain.config import load_config  # noqa: E402
 from dyntrain.errors import cli_main  # noqa: E402
 from dyntrain.logs import setup_logging  # noqa: E402
+from dyntrain.redaction import mlflow_uri, redact_uri  # noqa: E402
 from dyntrain.tracking.store import promote_run  # noqa: E402
 
 
@@ -65,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
 
-    uri = (args.tracking_uri or (load_config(args.config).tracking.uri if args.config else None)
-           or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+    uri = mlflow_uri(args.tracking_uri or (load_config(args.config).tracking.uri if args.config else None)
+                     or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
     if args.promote:
         if not args.alias:
             parser.error("--promote needs --alias (e.g. --alias production)")
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_log:
         run_id = log_comparison(uri, args.log_experiment, png, text,
                                 [r.run_id for r in pretrain] + [r.run_id for r in results])
-        print(f"logged to MLflow run {run_id} (experiment {args.log_experiment}, {uri})")
+        print(f"logged to MLflow run {run_id} (experiment {args.log_experiment}, {redact_uri(uri)})")
     return 0
 
 

@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--form", choices=FORMS, default=None,
                         help="--to reference: lightning (default for .ckpt) or state_dict")
     parser.add_argument("--trust", action="store_true",
-                        help="--from reference: allow a file that torch.load(weights_only=True) refuses")
+                        help="--from reference: unpickle a file that torch.load(weights_only=True) refuses; "
+                             "unpickling runs whatever code the file holds, so only for files you trust "
+                             "(every other read of weights or checkpoints in dyntrain is safe-only)")
     args = parser.parse_args(argv)
     layout, src = args.source or args.target
     if layout != "reference":

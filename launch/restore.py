@@ -22,6 +22,7 @@ from dyntrain.config import load_config  # noqa: E402
 from dyntrain.devices import choose_device  # noqa: E402
 from dyntrain.errors import cli_main  # noqa: E402
 from dyntrain.logs import get_logger, setup_logging  # noqa: E402
+from dyntrain.redaction import mlflow_uri  # noqa: E402
 from dyntrain.restore import RestoreOptions, load_model, restore_paths  # noqa: E402
 
 log = get_logger("restore")
@@ -61,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         # lazy: mlflow is imported only when a model is fetched from it
         from dyntrain.serving.source import fetch_model
 
-        fetched = fetch_model(args.model, args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                              or "sqlite:///mlflow.db")
+        fetched = fetch_model(args.model, mlflow_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                                                     or "sqlite:///mlflow.db"))
         weights, router = str(fetched.weights), args.router or (str(fetched.router) if fetched.router else None)
     model = load_model(weights, device, cfg)
     options = RestoreOptions(variant=args.variant, tile=args.tile, overlap=args.overlap,

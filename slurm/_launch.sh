@@ -26,8 +26,10 @@
 # --ntasks-per-node), DYNTRAIN_MASTER_PORT.
 set -uo pipefail
 
-log() { echo "[slurm $(date +%H:%M:%S)] $*"; }
-die() { echo "[slurm] error: $*" >&2; exit 2; }
+# every line is redacted (URL user-info, secret-looking query values), as dyntrain.redaction does
+redact() { sed -E 's%(://)[^/@[:space:]]*@%\1***@%g; s%([?&][^=&[:space:]]*(pass|pwd|secret|token|key|sig|credential|auth|session)[^=&[:space:]]*=)[^]&#[:space:]]*%\1***%Ig'; }
+log() { echo "[slurm $(date +%H:%M:%S)] $*" | redact; }
+die() { echo "[slurm] error: $*" | redact >&2; exit 2; }
 
 : "${SLURM_JOB_ID:?not inside a Slurm job: submit with sbatch}"
 ROOT=${DYNTRAIN_ROOT:-$PWD}   # the job starts in the submit directory (or sbatch --chdir)

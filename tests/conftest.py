@@ -23,6 +23,8 @@ from helpers import S3_ENV, free_port
 
 from dyntrain.train.engine import extensions_dir_default
 
+ROOT = Path(__file__).resolve().parents[1]
+
 # DeepSpeed's CPU comm op: the venv's own build (launch/setup.sh made it there), also for what the
 # tests start without going through init_distributed. Ranks inherit the setting.
 extensions_dir_default()
@@ -97,6 +99,16 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_credentials_stay_in_their_test(monkeypatch) -> None:
+    """``load_config`` moves credentials of a ``tracking.uri`` into MLflow's environment variables
+    (``dyntrain.redaction.mlflow_uri``): undo that after each test."""
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+        if not os.environ[name]:
+            monkeypatch.delenv(name)
 
 
 def start_moto(extra_env: Optional[dict[str, str]] = None) -> tuple[subprocess.Popen, str]:
@@ -218,6 +230,41 @@ class MlflowServer:
         if self.proc is not None:
             stop_mlflow_server(self.proc)
             self.proc = None
+
+
+class AuthMlflowServer:
+    """``launch/tracking_server.sh`` (MLflow's basic-auth app) on 127.0.0.1, its admin
+    ``username``/``password`` (``env`` holds them as the jobs take them)."""
+
+    def __init__(self, root: Path, timeout: float = 120) -> None:
+        import urllib.request
+
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.username, self.password = "admin-test", f"pw-{uuid.uuid4().hex}"
+        self.env = {"MLFLOW_TRACKING_USERNAME": self.username, "MLFLOW_TRACKING_PASSWORD": self.password}
+        root.mkdir(parents=True, exist_ok=True)
+        cmd = ["bash", str(ROOT / "launch" / "tracking_server.sh"), "--host", "127.0.0.1", "--port", str(self.port),
+               "--root", str(root / "store"), "--workers", "1"]
+        with (root / "server.log").open("ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env={**os.environ, **self.env, "DYNTRAIN_PYTHON": sys.executable})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tracking_server.sh exited with code {self.proc.returncode}: "
+                                   + (root / "server.log").read_text()[-2000:])
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"tracking_server.sh did not answer on {self.uri} within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        stop_mlflow_server(self.proc)
 
 
 @pytest.fixture(scope="session")

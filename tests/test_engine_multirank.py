@@ -244,36 +244,51 @@ def test_verify_every_catches_an_injected_disagreement_quickly(tmp_path):
     assert not (tmp_path / "trace" / "trace_rank0.json").exists()
 
 
-def test_nan_loss_stops_with_step_and_variant_and_saves_nothing_after(tmp_path, mlflow_server):
-    """Against the production tracking backend, a real ``mlflow server``, whose store receives the
-    run (marked FAILED), its metrics and its artifacts (config, DeepSpeed JSON). A sqlite store gets
-    no second 2-rank run of its own: the stop does not depend on the backend, a 2-rank job logs into
-    sqlite in ``zero2_run`` and a FAILED status reaches sqlite in
-    ``test_engine_tracking.py::test_mlflow_tracker_params_metrics_tags_and_status``."""
+def test_nan_loss_stops_with_step_and_variant_and_saves_nothing_after(tmp_path, monkeypatch):
+    """Against the production tracking backend, ``launch/tracking_server.sh`` (a real ``mlflow
+    server`` with MLflow's basic-auth app), whose store receives the run (marked FAILED), its metrics
+    and its artifacts (config, DeepSpeed JSON) from ranks given the credentials in their environment;
+    a request without them gets 401. A sqlite store gets no second 2-rank run of its own: the stop
+    does not depend on the backend, a 2-rank job logs into sqlite in ``zero2_run`` and a FAILED status
+    reaches sqlite in ``test_engine_tracking.py::test_mlflow_tracker_params_metrics_tags_and_status``."""
+    import urllib.error
+    import urllib.request
+
+    from conftest import AuthMlflowServer
     from mlflow.tracking import MlflowClient
 
-    server = mlflow_server
-    uri = server.uri
-    experiment = f"nan-server-{tmp_path.name}"
-    proc, _ = launch(tmp_path, ["run.max_steps=20", "checkpoint.every=2", "deepspeed.zero_stage=1",
-                                "tracking.enabled=true", f"tracking.uri={uri}", f"tracking.experiment={experiment}"],
-                     env_extra={"SYNTH_NAN_AT": "3"})  # batch 3 = step 3 (no accumulation)
-    assert proc.returncode != 0, _tail(proc)
-    out = proc.stdout + proc.stderr
-    assert "NonFiniteLossError" in out and "at step 3 (variant " in out, _tail(proc)
-    for r in range(2):
-        saves = [json.loads(l)["step"] for l in
-                 (tmp_path / "ckpt" / f"saves_rank{r}.jsonl").read_text().splitlines()]
-        assert saves == [2]
-    client = MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    assert run.info.status == "FAILED"
-    assert run.data.metrics["loss"] > 0  # logged up to step 2
-    assert run.data.tags["world_size"] == "2" and run.data.params["model.dim"] == "8"
-    assert {"config.yaml", "deepspeed_config.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
-    # uploaded through the server into its artifact store
-    stored = {p.name for p in (server.root / "artifacts").rglob("*") if run.info.run_id in str(p)}
-    assert {"config.yaml", "deepspeed_config.json"} <= stored
+    server = AuthMlflowServer(tmp_path / "server")
+    try:
+        uri = server.uri
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
+        assert refused.value.code == 401
+        experiment = f"nan-server-{tmp_path.name}"
+        proc, _ = launch(tmp_path, ["run.max_steps=20", "checkpoint.every=2", "deepspeed.zero_stage=1",
+                                    "tracking.enabled=true", f"tracking.uri={uri}",
+                                    f"tracking.experiment={experiment}"],
+                         env_extra={"SYNTH_NAN_AT": "3", **server.env})  # batch 3 = step 3 (no accumulation)
+        assert proc.returncode != 0, _tail(proc)
+        out = proc.stdout + proc.stderr
+        assert "NonFiniteLossError" in out and "at step 3 (variant " in out, _tail(proc)
+        assert server.password not in out
+        for r in range(2):
+            saves = [json.loads(l)["step"] for l in
+                     (tmp_path / "ckpt" / f"saves_rank{r}.jsonl").read_text().splitlines()]
+            assert saves == [2]
+        for name, value in server.env.items():
+            monkeypatch.setenv(name, value)
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+        assert run.info.status == "FAILED"
+        assert run.data.metrics["loss"] > 0  # logged up to step 2
+        assert run.data.tags["world_size"] == "2" and run.data.params["model.dim"] == "8"
+        assert {"config.yaml", "deepspeed_config.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+        # uploaded through the server into its artifact store
+        stored = {p.name for p in (server.root / "store" / "artifacts").rglob("*") if run.info.run_id in str(p)}
+        assert {"config.yaml", "deepspeed_config.json"} <= stored
+    finally:
+        server.stop()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """GPU-hour account arithmetic and the MLflow tracker against a real sqlite store."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from dyntrain.config import load_config
@@ -103,6 +105,32 @@ def test_redaction():
     assert redact("tracking.uri", "http://bob:pw@host:5000/x") == "http://***@host:5000/x"
     assert redact("data.train_urls", ["s3://b/a.tar"]) == ["s3://b/a.tar"]
     assert redact("s3.secret_access_key", "abc") == "***"
+    assert redact("data.train_urls", ["https://h/a.tar?X-Amz-Signature=zz&n=1"]) == ["https://h/a.tar?X-Amz-Signature=***&n=1"]
+    assert redact("schedule.sigma", 3) == 3  # a key merely containing "sig" is not a secret
+
+
+def test_one_redaction_for_uris_lines_configs_and_mlflow(monkeypatch, capsys):
+    from dyntrain.config import load_config
+    from dyntrain.errors import DyntrainError, report
+    from dyntrain.logs import get_logger, setup_logging
+    from dyntrain.redaction import mlflow_uri, redact_text, redact_uri
+
+    assert redact_uri("http://a:pw@h:1/p?token=t&x=1#f") == "http://***@h:1/p?token=***&x=1#f"
+    assert redact_uri("sqlite:///m.db") == "sqlite:///m.db"
+    assert redact_text("at http://a:pw@h/x and s3://b/k?sig=s end") == "at http://***@h/x and s3://b/k?sig=*** end"
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    assert mlflow_uri("http://alice:p%40ss@h:5000/?token=tk&a=1") == "http://h:5000/?a=1"
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"],
+            os.environ["MLFLOW_TRACKING_TOKEN"]) == ("alice", "p@ss", "tk")
+    cfg = load_config(None, ["tracking.uri=https://bob:hunter2@h/?token=tk2",
+                             "data.train_urls=['s3://b/a.tar?X-Amz-Credential=c']"])
+    assert cfg.tracking.uri == "https://h/" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "hunter2"
+    assert "X-Amz-Credential=***" in cfg.to_yaml() and "Credential=c'" not in str(cfg.public_dict())
+    setup_logging(0)
+    get_logger("x").info("store at http://bob:hunter2@h/ ?")
+    report(DyntrainError("cannot reach https://h/?password=hunter2"), show_traceback=True, rank=0)
+    out = capsys.readouterr()
+    assert "hunter2" not in out.out + out.err and "http://***@h/" in out.out and "password=***" in out.err
 
 
 def test_mlflow_tracker_params_metrics_tags_and_status(tmp_path):

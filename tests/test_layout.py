@@ -26,7 +26,7 @@ MAX_LINES = 350
 
 # concept package -> layer; a module belongs to the longest prefix that names it
 LAYERS = {
-    "dyntrain": 0,  # the utilities: errors, logs, progress, images, seeds, devices
+    "dyntrain": 0,  # the utilities: errors, logs, progress, images, seeds, devices, redaction
     "dyntrain.config": 1,
     "dyntrain.data.storage": 2.0,
     "dyntrain.data.synthetic": 2.0,
@@ -46,7 +46,7 @@ LAYERS = {
     "dyntrain.jobs": 6,
 }
 UTILITIES = {"dyntrain.errors", "dyntrain.logs", "dyntrain.progress", "dyntrain.images", "dyntrain.seeds",
-             "dyntrain.devices"}
+             "dyntrain.devices", "dyntrain.redaction"}
 
 
 @dataclass(frozen=True)

@@ -377,7 +377,7 @@ def test_tracking_server_down_at_the_end_costs_one_warning_not_the_run(work, tmp
 
 
 def test_a_model_over_the_size_limit_is_logged_as_a_reference_to_its_checkpoint(work, finetuned, restored,
-                                                                               mlflow_server):
+                                                                               mlflow_server, monkeypatch):
     import mlflow
     import pandas as pd
 
@@ -393,6 +393,7 @@ def test_a_model_over_the_size_limit_is_logged_as_a_reference_to_its_checkpoint(
     assert logged.tags["dyntrain.weights"] == "reference"
     assert "over tracking.model_max_mb=0" in logged.tags["dyntrain.weights_note"]
     assert str((work / CKPT).resolve() / "step_00000002") in logged.tags["dyntrain.weights_note"]
+    monkeypatch.setenv("DYNTRAIN_CHECKPOINT_ROOTS", str(work))  # a model may name checkpoints under it
     model = mlflow.pyfunc.load_model(logged.model_uri)
     out = model.predict(pd.DataFrame({"image": [_b64(work / "inputs/odd.png")]}), params={"variant": "S"})
     assert np.array_equal(_png(out["image"][0]), restored["S"]["odd.png"])

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -202,6 +204,32 @@ def test_png_is_lossless_and_quality_filter(tmp_path):
     assert m["counts"]["patches_kept"] == 6
     meta = json.loads(next(iter(read_tar(tmp_path / "hook" / m["shards"][0]["name"]).values()))["json"])
     assert set(meta["scores"]) == {"sharpness", "noise", "red"}
+
+
+def die_on_red(rgb: np.ndarray) -> dict:
+    """A quality hook that kills its worker process (as the OOM killer would) on a red patch."""
+    if rgb[..., 0].mean() > 200 and rgb[..., 1].mean() < 60:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {}
+
+
+def test_a_worker_killed_mid_build_fails_the_build_naming_its_image(tmp_path):
+    """multiprocessing.Pool.imap waited forever for the lost task; the build now stops at once."""
+    import time
+
+    rng = np.random.default_rng(5)
+    for i in range(6):
+        write(tmp_path / "src" / f"img{i}.png", texture(rng, 128, 128))
+    red = texture(rng, 128, 128)
+    red[..., 0], red[..., 1] = 230, red[..., 1] // 8
+    write(tmp_path / "src" / "img3_red.png", red)
+    cfg = ShardBuildConfig(patch_size=64, shard_samples=4, max_flat_frac=1.0, workers=2,
+                           quality_hook="test_shards:die_on_red")
+    t0 = time.monotonic()
+    with pytest.raises(DataSourceError, match=r"a worker process died .* while processing \S*img3_red.png;"):
+        build_shards([tmp_path / "src"], str(tmp_path / "out"), cfg, progress=False)
+    assert time.monotonic() - t0 < 30
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_rerun_is_idempotent_and_cleans_up(tmp_path):

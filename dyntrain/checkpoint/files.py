@@ -1,4 +1,5 @@
-"""Durable file operations for checkpoints: fsync, atomic replace, marker-first deletion."""
+"""Durable file operations for checkpoints: fsync, atomic replace, marker-first deletion; the modes
+of a checkpoint (a tag folder readable by its owner only, ``PRIVATE_DIR`` / ``PRIVATE_FILE``)."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,9 @@ import shutil
 from pathlib import Path
 
 from dyntrain.checkpoint.layout import COMPLETE, CheckpointError
+
+
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600  # a checkpoint holds the run's config and weights
 
 
 def fsync_file(path: Path) -> None:

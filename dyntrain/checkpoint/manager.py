@@ -20,17 +20,20 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from dyntrain.checkpoint.collective import all_gather, barrier, broadcast
-from dyntrain.checkpoint.files import atomic_write_text, fsync_dir, fsync_file, remove_tag
+from dyntrain.checkpoint.files import (PRIVATE_DIR, PRIVATE_FILE, atomic_write_text, fsync_dir, fsync_file,
+                                      remove_tag)
 from dyntrain.checkpoint.layout import (COMPLETE, FORMAT_VERSION, LATEST, STATE_KEY, UNIVERSAL,
                                         CheckpointError, CheckpointInfo, list_checkpoints, owner_rank,
                                         read_marker, resume_tag, step_of_tag, tag_for_step)
 from dyntrain.checkpoint.reshard import ensure_universal, reshard_rank_states
+from dyntrain.checkpoint.unpickle import SafeCheckpointEngine, check_tag_files
 from dyntrain.errors import one_line
 from dyntrain.logs import get_logger
 
@@ -92,6 +95,8 @@ class CheckpointManager:
             if tag_dir.exists():  # a half-written leftover, or a tag of an abandoned timeline
                 self._say(f"replacing existing {tag_dir}")
                 remove_tag(tag_dir)
+            tag_dir.mkdir(mode=PRIVATE_DIR)  # readable by the owner only (docs/security.md)
+            os.chmod(tag_dir, PRIVATE_DIR)
         barrier()
         stored = {STATE_KEY: {
             "format": FORMAT_VERSION,
@@ -126,6 +131,9 @@ class CheckpointManager:
 
     def _commit(self, step: int, tag_dir: Path, data_ranks: int) -> None:
         """Rank 0, once every rank's files are durable: the marker, ``latest``, retention."""
+        for p in tag_dir.iterdir():
+            if p.is_file():
+                os.chmod(p, PRIVATE_FILE)
         files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()}
         if not files:
             raise CheckpointError(f"DeepSpeed wrote no files into {tag_dir}")
@@ -233,6 +241,7 @@ class CheckpointManager:
         partitioned = bool(glob.glob(str(tag_dir / "*_optim_states.pt")))
         self.resharded = saved_world != self.world_size
         load_tag = tag
+        check_tag_files(tag_dir)  # DeepSpeed unpickles what it loads: refuse foreign objects first
         if self.resharded and partitioned:
             if self.rank == 0:
                 self._say(f"{tag} was written by {saved_world} rank(s), this run has {self.world_size}: "
@@ -262,6 +271,8 @@ class CheckpointManager:
         # is switched for this one load instead of being fixed in the engine's JSON
         universal_before = engine._config.load_universal_checkpoint
         engine._config.load_universal_checkpoint = universal
+        reader = engine.checkpoint_engine  # its files read with weights_only=True (unpickle.py)
+        engine.checkpoint_engine = SafeCheckpointEngine(reader)
         try:
             path, stored = engine.load_checkpoint(str(self.dir), tag=load_tag, load_optimizer_states=True,
                                                   load_lr_scheduler_states=True)
@@ -270,6 +281,7 @@ class CheckpointManager:
                                   f"{exc}") from exc
         finally:
             engine._config.load_universal_checkpoint = universal_before
+            engine.checkpoint_engine = reader
         if path is None or not stored or STATE_KEY not in stored:
             raise CheckpointError(f"{self.dir / load_tag} holds no dyntrain client state")
         return stored[STATE_KEY]

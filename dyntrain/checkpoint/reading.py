@@ -9,9 +9,8 @@ import glob
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 from dyntrain.checkpoint.layout import STATE_KEY, CheckpointError, list_checkpoints, newest_complete
+from dyntrain.checkpoint.unpickle import safe_load
 
 
 def resolve_tag_dir(path: str | Path, tag: Optional[str] = None) -> Path:
@@ -46,7 +45,7 @@ def read_client_state(path: str | Path, tag: Optional[str] = None) -> dict[str, 
     """The dyntrain client state of a checkpoint (step, world size, client dict, rank states)
     without building an engine."""
     tag_dir = resolve_tag_dir(path, tag)
-    sd = torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=False)
+    sd = safe_load(model_states_file(tag_dir))
     ours = sd.get(STATE_KEY)
     if ours is None:
         raise CheckpointError(f"{tag_dir} holds no dyntrain client state")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import pickle
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,6 +24,7 @@ import torch
 
 from dyntrain.checkpoint import (STATE_KEY, CheckpointError, model_states_file, read_client_state,
                                  resolve_tag_dir)
+from dyntrain.checkpoint.unpickle import check_tag_files, safe_load, unsafe_globals
 
 
 WEIGHTS_FORMAT = "dyntrain-weights-1"
@@ -50,13 +50,15 @@ def consolidated_weights(path: str | Path, tag: Optional[str] = None
     model section of its config and {"tag", "step", "mlflow_run_id"}."""
     tag_dir = resolve_tag_dir(path, tag)
     model_file = model_states_file(tag_dir)
-    sd = torch.load(model_file, map_location="cpu", weights_only=False)
+    sd = safe_load(model_file)
     ours = sd.get(STATE_KEY) or {}
     client = ours.get("client") or {}
     if glob.glob(str(tag_dir / "*_optim_states.pt")):
         # partitioned fp32 master weights (ZeRO 1-3, or the bf16 optimizer): stitch them together
         # lazy: deepspeed is slow to import and unused by inference
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        check_tag_files(tag_dir)  # DeepSpeed's helper unpickles: its files are vetted first
 
         try:
             weights = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
@@ -127,15 +129,35 @@ def load_torch_file(path: str | Path, trust: bool = False) -> Any:
     say) is refused by the safe loader; the error says so and how to proceed."""
     path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{path} holds Python objects beyond tensors, which torch.load(weights_only=True) refuses "
-            f"({first}); if you trust the file, convert it once with python launch/convert.py --trust "
-            f"--from reference {path} --out weights.safetensors") from exc
-    except Exception as exc:
-        raise CheckpointError(f"{path} is not a torch weights file: {exc}") from exc
+        return safe_load(path, trust=trust)
+    except CheckpointError as exc:
+        if not unsafe_globals(path):
+            raise
+        raise CheckpointError(f"{exc}; e.g. convert it once with python launch/convert.py --trust --from "
+                              f"reference {path} --out weights.safetensors") from None
+
+
+CHECKPOINT_ROOTS = "DYNTRAIN_CHECKPOINT_ROOTS"
+
+
+def referenced_checkpoint(ref_file: str | Path) -> Path:
+    """The checkpoint a logged model's ``weights_ref.json`` names, resolved relative to the model's
+    folder. A path outside it (an absolute one, or ``..``) is read only from under a folder the user
+    allows in ``DYNTRAIN_CHECKPOINT_ROOTS`` (``os.pathsep``-separated): a model from a shared
+    registry must not make the host read any file it names."""
+    ref_file = Path(ref_file)
+    try:
+        named = Path(json.loads(ref_file.read_text())["checkpoint"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{ref_file} is not a weights reference ({exc})") from None
+    model = ref_file.parent.resolve()
+    path = (model / named).resolve()
+    roots = [Path(r).resolve() for r in os.environ.get(CHECKPOINT_ROOTS, "").split(os.pathsep) if r]
+    if path.is_relative_to(model) or any(path.is_relative_to(r) for r in roots):
+        return path
+    raise CheckpointError(f"{ref_file} names the checkpoint {named}, outside the model; set "
+                          f"{CHECKPOINT_ROOTS} to the folder(s) whose checkpoints a model may name "
+                          f"(e.g. your shared checkpoint root) to allow it")
 
 
 def weights_from_object(obj: Any, path: str | Path) -> tuple[dict[str, torch.Tensor], Optional[dict[str, Any]]]:
@@ -165,7 +187,7 @@ def is_safetensors(path: str | Path) -> bool:
 def _weights_meta(path: Path) -> dict[str, Any]:
     if is_safetensors(path):
         return json.loads(_safetensors_metadata(path).get("info") or "{}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = safe_load(path)
     return dict(obj.get("info") or {}) if isinstance(obj, dict) else {}
 
 

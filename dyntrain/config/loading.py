@@ -10,10 +10,13 @@ import yaml
 
 from dyntrain.config.tree import Config
 from dyntrain.config.typed import ConfigError
+from dyntrain.redaction import mlflow_uri
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults < YAML file at ``path`` < ``overrides`` ("dotted.key=value", value parsed as YAML)."""
+    """Defaults < YAML file at ``path`` < ``overrides`` ("dotted.key=value", value parsed as YAML).
+    Credentials in ``tracking.uri`` go to MLflow's environment variables and leave the URI
+    (``dyntrain.redaction.mlflow_uri``)."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -28,7 +31,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         data = loaded
     for item in overrides:
         apply_override(data, item)
-    return Config.from_dict(data)
+    cfg = Config.from_dict(data)
+    cfg.tracking.uri = mlflow_uri(cfg.tracking.uri)
+    return cfg
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:

@@ -189,7 +189,9 @@ class CheckpointConfig:
 @dataclass
 class TrackingConfig:
     """Args:
-    uri: MLflow tracking URI (sqlite:///mlflow.db, http://host:5000, ...).
+    uri: MLflow tracking URI (sqlite:///mlflow.db, http://host:5000, ...). Credentials belong in
+        the environment (MLFLOW_TRACKING_USERNAME/PASSWORD); ones given here are moved there when
+        the config is loaded and never written anywhere (``dyntrain.redaction``).
     experiment: MLflow experiment name.
     enabled: False turns MLflow off (progress lines still print).
     system_metrics: log MLflow system metrics (CPU/GPU utilisation) when available.

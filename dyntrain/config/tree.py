@@ -15,6 +15,7 @@ from dyntrain.config.schedule import ScheduleConfig
 from dyntrain.config.sections import (CheckpointConfig, DataConfig, DeepSpeedConfig, EvalConfig, InitConfig,
                                       OptimConfig, RunConfig, TrackingConfig)
 from dyntrain.config.typed import ConfigError, build
+from dyntrain.redaction import redact_config
 
 
 @dataclass
@@ -63,6 +64,11 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def public_dict(self) -> dict[str, Any]:
+        """``to_dict`` with credentials redacted (``dyntrain.redaction``): what a checkpoint, an
+        artifact or a log line may hold."""
+        return redact_config(self.to_dict())
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Config":
         return build(cls, data, "")
@@ -78,11 +84,12 @@ class Config:
             else:
                 out[prefix] = node
 
-        walk("", self.to_dict())
+        walk("", self.public_dict())
         return out
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The config as YAML, credentials redacted (the ``config.yaml`` artifact, ``save``)."""
+        return yaml.safe_dump(self.public_dict(), sort_keys=False)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_yaml())

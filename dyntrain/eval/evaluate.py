@@ -29,6 +29,7 @@ from dyntrain.eval.testdata import (BSD68_SIGMAS, SET_KINDS, TASK_LABELS, EvalDa
                                     load_sots, load_test_sets)
 from dyntrain.images import to_tensor
 from dyntrain.logs import get_logger
+from dyntrain.redaction import redact_uri
 from dyntrain.progress import progress_bar
 from dyntrain.restore import load_model, read_checkpoint_info
 from dyntrain.tracking import store
@@ -212,5 +213,5 @@ def run_evaluation(checkpoint: str, cfg: Any, variants: Sequence[str] | str = "a
             step=step if step is not None else int(info.get("step") or 0),
             run_name=f"eval-{info.get('tag') or Path(checkpoint).stem}", tags={"dyntrain.checkpoint": str(checkpoint)},
             texts={"evaluation/table.txt": table + "\n"})
-        log.info(f"logged {len(metrics)} metrics to MLflow run {out['run_id']} ({cfg.tracking.uri})")
+        log.info(f"logged {len(metrics)} metrics to MLflow run {out['run_id']} ({redact_uri(cfg.tracking.uri)})")
     return out

@@ -30,6 +30,7 @@ from dyntrain.eval.metrics import psnr, ssim
 from dyntrain.eval.testdata import TASK_LABELS
 from dyntrain.images import to_tensor
 from dyntrain.logs import get_logger
+from dyntrain.redaction import redact_uri
 from dyntrain.progress import progress_bar
 from dyntrain.restore import Restorer, load_model, plan_outputs, read_checkpoint_info, read_image, write_image
 from dyntrain.routing.router import load_routing
@@ -224,5 +225,5 @@ def run_routed_evaluation(checkpoint: str, cfg: Any, device: str = "auto", route
             run_name=f"eval-auto-{info.get('tag') or Path(checkpoint).stem}",
             tags={"dyntrain.checkpoint": str(checkpoint), "dyntrain.variant": AUTO},
             texts={"evaluation/auto.txt": text + "\n"})
-        log.info(f"logged {len(metrics)} metrics to MLflow run {out['run_id']} ({cfg.tracking.uri})")
+        log.info(f"logged {len(metrics)} metrics to MLflow run {out['run_id']} ({redact_uri(cfg.tracking.uri)})")
     return out

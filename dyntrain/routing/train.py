@@ -29,6 +29,7 @@ from dyntrain.devices import choose_device
 from dyntrain.eval.metrics import psnr
 from dyntrain.images import read_image
 from dyntrain.logs import get_logger
+from dyntrain.redaction import redact_uri
 from dyntrain.restore import load_model
 from dyntrain.routing.router import router_path_for, save_router, variant_costs
 from dyntrain.seeds import mix_seed
@@ -251,7 +252,7 @@ def log_router_run(cfg: Any, params: dict[str, Any], history: list[tuple[int, di
     store.log_params(client, run_id, {f"router.{k}": v for k, v in params.items()})
     store.log_batch_metrics(client, run_id, metrics, timestamp_ms=now)
     store.finish_run(client, run_id, "FINISHED")
-    log.info("logged the router run %s to %s", run_id, cfg.tracking.uri)
+    log.info("logged the router run %s to %s", run_id, redact_uri(cfg.tracking.uri))
     return run_id
 
 

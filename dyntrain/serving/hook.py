@@ -15,7 +15,7 @@ from typing import Optional
 
 from dyntrain.config import Config
 from dyntrain.logs import get_logger
-from dyntrain.tracking.mlflow_tracker import redact
+from dyntrain.redaction import mlflow_uri, redact
 from dyntrain.train.run import RunEnd
 
 
@@ -45,9 +45,9 @@ class ModelLogging:
             # lazy: publish imports mlflow inside its functions; kept off the import of every job
             from dyntrain.serving.publish import log_checkpoint_model
 
-            self.logged = log_checkpoint_model(t.uri, end.run_id, ckpt, register_as=t.register_as,
+            self.logged = log_checkpoint_model(mlflow_uri(t.uri), end.run_id, ckpt, register_as=t.register_as,
                                                max_mb=t.model_max_mb, run_tags=end.tags,
-                                               data_section=self.cfg.to_dict().get("data", {}))
+                                               data_section=self.cfg.public_dict().get("data", {}))
         except Exception as exc:  # noqa: BLE001 - the tracking rules: warn, never stop the run
             log.warning("MLflow model of run %s not logged at %s (%s: %s); the run goes on and its "
                         "checkpoints in %s are intact", end.run_id, where, type(exc).__name__,

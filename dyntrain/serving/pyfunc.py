@@ -39,6 +39,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
 from dynet.inference import gray_world
+from dyntrain.checkpoint.weights import referenced_checkpoint
 from dyntrain.devices import choose_device
 from dyntrain.images import to_tensor
 from dyntrain.restore import Restorer, RestoreOptions, load_model
@@ -53,8 +54,7 @@ def weights_source(artifacts: dict[str, str]) -> str:
     """The weights a logged model loads: its copy, or the checkpoint its ``weights_ref.json`` names."""
     if WEIGHTS in artifacts:
         return artifacts[WEIGHTS]
-    ref = json.loads(Path(artifacts[WEIGHTS_REF]).read_text())
-    return ref["checkpoint"]
+    return str(referenced_checkpoint(artifacts[WEIGHTS_REF]))  # inside the model unless allowed
 
 
 class DyNetModel(mlflow.pyfunc.PythonModel):

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from dyntrain.checkpoint.weights import referenced_checkpoint
 from dyntrain.errors import DyntrainError
+from dyntrain.redaction import redact_uri
 from dyntrain.serving.pyfunc_names import ROUTER, SERVING, WEIGHTS, WEIGHTS_REF
 
 
@@ -57,12 +59,12 @@ def fetch_model(uri: str, tracking_uri: str) -> FetchedModel:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst))
         pyfunc = Model.load(str(local)).flavors.get("python_function", {})
     except mlflow.exceptions.MlflowException as exc:
-        raise ModelSourceError(f"--model {uri} at {tracking_uri}: {exc.message}") from None
+        raise ModelSourceError(f"--model {uri} at {redact_uri(tracking_uri)}: {exc.message}") from None
     files = {name: local / spec["path"] for name, spec in (pyfunc.get("artifacts") or {}).items()}
     if WEIGHTS in files:
         weights = files[WEIGHTS]
     elif WEIGHTS_REF in files:
-        weights = Path(json.loads(files[WEIGHTS_REF].read_text())["checkpoint"])
+        weights = referenced_checkpoint(files[WEIGHTS_REF])  # inside the model unless allowed
         if not weights.exists():
             raise ModelSourceError(f"--model {uri} is logged as a reference to the checkpoint {weights}, "
                                    "which is not reachable from here")

@@ -1,7 +1,8 @@
 """Experiment tracking: the tracker interface, MLflow and console trackers, the GPU-hour account.
 
 - ``base``: ``Tracker`` (the interface), ``NullTracker``, ``TrackerGroup`` (fan-out), ``RunHeader``;
-- ``mlflow_tracker``: ``MLflowTracker``, ``make_tracker``, ``experiment_id_for``, redaction;
+- ``mlflow_tracker``: ``MLflowTracker``, ``make_tracker``, ``experiment_id_for`` (``redact`` is
+  ``dyntrain.redaction``'s, re-exported here);
 - ``sender``: the bounded buffer and sender thread that keep tracking off the training thread;
 - ``console``: ``ConsoleTracker`` (header, progress and summary lines, rank 0);
 - ``account``: ``GPUHourAccount`` (the formulas are in its module docstring);

@@ -24,45 +24,16 @@ import re
 import time
 from pathlib import Path
 from typing import Any, Optional
-from urllib.parse import urlsplit, urlunsplit
 
 from dyntrain.logs import get_logger
+from dyntrain.redaction import mlflow_uri, redact, redact_uri
 from dyntrain.tracking.base import NullTracker, Tracker
 from dyntrain.tracking.sender import Record, Sender
 
 
 log = get_logger(__name__)
 
-_SECRET_KEY = re.compile(r"(password|passwd|secret|token|credential|api_?key|access_?key)", re.I)
 _MAX_PARAM_LEN = 6000
-
-
-def redact(key: str, value: Any) -> Any:
-    """Hide credentials: secret-looking keys, and user:password@ in URLs."""
-    if _SECRET_KEY.search(key):
-        return "***"
-    if isinstance(value, str):
-        return _redact_url(value)
-    if isinstance(value, list):
-        return [_redact_url(v) if isinstance(v, str) else v for v in value]
-    if isinstance(value, dict):
-        return {k: redact(f"{key}.{k}", v) for k, v in value.items()}
-    return value
-
-
-def _redact_url(text: str) -> str:
-    if "://" not in text or "@" not in text:
-        return text
-    try:
-        parts = urlsplit(text)
-    except ValueError:
-        return text
-    if parts.password is None and parts.username is None:
-        return text
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
 
 
 def metric_key(name: str) -> str:
@@ -115,8 +86,9 @@ class MLflowTracker(Tracker):
         self.cfg = cfg
         if t.uri.startswith(("http://", "https://")):
             _short_http_requests(t.request_timeout_s, t.request_retries)
-        self.uri = _redact_url(t.uri)
-        self.client = MlflowClient(tracking_uri=t.uri)
+        self.mlflow_uri = mlflow_uri(t.uri)  # credentials in the URI go to MLflow's environment
+        self.uri = redact_uri(self.mlflow_uri)
+        self.client = MlflowClient(tracking_uri=self.mlflow_uri)
         self.previous_run_id = run_id
         self.run_id: Optional[str] = None
         self.resumed = False            # True once the checkpoint's run was found and reopened
@@ -160,7 +132,7 @@ class MLflowTracker(Tracker):
             self._logged = _logged_pairs(self.client, self.run_id) if self.resumed else set()
         if self._config_due:
             self._send_params(_clean_params(self.cfg.flatten()))
-            self.client.log_text(self.run_id, self.cfg.to_yaml(), "config.yaml")
+            self.client.log_text(self.run_id, self.cfg.to_yaml(), "config.yaml")  # redacted
             self._config_due = False
         self._start_system_metrics()
 
@@ -169,8 +141,9 @@ class MLflowTracker(Tracker):
         from mlflow.tracking.context.registry import resolve_tags
 
         t = self.cfg.tracking
-        experiment_id = experiment_id_for(self.client, t.experiment, t.uri, t.artifact_location)
-        run = self.client.create_run(experiment_id, run_name=self.cfg.run.name, tags=resolve_tags(tags))
+        experiment_id = experiment_id_for(self.client, t.experiment, self.mlflow_uri, t.artifact_location)
+        run = self.client.create_run(experiment_id, run_name=self.cfg.run.name,
+                                       tags={k: redact(k, v) for k, v in resolve_tags(tags).items()})
         self.run_id = run.info.run_id
 
     def _run(self) -> str:
@@ -196,7 +169,7 @@ class MLflowTracker(Tracker):
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=t.system_metrics_interval_s,
-                                             resume_logging=self.resumed, tracking_uri=t.uri)
+                                             resume_logging=self.resumed, tracking_uri=self.mlflow_uri)
         self._monitor.start()
 
     # -------------------------------------------------------------- training-thread side
@@ -232,7 +205,7 @@ class MLflowTracker(Tracker):
         # lazy: mlflow is needed only where tracking is on (the GPU image has none)
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        items = [RunTag(k, str(redact(k, v))) for k, v in tags.items()]
         if items:
             self.sender.submit(Record("tags", len(items),
                                       lambda _m: self.client.log_batch(self._run(), tags=items)))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from dyntrain.errors import DyntrainError
+from dyntrain.redaction import mlflow_uri, redact_uri
 from dyntrain.tracking.mlflow_tracker import experiment_id_for
 
 
@@ -25,7 +26,7 @@ def open_client(tracking_uri: str) -> Any:
     # lazy: mlflow is needed only where tracking is on (the GPU image has none)
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri)
+    return MlflowClient(mlflow_uri(tracking_uri))
 
 
 def _client(where: Any) -> Any:
@@ -61,7 +62,7 @@ def search_runs(tracking_uri: str, experiment_names: Optional[Sequence[str]] = N
     # lazy: mlflow is needed only where tracking is on (the GPU image has none)
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(mlflow_uri(tracking_uri))
     exps = find_experiments(tracking_uri, experiment_names)
     if not exps:
         return {}, []
@@ -156,7 +157,7 @@ def log_to_run(metrics: dict[str, float], tracking_uri: str, experiment: str, ru
         try:
             parent = client.get_run(run_id)
         except mlflow.exceptions.MlflowException as exc:
-            raise ValueError(f"MLflow run {run_id} not found at {tracking_uri}: {exc}") from None
+            raise ValueError(f"MLflow run {run_id} not found at {redact_uri(tracking_uri)}: {exc}") from None
         if child:
             run = client.create_run(parent.info.experiment_id, run_name=run_name,
                                     tags={"mlflow.parentRunId": run_id, **all_tags})
@@ -193,7 +194,7 @@ def log_comparison_run(tracking_uri: str, experiment: str, png: str | Path, text
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
-    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(mlflow_uri(tracking_uri))
     return run_id
 
 
@@ -220,7 +221,7 @@ def promote_run(tracking_uri: str, run_id: str, alias: str, name: Optional[str] 
     try:
         run = client.get_run(run_id)
     except mlflow.exceptions.MlflowException as exc:
-        raise PromotionError(f"run {run_id} not found at {tracking_uri}: {exc.message}") from None
+        raise PromotionError(f"run {run_id} not found at {redact_uri(tracking_uri)}: {exc.message}") from None
     label = f"run {run_id} ({run.info.run_name})"
     versions = [v for v in run_model_versions(client, run_id) if name is None or v.name == name]
     if not versions:
@@ -231,7 +232,7 @@ def promote_run(tracking_uri: str, run_id: str, alias: str, name: Optional[str] 
         if name is None:
             raise PromotionError(f"{label} has a logged model that is not registered; give --name to "
                                  "register it under that name")
-        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_tracking_uri(mlflow_uri(tracking_uri))
         version = mlflow.register_model(f"models:/{outputs[-1].model_id}", name)
         versions = [client.get_model_version(name, version.version)]
     names = sorted({v.name for v in versions})

@@ -48,7 +48,7 @@ class TrainerStateMixin:
             "account": self.account.state_dict(),
             "mlflow_run_id": self.tracker.run_id or self.mlflow_run_id,
             "tracking_unsent": self.tracker.unsent_metrics(),  # sent again by the resumed run
-            "config": self.cfg.to_dict(),
+            "config": self.cfg.public_dict(),  # credentials redacted; a resume uses its own config
             "world_size": self.world_size,
             "data_ranks": self.data_ranks,
             "rank_state": self.rank_state(),

@@ -7,15 +7,14 @@ import concurrent.futures as cf
 import datetime
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import re
-import sys
 import time
 from dataclasses import asdict
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 from dyntrain.data.shards.patches import ShardBuildConfig, init_worker, process_image
+from dyntrain.data.shards.pool import ordered_map
 from dyntrain.data.shards.resume import Journal, entry_text
 from dyntrain.data.shards.wds import INDEX_VERSION, make_index, write_tar
 from dyntrain.data.storage.output import ShardOutput
@@ -99,13 +98,6 @@ class Builder:
                      last["shard"]["name"], len(entries), len(self.patch_lines))
         return last["pos"]
 
-    def _results(self, pool, start: int) -> Iterable[dict[str, Any]]:
-        tasks = self.tasks[start:]
-        if pool is None:
-            init_worker(self.cfg)
-            return map(process_image, tasks)
-        return pool.imap(process_image, tasks, chunksize=1)
-
     def run(self, fingerprint: str, force: bool = False) -> dict[str, Any]:
         t0 = time.perf_counter()
         self.fingerprint = fingerprint
@@ -113,14 +105,12 @@ class Builder:
         workers = self.cfg.workers or os.cpu_count() or 1
         workers = max(1, min(workers, len(self.tasks) - start))
         self._check_memory(workers)
-        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         with progress_bar(len(self.tasks), "[make_shards] images", "img", self.progress) as bar:
             bar.update(start)
-            pool = None
+            results = ordered_map(process_image, self.tasks[start:], workers, self.cfg.max_image_pixels,
+                                  path_of=lambda task: task[1], initializer=init_worker, initargs=(self.cfg,))
             try:
-                if workers > 1:
-                    pool = ctx.Pool(workers, initializer=init_worker, initargs=(self.cfg,))
-                for self.pos, res in enumerate(self._results(pool, start), start):
+                for self.pos, res in enumerate(results, start):
                     self._take(res)
                     for f in [u for u in self.uploads if u.done()]:
                         f.result()  # surface an upload error now
@@ -128,15 +118,11 @@ class Builder:
                     bar.set_postfix(kept=self.counts["patches_kept"], dropped=self._dropped(),
                                     shards=len(self.shards), refresh=False)
                 self._flush()
-                if pool is not None:
-                    pool.close()
-                    pool.join()
                 for f in self.uploads:
                     f.result()
             finally:
+                results.close()  # stops the workers when the build fails
                 self.pool_io.shutdown(wait=True)
-                if pool is not None:
-                    pool.terminate()
         seconds = time.perf_counter() - t0
         if self.progress:
             n = len(self.tasks)

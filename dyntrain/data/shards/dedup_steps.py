@@ -11,12 +11,12 @@ Files, under ``OUT/_dedup/`` (a folder or an s3:// prefix):
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
-import sys
 from typing import Any, Optional
 
 from dyntrain.data.shards.dedup import NEAR_THRESHOLD, hash_image, plan_from_records
+from dyntrain.data.shards.patches import ShardBuildConfig
+from dyntrain.data.shards.pool import ordered_map
 from dyntrain.data.shards.sources import Provenance, part_block, sources_digest
 from dyntrain.data.storage.output import ShardOutput
 from dyntrain.data.storage.s3 import DataSourceError, join_url
@@ -39,9 +39,10 @@ def _folder(out: str) -> ShardOutput:
 
 
 def index_part(sources: list[str], prov: Provenance, out: str, part: tuple[int, int], cap: int,
-               workers: int = 0, progress: bool = True) -> dict[str, Any]:
+               workers: int = 0, progress: bool = True, pixel_limit: int = ShardBuildConfig.max_image_pixels) -> dict[str, Any]:
     """Hash part ``part``'s block of ``sources`` into ``OUT/_dedup``; a finished index of the same
-    source list and cap is kept. Returns the header (with ``up_to_date`` when nothing was done)."""
+    source list and cap is kept. ``pixel_limit``: Pillow's decompression-bomb limit, the build's
+    (``--max-image-pixels``). Returns the header (with ``up_to_date`` when nothing was done)."""
     folder = _folder(out)
     name = index_name(*part)
     header = {"sources_digest": sources_digest(sources, prov), "part": part[0], "parts": part[1],
@@ -52,18 +53,12 @@ def index_part(sources: list[str], prov: Provenance, out: str, part: tuple[int, 
             return {**header, "up_to_date": f"{folder.url_of(name)} indexes the same sources"}
         tasks = [(i, sources[i], cap) for i in part_block(len(sources), *part)]
         n = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
-        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         lines = [json.dumps(header)]
         with progress_bar(len(tasks), "[make_shards index] images", "img", progress) as bar:
-            if n > 1:
-                with ctx.Pool(n) as pool:
-                    for rec in pool.imap(hash_image, tasks, chunksize=1):
-                        lines.append(json.dumps(rec))
-                        bar.update(1)
-            else:
-                for rec in map(hash_image, tasks):
-                    lines.append(json.dumps(rec))
-                    bar.update(1)
+            for rec in ordered_map(hash_image, tasks, n, pixel_limit, path_of=lambda task: task[1],
+                                   what="make_shards index"):
+                lines.append(json.dumps(rec))
+                bar.update(1)
         folder.write_text(name, "\n".join(lines) + "\n")
         return header
     finally:

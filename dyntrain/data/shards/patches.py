@@ -24,7 +24,7 @@ from PIL import Image
 from dyntrain.data.shards.quality import QualityFilter, flat_fraction, luminance
 from dyntrain.data.storage import s3
 from dyntrain.data.storage.s3 import DataSourceError, is_s3
-from dyntrain.images import read_image
+from dyntrain.images import open_image, read_image
 
 
 @dataclass
@@ -131,7 +131,7 @@ def decode_capped(path: str, cap: int) -> tuple[Optional[np.ndarray], list[int]]
     """(RGB image, [width, height]) of a local file or s3:// object; the image is None (not decoded)
     when the header says it has more than ``cap`` pixels."""
     src: Any = io.BytesIO(s3.read_bytes(path)) if is_s3(path) else path
-    with Image.open(src) as im:
+    with open_image(src) as im:
         w, h = im.size
     if w * h > cap:
         return None, [w, h]

@@ -14,11 +14,11 @@ import tempfile
 from typing import Optional
 
 import numpy as np
-from PIL import Image
 
 from dyntrain.data.shards.wds import make_index, parse_index
 from dyntrain.data.storage.s3 import DataSourceError, read_bytes
 from dyntrain.data.storage.urls import index_url
+from dyntrain.images import open_image
 
 
 # tar component names (extensions inside a shard) that hold the encoded image
@@ -93,7 +93,7 @@ class ShardSamples:
                 continue
             offset, size = comps[ext]
             try:
-                with Image.open(io.BytesIO(read_bytes(url, offset, min(size, 65536)))) as im:
+                with open_image(io.BytesIO(read_bytes(url, offset, min(size, 65536)))) as im:
                     return key, im.size[0], im.size[1]
             except Exception:  # noqa: BLE001 - a corrupt first sample is handled while reading
                 return None
