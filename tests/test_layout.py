@@ -263,6 +263,7 @@ def test_every_environment_variable_the_code_reads_is_documented():
     found = {m.group(0): p.relative_to(ROOT) for folder in ("dynet", "dyntrain", "launch", "slurm")
              for p in sorted((ROOT / folder).rglob("*")) if p.suffix in (".py", ".sh", ".sbatch")
              for m in re.finditer(r"\bDYNTRAIN_[A-Z0-9_]*[A-Z0-9]", p.read_text())}
-    documented = set(re.findall(r"`(DYNTRAIN_[A-Z0-9_]+)", (ROOT / "docs" / "reliability.md").read_text()))
+    documented = {name.rstrip("_") for name in  # `DYNTRAIN_SERVE_<LIMIT>` documents the prefix
+                  re.findall(r"`(DYNTRAIN_[A-Z0-9_]+)", (ROOT / "docs" / "reliability.md").read_text())}
     assert len(found) >= 11
     assert {k: str(v) for k, v in found.items() if k not in documented} == {}

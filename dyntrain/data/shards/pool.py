@@ -59,11 +59,15 @@ def ordered_map(fn: Callable[[Any], Any], tasks: Sequence[Any], workers: int, pi
     """``fn`` of every task, in order, on ``workers`` processes (in this process when 1); every
     worker (and this process when 1) runs with ``Image.MAX_IMAGE_PIXELS = pixel_limit`` and then
     ``initializer(*initargs)``. ``path_of(task)`` names a task's image in the error of a dead worker."""
-    if workers <= 1:
-        Image.MAX_IMAGE_PIXELS = pixel_limit
-        if initializer is not None:
-            initializer(*initargs)
-        yield from map(fn, tasks)
+    if workers <= 1:  # in this process: Pillow's limit is a global, so it is put back afterwards
+        before = Image.MAX_IMAGE_PIXELS
+        try:
+            Image.MAX_IMAGE_PIXELS = pixel_limit
+            if initializer is not None:
+                initializer(*initargs)
+            yield from map(fn, tasks)
+        finally:
+            Image.MAX_IMAGE_PIXELS = before
         return
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     slots, counter = ctx.Array("q", workers, lock=False), ctx.Value("i", 0)
