@@ -43,6 +43,12 @@ def server_env(env: Optional[dict[str, str]] = None) -> dict[str, str]:
     return {k: v for k, v in (os.environ if env is None else env).items() if k != SESSION_MARK}
 
 
+# multiprocessing's own helpers of this pytest process: started at the first use of a semaphore or
+# shared memory (a DataLoader worker, a process pool), they live as long as the process that
+# started them, by design, and take no CPU while idle
+PROCESS_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
 def left_running() -> list:
     """This session's processes (the mark, this pytest's pid) that are still alive, zombies aside."""
     import psutil
@@ -52,7 +58,8 @@ def left_running() -> list:
         if p.pid == os.getpid() or (p.info["create_time"] or 0) < _SESSION_START - 1:
             continue
         try:
-            if p.status() != psutil.STATUS_ZOMBIE and p.environ().get(SESSION_MARK) == mine:
+            if p.status() != psutil.STATUS_ZOMBIE and p.environ().get(SESSION_MARK) == mine \
+                    and not any(helper in " ".join(p.cmdline()) for helper in PROCESS_HELPERS):
                 found.append(p)
         except psutil.Error:  # gone meanwhile, or not ours to read
             continue
