@@ -93,10 +93,7 @@ class TrainerStateMixin:
             random.setstate(rng["python"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
-        if hasattr(self.loader, "load_rank_state"):  # data ranks: it picks its readers' states
-            self.loader.load_rank_state(rank_state)
-        elif rank_state.get("loader") is not None:
-            self.loader.load_state_dict(rank_state["loader"])
+        self.loader.load_rank_state(rank_state)  # data ranks: it picks its readers' states
 
     # ----------------------------------------------------------------------------- trace
     def enable_trace(self, directory: str | Path) -> None:
