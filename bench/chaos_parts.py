@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
@@ -195,19 +195,39 @@ def _histories(uri: str, experiment: str) -> dict[int, list[str]]:
     return steps
 
 
+def _first_difference(clean: dict, traces: list[dict]) -> Optional[dict[str, Any]]:
+    """The first step (0-based, over every segment, a killed one's included) whose variant, sample
+    keys or loss on rank 0 differ from the clean run's; None when every traced step matches."""
+    want = {rec["step"]: rec for rec in clean["steps"]}
+    for i, t in enumerate(traces):
+        for rec in t["steps"]:
+            ref = want.get(rec["step"])
+            for field in ("variant", "keys", "loss"):
+                if ref is None or rec[field] != ref[field]:
+                    return {"step": rec["step"], "segment": i, "field": field,
+                            "clean": None if ref is None else ref[field], "chaos": rec[field]}
+    return None
+
+
 def compare_runs(args, services: Services, faults: list[dict], restarts: int) -> dict[str, Any]:
     from dyntrain import checkpoint as ck
 
-    traces = sorted((args.workdir / "trace").glob("chaos-*/trace_rank0.json"))
-    final = json.loads(traces[-1].read_text()) if traces else {}
-    clean = json.loads((args.workdir / "trace" / "clean-00" / "trace_rank0.json").read_text())
+    from dyntrain.train.state import read_trace
+
+    # every segment's trace, a killed one's too (its steps were appended as they happened)
+    segments = [read_trace(d) for d in sorted((args.workdir / "trace").glob("chaos-*"))]
+    traces = [t for t in segments if t is not None]
+    ended = [t for t in traces if not t["killed"]]
+    final = ended[-1] if ended else {}
+    clean = read_trace(args.workdir / "trace" / "clean-00")
+    first_difference = _first_difference(clean, traces)
     want = _histories(services.mlflow_uri, "chaos-soak-clean")
     got = _histories(services.mlflow_uri, "chaos-soak-chaos")
     expected = sorted(want)
     missing = [s for s in expected if s not in got]
     duplicated = [s for s in expected if len(got.get(s, [])) > 1]
-    for t in traces:  # a segment that ended on its own traced its steps (0-based; MLflow's are 1-based)
-        for rec in json.loads(t.read_text())["steps"]:
+    for t in traces:  # every segment traced its steps (0-based; MLflow's are 1-based)
+        for rec in t["steps"]:
             got.setdefault(rec["step"] + 1, []).append(rec["variant"])
     checked = [s for s in expected if s in got]
     draws_ok = bool(checked) and all(set(got[s]) == set(want[s]) for s in checked)
@@ -231,4 +251,5 @@ def compare_runs(args, services: Services, faults: list[dict], restarts: int) ->
             "latest_complete": latest_ok, "latest": latest, "complete_tags": complete,
             "retention_ok": len(complete) <= args.keep, "restarts": restarts,
             "loader_stats": final.get("loader_stats"), "segments": len(traces),
+            "killed_segments_traced": sum(t["killed"] for t in traces), "first_difference": first_difference,
             "clean_weights_sha256": clean["weights_sha256"], "chaos_weights_sha256": final.get("weights_sha256")}

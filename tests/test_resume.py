@@ -30,6 +30,7 @@ import pytest
 
 from dyntrain import checkpoint as ck
 from dyntrain.train.schedule import VariantSchedule
+from dyntrain.train.state import read_trace
 from helpers import deepspeed_cmd, draws, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,6 +143,15 @@ def test_exact_resume_after_kill9_and_kill_during_write(setup):
     assert "resumed from" not in s.log("interrupted")
     port = s.ports["interrupted"]
     assert _shm(port) == []         # nor does kill -9: the names went once every rank had mapped them
+    # the killed segment's trace: every step it read, as it happened, the straight run's
+    for rank in range(2):
+        killed, ref = read_trace(s.base / "trace" / "interrupted", rank), _steps(s.trace("straight", rank))
+        assert killed["killed"] and killed["weights_sha256"] is None
+        assert [t["step"] for t in killed["steps"]] == list(range(len(killed["steps"])))
+        assert len(killed["steps"]) >= N, killed
+        for t in killed["steps"]:
+            assert (t["variant"], t["keys"], t["loss"]) == tuple(ref[t["step"]][k] for k in ("variant", "keys", "loss"))
+
     # 2. restart on the same port, where a run killed during its start-up (3 ranks) left its buffers
     # (which the next start removes before its ranks create theirs); every rank is SIGKILLed while
     # writing the checkpoint of step N+2
