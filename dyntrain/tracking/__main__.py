@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from dyntrain.errors import DyntrainError, cli_main
+from dyntrain.redaction import mlflow_uri, redact_uri
 from dyntrain.tracking.pending import PENDING_FILE, count_pending, pending_path, sync_pending
 
 
@@ -35,8 +36,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     # lazy: mlflow is needed only where tracking is on (the GPU image has none)
     from mlflow.tracking import MlflowClient
-
-    from dyntrain.redaction import mlflow_uri, redact_uri
 
     uri = mlflow_uri(uri)
     sent = sync_pending(a.dir, MlflowClient(tracking_uri=uri))
