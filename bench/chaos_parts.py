@@ -221,6 +221,13 @@ def compare_runs(args, services: Services, faults: list[dict], restarts: int) ->
     final = ended[-1] if ended else {}
     clean = read_trace(args.workdir / "trace" / "clean-00")
     first_difference = _first_difference(clean, traces)
+    # what the last segment could not send before it ended (the server down at the end) waits in
+    # its checkpoint folder: delivered now, as `python -m dyntrain.tracking sync` would
+    from mlflow.tracking import MlflowClient
+
+    from dyntrain.tracking.pending import sync_pending
+
+    synced = sync_pending(args.workdir / "chaos", MlflowClient(tracking_uri=services.mlflow_uri)) or 0
     want = _histories(services.mlflow_uri, "chaos-soak-clean")
     got = _histories(services.mlflow_uri, "chaos-soak-chaos")
     expected = sorted(want)
@@ -239,15 +246,16 @@ def compare_runs(args, services: Services, faults: list[dict], restarts: int) ->
     weights_ok = bool(final) and final.get("weights_sha256") == clean["weights_sha256"] \
         and final.get("final_step") == args.steps
     order = sorted(faults, key=lambda f: f["at_step"])
-    for f in order:  # a lost metric is blamed on the first fault at or after its step
-        f["metrics_lost"] = [s for s in missing if s <= f["at_step"]
+    for f in order:  # a lost metric is blamed on the first fault at or after its step (after the
+        # last fault: on the last one, e.g. an MLflow outage the run ended in)
+        f["metrics_lost"] = [s for s in missing if (s <= f["at_step"] or f is order[-1])
                              and not any(g["at_step"] < f["at_step"] and s <= g["at_step"] for g in order)]
         if f["survived"] is None:
             f["survived"] = bool(weights_ok and draws_ok and not f["metrics_lost"]
                                  and (f["kind"] not in ("s3_down", "s3_503", "mlflow_down") or f["restarts"] == 0))
     return {"faults": faults, "weights_identical": weights_ok, "draws_identical": draws_ok,
             "draws_checked": len(checked), "metrics_missing": len(missing), "metrics_duplicated": len(duplicated),
-            "missing_steps": missing[:50], "duplicated_steps": duplicated[:50],
+            "metrics_synced_after_end": synced, "missing_steps": missing[:50], "duplicated_steps": duplicated[:50],
             "latest_complete": latest_ok, "latest": latest, "complete_tags": complete,
             "retention_ok": len(complete) <= args.keep, "restarts": restarts,
             "loader_stats": final.get("loader_stats"), "segments": len(traces),

@@ -242,6 +242,7 @@ def main() -> None:
         print(f"{f['kind']:<13} {f['at_step']:>7} {f['restarts']:>8} {str(f['survived']):>8}  {f['metrics_lost']}")
     for key in ("weights_identical", "draws_identical", "draws_checked", "metrics_missing", "metrics_duplicated",
                 "latest_complete", "retention_ok", "restarts", "killed_segments_traced", "first_difference",
+                "metrics_synced_after_end",
                 "phases_s", "wall_s"):
         print(f"{key}={result[key]}")
     common.write_json(args.json, result)
