@@ -98,6 +98,7 @@ def test_server_outage_mid_run_and_at_start_the_runs_end_finished_with_every_met
     assert list((server.root / "artifacts").rglob("config.yaml"))  # artifacts in the server's store
 
 
+@pytest.mark.slow
 def test_runs_that_end_during_an_outage_keep_their_metrics_for_the_next_start_or_sync(mlflow_server, tmp_path,
                                                                                          warnings_seen):
     """Runs A and B log steps 0-4 (stored), the server goes down, they log 5-9 and end (flush time-out
