@@ -103,8 +103,9 @@ def test_runs_that_end_during_an_outage_keep_their_metrics_for_the_next_start_or
                                                                                          warnings_seen):
     """Runs A and B log steps 0-4 (stored), the server goes down, they log 5-9 and end (flush time-out
     1 s): the 10 unsent values of each wait in its checkpoint folder and the end line says so. The
-    server is back: A's are delivered by the next start there (a resume), B's by ``python -m
-    dyntrain.tracking sync``; every step is in each run exactly once, a second sync sends nothing."""
+    server is back: A's are delivered by the next start there (a resume, which replays 5-9), B's by
+    ``python -m dyntrain.tracking sync``; every step is in each run exactly once, a second sync sends
+    nothing."""
     from mlflow.tracking import MlflowClient
 
     from dyntrain.tracking.pending import PENDING_FILE
@@ -128,7 +129,8 @@ def test_runs_that_end_during_an_outage_keep_their_metrics_for_the_next_start_or
     finally:
         mlflow_server.start()
     a, b = (t.run_id for t in runs)
-    resumed = make_tracker(cfgs[0], rank=0, run_id=a)   # the next start in A's folder
+    resumed = make_tracker(cfgs[0], rank=0, run_id=a)   # the next start in A's folder: a resume
+    _log_steps(resumed, range(5, 10))                   # that replays steps 5-9 (an earlier checkpoint)
     _wait(lambda: resumed.sender.pending == 0)
     resumed.finish("FINISHED")
     assert not (tmp_path / "a" / PENDING_FILE).exists()

@@ -28,7 +28,7 @@ from typing import Any, Optional
 from dyntrain.logs import get_logger
 from dyntrain.redaction import mlflow_uri, redact, redact_uri
 from dyntrain.tracking.base import NullTracker, Tracker
-from dyntrain.tracking.pending import count_pending, keep_pending, sync_pending
+from dyntrain.tracking.pending import count_pending, keep_pending, read_pending, sync_pending
 from dyntrain.tracking.sender import Record, Sender
 
 
@@ -150,7 +150,15 @@ class MLflowTracker(Tracker):
         if waiting:
             log.info("tracking: %d metric values of an earlier run wait in %s; sending them", waiting, folder)
             self.sender.submit(Record(f"the metrics waiting in {folder}", waiting,
-                                      lambda _m: sync_pending(folder, self.client)))
+                                      lambda _m: self._send_waiting(folder)))
+
+    def _send_waiting(self, folder: str) -> None:
+        """Sender thread: deliver the folder's waiting values; those of this very run (a resume) join
+        the pairs it holds, so the steps the resume replays are not logged a second time."""
+        rows = read_pending(folder)
+        sync_pending(folder, self.client)
+        if self._logged is not None and self.run_id in rows:
+            self._logged.update((str(k), int(step)) for k, _v, _ts, step in rows[self.run_id])
 
     def _create(self, tags: dict) -> None:
         # lazy: mlflow is needed only where tracking is on (the GPU image has none)
