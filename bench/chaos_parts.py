@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
@@ -195,19 +195,46 @@ def _histories(uri: str, experiment: str) -> dict[int, list[str]]:
     return steps
 
 
+def _first_difference(clean: dict, traces: list[dict]) -> Optional[dict[str, Any]]:
+    """The first step (0-based, over every segment, a killed one's included) whose variant, sample
+    keys or loss on rank 0 differ from the clean run's; None when every traced step matches."""
+    want = {rec["step"]: rec for rec in clean["steps"]}
+    for i, t in enumerate(traces):
+        for rec in t["steps"]:
+            ref = want.get(rec["step"])
+            for field in ("variant", "keys", "loss"):
+                if ref is None or rec[field] != ref[field]:
+                    return {"step": rec["step"], "segment": i, "field": field,
+                            "clean": None if ref is None else ref[field], "chaos": rec[field]}
+    return None
+
+
 def compare_runs(args, services: Services, faults: list[dict], restarts: int) -> dict[str, Any]:
     from dyntrain import checkpoint as ck
 
-    traces = sorted((args.workdir / "trace").glob("chaos-*/trace_rank0.json"))
-    final = json.loads(traces[-1].read_text()) if traces else {}
-    clean = json.loads((args.workdir / "trace" / "clean-00" / "trace_rank0.json").read_text())
+    from dyntrain.train.state import read_trace
+
+    # every segment's trace, a killed one's too (its steps were appended as they happened)
+    segments = [read_trace(d) for d in sorted((args.workdir / "trace").glob("chaos-*"))]
+    traces = [t for t in segments if t is not None]
+    ended = [t for t in traces if not t["killed"]]
+    final = ended[-1] if ended else {}
+    clean = read_trace(args.workdir / "trace" / "clean-00")
+    first_difference = _first_difference(clean, traces)
+    # what the last segment could not send before it ended (the server down at the end) waits in
+    # its checkpoint folder: delivered now, as `python -m dyntrain.tracking sync` would
+    from mlflow.tracking import MlflowClient
+
+    from dyntrain.tracking.pending import sync_pending
+
+    synced = sync_pending(args.workdir / "chaos", MlflowClient(tracking_uri=services.mlflow_uri)) or 0
     want = _histories(services.mlflow_uri, "chaos-soak-clean")
     got = _histories(services.mlflow_uri, "chaos-soak-chaos")
     expected = sorted(want)
     missing = [s for s in expected if s not in got]
     duplicated = [s for s in expected if len(got.get(s, [])) > 1]
-    for t in traces:  # a segment that ended on its own traced its steps (0-based; MLflow's are 1-based)
-        for rec in json.loads(t.read_text())["steps"]:
+    for t in traces:  # every segment traced its steps (0-based; MLflow's are 1-based)
+        for rec in t["steps"]:
             got.setdefault(rec["step"] + 1, []).append(rec["variant"])
     checked = [s for s in expected if s in got]
     draws_ok = bool(checked) and all(set(got[s]) == set(want[s]) for s in checked)
@@ -219,16 +246,18 @@ def compare_runs(args, services: Services, faults: list[dict], restarts: int) ->
     weights_ok = bool(final) and final.get("weights_sha256") == clean["weights_sha256"] \
         and final.get("final_step") == args.steps
     order = sorted(faults, key=lambda f: f["at_step"])
-    for f in order:  # a lost metric is blamed on the first fault at or after its step
-        f["metrics_lost"] = [s for s in missing if s <= f["at_step"]
+    for f in order:  # a lost metric is blamed on the first fault at or after its step (after the
+        # last fault: on the last one, e.g. an MLflow outage the run ended in)
+        f["metrics_lost"] = [s for s in missing if (s <= f["at_step"] or f is order[-1])
                              and not any(g["at_step"] < f["at_step"] and s <= g["at_step"] for g in order)]
         if f["survived"] is None:
             f["survived"] = bool(weights_ok and draws_ok and not f["metrics_lost"]
                                  and (f["kind"] not in ("s3_down", "s3_503", "mlflow_down") or f["restarts"] == 0))
     return {"faults": faults, "weights_identical": weights_ok, "draws_identical": draws_ok,
             "draws_checked": len(checked), "metrics_missing": len(missing), "metrics_duplicated": len(duplicated),
-            "missing_steps": missing[:50], "duplicated_steps": duplicated[:50],
+            "metrics_synced_after_end": synced, "missing_steps": missing[:50], "duplicated_steps": duplicated[:50],
             "latest_complete": latest_ok, "latest": latest, "complete_tags": complete,
             "retention_ok": len(complete) <= args.keep, "restarts": restarts,
             "loader_stats": final.get("loader_stats"), "segments": len(traces),
+            "killed_segments_traced": sum(t["killed"] for t in traces), "first_difference": first_difference,
             "clean_weights_sha256": clean["weights_sha256"], "chaos_weights_sha256": final.get("weights_sha256")}

@@ -26,7 +26,9 @@ Fault kinds (cycled in a seeded order, at seeded steps):
 Leaves the faulted run's checkpoints in ``DIR/chaos/``, the uninterrupted run's in ``DIR/clean/``,
 the MLflow store in ``DIR/mlflow/``, logs in ``DIR/logs/``. The JSON holds ``faults`` (kind, at_step,
 restarts, survived), ``weights_identical``, ``draws_identical``, ``metrics_missing``,
-``metrics_duplicated``, the checkpoint checks and the wall time. Last line: ``faults_survived=K/N``.
+``metrics_duplicated``, the checkpoint checks, ``first_difference`` (the first step of any segment,
+a killed one's included, whose variant, keys or loss differ from the clean run's trace; None: none)
+and the wall time. Last line: ``faults_survived=K/N``.
 """
 from __future__ import annotations
 
@@ -239,7 +241,9 @@ def main() -> None:
     for f in faults:
         print(f"{f['kind']:<13} {f['at_step']:>7} {f['restarts']:>8} {str(f['survived']):>8}  {f['metrics_lost']}")
     for key in ("weights_identical", "draws_identical", "draws_checked", "metrics_missing", "metrics_duplicated",
-                "latest_complete", "retention_ok", "restarts", "phases_s", "wall_s"):
+                "latest_complete", "retention_ok", "restarts", "killed_segments_traced", "first_difference",
+                "metrics_synced_after_end",
+                "phases_s", "wall_s"):
         print(f"{key}={result[key]}")
     common.write_json(args.json, result)
     print(f"faults_survived={survived}/{len(faults)}")

@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import torch
 
+from dyntrain.data.loader import LoaderBase
+
 # Dense bf16 tensor-core peak (TFLOP/s, no sparsity) by device-name fragment; first match wins.
 GPU_BF16_PEAK_TFLOPS: list[tuple[str, float]] = [
     ("H200", 989.0),
@@ -277,7 +279,7 @@ def with_overrides(cfg, overrides: list[str]):
     return Config.from_dict(data)
 
 
-class SyntheticBatches:
+class SyntheticBatches(LoaderBase):
     """An in-memory loader with the data contract's shape: ``count`` fixed random batches on the
     training device, cycled forever, so training steps measure compute alone."""
 

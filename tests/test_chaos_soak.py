@@ -32,6 +32,8 @@ def _soak(tmp_path: Path, *options: str, seed: int, timeout: float) -> dict:
     assert result["weights_identical"] and result["draws_identical"], result
     assert result["metrics_missing"] == 0 and result["metrics_duplicated"] == 0, result
     assert result["latest_complete"] and result["retention_ok"], result
+    # the killed segment's trace (appended as its steps happened) is read: every step matches
+    assert result["killed_segments_traced"] >= 1 and result["first_difference"] is None, result
     assert (tmp_path / "w" / "chaos" / "latest").is_file() and (tmp_path / "w" / "clean" / "latest").is_file()
     assert r.stdout.strip().splitlines()[-1] == "faults_survived=2/2", r.stdout[-2000:]
     return result

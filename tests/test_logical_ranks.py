@@ -148,3 +148,29 @@ def test_choosing_the_data_ranks_and_the_accumulation():
         cfg.gradient_accumulation(3, 4)
     with pytest.raises(ConfigError, match="data.logical_ranks"):
         load_config(None, ["data.logical_ranks=-1"])
+
+
+def test_the_loader_protocol_declares_the_rank_state_and_a_plain_loader_takes_its_entry():
+    """The trainer hands every loader its rank state (no probing for the capability): a loader that
+    hosts data ranks picks its readers' states, one that does not (``LoaderBase``'s default) takes
+    the ``loader`` entry."""
+    import inspect
+
+    from dyntrain.data.loader import Loader, LoaderBase
+    from dyntrain.train import state
+
+    assert "load_rank_state" in vars(Loader)
+    assert isinstance(host(0, 1, 2, accumulation=2), Loader)
+    assert "hasattr" not in inspect.getsource(state)
+
+    class Plain(LoaderBase):
+        i = 0
+
+        def load_state_dict(self, s):
+            self.i = s["i"]
+
+    plain = Plain()
+    plain.load_rank_state({"rank": 0, "rng": {}, "loader": None})   # no reader state: untouched
+    assert plain.i == 0
+    plain.load_rank_state({"rank": 0, "rng": {}, "loader": {"i": 3}})
+    assert plain.i == 3 and isinstance(plain, Loader)

@@ -30,7 +30,8 @@ import pytest
 
 from dyntrain import checkpoint as ck
 from dyntrain.train.schedule import VariantSchedule
-from helpers import deepspeed_cmd, draws
+from dyntrain.train.state import read_trace
+from helpers import deepspeed_cmd, draws, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -52,6 +53,7 @@ class Setup:
         self.base = base
         self.shards = base / "shards"
         self.uri = f"sqlite:///{base / 'mlflow.db'}"
+        self.ports: dict[str, int] = {}
 
     def overrides(self, ckpt_dir: Path, **kw) -> list[str]:
         o = {
@@ -68,11 +70,14 @@ class Setup:
         o.update(kw)
         return [f"{k}={v}" for k, v in o.items()]
 
-    def start(self, name: str, ranks: int, ckpt_dir: Path, entry_args: list[str] | None = None, **kw):
+    def start(self, name: str, ranks: int, ckpt_dir: Path, entry_args: list[str] | None = None,
+              port: int | None = None, **kw):
         trace = self.base / "trace" / name
         log = open(self.base / f"{name}.log", "w")
+        self.ports[name] = port = port or free_port()
         cmd = deepspeed_cmd(ranks, ENTRY, "--trace", trace, *(entry_args or []), ROOT / "launch" / "pretrain.py",
-                            "--config", ROOT / "configs" / "quickstart.yaml", *self.overrides(ckpt_dir, **kw))
+                            "--config", ROOT / "configs" / "quickstart.yaml", *self.overrides(ckpt_dir, **kw),
+                            port=port)
         return subprocess.Popen(cmd, cwd=self.base, env=_env(), stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -89,6 +94,11 @@ class Setup:
 
     def trace(self, name: str, rank: int) -> dict:
         return json.loads((self.base / "trace" / name / f"trace_rank{rank}.json").read_text())
+
+
+def _shm(port: int) -> list[str]:
+    """DeepSpeed's shared-memory all-reduce buffers of the world on ``port`` (this user's)."""
+    return sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
 
 
 def _steps(trace: dict) -> dict[int, dict]:
@@ -113,6 +123,7 @@ def setup(tmp_path_factory):
     s = Setup(base)
     rc = s.run("straight", 2, base / "ck_straight")
     assert rc == 0, s.log("straight")
+    assert _shm(s.ports["straight"]) == []      # a clean exit leaves no buffer in /dev/shm
     return s
 
 
@@ -130,9 +141,24 @@ def test_exact_resume_after_kill9_and_kill_during_write(setup):
     proc.wait()
     assert not (d / ck.tag_for_step(2 * N)).exists(), "the run finished before it was killed"
     assert "resumed from" not in s.log("interrupted")
+    port = s.ports["interrupted"]
+    assert _shm(port) == []         # nor does kill -9: the names went once every rank had mapped them
+    # the killed segment's trace: every step it read, as it happened, the straight run's
+    for rank in range(2):
+        killed, ref = read_trace(s.base / "trace" / "interrupted", rank), _steps(s.trace("straight", rank))
+        assert killed["killed"] and killed["weights_sha256"] is None
+        assert [t["step"] for t in killed["steps"]] == list(range(len(killed["steps"])))
+        assert len(killed["steps"]) >= N, killed
+        for t in killed["steps"]:
+            assert (t["variant"], t["keys"], t["loss"]) == tuple(ref[t["step"]][k] for k in ("variant", "keys", "loss"))
 
-    # 2. restart; every rank is SIGKILLed while writing the checkpoint of step N+2
-    rc = s.run("faulted", 2, d, entry_args=["--ckpt-fault", f"before_complete@{N + 2}"])
+    # 2. restart on the same port, where a run killed during its start-up (3 ranks) left its buffers
+    # (which the next start removes before its ranks create theirs); every rank is SIGKILLed while
+    # writing the checkpoint of step N+2
+    for r in range(3):
+        (Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{r}").write_bytes(b"stale")
+    rc = s.run("faulted", 2, d, entry_args=["--ckpt-fault", f"before_complete@{N + 2}"], port=port)
+    assert _shm(port) == [], s.log("faulted")
     assert rc != 0, s.log("faulted")
     assert "resumed from step_00000004 at step 4" in s.log("faulted")
     half = d / ck.tag_for_step(N + 2)

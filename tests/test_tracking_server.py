@@ -98,6 +98,56 @@ def test_server_outage_mid_run_and_at_start_the_runs_end_finished_with_every_met
     assert list((server.root / "artifacts").rglob("config.yaml"))  # artifacts in the server's store
 
 
+@pytest.mark.slow
+def test_runs_that_end_during_an_outage_keep_their_metrics_for_the_next_start_or_sync(mlflow_server, tmp_path,
+                                                                                         warnings_seen):
+    """Runs A and B log steps 0-4 (stored), the server goes down, they log 5-9 and end (flush time-out
+    1 s): the 10 unsent values of each wait in its checkpoint folder and the end line says so. The
+    server is back: A's are delivered by the next start there (a resume, which replays 5-9), B's by
+    ``python -m dyntrain.tracking sync``; every step is in each run exactly once, a second sync sends
+    nothing."""
+    from mlflow.tracking import MlflowClient
+
+    from dyntrain.tracking.pending import PENDING_FILE
+
+    uri = mlflow_server.uri
+    cfgs = [_cfg(uri, "end-outage", "tracking.flush_timeout_s=1", f"checkpoint.dir={tmp_path / name}")
+            for name in ("a", "b")]
+    runs = [make_tracker(cfg, rank=0) for cfg in cfgs]
+    for tracker in runs:
+        _log_steps(tracker, range(5))
+        _wait(lambda: tracker.sender.pending == 0)
+    mlflow_server.stop()
+    try:
+        for tracker in runs:
+            _log_steps(tracker, range(5, 10))
+            tracker.finish("FINISHED")
+        ends = [r.getMessage() for r in warnings_seen.records if "metric values wait in" in r.getMessage()]
+        assert len(ends) == 2 and all(f"10 metric values wait in {tmp_path / n / PENDING_FILE}" in line
+                                      for line, n in zip(ends, "ab")), ends
+        assert all("dyntrain.tracking sync" in line for line in ends)
+    finally:
+        mlflow_server.start()
+    a, b = (t.run_id for t in runs)
+    resumed = make_tracker(cfgs[0], rank=0, run_id=a)   # the next start in A's folder: a resume
+    _log_steps(resumed, range(5, 10))                   # that replays steps 5-9 (an earlier checkpoint)
+    _wait(lambda: resumed.sender.pending == 0)
+    resumed.finish("FINISHED")
+    assert not (tmp_path / "a" / PENDING_FILE).exists()
+    sync = [sys.executable, "-m", "dyntrain.tracking", "sync", str(tmp_path / "b"), "--uri", uri]
+    out = subprocess.run(sync, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "sync: 10 of 10 metric values sent" in out.stdout, out.stdout + out.stderr
+    again = subprocess.run(sync, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "nothing waits" in again.stdout, again.stdout + again.stderr
+    client = MlflowClient(uri)
+    for run_id in (a, b):
+        for key in ("loss", "lr"):
+            assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(10)), key
+    bad = subprocess.run([sys.executable, "-m", "dyntrain.tracking", "sync", str(tmp_path / "none"), "--uri", uri],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no folder" in bad.stderr + bad.stdout
+
+
 def test_server_never_up_the_job_ends_with_a_warning_and_a_count(warnings_seen):
     cfg = _cfg(f"http://bob:hunter2@127.0.0.1:{free_port()}", "never", "tracking.flush_timeout_s=1",
                "tracking.buffer_records=20")

@@ -9,6 +9,11 @@ and says what the checkpoint needs to resume it exactly (``state_dict``/``load_s
 from ``state_dict`` = no reader state, the resume is exact only if the source is stateless), what it
 counted (``stats``: samples, corrupt samples skipped, epoch, per-task counts ...) and how to let go
 of its workers and files (``close``). A class that lacks a method gets ``LoaderBase``'s.
+
+At a resume the trainer hands the loader of a process its whole rank state (``load_rank_state``: the
+checkpoint's entry for this rank, or after a world-size change every saved process's readers under
+``saved_loaders``). A loader that hosts data ranks (``dyntrain.data.logical.LogicalRanks``) picks
+its readers' states from it; the default takes the ``loader`` entry (``load_state_dict``).
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ class Loader(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def load_rank_state(self, rank_state: dict[str, Any]) -> None: ...
+
     def stats(self) -> dict[str, Any]: ...
 
     def close(self) -> None: ...
@@ -37,7 +44,8 @@ LoaderFactory = Callable[[Any, int, int, torch.device], Loader]
 
 
 class LoaderBase:
-    """The protocol's defaults: no reader state, nothing counted, nothing to close."""
+    """The protocol's defaults: no reader state, the rank state's ``loader`` entry at a resume,
+    nothing counted, nothing to close."""
 
     def __iter__(self) -> "LoaderBase":
         return self
@@ -50,6 +58,11 @@ class LoaderBase:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
+
+    def load_rank_state(self, rank_state: dict[str, Any]) -> None:
+        """This process's reader state from its rank state (a loader that hosts no data ranks)."""
+        if rank_state.get("loader") is not None:
+            self.load_state_dict(rank_state["loader"])
 
     def stats(self) -> dict[str, Any]:
         return {}

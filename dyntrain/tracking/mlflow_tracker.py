@@ -28,6 +28,7 @@ from typing import Any, Optional
 from dyntrain.logs import get_logger
 from dyntrain.redaction import mlflow_uri, redact, redact_uri
 from dyntrain.tracking.base import NullTracker, Tracker
+from dyntrain.tracking.pending import count_pending, keep_pending, read_pending, sync_pending
 from dyntrain.tracking.sender import Record, Sender
 
 
@@ -101,6 +102,7 @@ class MLflowTracker(Tracker):
         opened = self.sender.submit(Record("the run's creation", 1, self._open))
         if carried:
             self._submit_metrics(_metrics_of(carried), "metrics carried from the checkpoint")
+        self._deliver_waiting()
         opened.tried.wait(t.request_timeout_s if wait_s is None else wait_s)
 
     # ---------------------------------------------------------------- sender-thread side
@@ -135,6 +137,28 @@ class MLflowTracker(Tracker):
             self.client.log_text(self.run_id, self.cfg.to_yaml(), "config.yaml")  # redacted
             self._config_due = False
         self._start_system_metrics()
+
+    def _deliver_waiting(self) -> None:
+        """What an earlier run in this checkpoint folder could not send before it ended
+        (``dyntrain.tracking.pending``): delivered by the sender thread, after the carried metrics."""
+        folder = self.cfg.checkpoint.dir
+        try:
+            waiting = count_pending(folder) if folder else 0
+        except ValueError as exc:
+            log.warning("%s; left as it is", exc)
+            return
+        if waiting:
+            log.info("tracking: %d metric values of an earlier run wait in %s; sending them", waiting, folder)
+            self.sender.submit(Record(f"the metrics waiting in {folder}", waiting,
+                                      lambda _m: self._send_waiting(folder)))
+
+    def _send_waiting(self, folder: str) -> None:
+        """Sender thread: deliver the folder's waiting values; those of this very run (a resume) join
+        the pairs it holds, so the steps the resume replays are not logged a second time."""
+        rows = read_pending(folder)
+        sync_pending(folder, self.client)
+        if self._logged is not None and self.run_id in rows:
+            self._logged.update((str(k), int(step)) for k, _v, _ts, step in rows[self.run_id])
 
     def _create(self, tags: dict) -> None:
         # lazy: mlflow is needed only where tracking is on (the GPU image has none)
@@ -231,6 +255,20 @@ class MLflowTracker(Tracker):
         self.sender.submit(Record(f"the run's end ({status})", 1,
                                   lambda _m: self.client.set_terminated(self._run(), status)))
         unsent = self.sender.close(self.cfg.tracking.flush_timeout_s)
+        kept = self.sender.unsent_at_close
+        run_id, folder = self.run_id or self.previous_run_id, self.cfg.checkpoint.dir
+        if kept and run_id and folder:
+            try:
+                path = keep_pending(folder, run_id, [(m.key, m.value, m.timestamp, m.step) for m in kept])
+            except (OSError, ValueError) as exc:
+                log.warning("MLflow at %s: %d metric values could not be kept in %s: %s",
+                            self.uri, len(kept), folder, exc)
+            else:
+                self.sender.lost -= len(kept)
+                unsent -= len(kept)
+                log.warning("MLflow at %s was unreachable when the run ended: %d metric values wait in %s; "
+                            "the next start or resume there sends them, or: python -m dyntrain.tracking "
+                            "sync %s", self.uri, len(kept), path, folder)
         if self.sender.lost:
             where = f"run {self.run_id}" if self.run_id else "no run (it was never created)"
             log.warning("MLflow at %s: %d tracking records were lost (%d unsent when the run ended after "

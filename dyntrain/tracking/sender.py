@@ -70,6 +70,7 @@ class Sender:
         self.lost = 0                 # records dropped (buffer full, or rejected by the store)
         self.sent = 0
         self.rejections = 0
+        self.unsent_at_close: list = []   # the metric values ``close`` gave up on (for the caller to keep)
         self.down = False
         self._queue: collections.deque[Record] = collections.deque()
         self._pending = 0             # records in the queue
@@ -145,6 +146,7 @@ class Sender:
             self._closing = True
             unsent = self._pending
             self.lost += unsent
+            self.unsent_at_close = [m for rec in self._queue if rec.metrics is not None for m in rec.metrics]
             for rec in self._queue:
                 rec.tried.set()
                 rec.done.set()

@@ -134,13 +134,56 @@ def init_distributed(cfg: Config) -> DistInfo:
                            f"(backend {backend}) but run.device resolved to cpu; set DS_ACCELERATOR=cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before NCCL starts
+    shm = device.type == "cpu" and backend == "gloo" and not dist.is_initialized()
+    if shm:
+        # the rendezvous first (our store now holds MASTER_PORT: no other job is live on it), then
+        # the stale buffers of a killed run on this port go, before the ranks create theirs
+        # lazy: deepspeed is slow to import and unused by inference (DeepSpeed's DEEPSPEED_TIMEOUT)
+        from deepspeed.constants import default_pg_timeout
+
+        dist.init_process_group(backend, timeout=default_pg_timeout)
+        if local_rank == 0:
+            remove_shm_buffers()
+        dist.barrier()
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if shm:
+        dist.barrier()       # every rank has mapped every rank's buffer: the names can go
+        if local_rank == 0:
+            remove_shm_buffers()
     rank = torch.distributed.get_rank()
     world = torch.distributed.get_world_size()
     local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     return DistInfo(rank, world, local_rank, local_world, device, backend)
+
+
+def shm_buffer_prefix() -> str:
+    """The names DeepSpeed's CPU accelerator gives its shared-memory all-reduce buffers for this
+    world (``csrc/cpu/comm/shm.cpp``: ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_
+    <rank>``, one per rank, created at ``deepspeed.init_distributed`` when every rank is local, and
+    never unlinked by DeepSpeed), up to the rank."""
+    return (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_")
+
+
+def remove_shm_buffers(shm_dir: Path = Path("/dev/shm")) -> int:
+    """Unlink this world's shared-memory buffers (every rank of this MASTER_ADDR:MASTER_PORT, this
+    user). Safe once every rank has mapped them (a mapping outlives its name) and before any rank
+    creates its own; ``init_distributed`` calls it at both points on local rank 0, so a run leaves
+    nothing in /dev/shm even when killed, and a run killed during start-up is cleaned up by the next
+    one on its port. Returns how many went."""
+    prefix, removed = shm_buffer_prefix(), 0
+    if not shm_dir.is_dir():
+        return 0
+    for path in shm_dir.glob(prefix + "*"):
+        if path.name[len(prefix):].isdigit():
+            try:
+                path.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 # ------------------------------------------------------------------------------ DeepSpeed JSON

@@ -6,9 +6,12 @@ resolved config, world size, data ranks) plus ``rank_state`` (this rank's torch/
 RNG and loader state), which makes a resume exact with the same number of ranks, and with fewer
 ranks that host the same data ranks (``dyntrain.data.logical``).
 
-Trace (debugging, tests): after ``enable_trace(directory)`` every rank writes ``trace_rank<r>.json``
-there at the end of ``train`` (per-step variant, loss and sample keys, and a SHA-256 of the full
-fp32 weights); ``run_training(trace_dir=...)`` switches it on.
+Trace (debugging, tests): after ``enable_trace(directory)`` every rank appends each step's record
+(variant, loss, sample keys) to ``trace_rank<r>.steps.jsonl`` there as the step is read, flushed at
+once, so a segment killed with SIGKILL still shows its steps; at the end of ``train`` it writes
+``trace_rank<r>.json`` (the steps, a SHA-256 of the full fp32 weights, the account, the loader's
+stats). ``read_trace`` reads either. ``run_training(trace_dir=...)`` switches it on; one folder per
+process run (a second run in the same folder starts both files afresh).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ log = get_logger(__name__)
 class TrainerStateMixin:
     """Needs the trainer's ``cfg``, ``engine``, ``loader``, ``schedule``, ``account``, ``tracker``,
     ``checkpoint_manager``, ``rank``, ``world_size``, ``device``, ``step``, ``stopped_early``,
-    ``mlflow_run_id``, ``_last_saved_step``, ``_trace`` and ``_trace_dir``."""
+    ``mlflow_run_id``, ``_last_saved_step``, ``_trace``, ``_trace_dir`` and ``_trace_file``."""
 
     # ---------------------------------------------------------------------------- resume
     def restore(self, tag: str, state: dict[str, Any]) -> None:
@@ -93,10 +96,7 @@ class TrainerStateMixin:
             random.setstate(rng["python"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
-        if hasattr(self.loader, "load_rank_state"):  # data ranks: it picks its readers' states
-            self.loader.load_rank_state(rank_state)
-        elif rank_state.get("loader") is not None:
-            self.loader.load_state_dict(rank_state["loader"])
+        self.loader.load_rank_state(rank_state)  # data ranks: it picks its readers' states
 
     # ----------------------------------------------------------------------------- trace
     def enable_trace(self, directory: str | Path) -> None:
@@ -106,6 +106,15 @@ class TrainerStateMixin:
         self._trace_dir = Path(directory)
         if self._trace is None:
             self._trace = []
+        self._trace_dir.mkdir(parents=True, exist_ok=True)
+        self._trace_file = open(self._trace_dir / f"trace_rank{self.rank}.steps.jsonl", "w")
+
+    def _trace_step(self, record: dict[str, Any]) -> None:
+        """Keep one step's trace record and append it to the steps file now (survives kill -9)."""
+        self._trace.append(record)
+        if self._trace_file is not None:
+            self._trace_file.write(json.dumps(record) + "\n")
+            self._trace_file.flush()
 
     def weights_digest(self) -> str:
         """SHA-256 of the full fp32 weights (collective under ZeRO-3: call on all ranks)."""
@@ -131,6 +140,30 @@ class TrainerStateMixin:
                "stopped_early": self.stopped_early, "steps": self._trace, "weights_sha256": digest,
                "account": self.account.metrics(), "loader_stats": self.loader.stats()}
         (trace_dir / f"trace_rank{self.rank}.json").write_text(json.dumps(out))
+        if self._trace_file is not None:
+            self._trace_file.close()
+            self._trace_file = None
+
+
+def read_trace(directory: str | Path, rank: int = 0) -> Optional[dict[str, Any]]:
+    """Rank ``rank``'s trace in ``directory``: the end-of-run ``trace_rank<r>.json``, or for a run that
+    did not reach its end (killed) the steps it recorded, with ``killed: True`` and no weights digest
+    (a record cut short by the kill is left out). None when the rank traced nothing there."""
+    directory = Path(directory)
+    final = directory / f"trace_rank{rank}.json"
+    if final.exists():
+        return {**json.loads(final.read_text()), "killed": False}
+    steps_file = directory / f"trace_rank{rank}.steps.jsonl"
+    if not steps_file.exists():
+        return None
+    steps = []
+    for line in steps_file.read_text().splitlines():
+        try:
+            steps.append(json.loads(line))
+        except json.JSONDecodeError:   # the last line, half written when the process died
+            break
+    return {"rank": rank, "steps": steps, "final_step": steps[-1]["step"] + 1 if steps else None,
+            "weights_sha256": None, "killed": True}
 
 
 def load_resume_state(manager) -> Optional[tuple[str, dict[str, Any]]]:

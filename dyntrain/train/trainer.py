@@ -103,6 +103,7 @@ class Trainer(TrainerStateMixin):
         self._last_saved_step: Optional[int] = None
         self._trace: Optional[list[dict]] = None    # per-step records once enable_trace() ran
         self._trace_dir = None
+        self._trace_file = None     # the per-step trace file, appended and flushed as steps are read
         self._window = StepWindow()
         self._resolved: dict[str, Any] = {}  # the last step read on the host
 
@@ -175,9 +176,8 @@ class Trainer(TrainerStateMixin):
                                  teacher=pending.teacher)
         self._window.add(m)
         if self._trace is not None:
-            self._trace.append({"step": m["step"], "variant": m["variant"], "loss": m["loss"],
-                                "losses": m["losses"], "teacher": pending.teacher,
-                                "keys": pending.keys})
+            self._trace_step({"step": m["step"], "variant": m["variant"], "loss": m["loss"],
+                              "losses": m["losses"], "teacher": pending.teacher, "keys": pending.keys})
         if self.callbacks:
             ctx = self.context(m["step"] + 1, m)
             for cb in self.callbacks:
