@@ -94,7 +94,8 @@ class DaliPretrainLoader(CorruptRecovery, LoaderBase):
 
         # many shards under a manifest: a window of real shards ahead of the reader (window.py)
         ahead = read_ahead(self.shuffle_buffer, self.prefetch, self.batch_size)
-        self._window, self.shards, self.indices = resolve_shards(urls, self.rank, self.world_size, ahead)
+        self._window, self.shards, self.indices = resolve_shards(urls, self.rank, self.world_size, ahead,
+                                                                 self.batch_size)
 
         self.iteration = 0        # DALI iterations consumed (the degradation's batch index)
         self.batches = 0          # batches handed out
@@ -106,14 +107,20 @@ class DaliPretrainLoader(CorruptRecovery, LoaderBase):
         self._skip: dict[int, tuple[int, ...]] = {}   # iteration -> slots not to decode
         self._samples = ShardSamples(self.indices is not None, self.device_id, decode == "mixed")
         self._check_patch_size()
+        if self._window is not None:  # DALI sees the window only; the split is the manifest's
+            self.total_samples = self._window.total
+            self._check_share()
         self._reopen(None, self.shards[0])  # retried through an S3 outage (recovery)
-        meta = self._pipe.reader_meta(READER)
-        self.total_samples = int(meta["epoch_size"])
+        if self._window is None:
+            self.total_samples = int(self._pipe.reader_meta(READER)["epoch_size"])
+        self._check_share()
+        self._ckpt = self._pipe.checkpoint()
+
+    def _check_share(self) -> None:
         self.share = share_size(self.total_samples, self.rank, self.world_size)
         if self.share < 1:
-            raise DataSourceError(f"rank {rank}: no samples in its share ({self.total_samples} "
-                                  f"samples in {len(self.shards)} shards for {world_size} ranks)")
-        self._ckpt = self._pipe.checkpoint()
+            raise DataSourceError(f"rank {self.rank}: no samples in its share ({self.total_samples} "
+                                  f"samples in {len(self.shards)} shards for {self.world_size} ranks)")
 
     def _check_patch_size(self) -> None:
         """The crop must fit in the stored patches (DALI's ROI decoder cannot pad): look at the
@@ -165,8 +172,11 @@ class DaliPretrainLoader(CorruptRecovery, LoaderBase):
 
         S = self.spec.crop_size
         mixed = self.decode == "mixed"
-        paths, index_paths = (self._window.dali_paths() if self._window is not None
-                              else (self.shards, self.indices))
+        if self._window is not None:  # this rank's share, cut to the window: one reader of it
+            (paths, index_paths), shard_id, num_shards = self._window.reader_paths(), 0, 1
+        else:
+            paths, index_paths = self.shards, self.indices
+            shard_id, num_shards = self.rank, self.world_size
         blank = np.zeros((S, S, 3), dtype=np.uint8)
 
         @pipeline_def(enable_conditionals=True)
@@ -174,7 +184,7 @@ class DaliPretrainLoader(CorruptRecovery, LoaderBase):
             encoded, meta = fn.readers.webdataset(
                 paths=paths, index_paths=index_paths, ext=[";".join(IMAGE_COMPONENTS), "json"],
                 missing_component_behavior="skip", name=READER,
-                shard_id=self.rank, num_shards=self.world_size, stick_to_shard=True,
+                shard_id=shard_id, num_shards=num_shards, stick_to_shard=True,
                 pad_last_batch=False, random_shuffle=self.shuffle_buffer > 0,
                 initial_fill=max(1, self.shuffle_buffer),
                 seed=seed32(self.seed, self.rank, 0x5EAD))
