@@ -236,6 +236,7 @@ def main() -> int:
     try:
         import boto3
 
+        from dyntrain.data.pretrain import window
         from dyntrain.data.pretrain.many_shards import write_many_shards
 
         bucket = f"startup-{uuid.uuid4().hex[:8]}"
@@ -243,7 +244,7 @@ def main() -> int:
         for n in counts:
             t0 = time.perf_counter()
             only = None
-            if n > args.real_shards:  # the first shards of each data rank's share (1 or 2 data ranks)
+            if n > args.real_shards and n >= window.MIN_SHARDS:  # the first of each data rank's share
                 only = [s for start in (0, n // 2) for s in range(start, min(n, start + args.real_shards))]
             write_many_shards(f"s3://{bucket}/n{n}", n, args.per_shard, size=args.size, seed=n, only=only)
             written[n] = n if only is None else len(set(only))
