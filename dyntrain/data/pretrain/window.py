@@ -201,6 +201,11 @@ class ShardWindow:
             indices.append(self._sentinel_index)
         return paths, indices
 
+    def reader_args(self) -> dict:
+        """The arguments of ``fn.readers.webdataset`` that say what it reads: the window as one reader."""
+        paths, indices = self.reader_paths()
+        return {"paths": paths, "index_paths": indices, "shard_id": 0, "num_shards": 1}
+
     def dali_paths(self) -> tuple[list[str], list[str]]:
         """The whole shard list as DALI's split sees it, by shard: the real shard (and its local
         index) for those of the window, the placeholder elsewhere (for checks and logs)."""
