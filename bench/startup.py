@@ -131,10 +131,12 @@ def loader_start(urls: str) -> float:
     """Seconds to build the pre-training loader in this process (the quickstart's data settings)
     and take 2 batches from it: the start-up without the launcher, the model and DeepSpeed."""
     from dyntrain.config import load_config
+    from dyntrain.data.pretrain import window
     from dyntrain.data.pretrain.degrade import DegradeSpec
     from dyntrain.data.pretrain.pipeline import DaliPretrainLoader
 
     data = load_config(str(ROOT / "configs" / "quickstart.yaml")).data
+    window.MIN_SHARDS = min(window.MIN_SHARDS, shards)  # the window path whatever the count
     t0 = time.perf_counter()
     loader = DaliPretrainLoader([urls], DegradeSpec.from_config(data), data.micro_batch_size, device="cpu",
                                 num_threads=data.num_threads, prefetch=data.prefetch,
@@ -281,6 +283,8 @@ def main() -> int:
             row["peak_rss_gb"] = statistics.median(row["rss_runs_gb"])
             if row["every_shard_runs_s"]:
                 row["every_shard_s"] = statistics.median(row["every_shard_runs_s"])
+        common.write_json(args.json, {"benchmark": "startup", "partial": "before the late-epoch part",
+                                      "rows": rows, "loadavg_before": load})
         if args.late_shards:
             t0 = time.perf_counter()
             folder = f"s3://{bucket}/late{args.late_shards}"
