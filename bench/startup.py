@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -218,6 +219,9 @@ def main() -> int:
                    help="real shards for the late-epoch rebuild/resume measurement (0: skip)")
     p.add_argument("--late-at", default="0.01,0.5,0.95", help="positions in the epoch, fractions")
     p.add_argument("--late-batch", type=int, default=64, help="micro-batch of the late-epoch loader")
+    p.add_argument("--late-local", action="store_true",
+                   help="the late-epoch shards in a local folder (a shared filesystem) instead of moto S3, "
+                        "whose Python server is the bottleneck when a reader streams 100k samples")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--loader-only", action="store_true",
                    help="time only the loader's start (built in this process, 2 batches), not pretrain.py")
@@ -288,12 +292,15 @@ def main() -> int:
                                       "rows": rows, "loadavg_before": load})
         if args.late_shards:
             t0 = time.perf_counter()
-            folder = f"s3://{bucket}/late{args.late_shards}"
+            folder = (str(Path(tempfile.mkdtemp(prefix="startup-late-")) / f"late{args.late_shards}")
+                      if args.late_local else f"s3://{bucket}/late{args.late_shards}")
             write_many_shards(folder, args.late_shards, args.per_shard, size=args.size, seed=7)
             print(f"wrote {args.late_shards} shards x {args.per_shard} samples in "
                   f"{time.perf_counter() - t0:.0f} s (late epoch)", flush=True)
             late = late_epoch(folder, args.late_shards, args.per_shard,
                               [float(f) for f in args.late_at.split(",")], args.late_batch)
+            if args.late_local:
+                shutil.rmtree(Path(folder).parent, ignore_errors=True)
     finally:
         moto.terminate()
         moto.wait()
@@ -301,6 +308,7 @@ def main() -> int:
 
     if not rows:  # --shards "": the late-epoch part only
         common.write_json(args.json, {"benchmark": "startup", "per_shard": args.per_shard,
+                                      "late_store": "local folder" if args.late_local else "moto S3",
                                       "loadavg_before": load, "loadavg_after": load_after, "late_epoch": late})
         common.headline("late_resume_s_at_end_of_share", late[-1]["resume_s"] if late else None)
         return 0
