@@ -112,16 +112,39 @@ def test_a_stale_manifest_is_named(s3_server, monkeypatch):
 
 def test_startup_bench_runs_the_window_through_pretrain(tmp_path):
     """bench/startup.py end to end, small: launch/pretrain.py reaches step 2 on 130 shards (the
-    window) and on 8 (every shard opened); JSON rows and the headline as its last line."""
+    window) and on 8 (every shard opened); JSON rows with the peak RSS and the headline (the RSS
+    ratio) as its last line."""
     out = tmp_path / "startup.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "startup.py"), "--shards", "8,130",
-                           "--per-shard", "2", "--repeats", "1", "--baseline-upto", "0",
+                           "--per-shard", "2", "--repeats", "1", "--baseline-upto", "0", "--modes", "1rank",
                            "--json", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     name, value = last.split("=")
-    assert name == "startup_ratio_130_to_8" and float(value) > 0
+    assert name == "rss_ratio_130_to_8" and float(value) > 0
     report = json.loads(out.read_text())
     assert [r["shards"] for r in report["rows"]] == [8, 130]
-    assert all(r["now_s"] > 0 and len(r["runs_s"]) == 1 for r in report["rows"])
+    assert all(r["now_s"] > 0 and len(r["runs_s"]) == 1 and r["peak_rss_gb"] > 0.1 for r in report["rows"])
     assert abs(report["ratio"] - report["rows"][1]["now_s"] / report["rows"][0]["now_s"]) < 1e-9
+    assert abs(report["rss_ratio"] - report["rows"][1]["peak_rss_gb"] / report["rows"][0]["peak_rss_gb"]) < 1e-9
+
+
+@pytest.mark.parametrize("rank,world,epochs", [(1, 3, 1), (0, 1, 2)])
+def test_window_holds_only_its_share_and_lets_passed_shards_go(many, monkeypatch, rank, world, epochs):
+    """DALI is given only this rank's shards of the window (one reader, its first and last index cut
+    to the share: rank 1 of 3 starts and ends inside a shard); at an epoch start a window much
+    larger than needed shrinks back (SHRINK_ABOVE lowered here), the batches unchanged."""
+    monkeypatch.setattr(window, "SHRINK_ABOVE", 0)
+    share = SHARDS * PER_SHARD // world
+    steps = epochs * share // BATCH + 8
+    old = take(loader(many, rank, world, windowed=False, monkeypatch=monkeypatch), steps)
+    ld = loader(many, rank, world, monkeypatch=monkeypatch)
+    w = ld._window
+    paths, indices = w.reader_paths()
+    held = sum(int(Path(i).read_text().split("\n", 1)[0].split()[1]) for i in indices)
+    assert held == w.covered + (w.covered < share) and all(p.startswith("s3://") for p in paths[:len(w.span)])
+    new = take(ld, steps)
+    for got, want in zip(new, old):
+        same_batch(got, want)
+    if epochs > 1:
+        assert w.shrinks >= 1 and w.covered < share

@@ -4,9 +4,9 @@ MLflow run with per-variant losses, the GPU-hour account and checkpoints. Plus t
 path (``python launch/pretrain.py``) in fixed-variant mode."""
 from __future__ import annotations
 
-import re
-
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,7 +91,8 @@ def test_single_process_fixed_variant_baseline(tmp_path):
     images = tmp_path / "images"
     write_synthetic_images(images, 6, size=(512, 1024), seed=1)
     _run([sys.executable, str(ROOT / "launch" / "make_shards.py"), "--src", str(images), "--out",
-          str(tmp_path / "shards"), "--shard-samples", "4", "--quiet"], cwd=tmp_path, timeout=300)
+          str(tmp_path / "shards"), "--shard-samples", "4", "--holdout", "0.34", "--quiet"],
+         cwd=tmp_path, timeout=300)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = _env()
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -100,9 +101,26 @@ def test_single_process_fixed_variant_baseline(tmp_path):
                  str(ROOT / "configs" / "quickstart.yaml"), f"data.train_urls=[{tmp_path}/shards/*.tar]",
                  "run.max_steps=8", "run.log_every=4", "schedule.mode=fixed", "schedule.fixed_variant=S",
                  f"tracking.uri={uri}", "tracking.experiment=baseline", "checkpoint.dir=null",
-                 "data.crop_size=32"], cwd=tmp_path, timeout=300, env=env)
+                 "data.crop_size=32", f"data.val_urls=[{tmp_path}/shards-val/*.tar]", "eval.val_samples=4"],
+                cwd=tmp_path, timeout=300, env=env)
     assert "step 8/8" in proc.stdout
-    _, run = _only_run(uri, "baseline")
+    client, run = _only_run(uri, "baseline")
+    # the data sets as MLflow dataset inputs (the runs table's Datasets column), the fingerprint of the data
+    from dyntrain.analysis.compare import collect_runs, format_tables
+    from dyntrain.data.shards.describe import describe
+
+    inputs = {[t.value for t in d.tags if t.key == "mlflow.data.context"][0]: d.dataset
+              for d in client.get_run(run.info.run_id).inputs.dataset_inputs}
+    assert sorted(inputs) == ["training", "validation"]
+    for context, folder in (("training", "shards"), ("validation", "shards-val")):
+        manifest = json.loads((tmp_path / folder / "manifest.json").read_text())
+        d = inputs[context]
+        want = describe([f"{tmp_path}/{folder}/*.tar"], context)
+        assert d.name == folder and d.digest == want["digest"][:16] and d.source_type == "local"
+        assert json.loads(d.source)["uri"] == str(tmp_path / folder)
+        assert json.loads(d.profile)["num_samples"] == manifest["num_samples"] > 0
+    assert run.data.tags["dyntrain.data_fingerprint"] == inputs["training"].digest
+    assert "shards@" + inputs["training"].digest[:8] in format_tables(*collect_runs(uri, ["baseline"]))
     assert run.info.status == "FINISHED"
     assert run.data.tags["mode"] == "fixed:S" and run.data.tags["world_size"] == "1"
     m = run.data.metrics

@@ -45,7 +45,8 @@ def collect_runs(tracking_uri: str, experiments: Optional[Sequence[str]] = None
             mode = tags.get("schedule") or params.get("schedule.mode", "dynamic")
             if mode == "fixed":
                 mode = f"fixed:{params.get('schedule.fixed_variant', '?')}"
-            pretrain.append(PretrainRun(run.info.run_id, name, exp, mode, run.info.status, dict(metrics)))
+            pretrain.append(PretrainRun(run.info.run_id, name, exp, mode, run.info.status, dict(metrics),
+                                        training_data(run)))
         rr = ResultRun(run.info.run_id, name, exp, stage)
         for key, value in metrics.items():
             m = EVAL_METRIC.match(key)
@@ -56,6 +57,15 @@ def collect_runs(tracking_uri: str, experiments: Optional[Sequence[str]] = None
         if rr.results:
             results.append(rr)
     return pretrain, results
+
+
+def training_data(run) -> str:
+    """``name@digest`` of the run's training set (its MLflow dataset input), "" when it has none."""
+    inputs = getattr(getattr(run, "inputs", None), "dataset_inputs", None) or []
+    for item in inputs:
+        if any(t.key == "mlflow.data.context" and t.value == "training" for t in item.tags):
+            return f"{item.dataset.name}@{item.dataset.digest[:8]}"
+    return ""
 
 
 def _stage_from_params(params: dict[str, str]) -> str:
@@ -74,12 +84,12 @@ def _fmt(value: Optional[float], spec: str) -> str:
 def format_tables(pretrain: list[PretrainRun], results: list[ResultRun]) -> str:
     parts = []
     if pretrain:
-        rows = [[r.name, r.mode, r.status, f"{r.steps:.0f}", _fmt(r.metrics.get("gpu_hours"), ".4f"),
+        rows = [[r.name, r.mode, r.data or "-", r.status, f"{r.steps:.0f}", _fmt(r.metrics.get("gpu_hours"), ".4f"),
                  _fmt(r.metrics.get("gpu_hours_separate"), ".4f"),
                  _fmt(r.metrics.get("gpu_hours_saved_frac"), ".3f"), _fmt(r.metrics.get("loss"), ".4f")]
                 for r in pretrain]
         parts.append("Pre-training runs\n" + text_table(
-            ["run", "mode", "status", "steps", "gpu_hours", "gpu_hours_separate",
+            ["run", "mode", "data", "status", "steps", "gpu_hours", "gpu_hours_separate",
              "saved_frac (equal iterations)", "loss"], rows))
         saving = separate_vs_dynamic(pretrain)
         if saving:

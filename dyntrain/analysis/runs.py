@@ -14,6 +14,7 @@ class PretrainRun:
     mode: str  # "dynamic" or "fixed:<variant>"
     status: str
     metrics: dict[str, float]
+    data: str = ""   # the training set (MLflow dataset input): name@digest
 
     @property
     def steps(self) -> float:

@@ -4,7 +4,7 @@ The interval is Student's t-interval over the per-seed values, ``mean +- t(0.975
 with ``s`` the sample standard deviation of the K seeds. With the handful of seeds a benchmark can
 afford (4 on CPU) a bootstrap over seeds has too few distinct resamples to mean anything; the
 t-interval is exact when the per-seed values are normal and reasonably robust otherwise. The
-quantile is computed here (integrating the t density), so any K works, not a table's.
+quantile is scipy's (``scipy.stats.t``), so any K works, not a table's.
 
 A paired comparison of two arms run on the same seeds takes the per-seed differences and gives their
 mean and t-interval: the seed's own luck (data order, initialisation) cancels, so a difference can be
@@ -23,38 +23,17 @@ from typing import Optional, Sequence
 METHOD = "student-t 95% interval over seeds"
 
 
-def _t_pdf(x: float, df: int) -> float:
-    c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    return math.exp(c - (df + 1) / 2 * math.log1p(x * x / df))
-
-
-def _t_cdf_upper_half(t: float, df: int, pieces: int = 2000) -> float:
-    """P(0 <= T <= t) by Simpson's rule on [0, t] (the density is smooth and bounded)."""
-    h = t / pieces
-    total = _t_pdf(0.0, df) + _t_pdf(t, df)
-    for i in range(1, pieces):
-        total += (4 if i % 2 else 2) * _t_pdf(i * h, df)
-    return total * h / 3
-
-
 @functools.lru_cache(maxsize=256)
 def t_quantile(p: float, df: int) -> float:
-    """The ``p`` quantile (0.5 < p < 1) of Student's t with ``df`` degrees of freedom."""
+    """The ``p`` quantile (0.5 < p < 1) of Student's t with ``df`` degrees of freedom (scipy)."""
     if not 0.5 < p < 1:
         raise ValueError(f"t_quantile: p must be in (0.5, 1), got {p}")
     if df < 1:
         raise ValueError(f"t_quantile: needs df >= 1, got {df}")
-    target = p - 0.5
-    lo, hi = 0.0, 1.0
-    while _t_cdf_upper_half(hi, df) < target:
-        hi *= 2
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if _t_cdf_upper_half(mid, df) < target:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
+    # lazy: scipy (a dependency) costs ~0.3 s to import; only interval computations need it
+    from scipy.stats import t
+
+    return float(t.ppf(p, df))
 
 
 def mean_ci95(values: Sequence[Optional[float]]) -> dict:

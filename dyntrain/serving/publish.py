@@ -87,7 +87,7 @@ def model_tags(model_cfg: dict[str, Any], info: dict[str, Any], run_tags: Mappin
         "dyntrain.reuse": json.dumps({k: list(v) for k, v in variants.items()}),
         "dyntrain.step": str(info.get("step")),
         "dyntrain.checkpoint_tag": str(info.get("tag")),
-        "dyntrain.data_fingerprint": data_fingerprint(data_section),
+        "dyntrain.data_fingerprint": run_tags.get("dyntrain.data_fingerprint") or data_fingerprint(data_section),
         "dyntrain.recipe": str(run_tags.get("recipe", "")),
         "dyntrain.stage": str(run_tags.get("dyntrain.stage", "")),
     }

@@ -18,6 +18,7 @@ after the checkpoint, or carried values that did reach the store before the kill
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -238,6 +239,14 @@ class MLflowTracker(Tracker):
         self.sender.submit(Record(f"artifact {path}", 1,
                                   lambda _m: self.client.log_artifact(self._run(), str(path))))
 
+    def log_datasets(self, datasets: list[dict]) -> None:
+        """The run's data sets (``dyntrain.data.shards.describe``) as MLflow dataset inputs: name, digest,
+        source (the first folder; every URL in the profile), sample count, and the
+        ``mlflow.data.context`` tag (training / validation): the runs table's Datasets column."""
+        if datasets:
+            self.sender.submit(Record("dataset inputs", 1, lambda _m: self.client.log_inputs(
+                self._run(), datasets=[dataset_input(d) for d in datasets])))
+
     def log_text(self, text: str, name: str) -> None:
         self.sender.submit(Record(name, 1, lambda _m: self.client.log_text(self._run(), text, name)))
 
@@ -274,6 +283,22 @@ class MLflowTracker(Tracker):
             log.warning("MLflow at %s: %d tracking records were lost (%d unsent when the run ended after "
                         "%.0f s of waiting); %s", self.uri, self.sender.lost, unsent,
                         self.cfg.tracking.flush_timeout_s, where)
+
+
+def dataset_input(d: dict):
+    """An MLflow ``DatasetInput`` of one data set description (``dyntrain.data.shards.describe``)."""
+    # lazy: mlflow is needed only where tracking is on (the GPU image has none)
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    first = redact("source", d["folders"][0])
+    profile = {"num_samples": d.get("num_samples"), "num_shards": d.get("num_shards"),
+               "manifest": d.get("manifest"), "sha256": d["digest"],
+               "sources": [redact("source", u) for u in d["sources"]][:100]}
+    dataset = Dataset(name=d["name"], digest=d["digest"][:16],
+                      source_type="s3" if first.startswith("s3://") else "local",
+                      source=json.dumps({"uri": first}), profile=json.dumps(profile))
+    return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["context"])])
 
 
 def _metrics_of(carried: list) -> list:

@@ -39,6 +39,7 @@ from dyntrain.config import Config
 from dyntrain.config.plan import BatchPlan, batch_plan, check_resume_plan
 from dyntrain.data.loader import LoaderFactory
 from dyntrain.data.logical import LogicalRanks, choose_data_ranks
+from dyntrain.data.shards.describe import describe_datasets
 from dyntrain.errors import DyntrainError, one_line
 from dyntrain.logs import get_logger, setup_logging
 from dyntrain.tracking import GPUHourAccount, make_tracker
@@ -235,6 +236,10 @@ def _describe_run(tracker, cfg: Config, ds_config: dict, plan: BatchPlan, schedu
         "bf16": str(ds_config["bf16"]["enabled"]),
     }
     tags.update(run_tags())  # which saving gpu_hours_saved_frac is (dyntrain.tracking.savings)
+    datasets = describe_datasets(cfg.data) if info.rank == 0 and cfg.tracking.enabled else []
+    if datasets:  # MLflow dataset inputs; the fingerprint hashes the data's manifests, not the config
+        tracker.log_datasets(datasets)
+        tags["dyntrain.data_fingerprint"] = datasets[0]["digest"][:16]
     if cfg.deepspeed.zero_stage == 3:
         tags["zero3_note"] = ZERO3_NOTE[:5000]
     if resumed_from:

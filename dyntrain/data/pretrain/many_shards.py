@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterable, Optional
 
 import numpy as np
 from PIL import Image
@@ -19,9 +20,10 @@ from dyntrain.data.storage.output import ShardOutput
 
 
 def write_many_shards(out: str, shards: int, per_shard: int, size: int = 64, seed: int = 0,
-                      threads: int = 8) -> list[str]:
+                      threads: int = 8, only: Optional[Iterable[int]] = None) -> list[str]:
     """Write ``shards`` shards of ``per_shard`` samples (``size`` x ``size`` JPEGs) to ``out``;
-    returns the shard names."""
+    returns the shard names. ``only``: write just these shards (and their indices), the manifest
+    still listing all (a large data set whose readers touch only these, for the benchmarks)."""
     output = ShardOutput(out)
     work = Path(tempfile.mkdtemp(prefix="many-shards-"))
     names = [f"shard-{i:06d}.tar" for i in range(shards)]
@@ -41,7 +43,7 @@ def write_many_shards(out: str, shards: int, per_shard: int, size: int = 64, see
         output.publish(idx, idx.name)
 
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(one, range(shards)))
+        list(pool.map(one, range(shards) if only is None else sorted(set(only))))
     manifest = {"format": "dyntrain-shards", "num_shards": shards, "num_samples": shards * per_shard,
                 "shards": [{"name": n, "index": n[:-4] + ".idx", "samples": per_shard} for n in names]}
     output.write_text("manifest.json", json.dumps(manifest))

@@ -3,9 +3,9 @@ target) crops on the training device.
 
 Per rank, one DALI pipeline:
 
-    fn.readers.webdataset   shard_id = rank, num_shards = world size, stick_to_shard = True,
-                            random_shuffle with a buffer of data.shuffle_buffer samples, seeded by
-                            (run.seed, rank); pad_last_batch = False
+    fn.readers.webdataset   shard_id = rank, num_shards = world size (or the rank's window of shards as
+                            one reader: window.py), stick_to_shard, random_shuffle with a buffer of
+                            data.shuffle_buffer samples seeded by (run.seed, rank), pad_last_batch = False
     fn.decoders.image_crop  "mixed" (nvJPEG) when the training device is a GPU, "cpu" otherwise
                             (same code); decodes only the random data.crop_size window
     degradation             per sample, by its kind (a DALI conditional): jpeg_compression_distortion,
@@ -26,9 +26,8 @@ batches always hold ``micro_batch_size`` samples, nothing is padded or dropped, 
 may fall inside a batch. ``stats()["epoch"]`` is samples read by this rank // its share.
 
 Exact resume. ``state_dict()`` holds the DALI checkpoint taken after the last batch handed out
-(``enable_checkpointing=True``: reader position, shuffle buffer and the RNG of the crop windows)
-and the batch counter; the degradation is a pure function of the batch counter, so
-``load_state_dict`` reproduces the next batches exactly.
+(reader position, shuffle buffer, the RNG of the crop windows) and the batch counter; the degradation
+is a pure function of the batch counter, so ``load_state_dict`` reproduces the next batches exactly.
 
 A batch that fails: see ``recovery`` (a transient storage error is retried for up to ``io_retry_s``
 with nothing skipped; a corrupt image is left out, counted and named).
@@ -95,7 +94,7 @@ class DaliPretrainLoader(CorruptRecovery, LoaderBase):
 
         # many shards under a manifest: a window of real shards ahead of the reader (window.py)
         ahead = read_ahead(self.shuffle_buffer, self.prefetch, self.batch_size)
-        self._window, self.shards, self.indices = resolve_shards(urls, self.rank, self.world_size, ahead)
+        self._window, self.shards, self.indices = resolve_shards(urls, rank, world_size, ahead, self.batch_size)
 
         self.iteration = 0        # DALI iterations consumed (the degradation's batch index)
         self.batches = 0          # batches handed out
@@ -107,13 +106,16 @@ class DaliPretrainLoader(CorruptRecovery, LoaderBase):
         self._skip: dict[int, tuple[int, ...]] = {}   # iteration -> slots not to decode
         self._samples = ShardSamples(self.indices is not None, self.device_id, decode == "mixed")
         self._check_patch_size()
-        self._reopen(None, self.shards[0])  # retried through an S3 outage (recovery)
-        meta = self._pipe.reader_meta(READER)
-        self.total_samples = int(meta["epoch_size"])
+        window = self._window  # DALI sees only its window: the split is the manifest's, not DALI's count
+        if window is None:
+            self._reopen(None, self.shards[0])  # retried through an S3 outage (recovery)
+        self.total_samples = window.total if window else int(self._pipe.reader_meta(READER)["epoch_size"])
         self.share = share_size(self.total_samples, self.rank, self.world_size)
         if self.share < 1:
             raise DataSourceError(f"rank {rank}: no samples in its share ({self.total_samples} "
                                   f"samples in {len(self.shards)} shards for {world_size} ranks)")
+        if window is not None:
+            self._reopen(None, self.shards[0])
         self._ckpt = self._pipe.checkpoint()
 
     def _check_patch_size(self) -> None:
@@ -166,17 +168,16 @@ class DaliPretrainLoader(CorruptRecovery, LoaderBase):
 
         S = self.spec.crop_size
         mixed = self.decode == "mixed"
-        paths, index_paths = (self._window.dali_paths() if self._window is not None
-                              else (self.shards, self.indices))
+        where = (self._window.reader_args() if self._window is not None else  # one reader of the window
+                 dict(paths=self.shards, index_paths=self.indices, shard_id=self.rank,
+                      num_shards=self.world_size))
         blank = np.zeros((S, S, 3), dtype=np.uint8)
 
         @pipeline_def(enable_conditionals=True)
         def pretrain_pipeline():
             encoded, meta = fn.readers.webdataset(
-                paths=paths, index_paths=index_paths, ext=[";".join(IMAGE_COMPONENTS), "json"],
-                missing_component_behavior="skip", name=READER,
-                shard_id=self.rank, num_shards=self.world_size, stick_to_shard=True,
-                pad_last_batch=False, random_shuffle=self.shuffle_buffer > 0,
+                **where, ext=[";".join(IMAGE_COMPONENTS), "json"], missing_component_behavior="skip",
+                name=READER, stick_to_shard=True, pad_last_batch=False, random_shuffle=self.shuffle_buffer > 0,
                 initial_fill=max(1, self.shuffle_buffer),
                 seed=seed32(self.seed, self.rank, 0x5EAD))
             dtypes = [types.BOOL, *self._param_types(types)]

@@ -5,6 +5,8 @@
     make_shards.py index --src DIR ... --out OUT --part I/N     de-duplication: hash part I's images
     make_shards.py plan --out OUT --parts N                     de-duplication: the plan over all parts
     make_shards.py --dedup ...                                  build without the plan's duplicates
+    make_shards.py manifest --out OUT [--force]                 a manifest (and missing DALI indices)
+                                                                for shards made by other tools
 
 stdout carries one JSON line (output, shard and sample counts), and a second one for the validation
 shards with ``--holdout``; the log goes to stderr.
@@ -19,6 +21,7 @@ from typing import Optional
 from dyntrain.data.shards.builder import empty_message
 from dyntrain.data.shards.dedup import NEAR_THRESHOLD, apply_plan
 from dyntrain.data.shards.dedup_steps import index_part, load_plan, make_plan, plan_summary
+from dyntrain.data.shards.foreign import describe_shards
 from dyntrain.data.shards.merge import merge_parts
 from dyntrain.data.shards.patches import ShardBuildConfig
 from dyntrain.data.shards.sources import list_sources, parse_part
@@ -68,6 +71,22 @@ def merge_main(argv: list[str]) -> int:
         print(json.dumps({"out": out, "num_shards": m["num_shards"], "num_samples": m["num_samples"],
                           "parts": len(m["parts"]), "counts": m["counts"],
                           **({"up_to_date": m["up_to_date"]} if "up_to_date" in m else {})}))
+    return 0
+
+
+def manifest_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="make_shards.py manifest",
+        description="Write manifest.json and the missing DALI indices for a WebDataset shard folder "
+                    "made by other tools (img2dataset, tarp): training then starts on it without "
+                    "listing the folder or opening every shard.")
+    p.add_argument("--out", required=True, metavar="DIR_OR_S3_URL", help="the shard folder")
+    p.add_argument("--force", action="store_true", help="replace a manifest that lists other shards")
+    args = p.parse_args(argv)
+    setup_logging(stream=sys.stderr)
+    m = describe_shards(args.out, force=args.force)
+    print(json.dumps({"out": args.out, "num_shards": m["num_shards"], "num_samples": m["num_samples"],
+                      "indices_made": m.get("indices_made", 0), "up_to_date": m.get("up_to_date", False)}))
     return 0
 
 
@@ -163,6 +182,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return merge_main(argv[1:])
     if argv[:1] == ["plan"]:
         return plan_main(argv[1:])
+    if argv[:1] == ["manifest"]:
+        return manifest_main(argv[1:])
     index = argv[:1] == ["index"]
     args = parse_args(argv[1:] if index else argv)
     setup_logging(stream=sys.stderr)
