@@ -143,7 +143,7 @@ def test_dry_run_at_64_gpus_as_a_command(data, tmp_path):
     text = proc.stdout
     assert "global batch 64 (grown from 32" in text and "optim.lr_scaling=sqrt" in text
     assert "500000 iterations = 32000000 samples" in text
-    assert re.search(r"pre-flight: data \d+ samples in \d+ shards \(manifest.json\)", text) and "starts fresh" in text
+    assert re.search(r"pre-flight: data \d+ samples in \d+ shards \(manifest.json( of [^)]+)?\)", text) and "starts fresh" in text
     assert "epochs" in text and "MLflow sqlite:///" in text
     ds = json.loads(lines[-1])
     assert ds["train_batch_size"] == 64 and ds["optimizer"]["params"]["lr"] == pytest.approx(1e-4 * 2 ** 0.5)

@@ -333,7 +333,6 @@ class DaliPretrainLoader(CorruptRecovery, LoaderBase):
 
 def build_pretrain_loader(cfg, rank: int, world_size: int, device) -> DaliPretrainLoader:
     """The pre-training loader of ``cfg.data`` (source "shards") for one data rank, at the batch plan's micro-batch."""
-
     data = batch_plan(cfg, world_size).apply(cfg).data
     if data.source != "shards":
         raise ConfigError(f"data.source: pre-training reads 'shards', got {data.source!r}")
