@@ -111,8 +111,11 @@ def _one_torch_thread() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _mlflow_credentials_stay_in_their_test(monkeypatch) -> None:
     """``load_config`` moves credentials of a ``tracking.uri`` into MLflow's environment variables
-    (``dyntrain.redaction.mlflow_uri``): undo that after each test."""
-    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+    (``dyntrain.redaction.mlflow_uri``), and ``mlflow.set_registry_uri`` leaves ``MLFLOW_REGISTRY_URI``
+    there for every later child process (a job would register into that test's server): undo both
+    after each test."""
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                 "MLFLOW_REGISTRY_URI"):
         monkeypatch.setenv(name, os.environ.get(name, ""))
         if not os.environ[name]:
             monkeypatch.delenv(name)

@@ -84,3 +84,13 @@ def test_compare_reads_runs_prints_tables_and_logs_the_plot(tmp_path):
     assert "none found" in format_tables([], [])
     with pytest.raises(ValueError, match="nope"):
         collect_runs(uri, ["nope"])
+
+
+def test_the_client_registers_into_its_own_store_whatever_the_environment_says(monkeypatch, tmp_path):
+    """mlflow.set_registry_uri leaves MLFLOW_REGISTRY_URI in the environment (a fetch of a model does
+    it in-process, and job processes inherit it): the promotion's client must not follow it."""
+    from dyntrain.tracking.store import open_client
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", "http://127.0.0.1:9/")
+    assert open_client(uri)._registry_uri == uri

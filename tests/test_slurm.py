@@ -327,7 +327,7 @@ def test_paper_chain_pretrains_finetunes_evaluates_and_registers(slurm, tmp_path
     ft_run = ft_final["client"]["mlflow_run_id"]
     assert pre_final["client"]["mlflow_run_id"] != ft_run
 
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)  # not this process's registry of an earlier test
     version = client.get_model_version_by_alias(name, "candidate")
     assert version.run_id == ft_run
     metrics = client.get_run(ft_run).data.metrics

@@ -132,6 +132,7 @@ def log_checkpoint_model(tracking_uri: str, run_id: str, checkpoint_dir: str | P
     mb = sum(t.numel() * t.element_size() for t in weights.values()) / 2 ** 20
     router = router_path_for(checkpoint_dir)
     mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)  # register_as goes to the run's store, not an inherited MLFLOW_REGISTRY_URI
     # MLflow files a logged model under the active experiment: the run's, so that runs:/<id>/model finds it
     mlflow.set_experiment(experiment_id=mlflow.MlflowClient(tracking_uri).get_run(run_id).info.experiment_id)
     with tempfile.TemporaryDirectory(prefix="dyntrain-model-") as tmp:

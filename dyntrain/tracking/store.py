@@ -26,7 +26,10 @@ def open_client(tracking_uri: str) -> Any:
     # lazy: mlflow is needed only where tracking is on (the GPU image has none)
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(mlflow_uri(tracking_uri))
+    uri = mlflow_uri(tracking_uri)
+    # the registry of the same store: MLflow would otherwise take MLFLOW_REGISTRY_URI, which any
+    # mlflow.set_registry_uri in this process (or a parent's) leaves in the environment
+    return MlflowClient(uri, registry_uri=uri)
 
 
 def _client(where: Any) -> Any:
@@ -233,6 +236,7 @@ def promote_run(tracking_uri: str, run_id: str, alias: str, name: Optional[str] 
             raise PromotionError(f"{label} has a logged model that is not registered; give --name to "
                                  "register it under that name")
         mlflow.set_tracking_uri(mlflow_uri(tracking_uri))
+        mlflow.set_registry_uri(mlflow_uri(tracking_uri))  # the run's own store, not an inherited one
         version = mlflow.register_model(f"models:/{outputs[-1].model_id}", name)
         versions = [client.get_model_version(name, version.version)]
     names = sorted({v.name for v in versions})
