@@ -182,8 +182,6 @@ def start_mlflow_server(root: Path, port: Optional[int] = None, timeout: float =
     """Start ``mlflow server`` on 127.0.0.1 with its backend store ``root/mlflow.db`` and artifacts
     in ``root/artifacts`` (served over HTTP: clients upload through the server). Returns (process,
     tracking URI) once ``/health`` answers. The same ``root`` and ``port`` restart the same server."""
-    import urllib.request
-
     port = port or free_port()
     root.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -196,19 +194,27 @@ def start_mlflow_server(root: Path, port: Optional[int] = None, timeout: float =
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env=server_env(dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")))
     uri = f"http://127.0.0.1:{port}"
+    wait_healthy(proc, uri, root / "server.log", timeout, "mlflow server")
+    return proc, uri
+
+
+def wait_healthy(proc: subprocess.Popen, uri: str, log: Path, timeout: float, what: str) -> None:
+    """Wait until the MLflow server ``proc`` answers ``uri/health``; RuntimeError with the tail of
+    ``log`` if it exits, or (the server killed) if it does not answer within ``timeout`` s."""
+    import urllib.request
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with code {proc.returncode}: "
-                               + (root / "server.log").read_text()[-2000:])
+            raise RuntimeError(f"{what} exited with code {proc.returncode}: " + log.read_text()[-2000:])
         try:
             with urllib.request.urlopen(f"{uri}/health", timeout=1) as resp:
                 if resp.status == 200:
-                    return proc, uri
+                    return
         except OSError:
             time.sleep(0.2)
     stop_mlflow_server(proc)
-    raise RuntimeError(f"mlflow server did not answer on {uri} within {timeout:.0f} s")
+    raise RuntimeError(f"{what} did not answer on {uri} within {timeout:.0f} s")
 
 
 def stop_mlflow_server(proc: subprocess.Popen) -> None:
@@ -247,8 +253,6 @@ class AuthMlflowServer:
     ``username``/``password`` (``env`` holds them as the jobs take them)."""
 
     def __init__(self, root: Path, timeout: float = 120) -> None:
-        import urllib.request
-
         self.root, self.port = root, free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.username, self.password = "admin-test", f"pw-{uuid.uuid4().hex}"
@@ -259,19 +263,7 @@ class AuthMlflowServer:
         with (root / "server.log").open("ab") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                          env={**os.environ, **self.env, "DYNTRAIN_PYTHON": sys.executable})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tracking_server.sh exited with code {self.proc.returncode}: "
-                                   + (root / "server.log").read_text()[-2000:])
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"tracking_server.sh did not answer on {self.uri} within {timeout:.0f} s")
+        wait_healthy(self.proc, self.uri, root / "server.log", timeout, "tracking_server.sh")
 
     def stop(self) -> None:
         stop_mlflow_server(self.proc)

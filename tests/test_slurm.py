@@ -158,12 +158,17 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         s.stop()
 
 
-def test_preempted_job_checkpoints_requeues_and_finishes(slurm, tmp_path):
-    t0 = time.time()
+def make_tiny_shards(tmp_path: Path) -> None:
+    """Four 64 px patches a shard from four synthetic photographs, in ``tmp_path/shards``."""
     write_synthetic_images(tmp_path / "images", 4, size=(128, 128), seed=5)
     subprocess.run([sys.executable, str(ROOT / "launch" / "make_shards.py"), "--src", str(tmp_path / "images"),
                     "--out", str(tmp_path / "shards"), "--patch-size", "64", "--shard-samples", "4",
                     "--quiet"], check=True, timeout=120)
+
+
+def test_preempted_job_checkpoints_requeues_and_finishes(slurm, tmp_path):
+    t0 = time.time()
+    make_tiny_shards(tmp_path)
     ckpt = tmp_path / "ckpt"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     max_steps, every = 40, 10
@@ -279,10 +284,7 @@ def test_paper_chain_pretrains_finetunes_evaluates_and_registers(slurm, tmp_path
     from mlflow.tracking import MlflowClient
 
     t0 = time.time()
-    write_synthetic_images(tmp_path / "images", 4, size=(128, 128), seed=5)
-    subprocess.run([sys.executable, str(ROOT / "launch" / "make_shards.py"), "--src", str(tmp_path / "images"),
-                    "--out", str(tmp_path / "shards"), "--patch-size", "64", "--shard-samples", "4",
-                    "--quiet"], check=True, timeout=120)
+    make_tiny_shards(tmp_path)
     demo = tmp_path / "demo"
     subprocess.run([sys.executable, "-m", "dyntrain.data.finetune.paired", "demo", "--out", str(demo),
                     "--train-images", "4", "--test-images", "1", "--height", "40", "--width", "48"],
