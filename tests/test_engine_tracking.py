@@ -101,6 +101,116 @@ def test_account_survives_a_resume(clock):
     assert on_four.metrics()["gpu_hours"] == pytest.approx(3.0 * 2 / 3600)
 
 
+# ------------------------------------------------------------------ faults do not bend the account
+def _steps(acc, clock, steps, overhead=0.2, slow=None):
+    """Steps ``steps`` (0-based indices) of an S/L run (S 1 s, L 3 s; step ``i`` is L when i % 3 == 0),
+    ``overhead`` s outside each step, ``slow``: {index: extra seconds inside that step}."""
+    for i in steps:
+        v = "L" if i % 3 == 0 else "S"
+        dt = (3.0 if v == "L" else 1.0) + (slow or {}).get(i, 0.0)
+        clock.t += dt + overhead
+        acc.record_step([v], dt, step=i)
+
+
+def _identity(m):
+    assert m["gpu_hours_productive"] + m["gpu_hours_lost"] == pytest.approx(m["gpu_hours"], rel=1e-12)
+    assert m["gpu_hours_lost"] == pytest.approx(sum(m[f"gpu_hours_lost_{c}"] for c in ("stall", "replay", "restart")))
+
+
+def _clean(clock, n=40):
+    acc = GPUHourAccount(2, ["S", "L"])
+    acc.add_startup(10.0)
+    acc.start()
+    _steps(acc, clock, range(n), slow={0: 2.0})   # the first step of a run warms up
+    acc.stop()
+    return acc.metrics()
+
+
+def test_a_stalled_step_is_lost_time_not_step_time(clock):
+    clean = _clean(clock)
+    acc = GPUHourAccount(2, ["S", "L"])
+    acc.start()
+    _steps(acc, clock, range(40), slow={0: 2.0, 20: 29.7})   # step 20 (S) waited 29.7 s on S3
+    acc.stop()
+    m = acc.metrics()
+    _identity(m)
+    assert m["stalled_steps"] == 1 and m["gpu_hours_lost_stall"] == pytest.approx(29.7 * 2 / 3600)
+    assert m["step_time_mean_S"] == pytest.approx(clean["step_time_mean_S"])   # t_S did not swell
+    assert m["gpu_hours_saved_frac"] == pytest.approx(clean["gpu_hours_saved_frac"], abs=1e-12)
+    assert m["gpu_hours_lost_replay"] == m["gpu_hours_lost_restart"] == 0 and m["restarts"] == 0
+    # within the bound (3 x typical + 0.5 s) a slow step is an ordinary one
+    from dyntrain.tracking.faults import STALL_FACTOR, STALL_FLOOR_S
+    acc.start()
+    _steps(acc, clock, [41], slow={41: (STALL_FACTOR - 1) * 1.0 + STALL_FLOOR_S - 0.01})
+    assert acc.metrics()["stalled_steps"] == 1
+
+
+def test_replayed_steps_and_restarts_are_lost_time_and_the_saving_holds(clock, tmp_path):
+    from dyntrain.tracking.faults import read_progress, write_progress
+
+    clean = _clean(clock)
+    first = GPUHourAccount(2, ["S", "L"])
+    first.add_startup(10.0)
+    first.start()
+    _steps(first, clock, range(16), slow={0: 2.0})
+    checkpoint = first.state_dict()          # the checkpoint of step 16
+    _steps(first, clock, range(16, 22))       # ... then kill -9 after step 22: its 6 steps are lost
+    write_progress(tmp_path, first.faults.run_key, first.faults.furthest_step)
+    # the resumed segment, on 1 rank hosting both readers: each step takes twice the wall time
+    second = GPUHourAccount(1, ["S", "L"])
+    second.load_state_dict(checkpoint)
+    second.faults.continue_after(*read_progress(tmp_path))
+    assert read_progress(tmp_path / "missing") == (None, 0) and second.faults.replay_until == 22
+    second.add_startup(8.0)                   # a restart's start-up: restart cost
+    second.start()
+    for i in range(16, 40):
+        v = "L" if i % 3 == 0 else "S"
+        dt = 2 * ((3.0 if v == "L" else 1.0) + (1.5 if i == 16 else 0.0))   # 16 warms up
+        clock.t += dt + 2 * 0.2
+        second.record_step([v], dt, step=i)   # 16-21 replayed
+    second.stop()
+    m = second.metrics()
+    _identity(m)
+    assert m["replayed_steps"] == 6 and m["restarts"] == 1 and m["stalled_steps"] == 0
+    assert m["steps_S"] + m["steps_L"] == 40                 # every step is in the final weights ...
+    replay = 2 * (3.0 + 1.5 + 1.0 + 1.0 + 3.0 + 1.0 + 1.0)
+    # ... the replays are lost, with their share of the time outside steps (0.4 s a step here)
+    outside = (m["gpu_hours_productive"] * 3600 - m["steps_s"]) / m["steps_s"]
+    assert m["gpu_hours_lost_replay"] == pytest.approx(replay * (1 + outside) / 3600)
+    assert m["gpu_hours_lost_restart"] == pytest.approx(8.0 / 3600)    # the restart's start-up
+    assert m["step_time_mean_S"] == pytest.approx(2 * clean["step_time_mean_S"])  # on 1 accelerator
+    assert abs(m["gpu_hours_saved_frac"] - clean["gpu_hours_saved_frac"]) < 0.001, (m, clean)
+    # stopped at step 40 (SIGUSR1, no replay), resumed on 2 ranks: the first step of each variant
+    # warms up (L 4 s over its typical 3 s) and costs the restart, not t_L
+    third = GPUHourAccount(2, ["S", "L"])
+    third.load_state_dict(second.state_dict())
+    third.faults.continue_after("another-run", 50)                  # another run's progress file: ignored
+    assert third.faults.replay_until == 40
+    third.add_startup(3.0)
+    third.start()
+    _steps(third, clock, range(40, 46), slow={40: 4.0})
+    third.stop()
+    m3 = third.metrics()
+    _identity(m3)
+    assert m3["restarts"] == 2 and m3["replayed_steps"] == 6
+    assert m3["gpu_hours_lost_restart"] == pytest.approx((8.0 + (3.0 + 4.0) * 2) / 3600)
+    assert m3["step_time_mean_L"] == pytest.approx(clean["step_time_mean_L"])
+
+
+def test_an_account_of_an_older_checkpoint_loads_with_nothing_lost(clock):
+    acc = GPUHourAccount(2, ["S", "L"])
+    acc.start()
+    _steps(acc, clock, range(6))
+    acc.stop()
+    old = {k: v for k, v in acc.state_dict().items()
+           if k in ("accelerators", "variants", "n_steps", "count", "seconds", "same", "switched", "wall_s")}
+    again = GPUHourAccount(2, ["S", "L"])
+    again.load_state_dict(old)
+    m = again.metrics()
+    _identity(m)
+    assert m["gpu_hours_lost"] == 0 and m["gpu_hours_saved_frac"] == pytest.approx(acc.metrics()["gpu_hours_saved_frac"])
+
+
 def test_redaction():
     assert redact("tracking.uri", "http://bob:pw@host:5000/x") == "http://***@host:5000/x"
     assert redact("data.train_urls", ["s3://b/a.tar"]) == ["s3://b/a.tar"]

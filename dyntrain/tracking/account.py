@@ -1,20 +1,51 @@
 """The GPU-hour account: what dynamic S/L training costs against training each variant alone.
 
-Let N be the optimizer steps trained, n_v of them with variant v, t_v the measured mean step time of
-v (wall clock of the step: data wait + forward + backward + optimizer; on CUDA synchronised at the
-step's end), W the wall time of the training loop (everything between the first step's start and the
-last step's end: steps, logging, checkpoint saves, checks; summed over resumed segments; start-up
-before the first step — process group, model, engine, loader, resume — is reported separately as
-``startup_s_total`` and included in ``gpu_hours_with_startup``) and A the number of accelerators
-(GPUs, or CPU processes on a machine without GPU):
+Let N be the productive optimizer steps (see "Faults" below), n_v of them with variant v, t_v the
+mean productive step time of v (wall clock of the step: data wait + forward + backward + optimizer;
+on CUDA synchronised at the step's end), W the wall time of the training loop (everything between
+the first step's start and the last step's end: steps, logging, checkpoint saves, checks; summed over
+resumed segments; start-up before the first step — process group, model, engine, loader, resume — is
+reported separately as ``startup_s_total`` and included in ``gpu_hours_with_startup``), R the
+start-up time of the segments after the first (restarts) and A the number of accelerators (GPUs, or
+CPU processes on a machine without GPU):
 
-    gpu_hours                     = W * A / 3600
+    gpu_hours                     = (W + R) * A / 3600
+    gpu_hours_lost                = sum of gpu_hours_lost_<cause>, cause in stall, replay, restart
+    gpu_hours_productive          = gpu_hours - gpu_hours_lost
     gpu_hours_separate            = N * sum_v t_v * A / 3600       (v over the variants the run trains)
-    gpu_hours_saved_frac          = 1 - gpu_hours / gpu_hours_separate
+    gpu_hours_saved_frac          = 1 - gpu_hours_productive / gpu_hours_separate
     gpu_hours_saved_frac_expected = 1 - sum_v n_v t_v / (N * sum_v t_v)
-    overhead_frac                 = 1 - sum_v n_v t_v / W           (time outside the steps)
+    overhead_frac                 = 1 - sum_v n_v t_v * A / 3600 / gpu_hours_productive
+                                    (productive time outside the steps)
     switch_penalty_s              = mean over steps that switched variant of (t - t_v of a
                                     non-switching step of the same variant)
+
+Faults cost GPU hours but do not move the saving: the time they cost is booked by cause and left out
+of both sides of the saving. Per step (its label: the variants it trains, and its teacher):
+
+    replay    a step computed again after a resume: its index is below the furthest step any earlier
+              segment reached (``furthest_step``, carried in the account state and, for a segment
+              killed after its last checkpoint, in ``account_progress.json`` beside the checkpoints,
+              written by rank 0 after every step). Its whole time is lost, with its pro-rata share
+              of the loop's time outside steps (logging, checkpoint saves: the productive steps'
+              ratio of outside time to step time); it counts in ``steps_<v>`` (it is in the final
+              weights) but not in N: the first computation of that step died with the killed
+              segment, whose time after its checkpoint the account never saw (a resume continues
+              the checkpoint's account), so the replay stands for it (``replayed_steps``).
+    restart   the start-up of every segment after the first (R), plus the warm-up of a resumed
+              segment: the first step of each label in it counts at its typical time, the rest is
+              lost (``restarts``: segments after the first). The first segment's warm-up is part of
+              any run (a separate run pays its own) and stays productive.
+    stall     a step longer than 3 x its label's typical time + 0.5 s (a step that waited on
+              storage, or on a peer that did) counts at its typical time; the excess is lost
+              (``stalled_steps``). The total step time is judged, not only the data wait: under data
+              parallelism a stalled reader on one rank makes every rank wait in the all-reduce.
+
+The typical time of a label is the median of its last 15 ordinary steps (neither warm-up nor
+stalled) once 3 were seen; before that nothing is judged (the bounds: ``dyntrain.tracking.faults``).
+gpu_hours = productive + lost holds by construction. Every time figure is
+carried across resumes in accelerator-seconds (a segment on another number of accelerators converts
+them), so a step on 1 rank hosting 2 readers and one on 2 ranks weigh the same.
 
 Validation (``dyntrain.eval.validation``) runs between steps: its time is part of W but never of a step
 time, and is reported as ``val_s_total``; ``gpu_hours_train = (W - validation time in the loop) * A /
@@ -48,6 +79,8 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable, Optional
 
+from dyntrain.tracking.faults import LOST_CAUSES, FaultLedger
+
 
 def forward_shares(variants, pass_s: Optional[dict[str, float]]) -> list[float]:
     """Each variant's share of a multi-variant step (fractions summing to 1): in proportion to its
@@ -70,19 +103,23 @@ class GPUHourAccount:
     def __init__(self, accelerators: int, variants: Iterable[str]) -> None:
         self.accelerators = int(accelerators)
         self.variants = list(variants)
-        self.count = {v: 0 for v in self.variants}
-        self.seconds = {v: 0.0 for v in self.variants}
+        self.count = {v: 0 for v in self.variants}      # steps of v in the final weights (steps_<v>)
+        self.productive = {v: 0 for v in self.variants}  # n_v: those not replayed
+        self.seconds = {v: 0.0 for v in self.variants}   # productive seconds of v's steps
         # steps that follow a step of the same variant vs. a switch (first step of a segment: neither)
         self.same = {v: [0, 0.0] for v in self.variants}
         self.switched = {v: [0, 0.0] for v in self.variants}
         self.n_steps = 0       # optimizer steps (a sandwich step counts once here, once per variant above)
+        self.n_productive = 0  # N: optimizer steps not replayed
         self.teacher_s = 0.0   # teacher forwards without gradient (dynamic-mode distillation)
         self.flops = 0.0       # training work so far (FLOPs, see the module docstring)
         self.flops_per_sample: dict[str, float] = {}  # F_v; empty = work not counted
         self.prior_wall_s = 0.0
         self.startup_s = 0.0  # process start -> first step, summed over segments (not in gpu_hours)
+        self.restart_startup_s = 0.0  # the part of it after the first segment (R, in gpu_hours)
         self.val_s = 0.0       # validation, all of it
         self.val_loop_s = 0.0  # validation inside the training loop's wall time
+        self.faults = FaultLedger()  # what faults cost (``dyntrain.tracking.faults``)
         self._segment_start: Optional[float] = None
         self._segment_wall_s = 0.0
         self._previous: Optional[str] = None
@@ -104,8 +141,12 @@ class GPUHourAccount:
         return self.prior_wall_s + self._segment_wall_s + running
 
     def add_startup(self, seconds: float) -> None:
-        """Start-up time of this segment (distributed init, model, engine, loader, resume)."""
+        """Start-up time of this segment (distributed init, model, engine, loader, resume); after
+        the first segment it is restart cost."""
         self.startup_s += float(seconds)
+        if self.faults.resumed:
+            self.restart_startup_s += float(seconds)
+            self.faults.add_startup(float(seconds))
 
     def add_validation(self, seconds: float) -> None:
         """Validation took ``seconds`` (between steps, or before the loop started)."""
@@ -121,14 +162,16 @@ class GPUHourAccount:
     def _ensure(self, variant: str) -> None:
         if variant not in self.count:  # e.g. a variant outside the planned set
             self.variants.append(variant)
-            self.count[variant], self.seconds[variant] = 0, 0.0
+            self.count[variant], self.productive[variant], self.seconds[variant] = 0, 0, 0.0
             self.same[variant], self.switched[variant] = [0, 0.0], [0, 0.0]
 
     def record(self, variant: str, seconds: float) -> None:
-        """One optimizer step of ``variant`` took ``seconds``."""
+        """One productive optimizer step of ``variant`` took ``seconds``."""
         self._ensure(variant)
         self.n_steps += 1
+        self.n_productive += 1
         self.count[variant] += 1
+        self.productive[variant] += 1
         self.seconds[variant] += seconds
         if self._previous is not None:
             bucket = self.same if self._previous == variant else self.switched
@@ -137,14 +180,30 @@ class GPUHourAccount:
         self._previous = variant
 
     def record_step(self, variants, seconds: float, pass_s: Optional[dict[str, float]] = None,
-                    samples: int = 0, teacher: Optional[str] = None) -> None:
+                    samples: int = 0, teacher: Optional[str] = None, step: Optional[int] = None) -> None:
         """One optimizer step that trained ``variants`` took ``seconds``; ``pass_s``: measured
         forward seconds per variant inside it, and "teacher" for the forward without gradient of
-        the variant ``teacher``; ``samples``: samples of the step over all ranks (work count)."""
+        the variant ``teacher``; ``samples``: samples of the step over all ranks (work count);
+        ``step``: its index (0-based), which tells a replay after a resume (None: not judged)."""
         variants = list(variants)
-        pass_s = dict(pass_s or {})
+        if self.flops_per_sample and samples:
+            work = 3.0 * sum(self.flops_per_sample.get(v, 0.0) for v in variants)
+            if teacher is not None:
+                work += self.flops_per_sample.get(teacher, 0.0)
+            self.flops += work * samples
+        label = "+".join(variants) + (f"|{teacher}" if teacher is not None else "")
+        if self.faults.replayed(step, label, float(seconds)):  # in the final weights, but lost time
+            self.n_steps += 1
+            for v in variants:
+                self._ensure(v)
+                self.count[v] += 1
+            self._previous = None
+            return
+        kept = self.faults.judge(label, float(seconds))
+        scale = kept / seconds if seconds > 0 else 1.0
+        pass_s = {k: x * scale for k, x in (pass_s or {}).items()}
         teacher_s = float(pass_s.pop("teacher", 0.0))
-        train = max(0.0, seconds - teacher_s)
+        train = max(0.0, kept - teacher_s)
         self.teacher_s += teacher_s
         if len(variants) == 1:
             self.record(variants[0], train)
@@ -152,19 +211,16 @@ class GPUHourAccount:
             for v, share in zip(variants, forward_shares(variants, pass_s)):
                 self._ensure(v)
                 self.count[v] += 1
+                self.productive[v] += 1
                 self.seconds[v] += train * share
             self.n_steps += 1
+            self.n_productive += 1
             self._previous = None  # a switch penalty is a property of single-variant steps
-        if self.flops_per_sample and samples:
-            work = 3.0 * sum(self.flops_per_sample.get(v, 0.0) for v in variants)
-            if teacher is not None:
-                work += self.flops_per_sample.get(teacher, 0.0)
-            self.flops += work * samples
 
     # -------------------------------------------------------------------------------- figures
     @property
     def steps(self) -> int:
-        """Optimizer steps recorded."""
+        """Optimizer steps recorded (replays included)."""
         return self.n_steps
 
     @property
@@ -172,22 +228,33 @@ class GPUHourAccount:
         return self.flops / 1e15
 
     def mean_step_s(self, variant: str) -> Optional[float]:
-        n = self.count.get(variant, 0)
+        """t_v: the mean productive step time of ``variant`` (None before its first)."""
+        n = self.productive.get(variant, 0)
         return self.seconds[variant] / n if n else None
 
     def metrics(self) -> dict[str, float]:
         """The account as MLflow metrics (the gpu_hours_separate family only once every trained
         variant has been measured)."""
-        a, n_steps, wall = self.accelerators, self.steps, self.wall_s
+        a, n_steps, wall = self.accelerators, self.n_productive, self.wall_s
         step_sum = sum(self.seconds.values()) + self.teacher_s
-        out: dict[str, float] = {"gpu_hours": wall * a / 3600.0, "train_wall_s": wall,
-                                 "steps_s": step_sum}
+        total_s = wall + self.restart_startup_s
+        lost = self.faults.lost_by_cause(total_s, step_sum)
+        lost_s = sum(lost.values())
+        productive_s = total_s - lost_s
+        out: dict[str, float] = {"gpu_hours": total_s * a / 3600.0, "train_wall_s": wall,
+                                 "steps_s": step_sum, "gpu_hours_productive": productive_s * a / 3600.0,
+                                 "gpu_hours_lost": lost_s * a / 3600.0}
+        for cause in LOST_CAUSES:
+            out[f"gpu_hours_lost_{cause}"] = lost[cause] * a / 3600.0
+        out["replayed_steps"] = float(self.faults.replayed_steps)
+        out["stalled_steps"] = float(self.faults.stalled_steps)
+        out["restarts"] = float(self.faults.segments - 1)
         if self.teacher_s:
             out["teacher_s_total"] = self.teacher_s
         if self.flops_per_sample:
             out["pflop"] = self.pflop
-        if wall > 0:
-            out["overhead_frac"] = 1.0 - step_sum / wall
+        if productive_s > 0:
+            out["overhead_frac"] = 1.0 - step_sum / productive_s
         if self.val_s:
             out["val_s_total"] = self.val_s
             out["gpu_hours_train"] = self.gpu_hours_train
@@ -199,13 +266,14 @@ class GPUHourAccount:
             if mean is not None:
                 out[f"step_time_mean_{v}"] = mean
                 out[f"gpu_hours_{v}"] = self.seconds[v] * a / 3600.0
+            if self.count[v]:
                 out[f"steps_{v}"] = float(self.count[v])
         means = [self.mean_step_s(v) for v in self.variants]
         if n_steps and all(m is not None for m in means):
             per_iter_separate = sum(means)  # type: ignore[arg-type]
             separate = n_steps * per_iter_separate * a / 3600.0
             out["gpu_hours_separate"] = separate
-            out["gpu_hours_saved_frac"] = 1.0 - out["gpu_hours"] / separate
+            out["gpu_hours_saved_frac"] = 1.0 - out["gpu_hours_productive"] / separate
             out["gpu_hours_saved_frac_expected"] = 1.0 - step_sum / (n_steps * per_iter_separate)
         penalties = []
         for v in self.variants:
@@ -220,36 +288,45 @@ class GPUHourAccount:
     # ------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
         return {"accelerators": self.accelerators, "variants": list(self.variants),
-                "n_steps": self.n_steps, "teacher_s": self.teacher_s, "flops": self.flops,
-                "count": dict(self.count), "seconds": dict(self.seconds),
+                "n_steps": self.n_steps, "n_productive": self.n_productive, "teacher_s": self.teacher_s,
+                "flops": self.flops, "count": dict(self.count), "productive": dict(self.productive),
+                "seconds": dict(self.seconds),
                 "same": {k: list(v) for k, v in self.same.items()},
                 "switched": {k: list(v) for k, v in self.switched.items()},
-                "wall_s": self.wall_s, "startup_s": self.startup_s,
-                "val_s": self.val_s, "val_loop_s": self.val_loop_s}
+                "wall_s": self.wall_s, "startup_s": self.startup_s, "restart_startup_s": self.restart_startup_s,
+                "val_s": self.val_s, "val_loop_s": self.val_loop_s, "faults": self.faults.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the account of a checkpoint: this is a new segment of that run (a restart)."""
         for v in state["variants"]:
             if v not in self.variants:
                 self.variants.append(v)
-        for name in ("count", "seconds"):
-            getattr(self, name).update(state[name])
+        # a resumed run may use a different number of accelerators: its past times are converted
+        # into accelerator-seconds at the new count (a step of 2 s on 1 rank weighs 1 s on 2), so
+        # gpu_hours stays the sum of both segments and t_v mixes them fairly
+        scale = state["accelerators"] / self.accelerators
+        self.count.update(state["count"])
+        # before the fault account existed every step was productive
+        self.productive.update(state.get("productive", state["count"]))
+        self.seconds.update({k: float(x) * scale for k, x in state["seconds"].items()})
         for name in ("same", "switched"):
-            getattr(self, name).update({k: list(v) for k, v in state[name].items()})
+            getattr(self, name).update({k: [int(v[0]), float(v[1]) * scale] for k, v in state[name].items()})
         # before multi-variant steps existed every step counted for exactly one variant
         self.n_steps = int(state.get("n_steps", sum(int(c) for c in state["count"].values())))
+        self.n_productive = int(state.get("n_productive", self.n_steps))
         self.flops = float(state.get("flops", 0.0))
         for v in self.variants:
             self.count.setdefault(v, 0)
+            self.productive.setdefault(v, 0)
             self.seconds.setdefault(v, 0.0)
             self.same.setdefault(v, [0, 0.0])
             self.switched.setdefault(v, [0, 0.0])
-        # a resumed run may use a different number of accelerators: convert its past wall time
-        # into accelerator-seconds at the new count so gpu_hours stays the sum of both segments
-        self.prior_wall_s = float(state["wall_s"]) * state["accelerators"] / self.accelerators
-        scale = state["accelerators"] / self.accelerators
+        self.prior_wall_s = float(state["wall_s"]) * scale
         self.startup_s = float(state.get("startup_s", 0.0)) * scale
+        self.restart_startup_s = float(state.get("restart_startup_s", 0.0)) * scale
         self.val_s = float(state.get("val_s", 0.0)) * scale
         self.val_loop_s = float(state.get("val_loop_s", 0.0)) * scale
-        self.teacher_s = float(state.get("teacher_s", 0.0))
+        self.teacher_s = float(state.get("teacher_s", 0.0)) * scale
+        self.faults.load_state_dict(state.get("faults", {}), scale, self.n_steps)
         self._segment_wall_s = 0.0
         self._segment_start = None

@@ -69,6 +69,11 @@ class ConsoleTracker(Tracker):
 
     def summary_line(self, step: int, stopped_early: bool, m: dict[str, float]) -> str:
         parts = [f"gpu_hours {m['gpu_hours']:.5f}"]
+        if m.get("gpu_hours_lost"):  # faults: the saving is of the productive hours
+            causes = ", ".join(f"{c} {m[k]:.5f}" for c in ("stall", "replay", "restart")
+                               if m.get(k := f"gpu_hours_lost_{c}"))
+            parts.append(f"productive {m['gpu_hours_productive']:.5f} + lost to faults "
+                         f"{m['gpu_hours_lost']:.5f} ({causes})")
         if "gpu_hours_separate" in m:
             parts += [f"separate {m['gpu_hours_separate']:.5f}",
                       f"{saved_text(m['gpu_hours_saved_frac'], EQUAL_ITERATIONS, 2)} "

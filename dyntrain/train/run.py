@@ -43,6 +43,7 @@ from dyntrain.data.shards.describe import describe_datasets
 from dyntrain.errors import DyntrainError, one_line
 from dyntrain.logs import get_logger, setup_logging
 from dyntrain.tracking import GPUHourAccount, make_tracker
+from dyntrain.tracking.faults import read_progress
 from dyntrain.tracking.savings import run_tags
 from dyntrain.train.callbacks import Callback
 from dyntrain.train.engine import (ZERO3_NOTE, DistInfo, build_engine, init_distributed,
@@ -188,6 +189,8 @@ def run_training(cfg: Config, loader_factory: LoaderFactory, *, callbacks: Seque
                           callbacks=callbacks)
         if resume is not None:
             trainer.restore(*resume)
+            # the furthest step a killed segment reached after that checkpoint: those steps are replays
+            account.faults.continue_after(*read_progress(cfg.checkpoint.dir))
         if trace_dir is not None:
             trainer.enable_trace(trace_dir)
         run_tags = _describe_run(tracker, cfg, ds_config, job.plan, schedule, info,

@@ -33,6 +33,7 @@ from dyntrain.data.loader import Loader
 from dyntrain.errors import DyntrainError
 from dyntrain.logs import get_logger
 from dyntrain.tracking import ConsoleTracker, GPUHourAccount, NullTracker, RunHeader, TrackerGroup
+from dyntrain.tracking.faults import write_progress
 from dyntrain.tracking.window import StepWindow
 from dyntrain.train.callbacks import Callback, StepContext
 from dyntrain.train.pending import NonFiniteLossError, PendingStep, StepTimer
@@ -106,6 +107,9 @@ class Trainer(TrainerStateMixin):
         self._trace_file = None     # the per-step trace file, appended and flushed as steps are read
         self._window = StepWindow()
         self._resolved: dict[str, Any] = {}  # the last step read on the host
+        # rank 0 records the furthest step beside the checkpoints: a resume from an older one books
+        # the steps it computes again as replays (``dyntrain.tracking.account``)
+        self._progress_dir = cfg.checkpoint.dir if checkpoint_manager is not None and rank == 0 else None
 
     # ------------------------------------------------------------------------------ hooks
     def request_checkpoint(self) -> None:
@@ -173,7 +177,13 @@ class Trainer(TrainerStateMixin):
         callbacks; returns whether a stop was requested on any rank."""
         m = pending.resolve()
         self.account.record_step(m["variants"], m["step_time_s"], m["pass_s"], m["samples"],
-                                 teacher=pending.teacher)
+                                 teacher=pending.teacher, step=m["step"])
+        if self._progress_dir is not None and m["step"] + 1 >= self.account.faults.furthest_step:
+            try:
+                write_progress(self._progress_dir, self.account.faults.run_key, self.account.faults.furthest_step)
+            except OSError as exc:  # the account then cannot tell replays: never worth a stop
+                log.warning(f"[{self.cfg.run.name}] warning: cannot record the step reached ({exc})")
+                self._progress_dir = None
         self._window.add(m)
         if self._trace is not None:
             self._trace_step({"step": m["step"], "variant": m["variant"], "loss": m["loss"],
