@@ -209,6 +209,29 @@ def _first_difference(clean: dict, traces: list[dict]) -> Optional[dict[str, Any
     return None
 
 
+SAVING_TOLERANCE_POINTS = 3.0   # a faulted run whose saving moves further than this is flagged
+LOST_KEYS = ("gpu_hours_lost_stall", "gpu_hours_lost_replay", "gpu_hours_lost_restart")
+
+
+def account_figures(clean: Optional[dict], final: Optional[dict]) -> dict[str, Any]:
+    """The GPU-hour account of both runs (each run's final ``account`` metrics, from rank 0's trace):
+    the saving at equal iterations of each, their difference in points, the faulted run's hours lost
+    by cause, and whether productive + lost = total holds; ``account_ok`` when the saving moved at
+    most SAVING_TOLERANCE_POINTS and the identity holds."""
+    a, c = (final or {}).get("account") or {}, (clean or {}).get("account") or {}
+    faulted, ref = a.get("gpu_hours_saved_frac"), c.get("gpu_hours_saved_frac")
+    diff = None if faulted is None or ref is None else round((faulted - ref) * 100, 2)
+    identity = "gpu_hours_productive" in a and abs(
+        a["gpu_hours_productive"] + a["gpu_hours_lost"] - a["gpu_hours"]) <= 1e-9 + 1e-6 * a["gpu_hours"]
+    return {"saving_clean": ref, "saving_faulted": faulted, "saving_diff_points": diff,
+            "gpu_hours": {k: a.get(k) for k in ("gpu_hours", "gpu_hours_productive", "gpu_hours_lost")},
+            "gpu_hours_clean": c.get("gpu_hours"),
+            "gpu_hours_lost_by_cause": {k[len("gpu_hours_lost_"):]: a.get(k) for k in LOST_KEYS},
+            "replayed_steps": a.get("replayed_steps"), "stalled_steps": a.get("stalled_steps"),
+            "account_identity_ok": identity,
+            "account_ok": bool(identity and diff is not None and abs(diff) <= SAVING_TOLERANCE_POINTS)}
+
+
 def compare_runs(args, services: Services, faults: list[dict], restarts: int) -> dict[str, Any]:
     from dyntrain import checkpoint as ck
 
@@ -260,4 +283,5 @@ def compare_runs(args, services: Services, faults: list[dict], restarts: int) ->
             "retention_ok": len(complete) <= args.keep, "restarts": restarts,
             "loader_stats": final.get("loader_stats"), "segments": len(traces),
             "killed_segments_traced": sum(t["killed"] for t in traces), "first_difference": first_difference,
-            "clean_weights_sha256": clean["weights_sha256"], "chaos_weights_sha256": final.get("weights_sha256")}
+            "clean_weights_sha256": clean["weights_sha256"], "chaos_weights_sha256": final.get("weights_sha256"),
+            **account_figures(clean, final)}

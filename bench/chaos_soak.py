@@ -27,8 +27,11 @@ Leaves the faulted run's checkpoints in ``DIR/chaos/``, the uninterrupted run's 
 the MLflow store in ``DIR/mlflow/``, logs in ``DIR/logs/``. The JSON holds ``faults`` (kind, at_step,
 restarts, survived), ``weights_identical``, ``draws_identical``, ``metrics_missing``,
 ``metrics_duplicated``, the checkpoint checks, ``first_difference`` (the first step of any segment,
-a killed one's included, whose variant, keys or loss differ from the clean run's trace; None: none)
-and the wall time. Last line: ``faults_survived=K/N``.
+a killed one's included, whose variant, keys or loss differ from the clean run's trace; None: none),
+the GPU-hour account of both runs (``saving_clean``, ``saving_faulted``, ``saving_diff_points``, the
+faulted run's ``gpu_hours`` = productive + lost and ``gpu_hours_lost_by_cause``; ``account_ok`` false,
+and a ``FLAG`` line, when the saving moved more than 3 points or the identity fails) and the wall
+time. Last line: ``faults_survived=K/N``.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ import time
 from pathlib import Path
 
 import common
-from chaos_parts import Services, compare_runs, rank_pids
+from chaos_parts import SAVING_TOLERANCE_POINTS, Services, compare_runs, rank_pids
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,6 +192,21 @@ def inject(f: dict, job: Job, services: Services, args) -> dict | None:
     return f
 
 
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x * 100:.2f}%"
+
+
+def account_line(r: dict) -> str:
+    """``saving clean 44.43% faulted 44.10% (-0.33 points) | gpu_hours ... lost ... (stall .., ...)``"""
+    hours, lost = r["gpu_hours"], r["gpu_hours_lost_by_cause"]
+    causes = ", ".join(f"{k} {v:.5f}" for k, v in lost.items() if v is not None)
+    fmt = (lambda x: "n/a" if x is None else f"{x:.5f}")
+    return (f"account: saving at equal iterations: clean {_pct(r['saving_clean'])}, faulted "
+            f"{_pct(r['saving_faulted'])} ({r['saving_diff_points']} points) | gpu_hours {fmt(hours['gpu_hours'])} = productive "
+            f"{fmt(hours['gpu_hours_productive'])} + lost {fmt(hours['gpu_hours_lost'])} ({causes}) | "
+            f"replayed_steps={r['replayed_steps']} stalled_steps={r['stalled_steps']} account_ok={r['account_ok']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--faults", type=int, default=12)
@@ -245,6 +263,11 @@ def main() -> None:
                 "metrics_synced_after_end",
                 "phases_s", "wall_s"):
         print(f"{key}={result[key]}")
+    print(account_line(result))
+    if not result["account_ok"]:
+        print(f"chaos: FLAG: the GPU-hour account moved with the faults (saving "
+              f"{result['saving_diff_points']} points from the clean run's, more than {SAVING_TOLERANCE_POINTS:g}, "
+              f"or productive + lost != gpu_hours)", flush=True)
     common.write_json(args.json, result)
     print(f"faults_survived={survived}/{len(faults)}")
 

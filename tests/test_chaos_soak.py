@@ -36,6 +36,7 @@ def _soak(tmp_path: Path, *options: str, seed: int, timeout: float) -> dict:
     assert result["killed_segments_traced"] >= 1 and result["first_difference"] is None, result
     assert (tmp_path / "w" / "chaos" / "latest").is_file() and (tmp_path / "w" / "clean" / "latest").is_file()
     assert r.stdout.strip().splitlines()[-1] == "faults_survived=2/2", r.stdout[-2000:]
+    result["stdout_tail"] = r.stdout[-4000:]
     return result
 
 
@@ -51,6 +52,14 @@ def test_ci_chaos_soak_ends_bit_identical(tmp_path):
     # sample was blamed for it
     stats = result["loader_stats"]
     assert stats["recoveries"] + stats["io_retries"] > 0 and stats["corrupt_skipped"] == 0, stats
+    # the faults cost GPU hours apart (the kill: a restart and the replay of steps 5-6 at least) and
+    # do not move the saving at equal iterations
+    hours, lost = result["gpu_hours"], result["gpu_hours_lost_by_cause"]
+    assert hours["gpu_hours_productive"] + hours["gpu_hours_lost"] == pytest.approx(hours["gpu_hours"], rel=1e-9)
+    assert hours["gpu_hours_lost"] == pytest.approx(sum(lost.values()), rel=1e-9)
+    assert lost["restart"] > 0 and lost["replay"] > 0 and result["replayed_steps"] >= 1, result
+    assert abs(result["saving_faulted"] - result["saving_clean"]) <= 0.03, result
+    assert result["account_ok"] and "account: saving at equal iterations" in result["stdout_tail"]
 
 
 @pytest.mark.slow
