@@ -138,6 +138,12 @@ def test_a_stalled_step_is_lost_time_not_step_time(clock):
     assert m["step_time_mean_S"] == pytest.approx(clean["step_time_mean_S"])   # t_S did not swell
     assert m["gpu_hours_saved_frac"] == pytest.approx(clean["gpu_hours_saved_frac"], abs=1e-12)
     assert m["gpu_hours_lost_replay"] == m["gpu_hours_lost_restart"] == 0 and m["restarts"] == 0
+    # a stall before its variant was measured is judged against the other variants' typical time
+    early = GPUHourAccount(2, ["S", "L"])
+    early.start()
+    _steps(early, clock, range(9), slow={0: 2.0, 6: 23.0})   # L: step 0 (warm-up), 3, then 6 stalls
+    assert early.metrics()["stalled_steps"] == 1
+    assert early.metrics()["gpu_hours_lost_stall"] == pytest.approx((3.0 + 23.0 - 1.0) * 2 / 3600)
     # within the bound (3 x typical + 0.5 s) a slow step is an ordinary one
     from dyntrain.tracking.faults import STALL_FACTOR, STALL_FLOOR_S
     acc.start()

@@ -42,7 +42,8 @@ of both sides of the saving. Per step (its label: the variants it trains, and it
               parallelism a stalled reader on one rank makes every rank wait in the all-reduce.
 
 The typical time of a label is the median of its last 15 ordinary steps (neither warm-up nor
-stalled) once 3 were seen; before that nothing is judged (the bounds: ``dyntrain.tracking.faults``).
+stalled) once 3 were seen; before that, the largest typical time of the other labels (a variant's
+first steps can stall too); before any, nothing is judged (the bounds: ``dyntrain.tracking.faults``).
 gpu_hours = productive + lost holds by construction. Every time figure is
 carried across resumes in accelerator-seconds (a segment on another number of accelerators converts
 them), so a step on 1 rank hosting 2 readers and one on 2 ranks weigh the same.

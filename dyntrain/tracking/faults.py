@@ -84,9 +84,11 @@ class FaultLedger:
         return True
 
     def typical_s(self, label: str) -> Optional[float]:
-        """The typical time of a step of ``label`` (None until STALL_MIN_SAMPLES ordinary steps)."""
-        recent = self.recent.get(label, [])
-        return statistics.median(recent) if len(recent) >= STALL_MIN_SAMPLES else None
+        """The typical time of a step of ``label``: the median of its recent ordinary steps once
+        there are STALL_MIN_SAMPLES; before, the largest such median of the other labels (a stall
+        early in the run, before a variant was measured, is still one); None before any."""
+        medians = {k: statistics.median(v) for k, v in self.recent.items() if len(v) >= STALL_MIN_SAMPLES}
+        return medians.get(label, max(medians.values(), default=None))
 
     def judge(self, label: str, seconds: float) -> float:
         """The productive part of a step of ``label`` that took ``seconds`` (not a replay): books a
