@@ -195,16 +195,43 @@ def _histories(uri: str, experiment: str) -> dict[int, list[str]]:
     return steps
 
 
-def _first_difference(clean: dict, traces: list[dict]) -> Optional[dict[str, Any]]:
-    """The first step (0-based, over every segment, a killed one's included) whose variant, sample
-    keys or loss on rank 0 differ from the clean run's; None when every traced step matches."""
-    want = {rec["step"]: rec for rec in clean["steps"]}
-    for i, t in enumerate(traces):
+def _all_ranks(directory: Path) -> dict[int, dict[str, Any]]:
+    """step -> that step's trace record of rank 0 with ``keys`` the samples of every data rank, in
+    data-rank order: the ranks' own keys one after the other, or on 1 rank hosting the readers of 2,
+    its own (the hosted readers' micro-batches in data-rank order), so that a 1-rank segment compares
+    with a 2-rank run."""
+    from dyntrain.train.state import read_trace
+
+    ranks = sorted(int(p.name[len("trace_rank"):].split(".")[0]) for p in directory.glob("trace_rank*.steps.jsonl"))
+    traces = [t for t in (read_trace(directory, r) for r in ranks) if t is not None]
+    steps: dict[int, dict[str, Any]] = {}
+    for t in traces:
         for rec in t["steps"]:
-            ref = want.get(rec["step"])
-            for field in ("variant", "keys", "loss"):
-                if ref is None or rec[field] != ref[field]:
-                    return {"step": rec["step"], "segment": i, "field": field,
+            if rec["step"] in steps:
+                steps[rec["step"]]["keys"] = steps[rec["step"]]["keys"] + rec["keys"]
+            else:
+                steps[rec["step"]] = dict(rec)
+    return steps
+
+
+def _same(field: str, a: Any, b: Any) -> bool:
+    """Equal; the loss to float32 rounding (2 ranks all-reduce their losses in float32, 1 rank hosting
+    both readers adds the same two in float64: the weights are bit-identical either way)."""
+    if field == "loss":
+        return abs(a - b) <= 2 ** -22 * max(abs(a), abs(b))
+    return a == b
+
+
+def _first_difference(clean_dir: Path, segment_dirs: list[Path]) -> Optional[dict[str, Any]]:
+    """The first step (0-based, over every segment, a killed one's included) whose variant, loss or
+    sample keys (of every data rank) differ from the clean run's; None when every traced step matches."""
+    want = _all_ranks(clean_dir)
+    for i, d in enumerate(segment_dirs):
+        for step, rec in sorted(_all_ranks(d).items()):
+            ref = want.get(step)
+            for field in ("variant", "loss", "keys"):
+                if ref is None or not _same(field, rec[field], ref[field]):
+                    return {"step": step, "segment": i, "field": field,
                             "clean": None if ref is None else ref[field], "chaos": rec[field]}
     return None
 
@@ -238,12 +265,13 @@ def compare_runs(args, services: Services, faults: list[dict], restarts: int) ->
     from dyntrain.train.state import read_trace
 
     # every segment's trace, a killed one's too (its steps were appended as they happened)
-    segments = [read_trace(d) for d in sorted((args.workdir / "trace").glob("chaos-*"))]
+    segment_dirs = sorted((args.workdir / "trace").glob("chaos-*"))
+    segments = [read_trace(d) for d in segment_dirs]
     traces = [t for t in segments if t is not None]
     ended = [t for t in traces if not t["killed"]]
     final = ended[-1] if ended else {}
     clean = read_trace(args.workdir / "trace" / "clean-00")
-    first_difference = _first_difference(clean, traces)
+    first_difference = _first_difference(args.workdir / "trace" / "clean-00", segment_dirs)
     # what the last segment could not send before it ended (the server down at the end) waits in
     # its checkpoint folder: delivered now, as `python -m dyntrain.tracking sync` would
     from mlflow.tracking import MlflowClient

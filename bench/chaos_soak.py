@@ -5,6 +5,10 @@ an uninterrupted run of the same config.
 
     python bench/chaos_soak.py --faults 12 --seed 0 --workdir DIR --json PATH [--steps N]
         [--kinds K1,K2] [--outage-scale F]
+    python bench/chaos_soak.py --faults 6 --seeds 0-19 [--jobs 2] --workdir DIR --json PATH
+
+``--seeds`` sweeps: one soak per seed (``DIR/seed-S/``, ``DIR/seed-S.json``, ``DIR/seed-S.log``), ``--jobs``
+at a time, a row per seed and ``seeds_identical=K/N`` last (``chaos_sweep.py``).
 
 Fault kinds (cycled in a seeded order, at seeded steps):
 
@@ -211,6 +215,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--faults", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default=None, metavar="A-B",
+                        help="sweep: one soak per seed ('0-19', '3,5,10-12'); the other options apply to each")
+    parser.add_argument("--jobs", type=int, default=1, help="with --seeds: soaks run at the same time")
     parser.add_argument("--workdir", required=True, type=Path)
     parser.add_argument("--json", default=None)
     parser.add_argument("--steps", type=int, default=0, help="default: 8 per fault, at least 40")
@@ -233,6 +240,17 @@ def main() -> None:
     unknown = set(kinds) - set(KINDS)
     if unknown or not kinds:
         raise SystemExit(f"--kinds: unknown {sorted(unknown)} (known: {', '.join(KINDS)})")
+    if args.seeds is not None:
+        from chaos_sweep import parse_seeds, sweep
+
+        seeds = parse_seeds(args.seeds)
+        soak_args = ["--faults", str(args.faults), "--steps", str(args.steps), "--keep", str(args.keep),
+                     "--segment-timeout", str(args.segment_timeout), "--kinds", args.kinds,
+                     "--outage-scale", str(args.outage_scale)]
+        result = sweep(seeds, soak_args, args.workdir, args.jobs)
+        common.write_json(args.json, result)
+        print(f"seeds_identical={result['seeds_identical']}/{result['seeds_total']}")
+        return
     faults = plan(args.faults, args.seed, args.steps, kinds)
     phases = {}                 # where the wall time goes: seconds per phase
 

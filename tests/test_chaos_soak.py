@@ -68,3 +68,40 @@ def test_ci_chaos_soak_ends_bit_identical(tmp_path):
 def test_short_chaos_soak_ends_bit_identical(tmp_path):
     """The soak's own outage length: 503 SlowDown for 19 s at step 9."""
     _soak(tmp_path, "--steps", "16", seed=1, timeout=2300)
+
+
+def _sweep_module():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import chaos_sweep
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return chaos_sweep
+
+
+def test_sweep_seed_ranges():
+    sw = _sweep_module()
+    assert sw.parse_seeds("3") == [3]
+    assert sw.parse_seeds("0-4") == [0, 1, 2, 3, 4]
+    assert sw.parse_seeds("3,5,10-12,5") == [3, 5, 10, 11, 12]
+    for bad in ("", "a", "5-3", "3-", "-2", "1,,2"):
+        with pytest.raises(SystemExit, match="--seeds"):
+            sw.parse_seeds(bad)
+
+
+def test_sweep_verdict_on_a_stored_soak():
+    """A seed passes only with every fault survived, the weights and draws identical, nothing lost or
+    duplicated, no first difference and the saving within 3 points; each failure is named."""
+    sw = _sweep_module()
+    result = json.loads((ROOT / "bench" / "results" / "chaos_soak_cpu.json").read_text())
+    result.update(first_difference=None, saving={"clean": 0.444, "chaos": 0.452})
+    assert sw.verdict(result) == (True, [])
+    assert sw.saving_points(result) == 0.8
+    cases = {"weights differ": {"weights_identical": False},
+             "metrics missing 2": {"metrics_missing": 2},
+             "first difference at step 40": {"first_difference": {"step": 40}},
+             "saving moved +17.2 points": {"saving": {"clean": 0.444, "chaos": 0.6157}},
+             "faults_survived=11/12": {"faults": result["faults"][:-1] + [dict(result["faults"][-1], survived=False)]}}
+    for why, change in cases.items():
+        ok, reasons = sw.verdict(dict(result, **change))
+        assert not ok and any(r.startswith(why) for r in reasons), (why, reasons)
