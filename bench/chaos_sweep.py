@@ -3,8 +3,8 @@ process, work folder and services, ``--jobs`` at a time; one row per seed and th
 
 A seed passes when every fault was survived (``faults_survived=N/N``: weights identical to the clean
 run, every draw identical, no metric lost or duplicated, no restart for a transient fault) and,
-where the soak reports the saving of both runs, the faulted run's saving at equal iterations is
-within ``SAVING_POINTS`` points of the clean run's. Last line: ``seeds_identical=K/N``.
+the GPU-hour account holds (``account_ok``: productive + lost = total, and the faulted run's saving at
+equal iterations within ``SAVING_TOLERANCE_POINTS`` of the clean run's). Last line: ``seeds_identical=K/N``.
 """
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
+from chaos_parts import SAVING_TOLERANCE_POINTS
+
 ROOT = Path(__file__).resolve().parents[1]
-SAVING_POINTS = 3.0   # the faulted saving may differ from the clean one by this much (percentage points)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -37,12 +38,8 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def saving_points(result: dict[str, Any]) -> Optional[float]:
-    """The faulted saving minus the clean one, in percentage points (None: the soak did not report both)."""
-    saving = result.get("saving") or {}
-    clean, chaos = saving.get("clean"), saving.get("chaos")
-    if clean is None or chaos is None:
-        return None
-    return round(100.0 * (chaos - clean), 2)
+    """The faulted saving minus the clean one, in percentage points (None: not reported)."""
+    return result.get("saving_diff_points")
 
 
 def verdict(result: dict[str, Any]) -> tuple[bool, list[str]]:
@@ -61,8 +58,10 @@ def verdict(result: dict[str, Any]) -> tuple[bool, list[str]]:
     if result.get("first_difference") is not None:
         why.append(f"first difference at step {result['first_difference'].get('step')}")
     points = saving_points(result)
-    if points is not None and abs(points) > SAVING_POINTS:
-        why.append(f"saving moved {points:+.1f} points")
+    if points is None or abs(points) > SAVING_TOLERANCE_POINTS:
+        why.append("no saving reported" if points is None else f"saving moved {points:+.1f} points")
+    elif not result.get("account_identity_ok", True):
+        why.append("gpu_hours != productive + lost")
     return not why, why
 
 
@@ -103,13 +102,13 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
         return row
     ok, why = verdict(result)
     faults = result.get("faults") or []
-    saving = result.get("saving") or {}
     row = {"seed": result.get("seed"), "ok": ok, "why": why,
            "faults": [f"{f['kind']}@{f['at_step']}" for f in faults],
            "survived": sum(1 for f in faults if f.get("survived") is True), "n_faults": len(faults),
            "weights_identical": bool(result.get("weights_identical")),
            "metrics_missing": result.get("metrics_missing"), "metrics_duplicated": result.get("metrics_duplicated"),
-           "restarts": result.get("restarts"), "saving_clean": saving.get("clean"), "saving_chaos": saving.get("chaos"),
+           "restarts": result.get("restarts"),
+           "saving_clean": result.get("saving_clean"), "saving_chaos": result.get("saving_faulted"),
            "saving_points": saving_points(result), "first_difference": result.get("first_difference"),
            "wall_s": result.get("wall_s")}
 

@@ -94,13 +94,16 @@ def test_sweep_verdict_on_a_stored_soak():
     duplicated, no first difference and the saving within 3 points; each failure is named."""
     sw = _sweep_module()
     result = json.loads((ROOT / "bench" / "results" / "chaos_soak_cpu.json").read_text())
-    result.update(first_difference=None, saving={"clean": 0.444, "chaos": 0.452})
+    result.update(first_difference=None, saving_clean=0.444, saving_faulted=0.452, saving_diff_points=0.8,
+                  account_identity_ok=True)
     assert sw.verdict(result) == (True, [])
     assert sw.saving_points(result) == 0.8
     cases = {"weights differ": {"weights_identical": False},
              "metrics missing 2": {"metrics_missing": 2},
              "first difference at step 40": {"first_difference": {"step": 40}},
-             "saving moved +17.2 points": {"saving": {"clean": 0.444, "chaos": 0.6157}},
+             "saving moved +17.2 points": {"saving_diff_points": 17.17},
+             "no saving reported": {"saving_diff_points": None},
+             "gpu_hours != productive + lost": {"account_identity_ok": False},
              "faults_survived=11/12": {"faults": result["faults"][:-1] + [dict(result["faults"][-1], survived=False)]}}
     for why, change in cases.items():
         ok, reasons = sw.verdict(dict(result, **change))
