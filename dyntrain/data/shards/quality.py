@@ -37,11 +37,19 @@ import numpy as np
 ScoreHook = Callable[[np.ndarray], dict]
 
 
+_W601 = np.array([0.299, 0.587, 0.114], np.float32)
+
+
 def luminance(rgb: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 -> (H, W) float32 luma (BT.601 weights), 0..255; a 2-D array is taken as the
     luma already (the builder computes it once per patch for every measure)."""
     if rgb.ndim == 2:
         return rgb
+    if rgb.dtype == np.uint8:  # each channel cast inside its product: no (H, W, 3) float copy
+        y = np.multiply(rgb[..., 0], _W601[0], dtype=np.float32)
+        y += np.multiply(rgb[..., 1], _W601[1], dtype=np.float32)
+        y += np.multiply(rgb[..., 2], _W601[2], dtype=np.float32)
+        return y  # the same float32 roundings, in the same order, as the general form below
     x = rgb.astype(np.float32)
     return 0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]
 
