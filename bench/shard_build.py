@@ -18,12 +18,15 @@ synthetic photographs (``dyntrain.data.synthetic``; smooth illumination, texture
 regions) saved as JPEG q95. The projection takes the builder's decoded MP/s per worker (1-worker
 run) and assumes it scales linearly over cores and nodes (parts share nothing but the output
 store), plus the index pass when de-duplicating: hours = 2.09e6 * mean_mp / (rate * K * C).
+Each round also records the 1-minute load average when it starts (other processes on the machine),
+its own builder/plain ratio and its 2-worker/1-worker scaling, so the spread is in the report.
 Last line: ``builder_vs_plain_ratio=X`` (the builder's images/s with 1 worker over the plain loop's).
 """
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import shutil
 import sys
 import tempfile
@@ -127,10 +130,18 @@ def main() -> None:
     patches_plain = len(patch_grid(h, w, args.patch_size)) * n
     cfg = dict(patch_size=args.patch_size, shard_samples=args.shard_samples)
     results: dict[str, dict] = {}
+    rounds: list[dict] = []
 
     try:
         for _ in range(args.rounds):
-            for name, r in one_round(work, sources, cfg, n, mpix, patches_plain).items():
+            load = os.getloadavg()[0]
+            one = one_round(work, sources, cfg, n, mpix, patches_plain)
+            rounds.append({"load_1min": load,
+                           "ratio": one["builder_w1"]["images_per_s"] / one["plain"]["images_per_s"],
+                           "two_worker_scaling": one["builder_w2"]["images_per_s"]
+                           / one["builder_w1"]["images_per_s"],
+                           "seconds": {k: r["seconds"] for k, r in one.items()}})
+            for name, r in one.items():
                 if name not in results or r["seconds"] < results[name]["seconds"]:
                     results[name] = r
     finally:
@@ -143,6 +154,9 @@ def main() -> None:
         print(f"{name:<12} {r['workers']:>7} {r['seconds']:>8.2f} {r['images_per_s']:>8.3f} "
               f"{r['patches_per_s']:>8.2f} {r['mpix_per_s']:>8.2f} {r['images_per_s_per_worker']:>9.3f} "
               f"{r['mpix_per_s_per_worker']:>8.2f}")
+    for i, r in enumerate(rounds):
+        print(f"round {i}: load {r['load_1min']:.2f}, builder/plain {r['ratio']:.3f}, "
+              f"2 workers/1 {r['two_worker_scaling']:.2f}")
     ratio = results["builder_w1"]["images_per_s"] / results["plain"]["images_per_s"]
     scaling = results["builder_w2"]["images_per_s"] / results["builder_w1"]["images_per_s"]
     print(f"builder(1 worker) / plain loop = {ratio:.3f}; 2 workers / 1 worker = {scaling:.2f}; "
@@ -167,6 +181,7 @@ def main() -> None:
                                   "results": results, "builder_vs_plain_ratio": ratio,
                                   "two_worker_scaling": scaling, "mean_mp": args.mean_mp,
                                   "cores_per_node": args.cores, "projection": projection,
+                                  "rounds": rounds, "cpu_count": os.cpu_count(),
                                   "command": "python " + " ".join(sys.argv)})
     common.headline("builder_vs_plain_ratio", ratio)
 

@@ -335,8 +335,8 @@ def reference_patches(rgb: np.ndarray, index: int, cfg: ShardBuildConfig) -> lis
                     buf.getvalue()))
         # the unrounded numbers too (rounding to 4 decimals would hide a last-bit difference),
         # from a view of the whole image's luma
-        assert np.array_equal(view, lum), (row, col)
         view = luma[y:y + p, x:x + p]
+        assert np.array_equal(view, lum), (row, col)
         assert quality.noise_sigma_8bit(view) == noise, (row, col)
         assert np.array_equal(quality.block_gradient_rms(view, b), rms), (row, col)
         assert quality.sharpness(view) == float(lap.var()), (row, col)
