@@ -377,3 +377,37 @@ def test_decode_check_rejects_what_a_full_decode_rejects():
                 check_decodes(bad)
             with pytest.raises(OSError), Image.open(io.BytesIO(bad)) as im:
                 im.load()
+
+
+def test_read_image_orientation_and_modes_without_copies(tmp_path):
+    """read_image (the builder's decode, transposing in place and converting only what is not RGB)
+    gives what the copying form gives: EXIF orientation applied, 16-bit grey scaled, palette and
+    RGBA converted."""
+    from PIL import ImageOps
+
+    def copying(path):
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.mode == "I;16":
+                img = Image.fromarray(np.clip(np.asarray(img, np.float32) / 257.0 + 0.5, 0, 255)
+                                      .astype(np.uint8), mode="L")
+            return np.asarray(img.convert("RGB"))
+
+    rng = np.random.default_rng(5)
+    rgb = texture(rng, 20, 30)
+    cases = []
+    for orientation in (1, 3, 6, 8):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        path = tmp_path / f"o{orientation}.png"
+        Image.fromarray(rgb).save(path, exif=exif)
+        cases.append(path)
+    Image.fromarray(rng.integers(0, 65536, (12, 9), dtype=np.uint16)).save(tmp_path / "g16.png")
+    Image.fromarray(rgb).convert("P").save(tmp_path / "pal.png")
+    Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(tmp_path / "rgba.png")
+    cases += [tmp_path / "g16.png", tmp_path / "pal.png", tmp_path / "rgba.png"]
+    for path in cases:
+        assert np.array_equal(read_image(path), copying(path)), path
+    assert read_image(cases[2]).shape == (30, 20, 3)  # orientation 6: rotated a quarter turn
+    assert np.array_equal(read_image(cases[0]), rgb)
