@@ -18,8 +18,8 @@ from PIL import Image
 
 from dyntrain.data.shards import quality
 from dyntrain.data.shards.build import main
-from dyntrain.data.shards.patches import (ShardBuildConfig, check_decodes, encode, init_worker, patch_grid,
-                                         process_image)
+from dyntrain.data.shards.patches import (ShardBuildConfig, check_decodes, encode, init_worker,
+                                         patch_grid, process_image)
 from dyntrain.data.shards.wds import make_index, parse_index
 from dyntrain.data.shards.writer import build_shards
 from dyntrain.data.storage.s3 import DataSourceError
