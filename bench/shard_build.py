@@ -18,12 +18,19 @@ synthetic photographs (``dyntrain.data.synthetic``; smooth illumination, texture
 regions) saved as JPEG q95. The projection takes the builder's decoded MP/s per worker (1-worker
 run) and assumes it scales linearly over cores and nodes (parts share nothing but the output
 store), plus the index pass when de-duplicating: hours = 2.09e6 * mean_mp / (rate * K * C).
+Each mode also records its CPU seconds (this process's threads and the reaped pool workers), which
+other load on the machine disturbs far less than wall time; ``builder_vs_plain_cpu_ratio`` is the
+plain loop's fewest CPU seconds over the 1-worker builder's. Each round records the 1-minute load
+average when it starts (other processes on the machine), its own builder/plain ratio (wall and
+CPU) and its 2-worker/1-worker scaling, so the spread is in the report.
 Last line: ``builder_vs_plain_ratio=X`` (the builder's images/s with 1 worker over the plain loop's).
 """
 from __future__ import annotations
 
 import argparse
 import io
+import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -65,8 +72,17 @@ def plain_loop(paths: list[str], out: Path, patch: int, shard_samples: int) -> i
     return total
 
 
-def rates(seconds: float, images: int, patches: int, mpix: float, workers: int) -> dict:
-    return {"seconds": round(seconds, 3), "workers": workers, "images_per_s": images / seconds,
+def cpu_now() -> float:
+    """CPU seconds of this process (all its threads) and of its reaped children (pool workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def rates(seconds: float, images: int, patches: int, mpix: float, workers: int,
+          cpu: float = float("nan")) -> dict:
+    return {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "workers": workers,
+            "images_per_s": images / seconds, "images_per_cpu_s": images / cpu,
             "patches_per_s": patches / seconds, "mpix_per_s": mpix / seconds,
             "images_per_s_per_worker": images / seconds / workers,
             "patches_per_s_per_worker": patches / seconds / workers,
@@ -78,18 +94,18 @@ def one_round(work: Path, sources: list[str], cfg: dict, n: int, mpix: float, pa
     for sub in ("plain", "b1", "b2", "parts", "idx"):
         shutil.rmtree(work / sub, ignore_errors=True)
     out: dict[str, dict] = {}
-    t = common.now()
+    t, c = common.now(), cpu_now()
     (work / "plain").mkdir()
     assert plain_loop(sources, work / "plain", cfg["patch_size"], cfg["shard_samples"]) == patches
-    out["plain"] = rates(common.now() - t, n, patches, mpix, 1)
+    out["plain"] = rates(common.now() - t, n, patches, mpix, 1, cpu_now() - c)
     for workers in (1, 2):
-        t = common.now()
+        t, c = common.now(), cpu_now()
         m = build_shards([work / "src"], str(work / f"b{workers}"),
                          ShardBuildConfig(workers=workers, **cfg), progress=False)
         out[f"builder_w{workers}"] = rates(common.now() - t, n, m["counts"]["patches_total"],
-                                           mpix, workers)
+                                           mpix, workers, cpu_now() - c)
         out[f"builder_w{workers}"]["patches_kept"] = m["num_samples"]
-    part_s = []
+    part_s, c = [], cpu_now()
     for i in range(2):
         t = common.now()
         build_shards([work / "src"], str(work / "parts"), ShardBuildConfig(workers=1, **cfg),
@@ -98,11 +114,11 @@ def one_round(work: Path, sources: list[str], cfg: dict, n: int, mpix: float, pa
     t = common.now()
     m = merge_parts(str(work / "parts"), progress=False)
     merge_s = common.now() - t
-    out["parts_2x1"] = rates(sum(part_s), n, m["counts"]["patches_total"], mpix, 1)
+    out["parts_2x1"] = rates(sum(part_s), n, m["counts"]["patches_total"], mpix, 1, cpu_now() - c)
     out["parts_2x1"].update(part_seconds=[round(s, 3) for s in part_s], merge_seconds=round(merge_s, 3))
-    t = common.now()
+    t, c = common.now(), cpu_now()
     index_part(sources, {}, str(work / "idx"), (0, 1), 200_000_000, 1, progress=False)
-    out["index_w1"] = rates(common.now() - t, n, 0, mpix, 1)
+    out["index_w1"] = rates(common.now() - t, n, 0, mpix, 1, cpu_now() - c)
     return out
 
 
@@ -127,10 +143,20 @@ def main() -> None:
     patches_plain = len(patch_grid(h, w, args.patch_size)) * n
     cfg = dict(patch_size=args.patch_size, shard_samples=args.shard_samples)
     results: dict[str, dict] = {}
+    rounds: list[dict] = []
 
     try:
         for _ in range(args.rounds):
-            for name, r in one_round(work, sources, cfg, n, mpix, patches_plain).items():
+            load = os.getloadavg()[0]
+            one = one_round(work, sources, cfg, n, mpix, patches_plain)
+            rounds.append({"load_1min": load,
+                           "ratio": one["builder_w1"]["images_per_s"] / one["plain"]["images_per_s"],
+                           "cpu_ratio": one["plain"]["cpu_seconds"] / one["builder_w1"]["cpu_seconds"],
+                           "two_worker_scaling": one["builder_w2"]["images_per_s"]
+                           / one["builder_w1"]["images_per_s"],
+                           "seconds": {k: r["seconds"] for k, r in one.items()},
+                           "cpu_seconds": {k: r["cpu_seconds"] for k, r in one.items()}})
+            for name, r in one.items():
                 if name not in results or r["seconds"] < results[name]["seconds"]:
                     results[name] = r
     finally:
@@ -143,9 +169,15 @@ def main() -> None:
         print(f"{name:<12} {r['workers']:>7} {r['seconds']:>8.2f} {r['images_per_s']:>8.3f} "
               f"{r['patches_per_s']:>8.2f} {r['mpix_per_s']:>8.2f} {r['images_per_s_per_worker']:>9.3f} "
               f"{r['mpix_per_s_per_worker']:>8.2f}")
+    for i, r in enumerate(rounds):
+        print(f"round {i}: load {r['load_1min']:.2f}, builder/plain {r['ratio']:.3f} "
+              f"(CPU time {r['cpu_ratio']:.3f}), 2 workers/1 {r['two_worker_scaling']:.2f}")
     ratio = results["builder_w1"]["images_per_s"] / results["plain"]["images_per_s"]
     scaling = results["builder_w2"]["images_per_s"] / results["builder_w1"]["images_per_s"]
-    print(f"builder(1 worker) / plain loop = {ratio:.3f}; 2 workers / 1 worker = {scaling:.2f}; "
+    cpu_ratio = (min(r["cpu_seconds"]["plain"] for r in rounds)
+                 / min(r["cpu_seconds"]["builder_w1"] for r in rounds))
+    print(f"builder(1 worker) / plain loop = {ratio:.3f} (CPU seconds: {cpu_ratio:.3f}); "
+          f"2 workers / 1 worker = {scaling:.2f}; "
           f"2 parts + merge / 1 worker = "
           f"{results['builder_w1']['seconds'] / (results['parts_2x1']['seconds'] + results['parts_2x1']['merge_seconds']):.3f}")
     build_rate = results["builder_w1"]["mpix_per_s_per_worker"]
@@ -165,8 +197,10 @@ def main() -> None:
               f"{build_h + index_h:7.2f} h")
     common.write_json(args.json, {"images": n, "size": [h, w], "patch_size": args.patch_size,
                                   "results": results, "builder_vs_plain_ratio": ratio,
+                                  "builder_vs_plain_cpu_ratio": cpu_ratio,
                                   "two_worker_scaling": scaling, "mean_mp": args.mean_mp,
                                   "cores_per_node": args.cores, "projection": projection,
+                                  "rounds": rounds, "cpu_count": os.cpu_count(),
                                   "command": "python " + " ".join(sys.argv)})
     common.headline("builder_vs_plain_ratio", ratio)
 

@@ -42,12 +42,14 @@ def read_image(path: str | Path) -> np.ndarray:
     grey images are scaled to 8 bits. Raises OSError (or ValueError) when the file does not decode."""
     with open_image(path) as img:
         img.load()
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # (not in place it copies an upright image)
         if img.mode in _HIGH_DEPTH_MODES:
             arr = np.asarray(img, dtype=np.float32)
             arr = arr / 257.0 if arr.max() > 255 else arr
             img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), mode="L")
-        return np.ascontiguousarray(np.asarray(img.convert("RGB")))
+        if img.mode != "RGB":  # convert("RGB") of an RGB image is a copy
+            img = img.convert("RGB")
+        return np.ascontiguousarray(np.asarray(img))
 
 
 def to_tensor(img: np.ndarray, device: torch.device | str) -> torch.Tensor:

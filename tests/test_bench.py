@@ -329,6 +329,12 @@ def test_shard_build_bench_cpu(tmp_path):
     assert r["plain"]["patches_per_s"] == pytest.approx(12 * r["plain"]["images_per_s"])  # 12 a photo
     ratio = r["builder_w1"]["images_per_s"] / r["plain"]["images_per_s"]
     assert proc.stdout.strip().splitlines()[-1] == f"builder_vs_plain_ratio={ratio:.4g}"
+    (rnd,) = result["rounds"]  # one round: its load, ratios and CPU seconds are the result's
+    assert rnd["load_1min"] >= 0 and rnd["ratio"] == pytest.approx(ratio)
+    assert result["builder_vs_plain_cpu_ratio"] == pytest.approx(
+        r["plain"]["cpu_seconds"] / r["builder_w1"]["cpu_seconds"], rel=1e-3)
+    # the pool workers' CPU is counted (the parent alone only writes the tars: a small part)
+    assert r["builder_w2"]["cpu_seconds"] > 0.5 * r["builder_w1"]["cpu_seconds"] > 0
     one, sixteen = result["projection"]
     assert one["build_hours"] == pytest.approx(16 * sixteen["build_hours"])
     assert one["build_hours"] == pytest.approx(

@@ -18,12 +18,14 @@ from PIL import Image
 
 from dyntrain.data.shards import quality
 from dyntrain.data.shards.build import main
-from dyntrain.data.shards.patches import ShardBuildConfig, patch_grid
+from dyntrain.data.shards.patches import (ShardBuildConfig, check_decodes, encode, init_worker,
+                                         patch_grid, process_image)
 from dyntrain.data.shards.wds import make_index, parse_index
 from dyntrain.data.shards.writer import build_shards
 from dyntrain.data.storage.s3 import DataSourceError
 from dyntrain.data.storage.urls import expand_urls, index_url
 from dyntrain.data.synthetic import write_synthetic_images
+from dyntrain.images import read_image
 from helpers import read_tar
 
 
@@ -298,3 +300,114 @@ def test_expand_local_urls(tmp_path):
         expand_urls([str(tmp_path / "*.tgz")])
     with pytest.raises(DataSourceError, match="empty"):
         expand_urls([])
+
+
+# ------------------------------------------------- the fast per-patch path against the slow one
+def reference_patches(rgb: np.ndarray, index: int, cfg: ShardBuildConfig) -> list[tuple]:
+    """The builder's per-patch work written the plain way (as it was before it was made fast): a
+    contiguous copy per patch, BT.601 luma, the flat detector and both scores term by term in
+    numpy, a full decode of every encoded patch. (key, flat, scores, bytes) of the kept patches."""
+    p, out = cfg.patch_size, []
+    luma = quality.luminance(rgb)
+    for row, col, y, x in patch_grid(rgb.shape[0], rgb.shape[1], p):
+        patch = np.ascontiguousarray(rgb[y:y + p, x:x + p])
+        f = patch.astype(np.float32)
+        lum = 0.299 * f[..., 0] + 0.587 * f[..., 1] + 0.114 * f[..., 2]
+        b = cfg.flat_block
+        nh, nw = p // b, p // b
+        cells = lum[: nh * b, : nw * b].reshape(nh, b, nw, b)
+        dx, dy = np.diff(cells, axis=3), np.diff(cells, axis=1)
+        rms = np.sqrt((dx * dx).mean(axis=(1, 3)) + (dy * dy).mean(axis=(1, 3)))
+        flat = float((rms < cfg.flat_threshold).mean())
+        if flat > cfg.max_flat_frac:
+            continue
+        lap = (lum[:-2, 1:-1] + lum[2:, 1:-1] + lum[1:-1, :-2] + lum[1:-1, 2:]) - 4.0 * lum[1:-1, 1:-1]
+        v = lum.astype(np.float64)
+        r = (v[:-2, :-2] - 2 * v[:-2, 1:-1] + v[:-2, 2:] - 2 * v[1:-1, :-2] + 4 * v[1:-1, 1:-1]
+             - 2 * v[1:-1, 2:] + v[2:, :-2] - 2 * v[2:, 1:-1] + v[2:, 2:])
+        noise = float(np.sqrt(np.pi / 2.0) * np.abs(r).sum() / (6.0 * (p - 2) * (p - 2)))
+        buf = io.BytesIO()
+        Image.fromarray(patch).save(buf, "JPEG", quality=cfg.jpeg_quality, subsampling=0)
+        with Image.open(io.BytesIO(buf.getvalue())) as im:
+            im.load()
+        out.append((f"{index:07d}_{row:03d}_{col:03d}", round(flat, 4),
+                    {"sharpness": round(float(lap.var()), 4), "noise": round(noise, 4)},
+                    buf.getvalue()))
+        # the unrounded numbers too (rounding to 4 decimals would hide a last-bit difference),
+        # from a view of the whole image's luma
+        view = luma[y:y + p, x:x + p]
+        assert np.array_equal(view, lum), (row, col)
+        assert quality.noise_sigma_8bit(view) == noise, (row, col)
+        assert np.array_equal(quality.block_gradient_rms(view, b), rms), (row, col)
+        assert quality.sharpness(view) == float(lap.var()), (row, col)
+    return out
+
+
+@pytest.mark.parametrize("patch_size,block", [(96, 16), (100, 12)])
+def test_builder_patches_equal_the_slow_reference(tmp_path, monkeypatch, patch_size, block):
+    """process_image (views, luma once, separable noise, squares in place, 1/8-scale decode check)
+    gives the same patches, bytes and numbers as the plain per-patch code, on photographs, noise,
+    half-flat and grey images, with a block that does not divide the patch."""
+    rng = np.random.default_rng(7)
+    paths = [str(p) for p in write_synthetic_images(tmp_path, 2, size=(230, 330), seed=11)]
+    for name, img in (("noise.png", texture(rng, 200, 310)),
+                      ("half.png", half_flat(rng, 200, 6, 16, "noise")),
+                      ("grey.png", rng.integers(0, 256, (210, 205), dtype=np.uint8))):
+        Image.fromarray(img).save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    cfg = ShardBuildConfig(patch_size=patch_size, flat_block=block, max_flat_frac=0.3)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # init_worker sets it
+    init_worker(cfg)
+    kept = 0
+    for i, path in enumerate(paths):
+        res = process_image((i, path, {}))
+        fast = [(key, meta["flat_frac"], meta["scores"], data) for key, data, meta in res["patches"]]
+        assert fast == reference_patches(read_image(path), i, cfg), path
+        kept += len(fast)
+    assert 0 < kept < sum(len(patch_grid(*read_image(p).shape[:2], patch_size)) for p in paths)
+
+
+def test_decode_check_rejects_what_a_full_decode_rejects():
+    rng = np.random.default_rng(3)
+    for fmt in ("jpg", "png"):
+        data = encode(texture(rng, 64, 64), fmt, 95)
+        check_decodes(data)
+        for bad in (data[: len(data) // 2], data[:20] + bytes(50) + data[70:]):
+            with pytest.raises(OSError):
+                check_decodes(bad)
+            with pytest.raises(OSError), Image.open(io.BytesIO(bad)) as im:
+                im.load()
+
+
+def test_read_image_orientation_and_modes_without_copies(tmp_path):
+    """read_image (the builder's decode, transposing in place and converting only what is not RGB)
+    gives what the copying form gives: EXIF orientation applied, 16-bit grey scaled, palette and
+    RGBA converted."""
+    from PIL import ImageOps
+
+    def copying(path):
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.mode == "I;16":
+                img = Image.fromarray(np.clip(np.asarray(img, np.float32) / 257.0 + 0.5, 0, 255)
+                                      .astype(np.uint8), mode="L")
+            return np.asarray(img.convert("RGB"))
+
+    rng = np.random.default_rng(5)
+    rgb = texture(rng, 20, 30)
+    cases = []
+    for orientation in (1, 3, 6, 8):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        path = tmp_path / f"o{orientation}.png"
+        Image.fromarray(rgb).save(path, exif=exif)
+        cases.append(path)
+    Image.fromarray(rng.integers(0, 65536, (12, 9), dtype=np.uint16)).save(tmp_path / "g16.png")
+    Image.fromarray(rgb).convert("P").save(tmp_path / "pal.png")
+    Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(tmp_path / "rgba.png")
+    cases += [tmp_path / "g16.png", tmp_path / "pal.png", tmp_path / "rgba.png"]
+    for path in cases:
+        assert np.array_equal(read_image(path), copying(path)), path
+    assert read_image(cases[2]).shape == (30, 20, 3)  # orientation 6: rotated a quarter turn
+    assert np.array_equal(read_image(cases[0]), rgb)

@@ -37,11 +37,19 @@ import numpy as np
 ScoreHook = Callable[[np.ndarray], dict]
 
 
+_W601 = np.array([0.299, 0.587, 0.114], np.float32)
+
+
 def luminance(rgb: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 -> (H, W) float32 luma (BT.601 weights), 0..255; a 2-D array is taken as the
     luma already (the builder computes it once per patch for every measure)."""
     if rgb.ndim == 2:
         return rgb
+    if rgb.dtype == np.uint8:  # each channel cast inside its product: no (H, W, 3) float copy
+        y = np.multiply(rgb[..., 0], _W601[0], dtype=np.float32)
+        y += np.multiply(rgb[..., 1], _W601[1], dtype=np.float32)
+        y += np.multiply(rgb[..., 2], _W601[2], dtype=np.float32)
+        return y  # the same float32 roundings, in the same order, as the general form below
     x = rgb.astype(np.float32)
     return 0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]
 
@@ -52,9 +60,11 @@ def block_gradient_rms(lum: np.ndarray, block: int) -> np.ndarray:
     if nh == 0 or nw == 0:
         raise ValueError(f"patch {lum.shape} is smaller than one {block}x{block} cell")
     cells = lum[: nh * block, : nw * block].reshape(nh, block, nw, block)  # (nh, b, nw, b)
-    dx = np.diff(cells, axis=3)
+    dx = np.diff(cells, axis=3)  # new contiguous arrays: squared in place, no further copies
     dy = np.diff(cells, axis=1)
-    return np.sqrt((dx * dx).mean(axis=(1, 3)) + (dy * dy).mean(axis=(1, 3)))
+    ms = np.multiply(dx, dx, out=dx).mean(axis=(1, 3))
+    ms += np.multiply(dy, dy, out=dy).mean(axis=(1, 3))
+    return np.sqrt(ms, out=ms)
 
 
 def flat_fraction(rgb: np.ndarray, block: int = 16, threshold: float = 4.0) -> float:
@@ -72,6 +82,8 @@ def sharpness(rgb: np.ndarray) -> float:
 
 def noise_sigma(rgb: np.ndarray) -> float:
     """Immerkaer's noise standard deviation estimate (8-bit levels)."""
+    if rgb.dtype == np.uint8:
+        return noise_sigma_8bit(luminance(rgb))
     y = luminance(rgb).astype(np.float64)
     h, w = y.shape
     # mask [[1,-2,1],[-2,4,-2],[1,-2,1]]
@@ -79,6 +91,23 @@ def noise_sigma(rgb: np.ndarray) -> float:
          - 2 * y[1:-1, :-2] + 4 * y[1:-1, 1:-1] - 2 * y[1:-1, 2:]
          + y[2:, :-2] - 2 * y[2:, 1:-1] + y[2:, 2:])
     return float(np.sqrt(np.pi / 2.0) * np.abs(r).sum() / (6.0 * (w - 2) * (h - 2)))
+
+
+def noise_sigma_8bit(luma: np.ndarray) -> float:
+    """``noise_sigma`` of an 8-bit image from its ``luminance`` (a view is fine), bit for bit, at
+    about half the cost: the mask is separable (second differences along x, then along y: four
+    passes of first differences instead of nine shifted, scaled terms). Exact, not approximately
+    equal: ``luminance`` of 8-bit values gives float32 multiples of 2^-27 below 256, so every
+    partial sum of the mask (|sum| < 16 * 256) needs at most 40 of float64's 53 bits and any order
+    of evaluation gives the same residual; the final sum runs over the same contiguous
+    (H-2, W-2) array as the nine-term form, so it adds in the same order."""
+    y = luma.astype(np.float64)
+    h, w = y.shape
+    e = y[:, :-1] - y[:, 1:]
+    e = e[:, :-1] - e[:, 1:]      # [1, -2, 1] along x
+    e = e[:-1] - e[1:]
+    r = e[:-1] - e[1:]            # then along y: the mask [[1,-2,1],[-2,4,-2],[1,-2,1]]
+    return float(np.sqrt(np.pi / 2.0) * np.abs(r, out=r).sum() / (6.0 * (w - 2) * (h - 2)))
 
 
 BUILTIN_SCORES: dict[str, Callable[[np.ndarray], float]] = {
@@ -113,11 +142,15 @@ class QualityFilter:
             self.hook = load_hook(self.hook_spec)
 
     def scores(self, rgb: np.ndarray, luma: Optional[np.ndarray] = None) -> dict[str, float]:
-        """Built-in scores (from ``luma`` when given) and the hook's (from ``rgb``)."""
+        """Built-in scores (from ``luma`` = ``luminance(rgb)`` when given) and the hook's (from
+        ``rgb``, made contiguous)."""
         y = luminance(rgb) if luma is None else luma
-        out = {name: round(fn(y), 4) for name, fn in BUILTIN_SCORES.items()}
+        fns = dict(BUILTIN_SCORES)
+        if rgb.dtype == np.uint8:  # the same number, the faster way (see noise_sigma_8bit)
+            fns["noise"] = noise_sigma_8bit
+        out = {name: round(fn(y), 4) for name, fn in fns.items()}
         if self.hook is not None:
-            extra = self.hook(rgb)
+            extra = self.hook(np.ascontiguousarray(rgb))
             out.update({str(k): float(v) for k, v in dict(extra).items()})
         return out
 
