@@ -151,6 +151,26 @@ def test_a_stalled_step_is_lost_time_not_step_time(clock):
     assert acc.metrics()["stalled_steps"] == 1
 
 
+def test_the_step_reached_is_written_off_the_training_loop(tmp_path):
+    """ProgressWriter: the newest step is on disk after close; a folder it cannot write ends it with
+    one warning, and update() never raises."""
+    from dyntrain.tracking.faults import ProgressWriter, read_progress
+
+    w = ProgressWriter(tmp_path / "ck")
+    for step in range(1, 200):
+        w.update("run-a", step)
+    w.close()
+    assert read_progress(tmp_path / "ck") == ("run-a", 199)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    errors = []
+    w = ProgressWriter(blocker / "ck", on_error=errors.append)
+    for step in range(1, 5):
+        w.update("run-b", step)
+    w.close()
+    assert len(errors) == 1 and isinstance(errors[0], OSError)
+
+
 def test_replayed_steps_and_restarts_are_lost_time_and_the_saving_holds(clock, tmp_path):
     from dyntrain.tracking.faults import read_progress, write_progress
 

@@ -39,6 +39,54 @@ def write_progress(directory, run_key: str, step: int) -> None:
     os.replace(tmp, path)
 
 
+class ProgressWriter:
+    """``write_progress`` off the training loop: ``update`` keeps the newest step and a daemon thread
+    writes it (a write per step on shared storage would make rank 0, and so every rank, wait on the
+    file system each step; between writes the steps coalesce). A write that fails ends the writer with
+    one warning (``on_error``); the account then cannot tell replays, never worth a stop. ``close``
+    writes the last step and waits for it."""
+
+    def __init__(self, directory, on_error=None) -> None:
+        import threading
+
+        self.directory = directory
+        self.on_error = on_error
+        self._latest: Optional[tuple[str, int]] = None
+        self._written: Optional[tuple[str, int]] = None
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="account-progress", daemon=True)
+        self._thread.start()
+
+    def update(self, run_key: str, step: int) -> None:
+        with self._wake:
+            self._latest = (run_key, int(step))
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while self._latest == self._written and not self._closed:
+                    self._wake.wait()
+                latest, closed = self._latest, self._closed
+            if latest is not None and latest != self._written:
+                try:
+                    write_progress(self.directory, *latest)
+                except OSError as exc:
+                    if self.on_error is not None:
+                        self.on_error(exc)
+                    return
+                self._written = latest
+            if closed:
+                return
+
+    def close(self, timeout: float = 30.0) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+
 class FaultLedger:
     """The seconds lost by cause (``lost``; ``replay`` holds the replayed steps' own time, their share
     of the time outside steps is added by ``lost_by_cause``), the counts, and what tells a fault: the

@@ -33,7 +33,7 @@ from dyntrain.data.loader import Loader
 from dyntrain.errors import DyntrainError
 from dyntrain.logs import get_logger
 from dyntrain.tracking import ConsoleTracker, GPUHourAccount, NullTracker, RunHeader, TrackerGroup
-from dyntrain.tracking.faults import write_progress
+from dyntrain.tracking.faults import ProgressWriter
 from dyntrain.tracking.window import StepWindow
 from dyntrain.train.callbacks import Callback, StepContext
 from dyntrain.train.pending import NonFiniteLossError, PendingStep, StepTimer
@@ -109,7 +109,10 @@ class Trainer(TrainerStateMixin):
         self._resolved: dict[str, Any] = {}  # the last step read on the host
         # rank 0 records the furthest step beside the checkpoints: a resume from an older one books
         # the steps it computes again as replays (``dyntrain.tracking.account``)
-        self._progress_dir = cfg.checkpoint.dir if checkpoint_manager is not None and rank == 0 else None
+        # rank 0 records the furthest step reached beside the checkpoints (the account's replays)
+        self._progress = ProgressWriter(cfg.checkpoint.dir, on_error=lambda exc: log.warning(
+            f"[{cfg.run.name}] warning: cannot record the step reached ({exc})")) \
+            if checkpoint_manager is not None and rank == 0 else None
 
     # ------------------------------------------------------------------------------ hooks
     def request_checkpoint(self) -> None:
@@ -178,12 +181,8 @@ class Trainer(TrainerStateMixin):
         m = pending.resolve()
         self.account.record_step(m["variants"], m["step_time_s"], m["pass_s"], m["samples"],
                                  teacher=pending.teacher, step=m["step"])
-        if self._progress_dir is not None and m["step"] + 1 >= self.account.faults.furthest_step:
-            try:
-                write_progress(self._progress_dir, self.account.faults.run_key, self.account.faults.furthest_step)
-            except OSError as exc:  # the account then cannot tell replays: never worth a stop
-                log.warning(f"[{self.cfg.run.name}] warning: cannot record the step reached ({exc})")
-                self._progress_dir = None
+        if self._progress is not None and m["step"] + 1 >= self.account.faults.furthest_step:
+            self._progress.update(self.account.faults.run_key, self.account.faults.furthest_step)
         self._window.add(m)
         if self._trace is not None:
             self._trace_step({"step": m["step"], "variant": m["variant"], "loss": m["loss"],
@@ -231,6 +230,8 @@ class Trainer(TrainerStateMixin):
                     self.save_checkpoint()
         finally:
             self.account.stop()
+            if self._progress is not None:
+                self._progress.close()
         final = self.account.metrics()
         self.tracker.log_metrics(final, step=self.step)
         self._print_summary(final)
