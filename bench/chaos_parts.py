@@ -131,8 +131,11 @@ class Services:
         cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.mlflow_port),
                "--backend-store-uri", f"sqlite:///{self.mlflow_root / 'mlflow.db'}",
                "--artifacts-destination", str(self.mlflow_root / "artifacts"), "--workers", "1"]
+        # without MLflow 3's job execution (seven huey consumers and a job runner, ~15 CPU-s per start
+        # and a steady share of a core on this 2-core machine; the soak submits no MLflow job)
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
         with (self.mlflow_root / "server.log").open("ab") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         self.procs["mlflow"] = proc
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
