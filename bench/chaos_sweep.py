@@ -19,6 +19,7 @@ from typing import Any, Optional
 from chaos_parts import SAVING_TOLERANCE_POINTS
 
 ROOT = Path(__file__).resolve().parents[1]
+_RUNNING: list[subprocess.Popen] = []   # the soaks started, stopped with the sweep
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -71,9 +72,11 @@ def _one(seed: int, soak_args: list[str], workdir: Path) -> dict[str, Any]:
     log = workdir / f"seed-{seed}.log"
     t0 = time.time()
     with log.open("w") as f:
-        rc = subprocess.run([sys.executable, str(ROOT / "bench" / "chaos_soak.py"), *soak_args, "--seed", str(seed),
-                             "--workdir", str(workdir / f"seed-{seed}"), "--json", str(out)],
-                            stdout=f, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "chaos_soak.py"), *soak_args, "--seed",
+                                 str(seed), "--workdir", str(workdir / f"seed-{seed}"), "--json", str(out)],
+                                stdout=f, stderr=subprocess.STDOUT)
+        _RUNNING.append(proc)
+        rc = proc.wait()
     if rc != 0 or not out.exists():
         return {"seed": seed, "error": f"exit code {rc} (log {log})", "wall_s": round(time.time() - t0, 1)}
     return json.loads(out.read_text())
@@ -85,9 +88,19 @@ def sweep(seeds: list[int], soak_args: list[str], workdir: Path, jobs: int) -> d
     print(f"{'seed':>4} {'ok':<4} {'survived':>8} {'weights':<9} {'lost':>4} {'dup':>3} {'restarts':>8} "
           f"{'saving clean':>12} {'faulted':>8} {'points':>6} {'wall_s':>7}  faults / what failed", flush=True)
     rows = []
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for result in pool.map(lambda s: _one(s, soak_args, workdir), seeds):
-            rows.append(_row(result))
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            for result in pool.map(lambda s: _one(s, soak_args, workdir), seeds):
+                rows.append(_row(result))
+    finally:   # stopped (SIGTERM, Ctrl-C): each running soak stops its services and its job
+        for proc in _RUNNING:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in _RUNNING:
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     passed = sum(r["ok"] for r in rows)
     return {"benchmark": "chaos_sweep", "seeds": seeds, "soak_args": soak_args, "jobs": jobs, "rows": rows,
             "seeds_identical": passed, "seeds_total": len(rows),
