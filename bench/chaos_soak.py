@@ -59,6 +59,7 @@ KINDS = ("s3_503", "kill9_rank", "s3_down", "ckpt_kill", "mlflow_down", "sigusr1
 TRANSIENT = {"s3_down", "s3_503", "mlflow_down"}
 EVERY = 4
 STEP_RE = re.compile(r"step (\d+)/(\d+)")
+LAUNCHED: list[subprocess.Popen] = []   # every job started (each in its own session), killed on the way out
 
 
 def plan(faults: int, seed: int, steps: int, kinds: tuple[str, ...] = KINDS) -> list[dict]:
@@ -108,6 +109,7 @@ class Job:
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(cmd, cwd=args.workdir, env=services.env(), stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True)
+        LAUNCHED.append(self.proc)
 
     def step(self) -> int:
         found = STEP_RE.findall(self.log.read_text(errors="replace"))
@@ -260,16 +262,22 @@ def main() -> None:
         return now
 
     with Services(args.workdir) as services:
-        t = lap("services", t0)
-        clean = Job(args, services, "clean", 0, 2)
-        if clean.wait(args.segment_timeout) != 0:
-            raise SystemExit(f"chaos: the uninterrupted run failed (log {clean.log})")
-        t = lap("clean_run", t)
-        restarts = run_chaos(args, services, faults)
-        services.settle()
-        t = lap("chaos_run", t)
-        result = compare_runs(args, services, faults, restarts)
-        lap("compare", t)
+        try:
+            t = lap("services", t0)
+            clean = Job(args, services, "clean", 0, 2)
+            if clean.wait(args.segment_timeout) != 0:
+                raise SystemExit(f"chaos: the uninterrupted run failed (log {clean.log})")
+            t = lap("clean_run", t)
+            restarts = run_chaos(args, services, faults)
+            services.settle()
+            t = lap("chaos_run", t)
+            result = compare_runs(args, services, faults, restarts)
+            lap("compare", t)
+        finally:   # stopped (SIGTERM, an error): no job outlives the soak
+            for proc in LAUNCHED:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
     result.update(benchmark="chaos_soak", seed=args.seed, steps=args.steps, outage_scale=args.outage_scale,
                   phases_s=phases, wall_s=round(time.time() - t0, 1))
     survived = sum(1 for f in faults if f["survived"] is True)

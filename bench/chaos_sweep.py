@@ -88,11 +88,12 @@ def sweep(seeds: list[int], soak_args: list[str], workdir: Path, jobs: int) -> d
     print(f"{'seed':>4} {'ok':<4} {'survived':>8} {'weights':<9} {'lost':>4} {'dup':>3} {'restarts':>8} "
           f"{'saving clean':>12} {'faulted':>8} {'points':>6} {'wall_s':>7}  faults / what failed", flush=True)
     rows = []
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
     try:
-        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            for result in pool.map(lambda s: _one(s, soak_args, workdir), seeds):
-                rows.append(_row(result))
+        for result in pool.map(lambda s: _one(s, soak_args, workdir), seeds):
+            rows.append(_row(result))
     finally:   # stopped (SIGTERM, Ctrl-C): each running soak stops its services and its job
+        pool.shutdown(wait=False, cancel_futures=True)
         for proc in _RUNNING:
             if proc.poll() is None:
                 proc.terminate()
