@@ -86,9 +86,12 @@ class LogicalRanks(LoaderBase):
         return self
 
     def __next__(self) -> dict[str, Any]:
+        # the position moves only once the reader handed its batch over: a read that raises leaves
+        # it on the same reader (a state saved then, or a caller that tries again, sees no gap)
         which = self.position // self.per_reader
+        batch = next(self._iters[which])
         self.position = (self.position + 1) % (self.per_reader * len(self.ranks))
-        return next(self._iters[which])
+        return batch
 
     # ------------------------------------------------------------------------------- state
     def state_dict(self) -> Optional[dict[str, Any]]:
