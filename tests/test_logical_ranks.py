@@ -1,7 +1,7 @@
 """Data ranks hosted on fewer processes (``dyntrain.data.logical``): which readers a process hosts,
 the order of their micro-batches, the state a checkpoint keeps, and what a resume on another world
 size does with the saved readers (continue each exactly, or reshard and say so). The end-to-end
-2 -> 1 resume with bit-identical weights is ``test_resume.py::test_world_size_change_two_to_one``."""
+2 -> 1 resume with bit-identical weights is ``test_resume.py::test_world_size_change_two_to_one_and_back``."""
 from __future__ import annotations
 
 import logging

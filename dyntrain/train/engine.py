@@ -39,6 +39,7 @@ from dyntrain.config import Config
 from dyntrain.config.plan import batch_plan
 from dyntrain.devices import choose_device
 from dyntrain.errors import ConfigError
+from dyntrain.train.gradnorm import use_exact_norm
 from dyntrain.train.model import compilation
 
 
@@ -317,6 +318,8 @@ def build_engine(cfg: Config, model: torch.nn.Module, dist_info: DistInfo, lr_sc
                               custom_scheduler=lr_scheduler is not None)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=ds_config, lr_scheduler=lr_scheduler)
+    if cfg.optim.grad_clip > 0:  # the clipping norm independent of the world size (gradnorm.py)
+        use_exact_norm(engine.optimizer)
     if compilation(cfg) == "engine":
         engine.compile()
     return engine, ds_config
