@@ -34,12 +34,15 @@ def exact_sum_of_squares(parts: Sequence[torch.Tensor], total_elements: int,
     """Sum of the squares of every element of ``parts`` (this rank's pieces of the gradient) over all
     ranks of ``group``, the same float64 value however the elements are split between ranks and
     pieces; None when some element is not finite (on any rank). ``total_elements``: the number of
-    gradient elements of the whole model (the same on every rank and world size)."""
+    gradient elements of the whole model (the same on every rank and world size). One piece at a
+    time in float64: the extra memory is that of the largest piece."""
+    parts = [p.detach().reshape(-1) for p in parts if p.numel()]
     device = parts[0].device if parts else torch.device("cpu")
-    squares = [p.detach().reshape(-1).to(torch.float64).square() for p in parts if p.numel()]
-    flat = torch.cat(squares) if squares else torch.zeros(0, dtype=torch.float64, device=device)
-    head = torch.stack([flat.max() if flat.numel() else torch.zeros((), dtype=torch.float64, device=device),
-                        (~torch.isfinite(flat)).any().to(torch.float64)])
+    head = torch.zeros(2, dtype=torch.float64, device=device)     # largest square, any non-finite
+    for p in parts:
+        square = p.to(torch.float64).square()
+        head[0] = torch.maximum(head[0], square.max())
+        head[1] = torch.maximum(head[1], (~torch.isfinite(square)).any().to(torch.float64))
     if _distributed(group):
         dist.all_reduce(head, op=dist.ReduceOp.MAX, group=group)
     largest, bad = float(head[0]), bool(head[1])
@@ -51,11 +54,14 @@ def exact_sum_of_squares(parts: Sequence[torch.Tensor], total_elements: int,
     exponent = math.frexp(largest)[1]                     # largest < 2^exponent
     headroom = max(1, int(total_elements)).bit_length()   # elements < 2^headroom
     scale = 62 - headroom - exponent
-    scaled = torch.ldexp(flat, torch.tensor(scale, dtype=torch.float64, device=flat.device))
-    whole = torch.floor(scaled)
-    fraction = torch.floor(torch.ldexp(scaled - whole, torch.tensor(_FRACTION_BITS, dtype=torch.float64,
-                                                                     device=flat.device)))
-    sums = torch.stack([whole.to(torch.int64).sum(), fraction.to(torch.int64).sum()])
+    sums = torch.zeros(2, dtype=torch.int64, device=device)       # whole parts, 31-bit fractions
+    for p in parts:
+        scaled = torch.ldexp(p.to(torch.float64).square(), torch.tensor(float(scale), dtype=torch.float64,
+                                                                         device=device))
+        whole = torch.floor(scaled)
+        fraction = torch.floor(torch.ldexp(scaled - whole, torch.tensor(float(_FRACTION_BITS),
+                                                                        dtype=torch.float64, device=device)))
+        sums += torch.stack([whole.to(torch.int64).sum(), fraction.to(torch.int64).sum()])
     if _distributed(group):
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     whole_sum, fraction_sum = (int(v) for v in sums.tolist())
