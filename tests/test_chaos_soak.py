@@ -59,3 +59,29 @@ def test_ci_chaos_soak_ends_bit_identical(tmp_path):
 def test_short_chaos_soak_ends_bit_identical(tmp_path):
     """The soak's own outage length: 503 SlowDown for 19 s at step 9."""
     _soak(tmp_path, "--steps", "16", seed=1, timeout=2300)
+
+
+def test_first_difference_reads_a_segment_that_hosts_both_data_ranks():
+    """A 1-rank segment hosting both data ranks reads rank 0's and rank 1's samples in turn and adds
+    their losses in float64: the same step as the 2-rank run's (losses to float32 rounding); a loss
+    off by more, or the samples in another order, is the first difference."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from chaos_parts import _first_difference
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    clean = [{"steps": [{"step": s, "variant": "S", "keys": [f"r{r}s{s}"], "loss": 0.25 + s / 7}
+                        for s in range(3)]} for r in (0, 1)]
+
+    def hosted(loss_scale=1.0, swap=False):
+        steps = []
+        for s in range(3):
+            keys = [f"r0s{s}", f"r1s{s}"]
+            steps.append({"step": s, "variant": "S", "keys": keys[::-1] if swap and s == 2 else keys,
+                          "loss": (0.25 + s / 7) * (loss_scale if s == 1 else 1.0)})
+        return {"steps": steps}
+    two_ranks = {"steps": clean[0]["steps"][:1]}
+    assert _first_difference(clean[0], [two_ranks, hosted(1 + 3e-8)], clean[1]) is None
+    assert _first_difference(clean[0], [two_ranks, hosted(1 + 1e-6)], clean[1])["step"] == 1
+    assert _first_difference(clean[0], [hosted(swap=True)], clean[1])["field"] == "keys"
+    assert _first_difference(clean[0], [hosted()])["field"] == "keys"    # no rank-1 trace to read
