@@ -20,6 +20,11 @@ in addition to the job's own (nothing under dyntrain/ or launch/ knows about tes
     --corrupt-draw RANK@STEP
                          ``schedule_hook``: rank RANK draws the next variant (sorted order) from
                          STEP on, so that the cross-rank check (``schedule.verify_every``) must fail
+    --replay-batch DATA_RANK@ITERATION
+                         ``loader_factory``: data rank DATA_RANK's reader takes batch ITERATION through
+                         its failure path (``recovery.CorruptRecovery._recover``: as if DALI's run of
+                         it failed, the batch is replayed from the last good DALI checkpoint), also
+                         when the process hosts that reader beside others
     --pause-at STEP@FILE ``callbacks``: after step STEP every rank writes FILE.waiting and waits
                          (at most 300 s) until FILE exists, so that a test can break something
                          (stop the S3 server) at a known point of the run
@@ -126,6 +131,24 @@ def with_disk_full(factory: Callable, flag: str | Path) -> Callable:
     return make
 
 
+def with_replay(factory: Callable, data_rank: int, iteration: int) -> Callable:
+    """``factory`` whose reader of ``data_rank`` replays batch ``iteration`` (``--replay-batch``)."""
+
+    def make(cfg, rank, world_size, device):
+        loader = factory(cfg, rank, world_size, device)  # rank: the data rank of this reader
+        if rank == data_rank:
+            plain = loader._run_batch
+
+            def run_batch(it: int):
+                if it != iteration:
+                    return plain(it)
+                failure = RuntimeError(f"rank_entry: --replay-batch {data_rank}@{iteration}")
+                return loader._recover(failure, it)
+            loader._run_batch = run_batch
+        return loader
+    return make
+
+
 class PauseAt(CallbackBase):
     """Holds the run after ``step`` until ``go_file`` exists (every rank; at most 300 s)."""
 
@@ -156,6 +179,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--disk-full", default=None)
     parser.add_argument("--corrupt-draw", default=None)
     parser.add_argument("--pause-at", default=None)
+    parser.add_argument("--replay-batch", default=None)
     parser.add_argument("--cli", action="store_true")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     parser.add_argument("script", help="launch script whose main() runs the job")
@@ -181,6 +205,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         point, fault_step = _at(a.ckpt_fault, "--ckpt-fault")
         if point != "before_complete":
             raise SystemExit(f"rank_entry: unknown checkpoint fault point {point!r}")
+    replay = _at(a.replay_batch, "--replay-batch") if a.replay_batch else None
     original = run_module.run_training
 
     def run_training(cfg, loader_factory, **kwargs):
@@ -191,6 +216,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if a.disk_full:
             factory = with_disk_full(factory, a.disk_full)
         kwargs["checkpoint_factory"] = factory
+        if replay is not None:
+            loader_factory = with_replay(loader_factory, int(replay[0]), replay[1])
         return original(cfg, loader_factory, **{**kwargs, **extra})
 
     run_module.run_training = run_training  # what the launch script imports when it runs

@@ -108,3 +108,41 @@ def test_sweep_verdict_on_a_stored_soak():
     for why, change in cases.items():
         ok, reasons = sw.verdict(dict(result, **change))
         assert not ok and any(r.startswith(why) for r in reasons), (why, reasons)
+
+
+def test_first_difference_reads_a_segment_that_hosts_both_data_ranks(tmp_path):
+    """A 1-rank segment hosting both data ranks traces rank 0's and rank 1's samples in turn and adds
+    their losses in float64: the same step as the 2-rank run's (losses to float32 rounding); a loss
+    off by more, or the samples in another order, is the first difference."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from chaos_parts import _first_difference
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+    def write(name, ranks):
+        d = tmp_path / name
+        d.mkdir()
+        for r, steps in ranks.items():
+            (d / f"trace_rank{r}.steps.jsonl").write_text("".join(json.dumps(x) + "\n" for x in steps))
+        return d
+
+    def loss(s):
+        return 0.25 + s / 7
+
+    clean = write("clean", {r: [{"step": s, "variant": "S", "keys": [f"r{r}s{s}"], "loss": loss(s)}
+                                for s in range(3)] for r in (0, 1)})
+    two_ranks = write("two", {r: [{"step": 0, "variant": "S", "keys": [f"r{r}s0"], "loss": loss(0)}] for r in (0, 1)})
+
+    def hosted(name, scale=1.0, swap=False):
+        steps = []
+        for s in range(1, 3):
+            keys = [f"r0s{s}", f"r1s{s}"]
+            steps.append({"step": s, "variant": "S", "keys": keys[::-1] if swap and s == 2 else keys,
+                          "loss": loss(s) * (scale if s == 1 else 1.0)})
+        return write(name, {0: steps})
+    assert _first_difference(clean, [two_ranks, hosted("a", 1 + 3e-8)]) is None
+    assert _first_difference(clean, [two_ranks, hosted("b", 1 + 1e-6)])["step"] == 1
+    assert _first_difference(clean, [hosted("c", swap=True)])["field"] == "keys"
+    only_rank0 = write("d", {0: [{"step": 0, "variant": "S", "keys": ["r0s0"], "loss": loss(0)}]})
+    assert _first_difference(clean, [only_rank0])["field"] == "keys"   # rank 1's samples missing

@@ -129,3 +129,46 @@ def test_extensions_dir_defaults_to_the_environments_own_folder(monkeypatch, tmp
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
     monkeypatch.setattr(os, "access", lambda path, mode: path != str(tmp_path))  # a read-only prefix
     assert extensions_dir_default() is None and "TORCH_EXTENSIONS_DIR" not in os.environ
+
+
+def test_clipping_norm_is_the_same_bits_however_the_ranks_split_the_gradient():
+    """The gradient norm behind clipping (``dyntrain.train.gradnorm``) is the same float64 value
+    whether one rank holds the whole gradient or the ranks hold pieces cut anywhere (a parameter
+    split at a partition edge included). DeepSpeed's own sum (float64 per rank, rounded to float32,
+    the ranks' float32 values added) is not: a 1-rank resume hosting the data ranks clipped its
+    steps by a factor a few ulps off the 2-rank run's, and the weights drifted apart."""
+    from dyntrain.train.gradnorm import exact_sum_of_squares
+
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.randn(n, generator=gen) * scale for n, scale in
+              ((37, 0.3), (1000, 0.01), (3, 2.0), (4096, 0.02), (517, 0.05), (64, 1e-6))]
+    flat = torch.cat(params)
+    total = flat.numel()
+
+    def deepspeed_norm(ranks):  # stage_1_and_2.get_grad_norm_direct, the all-reduce in float32
+        per_rank = [torch.stack([torch.linalg.vector_norm(g.double()) for g in parts]).pow(2).sum().float()
+                    for parts in ranks]
+        return float(torch.stack(per_rank).sum().sqrt())
+
+    def cut(edges):  # the flat gradient cut at ``edges`` into ranks, each rank's part per parameter
+        bounds, start, ranks = list(edges) + [total], 0, []
+        offsets = [0]
+        for p in params:
+            offsets.append(offsets[-1] + p.numel())
+        for end in bounds:
+            ranks.append([flat[max(start, a):min(end, b)] for a, b in zip(offsets, offsets[1:])
+                          if max(start, a) < min(end, b)])
+            start = end
+        return ranks
+
+    one = [params]
+    splits = [cut([total // 2]), cut([1000]), cut([total // 4, total // 2, 3 * total // 4])]
+    splits += [cut([k]) for k in range(101, total, 397)]
+    want = exact_sum_of_squares(params, total)
+    assert math.isclose(want, float(flat.double().square().sum()), rel_tol=1e-12)
+    for ranks in splits:
+        assert exact_sum_of_squares([g for parts in ranks for g in parts], total) == want
+    assert any(deepspeed_norm(ranks) != deepspeed_norm(one) for ranks in splits)
+    bad = flat.clone()
+    bad[7] = float("nan")
+    assert exact_sum_of_squares([bad], total) is None and exact_sum_of_squares([], total) == 0.0

@@ -1,7 +1,8 @@
-"""The clipping norm does not depend on how ZeRO partitions the gradients (``dyntrain.train.gradnorm``):
-one rank holding every slice and two ranks holding half each (a tensor split between them, as ZeRO's
-flat partitions do) get the same float32 norm, through a real 2-process gloo all-reduce; DeepSpeed's
-own formula (per-rank float32 partial sums) does not for these gradients."""
+"""The clipping norm does not depend on how ZeRO partitions the gradients (``dyntrain.train.gradnorm``),
+through the optimizer hook and a real 2-process gloo all-reduce: one rank holding every slice and two
+ranks holding half each (a tensor split between them, as ZeRO's flat partitions do) get the same
+float32 norm; DeepSpeed's own formula (per-rank float32 partial sums) does not for these gradients.
+``tests/test_engine_config.py`` checks the exact sum itself over many cuts in one process."""
 from __future__ import annotations
 
 import os
@@ -15,12 +16,17 @@ from helpers import free_port
 
 
 class _ZeroLike:
-    """What ``gradnorm.install`` needs of a ZeRO 1/2 optimizer."""
+    """What ``gradnorm.use_exact_norm`` needs of a ZeRO 1/2 optimizer: the model's parameters
+    (``bit16_groups``, the same on every rank), its process group and device."""
     dp_process_group = None
-    model_parallel_rank = 0
+    device = "cpu"
+    averaged_gradients: dict = {}
+
+    def __init__(self, numel: int) -> None:
+        self.bit16_groups = [[torch.empty(numel)]]
 
     def get_grad_norm_direct(self, gradients, params, norm_type=2):
-        raise AssertionError("replaced by install()")
+        raise AssertionError("replaced by use_exact_norm()")
 
 
 def _gradients(seed: int) -> list[torch.Tensor]:
@@ -55,11 +61,11 @@ def _deepspeed_formula(parts: list[list[torch.Tensor]]) -> torch.Tensor:
     return total.sqrt()
 
 
-def _norm_of(grads: list[torch.Tensor]) -> torch.Tensor:
-    from dyntrain.train import gradnorm
+def _norm_of(grads: list[torch.Tensor], numel: int) -> torch.Tensor:
+    from dyntrain.train.gradnorm import use_exact_norm
 
-    opt = _ZeroLike()
-    assert gradnorm.install(opt)
+    opt = _ZeroLike(numel)
+    assert use_exact_norm(opt)
     return opt.get_grad_norm_direct(grads, [torch.nn.Parameter(torch.empty(0)) for _ in grads])
 
 
@@ -67,7 +73,8 @@ def _rank(rank: int, port: int, seed: int, out) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        out[rank] = _norm_of(_split(_gradients(seed))[rank]).item()
+        grads = _gradients(seed)
+        out[rank] = _norm_of(_split(grads)[rank], sum(g.numel() for g in grads)).item()
     finally:
         dist.destroy_process_group()
 
@@ -83,7 +90,7 @@ def _a_partition_sensitive_seed() -> int:
 def test_the_clipping_norm_is_the_same_on_one_and_two_ranks():
     seed = _a_partition_sensitive_seed()
     grads = _gradients(seed)
-    one_rank = _norm_of(grads)
+    one_rank = _norm_of(grads, sum(g.numel() for g in grads))
     assert one_rank.dtype == torch.float32
     assert one_rank.item() == pytest.approx(torch.cat(grads).double().norm().item(), rel=1e-7)
     out = mp.Manager().dict()
@@ -94,7 +101,7 @@ def test_the_clipping_norm_is_the_same_on_one_and_two_ranks():
 
 
 def test_only_the_two_norm_is_replaced_and_other_optimizers_are_left_alone():
-    from dyntrain.train import gradnorm
+    from dyntrain.train.gradnorm import use_exact_norm
 
     calls = []
 
@@ -103,9 +110,9 @@ def test_only_the_two_norm_is_replaced_and_other_optimizers_are_left_alone():
             calls.append(norm_type)
             return torch.tensor(7.0)
 
-    opt = Opt()
-    assert gradnorm.install(opt)
+    opt = Opt(3)
+    assert use_exact_norm(opt)
     assert opt.get_grad_norm_direct([torch.ones(3)], [None], norm_type=float("inf")).item() == 7.0
     assert calls == [float("inf")]
-    assert opt.get_grad_norm_direct([torch.full((4,), float("nan"))], [None]).item() == -1.0
-    assert not gradnorm.install(object())
+    assert opt.get_grad_norm_direct([torch.full((3,), float("nan"))], [None]).item() == -1.0
+    assert not use_exact_norm(object())

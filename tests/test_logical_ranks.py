@@ -1,7 +1,7 @@
 """Data ranks hosted on fewer processes (``dyntrain.data.logical``): which readers a process hosts,
 the order of their micro-batches, the state a checkpoint keeps, and what a resume on another world
 size does with the saved readers (continue each exactly, or reshard and say so). The end-to-end
-2 -> 1 resume with bit-identical weights is ``test_resume.py::test_world_size_change_two_to_one``."""
+2 -> 1 resume with bit-identical weights is ``test_resume.py::test_world_size_change_two_to_one_and_back``."""
 from __future__ import annotations
 
 import logging
@@ -63,6 +63,27 @@ def test_hosting_and_the_order_of_micro_batches():
     assert alone.stats()["corrupt_keys"] == ["k1"]
     with pytest.raises(ValueError, match="cannot be split over 2 readers"):
         host(0, 1, 2, accumulation=3)
+
+
+def test_a_read_that_raises_leaves_the_turn_on_its_reader():
+    """A hosted reader whose read raises (data rank 1's, as an I/O failure past its own retries
+    would) keeps its turn: the state saved then and the next read are those of that reader."""
+    class Flaky(Counter):
+        fail = False
+
+        def __next__(self):
+            if self.fail:
+                self.fail = False
+                raise OSError("storage away")
+            return super().__next__()
+
+    one = LogicalRanks(lambda r: Flaky(r, 2), 0, 1, 2, 2)
+    assert keys(one, 1) == [(0, 0)]
+    one.readers[1].fail = True
+    with pytest.raises(OSError):
+        next(one)
+    assert one.state_dict()["position"] == 1
+    assert keys(one, 3) == [(1, 0), (0, 1), (1, 1)]
 
 
 def test_state_round_trip_and_merged_stats():

@@ -1,6 +1,6 @@
 """Resume of the real pre-training path (``launch/pretrain.py`` under the ``deepspeed`` launcher, 2 CPU
 ranks over gloo, DALI reading real shards, MLflow in sqlite) after kill -9, after a kill during a
-checkpoint write, and on another world size (2 -> 1).
+checkpoint write, and on another world size (2 -> 1 -> 2).
 
 Every run goes through ``tests/rank_entry.py``, which runs ``launch/pretrain.py`` with the trainer's
 trace switched on (``--trace``: per-step variant, loss and sample keys per rank, SHA-256 of the final
@@ -12,7 +12,9 @@ Timeline (N = 4 steps, 2N = 8; each rank's share of the 16 samples is 8 = 4 step
     interrupted  2 ranks, checkpoints every 4, kill -9 (whole launcher group) once step 4 is saved
     faulted      resume (auto, from 4), checkpoints every 2, SIGKILL while writing step 6
     resumed      resume (auto: step 6 is incomplete -> step 4) to step 8     -> compared with straight
-    resharded    1 rank resumes the straight run's step 6, hosting both data ranks -> bit-identical
+    resharded    1 rank resumes the straight run's step 2, hosting both data ranks, reader 1 replays
+                 batch 3 (its I/O failure path)                                  -> bit-identical
+    back         2 ranks resume the resharded run's 1-rank checkpoint of step 4  -> bit-identical
     ca_*         the cost-aware draw: straight, killed after step 4, resumed (same comparison)
 """
 from __future__ import annotations
@@ -62,6 +64,8 @@ class Setup:
             "model.num_refinement": 1, "data.train_urls": f"[{self.shards}/*.tar]",
             "data.crop_size": 32, "data.micro_batch_size": 2, "data.num_threads": 1,
             "data.shuffle_buffer": 4, "data.decode": "cpu", "schedule.verify_every": 0,
+            # below the tiny model's gradient norm: every step clips (a 1-rank resume must clip alike)
+            "optim.grad_clip": 0.05,
             "deepspeed.zero_stage": 2, "deepspeed.bf16": "false", "tracking.uri": self.uri,
             "tracking.experiment": "resume", "checkpoint.dir": str(ckpt_dir), "checkpoint.every": 2,
             "checkpoint.keep": 10, "checkpoint.resume": "auto",
@@ -215,35 +219,55 @@ def test_exact_resume_after_kill9_and_kill_during_write(setup):
             assert m.value == ref[m.step], f"{key} at step {m.step}"
 
 
-def test_world_size_change_two_to_one(setup):
-    """One rank resumes the two-rank run's step 6 and hosts both data ranks: the same samples per
+def test_world_size_change_two_to_one_and_back(setup):
+    """One rank resumes the two-rank run's step 2 and hosts both data ranks: the same samples per
     step (rank 0's micro-batch, then rank 1's, as gradient accumulation), the same draws, and final
-    weights bit-identical to the uninterrupted two-rank run's."""
+    weights bit-identical to the uninterrupted two-rank run's, although hosted reader 1 takes batch
+    3 through its failure path (replayed from the last good DALI checkpoint, as after an I/O error:
+    ``rank_entry.py --replay-batch``). Two ranks then resume that run's 1-rank checkpoint of step 4
+    and end the same, every step of each rank equal to the two-rank run's (the chaos soak's path:
+    1 rank hosting 2 readers, a retry on reader 1, a kill, a resume on 2 ranks)."""
     s = setup
     d = s.base / "ck_reshard"
     d.mkdir()
-    tag = ck.tag_for_step(N + 2)   # mid-epoch: each rank had read 2 of its 4 batches of epoch 2
+    tag, mid = ck.tag_for_step(2), ck.tag_for_step(N)   # mid-epoch: each rank had read 2 of its 4 batches
     shutil.copytree(s.base / "ck_straight" / tag, d / tag)
     # moved to "another cluster": a new MLflow store that does not know the checkpoint's run
     moved = f"sqlite:///{s.base / 'moved.db'}"
-    rc = s.run("resharded", 1, d, **{"tracking.uri": moved})
-    assert rc == 0, s.log("resharded")
+    proc = s.start("resharded", 1, d, entry_args=["--replay-batch", "1@3"], **{"tracking.uri": moved})
+    assert proc.wait(timeout=300) == 0, s.log("resharded")
     _assert_new_run_continues(s, moved, tag)
     log = s.log("resharded")
     assert "written by 2 rank(s), this run has 1" in log and "each hosts 2 readers" in log
     assert "the 2 data ranks of the checkpoint continue on 1 rank(s)" in log
     assert (d / tag / ck.UNIVERSAL / "zero").is_dir()
     got = s.trace("resharded", 0)
+    assert got["loader_stats"]["recoveries"] >= 1, got["loader_stats"]
     steps = _steps(got)
-    assert sorted(steps) == list(range(N + 2, 2 * N))
-    ref = [s.trace("straight", r) for r in range(2)]
-    for t in range(N + 2, 2 * N):
-        assert steps[t]["variant"] == _steps(ref[0])[t]["variant"]
-        assert steps[t]["keys"] == _steps(ref[0])[t]["keys"] + _steps(ref[1])[t]["keys"], f"samples of step {t}"
-    assert got["weights_sha256"] == ref[0]["weights_sha256"], "final weights differ from the 2-rank run's"
+    assert sorted(steps) == list(range(2, 2 * N))
+    ref = [_steps(s.trace("straight", r)) for r in range(2)]
+    for t in range(2, 2 * N):
+        assert steps[t]["variant"] == ref[0][t]["variant"]
+        assert steps[t]["keys"] == ref[0][t]["keys"] + ref[1][t]["keys"], f"samples of step {t}"
+    want = s.trace("straight", 0)["weights_sha256"]
+    assert got["weights_sha256"] == want, "final weights differ from the 2-rank run's"
     # the checkpoints it writes are 1-rank checkpoints of the same 2 data ranks
     meta = ck.read_marker(d / ck.tag_for_step(2 * N))
     assert meta["world_size"] == 1 and meta["data_ranks"] == 2
+
+    back = s.base / "ck_back"
+    back.mkdir()
+    shutil.copytree(d / mid, back / mid)
+    assert s.run("back", 2, back, **{"tracking.uri": moved}) == 0, s.log("back")
+    assert "written by 1 rank(s), this run has 2" in s.log("back")
+    assert "continue on 2 rank(s), every reader from its saved position" in s.log("back")
+    for r in range(2):
+        again = _steps(s.trace("back", r))
+        assert sorted(again) == list(range(N, 2 * N))
+        for t in range(N, 2 * N):
+            assert (again[t]["keys"], again[t]["variant"], again[t]["loss"]) == \
+                (ref[r][t]["keys"], ref[r][t]["variant"], ref[r][t]["loss"]), f"rank {r} step {t}"
+    assert s.trace("back", 0)["weights_sha256"] == want, "weights differ after the 1 -> 2 resume"
 
 
 def _assert_new_run_continues(s, moved: str, tag: str) -> None:

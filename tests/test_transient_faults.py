@@ -191,3 +191,99 @@ def test_pipeline_opened_during_an_outage_waits_for_the_storage(s3_behind_proxy,
         assert r["retries_first"] > 0 and r["waited_first"] > outage - 1, r
     assert r["retries"] > r["retries_first"] and r["waited_resume"] > outage - 1, r
     assert r["first"] == r["clean_first"] and r["got"] == r["want"], r
+
+
+# run in a process of its own (see OPEN_DURING_OUTAGE). The seed-3 soak's path at the loader level:
+# one process hosts data ranks 0 and 1 (resumed from 2 ranks' reader states), the storage goes away
+# as hosted reader 1 reads batch FAULT (its DALI run fails and the replay retries through the outage),
+# the process's state is taken after the recovery (what its 1-rank checkpoint records) and two
+# processes of a 2-rank world resume from it. Every batch is compared whole with the uninterrupted
+# 2-rank readers': keys and the bytes of input, target and mask (keys alone miss a crop window, a
+# degradation or a region mask drawn for another batch index).
+HOSTED_RETRY = """
+import hashlib, json, sys, threading, time
+from pathlib import Path
+from dyntrain.config import load_config
+from dyntrain.data.logical import HOSTED, LogicalRanks
+from dyntrain.data.pretrain.pipeline import build_pretrain_loader
+
+urls, mode, outage_s = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
+cfg = load_config(None, [f"data.train_urls=[{urls}]", "data.crop_size=32", "data.micro_batch_size=2",
+                         "data.num_threads=1", "data.shuffle_buffer=4", "data.decode=cpu", "data.io_retry_s=60",
+                         "deepspeed.global_batch_size=4", "run.seed=3"])
+START, FAULT, SAVE, END = 3, 5, 7, 14   # steps; END is past each reader's epoch boundary
+
+def reader(data_rank):
+    return build_pretrain_loader(cfg, data_rank, 2, "cpu")
+
+def digest(batch):
+    h = hashlib.sha256()
+    for key in ("input", "target", "mask"):
+        h.update(batch[key].contiguous().numpy().tobytes())
+    return [h.hexdigest(), list(batch["keys"])]
+
+want, at_start = {}, {}
+for r in (0, 1):
+    clean = reader(r)
+    for step in range(END):
+        if step == START:
+            at_start[r] = clean.state_dict()
+        want[f"{step}/{r}"] = digest(next(clean))
+    clean.close()
+
+one = LogicalRanks(reader, 0, 1, 2, 2)          # 1 rank hosting both data ranks, resumed from 2 ranks
+one.load_rank_state({"rank": 0, "world_size": 1, "saved_loaders": [
+    {"rank": r, "world_size": 2, "data_ranks": 2, "loader": at_start[r]} for r in (0, 1)]})
+hosted1 = one.readers[1]
+plain_run = type(hosted1)._run_batch
+
+def outage_at_fault(it):
+    if it != FAULT:
+        return plain_run(hosted1, it)
+    mode.write_text("down")                      # S3 away: the DALI run of this batch fails ...
+    threading.Timer(outage_s, lambda: mode.write_text("pass")).start()
+    time.sleep(0.3)                              # (the proxy reads its mode file every 0.1 s)
+    return hosted1._recover(RuntimeError("Critical error in pipeline: S3 read failed"), it)
+hosted1._run_batch = outage_at_fault
+
+got = {}
+for step in range(START, SAVE):
+    for r in (0, 1):
+        got[f"{step}/{r}"] = digest(next(one))
+saved = one.state_dict()                          # what the 1-rank checkpoint records
+for step in range(SAVE, END):
+    for r in (0, 1):
+        got[f"{step}/{r}"] = digest(next(one))
+retries, recoveries = hosted1.io_retries, hosted1.recoveries
+one.close()
+for r in (0, 1):                                  # the 1-rank checkpoint resumed on 2 ranks
+    two = LogicalRanks(reader, r, 2, 2, 1)
+    two.load_rank_state({"rank": r, "world_size": 2, "resharded_from": 1, "loader": None,
+                         "saved_loaders": [{"rank": 0, "world_size": 1, "data_ranks": 2, "loader": saved}]})
+    for step in range(SAVE, END):
+        got[f"resumed {step}/{r}"] = digest(next(two))
+    two.close()
+print(json.dumps({"want": want, "got": got, "retries": retries, "recoveries": recoveries,
+                  "saved_position": saved["position"]}))
+"""
+
+
+@pytest.mark.slow
+def test_retry_on_a_hosted_reader_then_its_one_rank_state_on_two_ranks(s3_behind_proxy):
+    """The storage goes away (3 s) as hosted reader 1 of a 1-rank process reads: its batch is
+    replayed through the outage (retries counted), every batch of both readers before and after it
+    is the 2-rank run's, byte for byte, and so is every batch of the two ranks that resume from the
+    state taken after the recovery (past the readers' epoch boundary)."""
+    endpoint, mode, urls = s3_behind_proxy
+    env = run_env(**S3_ENV, AWS_ENDPOINT_URL=endpoint)
+    try:
+        proc = subprocess.run([sys.executable, "-c", HOSTED_RETRY, urls["pretrain"], str(mode), "3"],
+                              env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    finally:
+        mode.write_text("pass")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["retries"] > 0 and r["recoveries"] > 0 and r["saved_position"] == 0, r
+    for name, batch in r["got"].items():
+        assert batch == r["want"][name.split()[-1]], f"batch {name} differs from the 2-rank run's"
+    assert len(r["got"]) == 2 * (14 - 3) + 2 * (14 - 7)

@@ -10,9 +10,10 @@ accumulation is ``A * D / W`` (``Config.gradient_accumulation``), so the global 
 samples of every step are those of the original run. The gradient is the same sum: DeepSpeed
 scales each micro-batch's loss by 1 / (its accumulation) and averages over ranks, and for two data
 ranks on one process ``g0 / 2 + g1 / 2`` equals the all-reduced ``(g0 + g1) / 2`` bit for bit in
-fp32 (halving is exact). With more readers per process, or more micro-batches per reader, the sums
-are added in another order than the all-reduce's, so the weights agree to rounding while the data,
-draws and steps are exactly the original run's.
+fp32 (halving is exact), and so does a clipped step (the clipping norm is the same bits on any world
+size: ``dyntrain.train.gradnorm``). With more readers per process, or more micro-batches per reader,
+the sums are added in another order than the all-reduce's, so the weights agree to rounding while
+the data, draws and steps are exactly the original run's.
 
 When the saved data ranks cannot be hosted (a world that does not divide them, or a reader state
 missing), the data is resharded: every reader starts its share of the new sharding from the
@@ -86,9 +87,12 @@ class LogicalRanks(LoaderBase):
         return self
 
     def __next__(self) -> dict[str, Any]:
+        # the position moves only once the reader handed its batch over: a read that raises leaves
+        # it on the same reader (a state saved then, or a caller that tries again, sees no gap)
         which = self.position // self.per_reader
+        batch = next(self._iters[which])
         self.position = (self.position + 1) % (self.per_reader * len(self.ranks))
-        return next(self._iters[which])
+        return batch
 
     # ------------------------------------------------------------------------------- state
     def state_dict(self) -> Optional[dict[str, Any]]:

@@ -39,10 +39,8 @@ from dyntrain.config import Config
 from dyntrain.config.plan import batch_plan
 from dyntrain.devices import choose_device
 from dyntrain.errors import ConfigError
-from dyntrain.train import gradnorm
+from dyntrain.train.gradnorm import use_exact_norm
 from dyntrain.train.model import compilation
-
-log = logging.getLogger(__name__)
 
 
 ZERO3_NOTE = (
@@ -320,11 +318,8 @@ def build_engine(cfg: Config, model: torch.nn.Module, dist_info: DistInfo, lr_sc
                               custom_scheduler=lr_scheduler is not None)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=ds_config, lr_scheduler=lr_scheduler)
-    if cfg.optim.grad_clip > 0 and cfg.deepspeed.zero_stage in (1, 2) \
-            and not gradnorm.install(engine.optimizer):
-        log.warning("gradient clipping: %s has no get_grad_norm_direct; the clip factor may differ in "
-                    "the last bit between world sizes (exact resume on fewer ranks is then not "
-                    "guaranteed on clipped steps)", type(engine.optimizer).__name__)
+    if cfg.optim.grad_clip > 0:  # the clipping norm independent of the world size (gradnorm.py)
+        use_exact_norm(engine.optimizer)
     if compilation(cfg) == "engine":
         engine.compile()
     return engine, ds_config
