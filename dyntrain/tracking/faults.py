@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Optional
@@ -47,8 +48,6 @@ class ProgressWriter:
     writes the last step and waits for it."""
 
     def __init__(self, directory, on_error=None) -> None:
-        import threading
-
         self.directory = directory
         self.on_error = on_error
         self._latest: Optional[tuple[str, int]] = None
