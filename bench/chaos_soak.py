@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("s3_503", "kill9_rank", "s3_down", "ckpt_kill", "mlflow_down", "sigusr1", "disk_full",
          "resume_1rank")
 TRANSIENT = {"s3_down", "s3_503", "mlflow_down"}
+ENDING = {"kill9_rank", "sigusr1", "resume_1rank"}   # the job ends right after these
 EVERY = 4
 STEP_RE = re.compile(r"step (\d+)/(\d+)")
 LAUNCHED: list[subprocess.Popen] = []   # every job started (each in its own session), killed on the way out
@@ -141,11 +142,17 @@ def run_chaos(args, services: Services, faults: list[dict]) -> int:
         fault_step = None if armed is None else -(-armed["at_step"] // EVERY) * EVERY
         job = Job(args, services, "chaos", segment, ranks, fault_step)
         deadline = time.monotonic() + args.segment_timeout
+        ending = False   # a kill or a signal went in: the next fault waits for the next segment
         try:
             while job.proc.poll() is None and time.monotonic() < deadline:
-                if pending and job.step() >= pending[0]["at_step"]:
+                if pending and not ending and job.step() >= pending[0]["at_step"]:
                     f = pending.pop(0)
-                    last = inject(f, job, services, args)
+                    injected = inject(f, job, services, args)
+                    # the exit is blamed on a fault that ends the job (or fills the disk) before a
+                    # transient one injected meanwhile: a transient fault blamed for a restart is lost
+                    if last is None or last["kind"] in TRANSIENT:
+                        last = injected
+                    ending = f["kind"] in ENDING
                     if f["kind"] == "resume_1rank":
                         ranks = 1
                 time.sleep(0.2)
