@@ -54,19 +54,20 @@ def exact_sum_of_squares(parts: Sequence[torch.Tensor], total_elements: int,
     exponent = math.frexp(largest)[1]                     # largest < 2^exponent
     headroom = max(1, int(total_elements)).bit_length()   # elements < 2^headroom
     scale = 62 - headroom - exponent
+    bits = max(0, min(_FRACTION_BITS, 62 - headroom))     # the fractions' sum fits in 63 bits too
     sums = torch.zeros(2, dtype=torch.int64, device=device)       # whole parts, 31-bit fractions
     for p in parts:
         scaled = torch.ldexp(p.to(torch.float64).square(), torch.tensor(float(scale), dtype=torch.float64,
                                                                          device=device))
         whole = torch.floor(scaled)
-        fraction = torch.floor(torch.ldexp(scaled - whole, torch.tensor(float(_FRACTION_BITS),
-                                                                        dtype=torch.float64, device=device)))
+        fraction = torch.floor(torch.ldexp(scaled - whole, torch.tensor(float(bits), dtype=torch.float64,
+                                                                        device=device)))
         sums += torch.stack([whole.to(torch.int64).sum(), fraction.to(torch.int64).sum()])
     if _distributed(group):
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     whole_sum, fraction_sum = (int(v) for v in sums.tolist())
-    exact = whole_sum * 2**_FRACTION_BITS + fraction_sum    # a Python int: no rounding
-    return math.ldexp(float(exact), -(scale + _FRACTION_BITS))
+    exact = whole_sum * 2**bits + fraction_sum              # a Python int: no rounding
+    return math.ldexp(float(exact), -(scale + bits))
 
 
 def use_exact_norm(optimizer) -> bool:
