@@ -6,7 +6,9 @@ from outside through a mode file (the chaos soak and the transient-fault tests r
 Modes (the first word of F, read every 0.1 s; a missing file means ``pass``):
 
     pass    forward every byte both ways
-    down    the listening socket is closed: new connections are refused (ECONNREFUSED)
+    down    the listening socket is closed: new connections are refused (ECONNREFUSED); the port stays
+            bound (a socket bound to it, not listening), so that no other process on the machine is
+            given it meanwhile and the proxy can listen on it again
     reset   connections are accepted and reset at once (ECONNRESET)
     503     every request is answered ``503 SlowDown`` (S3's throttling reply) and the connection closed
 
@@ -44,6 +46,7 @@ class FaultProxy:
         self.port, self.target, self.mode_file = port, target, mode_file
         self.mode = "pass"
         self.listener: Optional[socket.socket] = None
+        self.holder: Optional[socket.socket] = None     # keeps the port while "down"
         self.open: set[socket.socket] = set()
         self.lock = threading.Lock()
 
@@ -136,11 +139,32 @@ class FaultProxy:
                 except OSError:
                     pass
         if mode == "down" and self.listener is not None:
+            try:   # stops the listening and wakes the accept thread (a bare close would not, on Linux)
+                self.listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self.listener.close()
             self.listener = None
+            self.holder = self._hold()
         if old == "down":
+            if self.holder is not None:
+                self.holder.close()
+                self.holder = None
             self.listen()
         print(f"s3_fault_proxy: {old} -> {mode}", flush=True)
+
+    def _hold(self) -> Optional[socket.socket]:
+        """A socket bound to the port, not listening: connections are refused, and the kernel gives
+        the port to no other process (its ephemeral choice skips a bound port)."""
+        holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            holder.bind(("127.0.0.1", self.port))
+        except OSError as exc:
+            print(f"s3_fault_proxy: cannot hold port {self.port} while down ({exc})", flush=True)
+            holder.close()
+            return None
+        return holder
 
     def serve(self, ready: Optional[Path]) -> None:
         self.listen()
