@@ -45,8 +45,10 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
-def remove_tag(tag_dir: str | Path) -> None:
-    """Delete a tag folder: marker first (it stops being a checkpoint), then the files."""
+def retire_tag(tag_dir: str | Path) -> Path:
+    """Make a tag folder stop being a checkpoint at once: its marker removed, the folder renamed to
+    ``.trash-<tag>-<pid>`` (listings skip it); returns the folder left to delete (the tag folder
+    itself when the rename failed)."""
     tag_dir = Path(tag_dir)
     marker = tag_dir / COMPLETE
     if marker.exists():
@@ -57,6 +59,12 @@ def remove_tag(tag_dir: str | Path) -> None:
         os.replace(tag_dir, trash)
     except OSError:
         trash = tag_dir
+    return trash
+
+
+def remove_tag(tag_dir: str | Path) -> None:
+    """Delete a tag folder: marker first (it stops being a checkpoint), then the files."""
+    trash = retire_tag(tag_dir)
     shutil.rmtree(trash, ignore_errors=True)
     if trash.exists():
         raise CheckpointError(f"could not delete checkpoint folder {tag_dir}")
