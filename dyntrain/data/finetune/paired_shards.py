@@ -20,7 +20,7 @@ from dyntrain.data.finetune.base import TASKS, PairedDataError, PairedLoaderBase
 from dyntrain.data.pretrain.dali_torch import dali_to_torch
 from dyntrain.data.pretrain.recovery import CorruptRecovery
 from dyntrain.data.shards.samples import ShardSamples, share_size
-from dyntrain.data.shards.wds import make_index, write_tar
+from dyntrain.data.shards.wds import write_tar
 from dyntrain.data.storage import retry, s3
 from dyntrain.data.storage.output import ShardOutput
 from dyntrain.data.storage.s3 import DataSourceError
@@ -100,12 +100,10 @@ def pack_paired_shards(root: str | Path, out: str, tasks: Sequence[str] = TASKS,
                         bar.update(1)
                     name = f"{task}-{start // shard_samples:06d}"
                     staged = output.staging(f"{name}.tar")
-                    write_tar(staged, samples)
-                    index = make_index(staged)
-                    size = staged.stat().st_size
+                    written = write_tar(staged, samples)
                     output.publish(staged, f"{name}.tar")
-                    output.write_text(f"{name}.idx", index)
-                    shards.append({"name": f"{name}.tar", "samples": len(samples), "bytes": size})
+                    output.write_text(f"{name}.idx", written.index)
+                    shards.append({"name": f"{name}.tar", "samples": len(samples), "bytes": written.size})
                 manifest["tasks"][task] = {"samples": len(entries), "shards": shards}
             output.write_text(PAIRED_MANIFEST, json.dumps(manifest, indent=1))
         finally:

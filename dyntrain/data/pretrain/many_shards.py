@@ -15,7 +15,7 @@ from typing import Iterable, Optional
 import numpy as np
 from PIL import Image
 
-from dyntrain.data.shards.wds import make_index, write_tar
+from dyntrain.data.shards.wds import write_tar
 from dyntrain.data.storage.output import ShardOutput
 
 
@@ -36,9 +36,8 @@ def write_many_shards(out: str, shards: int, per_shard: int, size: int = 64, see
             Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG")
             samples.append((f"{i:06d}_{j:04d}", (("jpg", buf.getvalue()), ("json", b"{}"))))
         tar = work / names[i]
-        write_tar(tar, samples)
         idx = tar.with_suffix(".idx")
-        idx.write_text(make_index(tar))
+        idx.write_text(write_tar(tar, samples).index)
         output.publish(tar, names[i])
         output.publish(idx, idx.name)
 

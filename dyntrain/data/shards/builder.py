@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -16,7 +15,7 @@ from typing import Any, Optional
 from dyntrain.data.shards.patches import ShardBuildConfig, init_worker, process_image
 from dyntrain.data.shards.pool import ordered_map
 from dyntrain.data.shards.resume import Journal, entry_text
-from dyntrain.data.shards.wds import INDEX_VERSION, make_index, write_tar
+from dyntrain.data.shards.wds import INDEX_VERSION, write_tar
 from dyntrain.data.storage.output import ShardOutput
 from dyntrain.data.storage.s3 import DataSourceError
 from dyntrain.logs import get_logger
@@ -183,13 +182,12 @@ class Builder:
         name, index_name = f"{self.prefix}-{n:06d}.tar", f"{self.prefix}-{n:06d}.idx"
         staged = output.staging(name)
         ext = self.cfg.image_format
-        write_tar(staged, [(key, ((ext, data), ("json", json.dumps(meta, sort_keys=True).encode())))
-                           for key, data, meta in pending])
+        written = write_tar(staged, [(key, ((ext, data), ("json", json.dumps(meta, sort_keys=True)
+                                                             .encode()))) for key, data, meta in pending])
         staged_idx = output.staging(index_name)
-        staged_idx.write_text(make_index(staged))
-        digest = hashlib.sha256(staged.read_bytes()).hexdigest()
+        staged_idx.write_text(written.index)
         shard = {"name": name, "index": index_name, "samples": len(pending),
-                 "bytes": staged.stat().st_size, "sha256": digest,
+                 "bytes": written.size, "sha256": written.sha256,
                  "first_key": pending[0][0], "last_key": pending[-1][0]}
         self.shards.append(shard)
         lines = [json.dumps({"shard": name, **meta}, sort_keys=True) for _key, _data, meta in pending]

@@ -13,8 +13,10 @@ component, in tar order.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -24,14 +26,55 @@ INDEX_VERSION = "v1.2"
 Sample = tuple[str, Sequence[tuple[str, bytes]]]  # (key, [(component, payload), ...])
 
 
-def write_tar(path: str | Path, samples: Iterable[Sample]) -> None:
+class _Hashing(io.RawIOBase):
+    """A write-only file that hashes what passes through it (SHA-256) and counts the bytes."""
+
+    def __init__(self, f) -> None:
+        super().__init__()
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.size
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        self.size += len(b)
+        return self.f.write(b)
+
+
+@dataclass(frozen=True)
+class TarWritten:
+    """What ``write_tar`` wrote: the DALI index (``make_index`` of the tar, without reading it
+    back), the SHA-256 and the size of the file."""
+    index: str
+    sha256: str
+    size: int
+
+
+def write_tar(path: str | Path, samples: Iterable[Sample]) -> TarWritten:
     """Write a deterministic WebDataset tar: ``key.<component>`` per component, in order."""
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
-        for key, components in samples:
-            for component, payload in components:
-                info = tarfile.TarInfo(f"{key}.{component}")
-                info.size, info.mtime, info.mode = len(payload), 0, 0o644
-                tf.addfile(info, io.BytesIO(payload))
+    lines: list[str] = []
+    with open(path, "wb") as raw:
+        out = _Hashing(raw)
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT,
+                          copybufsize=1 << 22) as tf:  # a member in one write, not 16 KiB pieces
+            for key, components in samples:
+                line = []
+                for component, payload in components:
+                    info = tarfile.TarInfo(f"{key}.{component}")
+                    info.size, info.mtime, info.mode = len(payload), 0, 0o644
+                    tf.addfile(info, io.BytesIO(payload))
+                    # the member's data is the last ceil(size / 512) blocks written
+                    data_at = tf.offset - -(-len(payload) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                    line.append(f"{component} {data_at} {len(payload)} {info.name}")
+                lines.append(" ".join(line))
+    if not lines:
+        raise ValueError(f"{path}: empty shard")
+    index = "\n".join([f"{INDEX_VERSION} {len(lines)}", *lines]) + "\n"
+    return TarWritten(index, out.sha.hexdigest(), out.size)
 
 
 def make_index(tar_path: str | Path) -> str:
