@@ -37,10 +37,11 @@ def open_image(src) -> Image.Image:
     return Image.open(src, formats=IMAGE_FORMATS)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Decode a whole image to (H, W, 3) uint8 RGB, EXIF orientation applied; 16-bit and float
-    grey images are scaled to 8 bits. Raises OSError (or ValueError) when the file does not decode."""
-    with open_image(path) as img:
+def decode_rgb(src) -> Image.Image:
+    """Decode a whole image (a path or file object) to an 8-bit RGB Pillow image, EXIF orientation
+    applied; 16-bit and float grey images are scaled to 8 bits. Raises OSError (or ValueError) when
+    the file does not decode. (The shard builder cuts and encodes its patches from this image.)"""
+    with open_image(src) as img:
         img.load()
         ImageOps.exif_transpose(img, in_place=True)  # (not in place it copies an upright image)
         if img.mode in _HIGH_DEPTH_MODES:
@@ -49,7 +50,12 @@ def read_image(path: str | Path) -> np.ndarray:
             img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), mode="L")
         if img.mode != "RGB":  # convert("RGB") of an RGB image is a copy
             img = img.convert("RGB")
-        return np.ascontiguousarray(np.asarray(img))
+        return img  # decoded: closing the file keeps the pixels
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """``decode_rgb`` as an (H, W, 3) uint8 array."""
+    return np.ascontiguousarray(np.asarray(decode_rgb(path)))
 
 
 def to_tensor(img: np.ndarray, device: torch.device | str) -> torch.Tensor:

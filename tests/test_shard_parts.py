@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from dyntrain.data.shards.build import main
+from dyntrain.data.shards.builder import BUILDER_VERSION
 from dyntrain.data.shards.merge import merge_parts
 from dyntrain.data.shards.patches import ShardBuildConfig
 from dyntrain.data.shards.writer import build_shards
@@ -102,6 +103,12 @@ def test_merge_refuses_missing_and_mismatched_parts(src, tmp_path):
     with pytest.raises(DataSourceError, match="part 1 of 3 was built from another source list"):
         merge_parts(str(out), progress=False)
     assert main(base + ["--part", "1/3"]) == 0
+    manifest = out / "part-0001-of-0003.json"
+    text = manifest.read_text()
+    manifest.write_text(text.replace(f'"builder_version": {BUILDER_VERSION}', '"builder_version": 2'))
+    with pytest.raises(DataSourceError, match="part 1 of 3 was built by builder version 2, part 0 by "):
+        merge_parts(str(out), progress=False)
+    manifest.write_text(text)
     gone = json.loads((out / "part-0002-of-0003.json").read_text())["shards"][0]["name"]
     (out / gone).unlink()
     with pytest.raises(DataSourceError, match=f"part 2 of 3: shard {out / gone} .* is missing"):

@@ -2,8 +2,10 @@
 corrupt and small images, idempotent re-runs, URL expansion."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -18,8 +20,8 @@ from PIL import Image
 
 from dyntrain.data.shards import quality
 from dyntrain.data.shards.build import main
-from dyntrain.data.shards.patches import (ShardBuildConfig, check_decodes, encode, init_worker,
-                                         patch_grid, process_image)
+from dyntrain.data.shards.patches import (ShardBuildConfig, check_decodes, check_jpeg_structure,
+                                         encode, init_worker, patch_grid, process_image)
 from dyntrain.data.shards.wds import make_index, parse_index
 from dyntrain.data.shards.writer import build_shards
 from dyntrain.data.storage.s3 import DataSourceError
@@ -172,6 +174,8 @@ def test_build_local(tmp_path):
         assert index_text == make_index(tar)
         parsed = parse_index(index_text)
         data = tar.read_bytes()
+        # hashed and counted while written (write_tar), not read back
+        assert s["sha256"] == hashlib.sha256(data).hexdigest() and s["bytes"] == len(data)
         for key, comps in parsed.items():
             off, size = comps["jpg"]
             assert data[off:off + size] == content[key]["jpg"]
@@ -303,51 +307,63 @@ def test_expand_local_urls(tmp_path):
 
 
 # ------------------------------------------------- the fast per-patch path against the slow one
+def luma_by_formula(rgb: np.ndarray) -> np.ndarray:
+    """The 8-bit luma of quality.py's docstring, in int64."""
+    x = rgb.astype(np.int64)
+    return (19595 * x[..., 0] + 38470 * x[..., 1] + 7471 * x[..., 2] + 32768) >> 16
+
+
+def plain_measures(lum: np.ndarray, block: int, threshold: float) -> tuple:
+    """(flat fraction, sharpness, noise) of a luma, term by term in int64 and exact rationals."""
+    from fractions import Fraction
+    f = lum.astype(np.int64)
+    h, w = f.shape
+    nh, nw = h // block, w // block
+    cells = f[: nh * block, : nw * block].reshape(nh, block, nw, block)
+    energy = ((np.diff(cells, axis=3) ** 2).sum(axis=(1, 3))
+              + (np.diff(cells, axis=1) ** 2).sum(axis=(1, 3)))
+    n_diff = block * (block - 1)
+    flat = sum(Fraction(int(e), n_diff) < Fraction(threshold) ** 2 for e in energy.ravel()) / energy.size
+    lap = f[:-2, 1:-1] + f[2:, 1:-1] + f[1:-1, :-2] + f[1:-1, 2:] - 4 * f[1:-1, 1:-1]
+    n = lap.size
+    var = Fraction(n * int((lap * lap).sum()) - int(lap.sum()) ** 2, n * n)
+    r = (f[:-2, :-2] - 2 * f[:-2, 1:-1] + f[:-2, 2:] - 2 * f[1:-1, :-2] + 4 * f[1:-1, 1:-1]
+         - 2 * f[1:-1, 2:] + f[2:, :-2] - 2 * f[2:, 1:-1] + f[2:, 2:])
+    noise = math.sqrt(math.pi / 2.0) * int(np.abs(r).sum()) / (6.0 * n)
+    return float(flat), float(var), noise
+
+
 def reference_patches(rgb: np.ndarray, index: int, cfg: ShardBuildConfig) -> list[tuple]:
-    """The builder's per-patch work written the plain way (as it was before it was made fast): a
-    contiguous copy per patch, BT.601 luma, the flat detector and both scores term by term in
-    numpy, a full decode of every encoded patch. (key, flat, scores, bytes) of the kept patches."""
+    """The builder's per-patch work written the plain way: a contiguous copy per patch, the luma
+    by its formula, the flat detector and both scores term by term (plain_measures), a full decode
+    of every encoded patch. (key, flat, scores, bytes) of the kept patches."""
     p, out = cfg.patch_size, []
-    luma = quality.luminance(rgb)
     for row, col, y, x in patch_grid(rgb.shape[0], rgb.shape[1], p):
         patch = np.ascontiguousarray(rgb[y:y + p, x:x + p])
-        f = patch.astype(np.float32)
-        lum = 0.299 * f[..., 0] + 0.587 * f[..., 1] + 0.114 * f[..., 2]
-        b = cfg.flat_block
-        nh, nw = p // b, p // b
-        cells = lum[: nh * b, : nw * b].reshape(nh, b, nw, b)
-        dx, dy = np.diff(cells, axis=3), np.diff(cells, axis=1)
-        rms = np.sqrt((dx * dx).mean(axis=(1, 3)) + (dy * dy).mean(axis=(1, 3)))
-        flat = float((rms < cfg.flat_threshold).mean())
+        lum = luma_by_formula(patch)
+        flat, sharp, noise = plain_measures(lum, cfg.flat_block, cfg.flat_threshold)
         if flat > cfg.max_flat_frac:
             continue
-        lap = (lum[:-2, 1:-1] + lum[2:, 1:-1] + lum[1:-1, :-2] + lum[1:-1, 2:]) - 4.0 * lum[1:-1, 1:-1]
-        v = lum.astype(np.float64)
-        r = (v[:-2, :-2] - 2 * v[:-2, 1:-1] + v[:-2, 2:] - 2 * v[1:-1, :-2] + 4 * v[1:-1, 1:-1]
-             - 2 * v[1:-1, 2:] + v[2:, :-2] - 2 * v[2:, 1:-1] + v[2:, 2:])
-        noise = float(np.sqrt(np.pi / 2.0) * np.abs(r).sum() / (6.0 * (p - 2) * (p - 2)))
         buf = io.BytesIO()
         Image.fromarray(patch).save(buf, "JPEG", quality=cfg.jpeg_quality, subsampling=0)
         with Image.open(io.BytesIO(buf.getvalue())) as im:
             im.load()
         out.append((f"{index:07d}_{row:03d}_{col:03d}", round(flat, 4),
-                    {"sharpness": round(float(lap.var()), 4), "noise": round(noise, 4)},
-                    buf.getvalue()))
-        # the unrounded numbers too (rounding to 4 decimals would hide a last-bit difference),
-        # from a view of the whole image's luma
-        view = luma[y:y + p, x:x + p]
-        assert np.array_equal(view, lum), (row, col)
-        assert quality.noise_sigma_8bit(view) == noise, (row, col)
-        assert np.array_equal(quality.block_gradient_rms(view, b), rms), (row, col)
-        assert quality.sharpness(view) == float(lap.var()), (row, col)
+                    {"sharpness": round(sharp, 4), "noise": round(noise, 4)}, buf.getvalue()))
+        # the unrounded numbers too (rounding to 4 decimals would hide a last-bit difference)
+        assert np.array_equal(quality.luma8(patch), lum), (row, col)
+        assert quality.flat_fraction(patch, cfg.flat_block, cfg.flat_threshold) == flat, (row, col)
+        assert quality.sharpness(patch) == sharp, (row, col)
+        assert quality.noise_sigma(patch) == noise, (row, col)
     return out
 
 
 @pytest.mark.parametrize("patch_size,block", [(96, 16), (100, 12)])
-def test_builder_patches_equal_the_slow_reference(tmp_path, monkeypatch, patch_size, block):
-    """process_image (views, luma once, separable noise, squares in place, 1/8-scale decode check)
-    gives the same patches, bytes and numbers as the plain per-patch code, on photographs, noise,
-    half-flat and grey images, with a block that does not divide the patch."""
+def test_builder_patches_equal_the_plain_reference(tmp_path, monkeypatch, patch_size, block):
+    """process_image (Pillow's crops and luma, the int16 differences, the block sums, the structure
+    check with one full decode per image) gives the same patches, bytes and numbers as the plain
+    per-patch code, on photographs, noise, half-flat and grey images, with a block that does not
+    divide the patch."""
     rng = np.random.default_rng(7)
     paths = [str(p) for p in write_synthetic_images(tmp_path, 2, size=(230, 330), seed=11)]
     for name, img in (("noise.png", texture(rng, 200, 310)),
@@ -367,16 +383,117 @@ def test_builder_patches_equal_the_slow_reference(tmp_path, monkeypatch, patch_s
     assert 0 < kept < sum(len(patch_grid(*read_image(p).shape[:2], patch_size)) for p in paths)
 
 
-def test_decode_check_rejects_what_a_full_decode_rejects():
+def float_luma_measures(rgb: np.ndarray, block: int, threshold: float) -> tuple:
+    """The measures as they were defined before (float32 BT.601 luma, float sums)."""
+    f = rgb.astype(np.float64)
+    lum = (0.299 * f[..., 0] + 0.587 * f[..., 1] + 0.114 * f[..., 2])
+    h, w = lum.shape
+    cells = lum[: h // block * block, : w // block * block].reshape(h // block, block, w // block, block)
+    rms = np.sqrt((np.diff(cells, axis=3) ** 2).mean(axis=(1, 3))
+                  + (np.diff(cells, axis=1) ** 2).mean(axis=(1, 3)))
+    lap = lum[:-2, 1:-1] + lum[2:, 1:-1] + lum[1:-1, :-2] + lum[1:-1, 2:] - 4 * lum[1:-1, 1:-1]
+    r = (lum[:-2, :-2] - 2 * lum[:-2, 1:-1] + lum[:-2, 2:] - 2 * lum[1:-1, :-2] + 4 * lum[1:-1, 1:-1]
+         - 2 * lum[1:-1, 2:] + lum[2:, :-2] - 2 * lum[2:, 1:-1] + lum[2:, 2:])
+    noise = math.sqrt(math.pi / 2.0) * np.abs(r).sum() / (6.0 * r.size)
+    return float((rms < threshold).mean()), float(lap.var()), float(noise)
+
+
+def test_the_8_bit_luma_keeps_the_patches_the_float_luma_kept(tmp_path):
+    """The change of definition (8-bit luma, exact sums, for speed and for the same numbers on every
+    machine) against the float BT.601 luma it replaced, on synthetic photographs at the paper's
+    patch size: the same patches are kept, flat fractions move by a few cells at most, and the
+    scores by what rounding the luma to 8 bits adds (quantisation noise of 1/12 level^2)."""
+    paths = write_synthetic_images(tmp_path, 6, size=(1024, 1536), seed=5)
+    cfg = ShardBuildConfig()
+    kept_old, kept_new, n = [], [], 0
+    for path in paths:
+        rgb = read_image(path)
+        for row, col, y, x in patch_grid(rgb.shape[0], rgb.shape[1], cfg.patch_size):
+            patch = rgb[y:y + cfg.patch_size, x:x + cfg.patch_size]
+            flat0, sharp0, noise0 = float_luma_measures(patch, cfg.flat_block, cfg.flat_threshold)
+            flat1 = quality.flat_fraction(patch, cfg.flat_block, cfg.flat_threshold)
+            sharp1, noise1 = quality.sharpness(patch), quality.noise_sigma(patch)
+            kept_old.append(flat0 <= cfg.max_flat_frac)
+            kept_new.append(flat1 <= cfg.max_flat_frac)
+            n += 1
+            assert abs(flat1 - flat0) <= 4 / 1024, (path, row, col, flat0, flat1)
+            assert abs(sharp1 - sharp0) <= 0.01 * sharp0, (path, row, col, sharp0, sharp1)
+            assert abs(noise1 - noise0) <= 0.1, (path, row, col, noise0, noise1)
+    assert kept_new == kept_old
+    assert 0 < sum(kept_new) < n  # some patches are dropped as flat, most are kept
+
+
+def test_luma_is_pillows_and_the_sums_do_not_overflow():
+    """luma8 is Pillow's convert("L") bit for bit (the builder takes Pillow's); the int16
+    differences and the block sums stay exact at the extremes (a 0/255 checkerboard gives the
+    largest Laplacian and Immerkaer response there are) and on odd shapes."""
+    rng = np.random.default_rng(4)
+    rgb = rng.integers(0, 256, (123, 457, 3), dtype=np.uint8)
+    assert np.array_equal(quality.luma8(rgb), np.asarray(Image.fromarray(rgb).convert("L")))
+    assert np.array_equal(quality.luma8(rgb), luma_by_formula(rgb))
+    board = (np.indices((130, 97)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    for lum, block, t in ((board, 16, 4.0), (rng.integers(0, 256, (77, 131), dtype=np.uint8), 8, 30.0),
+                          (np.full((19, 19), 9, np.uint8), 3, 0.5), (board[:3, :3], 2, 1.0)):
+        flat, sharp, noise = plain_measures(lum, block, t)
+        assert quality.flat_fraction(lum, block, t) == flat
+        assert quality.sharpness(lum) == sharp
+        assert quality.noise_sigma(lum) == noise
+    with pytest.raises(TypeError, match="8-bit"):
+        quality.luma8(rgb.astype(np.float32))
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 2.0, 3.3, 4.0, 4.01, 16.5, 100.0])
+def test_flat_cells_decide_exactly_at_any_threshold(threshold):
+    """rms < threshold is decided on integers (flat_energy_bound), so a cell's verdict does not
+    depend on float rounding, even for cells right at the threshold."""
+    from fractions import Fraction
+    rng = np.random.default_rng(int(threshold * 10))
+    block = 8
+    n = block * (block - 1)
+    lum = np.clip(128 + rng.normal(0, threshold / 2 + 0.5, (96, 80)), 0, 255).astype(np.uint8)
+    energy = quality.cell_gradient_energy(lum, block)
+    expect = np.array([[Fraction(int(e), n) < Fraction(threshold) ** 2 for e in row] for row in energy])
+    assert np.array_equal(quality.flat_cells(lum, block, threshold), expect)
+    # a cell whose energy is exactly threshold^2 * n is not flat; one level less is
+    bound = quality.flat_energy_bound(block, threshold)
+    assert bound == math.ceil(Fraction(threshold) ** 2 * n)
+
+
+def test_decode_checks_reject_what_a_full_decode_rejects():
+    """The structure check (every JPEG patch) and the decode check (a JPEG at 1/8 scale: one patch
+    per image) reject a truncated, cut or overwritten stream; the structure check also a stray
+    marker in the scan and a frame of another size. A PNG is always decoded whole."""
     rng = np.random.default_rng(3)
     for fmt in ("jpg", "png"):
-        data = encode(texture(rng, 64, 64), fmt, 95)
+        data = encode(texture(rng, 64, 48), fmt, 95)
         check_decodes(data)
-        for bad in (data[: len(data) // 2], data[:20] + bytes(50) + data[70:]):
+        bads = [data[: len(data) // 2], data[:20] + bytes(50) + data[70:]]
+        for bad in bads:
             with pytest.raises(OSError):
                 check_decodes(bad)
             with pytest.raises(OSError), Image.open(io.BytesIO(bad)) as im:
                 im.load()
+            if fmt == "jpg":
+                with pytest.raises(OSError):
+                    check_jpeg_structure(bad, 48, 64)
+            with pytest.raises(OSError):
+                encode_checked_bytes(bad, fmt)
+    data = encode(texture(rng, 64, 48), "jpg", 95, full_check=False)
+    check_jpeg_structure(data, 48, 64)
+    with pytest.raises(OSError, match="frame"):
+        check_jpeg_structure(data, 64, 48)
+    mid = len(data) // 2
+    with pytest.raises(OSError, match="unstuffed"):
+        check_jpeg_structure(data[:mid] + b"\xff\xd9" + data[mid:], 48, 64)
+    with pytest.raises(OSError, match="SOI|EOI"):
+        check_jpeg_structure(data[:-1], 48, 64)
+
+
+def encode_checked_bytes(data: bytes, fmt: str) -> None:
+    """The checks encode() runs, on given bytes."""
+    if fmt == "jpg":
+        check_jpeg_structure(data, 48, 64)
+    check_decodes(data)
 
 
 def test_read_image_orientation_and_modes_without_copies(tmp_path):

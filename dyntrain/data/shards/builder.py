@@ -24,7 +24,7 @@ from dyntrain.progress import progress_bar
 
 log = get_logger(__name__)
 
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3  # 3: measures on the 8-bit luma, exact (quality.py); older builds are rebuilt
 
 Task = tuple[int, str, dict]  # (image index, source, provenance)
 DECODE_BYTES_PER_PIXEL = 12   # peak of read_image: decoded RGB + orientation and colour copies

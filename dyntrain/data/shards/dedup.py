@@ -66,13 +66,14 @@ def hash_image(task: tuple[int, str, int]) -> dict[str, Any]:
     index, path, cap = task
     rec: dict[str, Any] = {"i": index, "path": path}
     try:
-        rgb, size = decode_capped(path, cap)
+        img, size = decode_capped(path, cap)
     except DataSourceError:
         raise
     except Exception as exc:  # noqa: BLE001 - the build reports it as corrupt
         return {**rec, "skip": f"{type(exc).__name__}"}
-    if rgb is None:
+    if img is None:
         return {**rec, "skip": "too_large"}
+    rgb = np.asarray(img)
     return {**rec, "w": int(rgb.shape[1]), "h": int(rgb.shape[0]), "exact": exact_hash(rgb),
             "phash": f"{phash(rgb):016x}"}
 

@@ -77,6 +77,10 @@ def _check(output: ShardOutput, parts: list[dict[str, Any]]) -> None:
     names = set(output.list_names())
     for m in parts:
         p = m["part"]
+        if m.get("builder_version") != parts[0].get("builder_version"):  # other measures: rebuild
+            raise DataSourceError(f"merge: part {p['index']} of {p['parts']} was built by builder version "
+                                  f"{m.get('builder_version')}, part 0 by {parts[0].get('builder_version')}: "
+                                  f"build the older part(s) again with this version")
         for what, key in (("source list", "sources_digest"), ("settings", "settings")):
             if p[key] != ref[key]:
                 raise DataSourceError(f"merge: part {p['index']} of {p['parts']} was built from another "

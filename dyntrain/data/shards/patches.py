@@ -1,15 +1,17 @@
 """The shard builder's per-image work: cut a photograph into patches, filter them, encode them.
 
 Per image (run in the builder's process pool):
-  1. decode fully (``dyntrain.images.read_image``: EXIF orientation applied, 8-bit RGB); an
+  1. decode fully (``dyntrain.images.decode_rgb``: EXIF orientation applied, 8-bit RGB); an
      unreadable or corrupt file is reported, not raised; an image smaller than one patch likewise,
      and one larger than ``max_decoded_pixels`` (checked on the header, before decoding);
-  2. cut into non-overlapping ``patch_size`` squares on a grid centred in the image;
-  3. drop a patch whose flat fraction exceeds ``max_flat_frac`` (``dyntrain.data.shards.quality``);
+  2. cut into non-overlapping ``patch_size`` squares on a grid centred in the image (Pillow crops);
+  3. drop a patch whose flat fraction exceeds ``max_flat_frac`` (``dyntrain.data.shards.quality``,
+     on the patch's 8-bit luma);
   4. optional quality filter (thresholds on named no-reference scores; built-in sharpness and
      noise, plus a user hook);
-  5. encode as JPEG (4:4:4, quality 95 by default) or PNG, and decode the encoded bytes once more so
-     that nothing undecodable reaches a shard (a JPEG at 1/8 scale: ``check_decodes``).
+  5. encode as JPEG (4:4:4, quality 95 by default) or PNG and check the bytes: a JPEG's structure
+     always (``check_jpeg_structure``), a decode of the first kept patch of each image and of every
+     PNG (``check_decodes``); why that is as safe as decoding every patch: docs/data.md.
 """
 from __future__ import annotations
 
@@ -21,10 +23,10 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
-from dyntrain.data.shards.quality import QualityFilter, flat_fraction, luminance
+from dyntrain.data.shards.quality import PatchLuma, QualityFilter, flat_fraction
 from dyntrain.data.storage import s3
 from dyntrain.data.storage.s3 import DataSourceError, is_s3
-from dyntrain.images import open_image, read_image
+from dyntrain.images import decode_rgb, open_image
 
 
 @dataclass
@@ -103,15 +105,22 @@ def patch_grid(height: int, width: int, patch: int) -> list[tuple[int, int, int,
     return [(r, c, oy + r * patch, ox + c * patch) for r in range(rows) for c in range(cols)]
 
 
-def encode(patch: np.ndarray, image_format: str, quality: int) -> bytes:
+def encode(patch: Image.Image | np.ndarray, image_format: str, quality: int,
+           full_check: bool = True) -> bytes:
+    """A patch (a Pillow image or an (H, W, 3) uint8 array) as JPEG (4:4:4) or PNG bytes, checked:
+    a JPEG's structure always (``check_jpeg_structure``) and, with ``full_check``, a decode
+    (``check_decodes``); a PNG is always decoded."""
+    img = patch if isinstance(patch, Image.Image) else Image.fromarray(patch)
     buf = io.BytesIO()
-    img = Image.fromarray(patch)
     if image_format == "jpg":
         img.save(buf, "JPEG", quality=quality, subsampling=0)
     else:
         img.save(buf, "PNG", compress_level=3)
     data = buf.getvalue()
-    check_decodes(data)
+    if image_format == "jpg":
+        check_jpeg_structure(data, img.width, img.height)
+    if full_check or image_format != "jpg":
+        check_decodes(data)
     return data
 
 
@@ -127,6 +136,50 @@ def check_decodes(data: bytes) -> None:
         check.load()
 
 
+_SOF = (0xC0, 0xC1)  # baseline and extended sequential Huffman: what Pillow's encoder writes
+
+
+def check_jpeg_structure(data: bytes, width: int, height: int) -> None:
+    """Raise OSError unless ``data`` is one whole sequential JPEG of ``width`` x ``height`` with 3
+    components: SOI first, a chain of marker segments whose lengths land on the next marker, a
+    frame header of that size, one scan, EOI last, and in the scan every 0xFF byte stuffed (0xFF00)
+    or a restart marker where the header declared a restart interval. A truncated, cut or
+    overwritten stream, a stray marker or a frame of another size fails; the Huffman codes
+    themselves are only checked by a decode (``check_decodes``)."""
+    n = len(data)
+    if n < 4 or data[:2] != b"\xff\xd8" or data[-2:] != b"\xff\xd9":
+        raise OSError(f"JPEG of {n} bytes: no SOI at the start or no EOI at the end")
+    pos, frame, restart = 2, None, False
+    while True:
+        if pos + 4 > n or data[pos] != 0xFF:
+            raise OSError(f"JPEG: no marker segment at byte {pos} of {n}")
+        marker, length = data[pos + 1], int.from_bytes(data[pos + 2:pos + 4], "big")
+        end = pos + 2 + length
+        if length < 2 or end > n - 2:
+            raise OSError(f"JPEG: marker 0x{marker:02x} at byte {pos} runs past the end")
+        if marker in _SOF and length >= 8:
+            frame = (int.from_bytes(data[pos + 5:pos + 7], "big"),
+                     int.from_bytes(data[pos + 7:pos + 9], "big"), data[pos + 9])
+        elif marker == 0xDD:  # DRI: a restart interval
+            restart = int.from_bytes(data[pos + 4:pos + 6], "big") > 0
+        elif marker == 0xDA:  # SOS: the scan runs from the end of its header to EOI
+            break
+        elif not (0xE0 <= marker <= 0xEF or marker in (0xDB, 0xC4, 0xFE)):
+            raise OSError(f"JPEG: unexpected marker 0x{marker:02x} at byte {pos}")
+        pos = end
+    if frame != (height, width, 3):
+        raise OSError(f"JPEG: frame {frame} (height, width, components), expected {(height, width, 3)}")
+    scan = np.frombuffer(data, np.uint8, n - 2 - end, end)
+    at = np.flatnonzero(scan == 0xFF)
+    if at.size:
+        after = scan[np.minimum(at + 1, scan.size - 1)]
+        bad = (after != 0) | (at + 1 == scan.size)   # a 0xFF ending the scan is not stuffed
+        if restart:
+            bad &= ~((after >= 0xD0) & (after <= 0xD7))
+        if bad.any():
+            raise OSError(f"JPEG: an unstuffed 0xFF in the scan at byte {end + int(at[bad.argmax()])}")
+
+
 # ------------------------------------------------------------------------------------ workers
 _WORKER: dict[str, Any] = {}
 
@@ -138,7 +191,7 @@ def init_worker(cfg: ShardBuildConfig) -> None:
     _WORKER["quality"] = cfg.quality_filter()
 
 
-def decode_capped(path: str, cap: int) -> tuple[Optional[np.ndarray], list[int]]:
+def decode_capped(path: str, cap: int) -> tuple[Optional[Image.Image], list[int]]:
     """(RGB image, [width, height]) of a local file or s3:// object; the image is None (not decoded)
     when the header says it has more than ``cap`` pixels."""
     src: Any = io.BytesIO(s3.read_bytes(path)) if is_s3(path) else path
@@ -148,7 +201,7 @@ def decode_capped(path: str, cap: int) -> tuple[Optional[np.ndarray], list[int]]
         return None, [w, h]
     if not isinstance(src, str):
         src.seek(0)
-    return read_image(src), [w, h]
+    return decode_rgb(src), [w, h]
 
 
 def process_image(task: tuple[int, str, dict]) -> dict[str, Any]:
@@ -159,16 +212,16 @@ def process_image(task: tuple[int, str, dict]) -> dict[str, Any]:
     qf: QualityFilter = _WORKER["quality"]
     result: dict[str, Any] = {"index": index, "path": path, "patches": [], "dropped": {}}
     try:
-        rgb, result["size"] = decode_capped(path, cfg.max_decoded_pixels)
+        img, result["size"] = decode_capped(path, cfg.max_decoded_pixels)
     except DataSourceError:
         raise  # an unreachable object is I/O, not a corrupt image
     except Exception as exc:  # noqa: BLE001 - any decoder failure means "corrupt"
         result.update(status="corrupt", error=f"{type(exc).__name__}: {exc}")
         return result
-    if rgb is None:
+    if img is None:
         result["status"] = "too_large"
         return result
-    h, w = rgb.shape[:2]
+    w, h = img.size
     result["size"] = [w, h]
     grid = patch_grid(h, w, cfg.patch_size)
     if not grid:
@@ -179,13 +232,13 @@ def process_image(task: tuple[int, str, dict]) -> dict[str, Any]:
     p = cfg.patch_size
     check_quality = bool(cfg.quality_min or cfg.quality_max or cfg.quality_hook)
     for row, col, y, x in grid:
-        patch = rgb[y:y + p, x:x + p]  # a view: copied only when kept (for the encoder)
-        luma = luminance(patch)  # once, for the flat detector and the built-in scores
-        flat = flat_fraction(luma, cfg.flat_block, cfg.flat_threshold)
+        tile = img.crop((x, y, x + p, y + p))
+        patch_luma = PatchLuma(np.asarray(tile.convert("L")))  # quality.luma8, by Pillow
+        flat = flat_fraction(patch_luma, cfg.flat_block, cfg.flat_threshold)
         if flat > cfg.max_flat_frac:
             result["dropped"]["flat"] = result["dropped"].get("flat", 0) + 1
             continue
-        scores = qf.scores(patch, luma)
+        scores = qf.scores(np.array(tile) if qf.hook is not None else None, patch_luma)
         if check_quality:
             failed = qf.check(scores)
             if failed is not None:
@@ -198,6 +251,7 @@ def process_image(task: tuple[int, str, dict]) -> dict[str, Any]:
                 "flat_frac": round(flat, 4), "scores": scores, "format": cfg.image_format}
         if prov:
             meta["provenance"] = prov
-        result["patches"].append((key, encode(np.ascontiguousarray(patch), cfg.image_format,
-                                              cfg.jpeg_quality), meta))
+        # every JPEG's structure is checked; the first kept patch of each image is also decoded
+        data = encode(tile, cfg.image_format, cfg.jpeg_quality, full_check=not result["patches"])
+        result["patches"].append((key, data, meta))
     return result
