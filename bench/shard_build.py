@@ -5,10 +5,13 @@ projection for the paper's 2.09M images on K nodes of C cores.
     python bench/shard_build.py [--images 12] [--size 1536x2048] [--rounds 2] [--mean-mp 4.0]
                                 [--cores 32] [--nodes 1,4,16,64] [--json PATH]
 
-  plain:    for each image: ``read_image``, the centred patch grid, JPEG q95 4:4:4 per patch,
-            one tar per ``--shard-samples`` patches - the floor any builder pays;
-  builder:  ``build_shards`` with ``--workers 1`` and ``2`` (adds the flat filter, the quality
-            scores, the re-decode check of every encoded patch, the DALI index and SHA-256);
+  plain:    for each image: ``read_image``, the centred patch grid cut with numpy, JPEG q95 4:4:4
+            per patch, one tar per ``--shard-samples`` patches - the floor issue 35 set;
+  plain_crop: the same, cut with Pillow (``decode_rgb``, ``crop``: the same bytes, no numpy
+            copies) - the stricter floor (``builder_vs_plain_crop_ratio``);
+  builder:  ``build_shards`` with ``--workers 1`` and ``2`` (adds the luma, the flat filter, the
+            quality scores, the checks of the encoded patches, the JSON members, the DALI index
+            and SHA-256);
   parts:    ``build_shards(part=(i, 2))`` for i = 0, 1 one after the other with 1 worker, then
             ``merge_parts`` (what one node of a 2-node build does, and the merge);
   index:    the de-duplication index pass (decode + exact hash + pHash), 1 worker.
@@ -23,6 +26,7 @@ other load on the machine disturbs far less than wall time; ``builder_vs_plain_c
 plain loop's fewest CPU seconds over the 1-worker builder's. Each round records the 1-minute load
 average when it starts (other processes on the machine), its own builder/plain ratio (wall and
 CPU) and its 2-worker/1-worker scaling, so the spread is in the report.
+Then each step of the build timed alone (ms per image, ``step_ms_per_image``: where the time goes).
 Last line: ``builder_vs_plain_ratio=X`` (the builder's images/s with 1 worker over the plain loop's).
 """
 from __future__ import annotations
@@ -47,7 +51,7 @@ from dyntrain.data.shards.sources import list_sources
 from dyntrain.data.shards.wds import write_tar
 from dyntrain.data.shards.writer import build_shards
 from dyntrain.data.synthetic import write_synthetic_images
-from dyntrain.images import read_image
+from dyntrain.images import decode_rgb, read_image
 
 
 PAPER_IMAGES = 2_090_000
@@ -72,6 +76,25 @@ def plain_loop(paths: list[str], out: Path, patch: int, shard_samples: int) -> i
     return total
 
 
+def plain_crop_loop(paths: list[str], out: Path, patch: int, shard_samples: int) -> int:
+    """``plain_loop`` cutting with Pillow (``crop`` of the decoded image, no numpy copies): the same
+    pixels and bytes, the cheapest cut this bench knows - the stricter floor."""
+    pending, shards, total = [], 0, 0
+    for i, path in enumerate(paths):
+        img = decode_rgb(path)
+        for row, col, y, x in patch_grid(img.height, img.width, patch):
+            buf = io.BytesIO()
+            img.crop((x, y, x + patch, y + patch)).save(buf, "JPEG", quality=95, subsampling=0)
+            pending.append((f"{i:07d}_{row:03d}_{col:03d}", (("jpg", buf.getvalue()),)))
+            total += 1
+            if len(pending) == shard_samples:
+                write_tar(out / f"crop-{shards:06d}.tar", pending)
+                pending, shards = [], shards + 1
+    if pending:
+        write_tar(out / f"crop-{shards:06d}.tar", pending)
+    return total
+
+
 def cpu_now() -> float:
     """CPU seconds of this process (all its threads) and of its reaped children (pool workers)."""
     own = resource.getrusage(resource.RUSAGE_SELF)
@@ -91,13 +114,17 @@ def rates(seconds: float, images: int, patches: int, mpix: float, workers: int,
 
 def one_round(work: Path, sources: list[str], cfg: dict, n: int, mpix: float, patches: int) -> dict:
     """Every mode once, into fresh folders under ``work``."""
-    for sub in ("plain", "b1", "b2", "parts", "idx"):
+    for sub in ("plain", "crop", "b1", "b2", "parts", "idx"):
         shutil.rmtree(work / sub, ignore_errors=True)
     out: dict[str, dict] = {}
     t, c = common.now(), cpu_now()
     (work / "plain").mkdir()
     assert plain_loop(sources, work / "plain", cfg["patch_size"], cfg["shard_samples"]) == patches
     out["plain"] = rates(common.now() - t, n, patches, mpix, 1, cpu_now() - c)
+    t, c = common.now(), cpu_now()
+    (work / "crop").mkdir()
+    assert plain_crop_loop(sources, work / "crop", cfg["patch_size"], cfg["shard_samples"]) == patches
+    out["plain_crop"] = rates(common.now() - t, n, patches, mpix, 1, cpu_now() - c)
     for workers in (1, 2):
         t, c = common.now(), cpu_now()
         m = build_shards([work / "src"], str(work / f"b{workers}"),
@@ -120,6 +147,61 @@ def one_round(work: Path, sources: list[str], cfg: dict, n: int, mpix: float, pa
     index_part(sources, {}, str(work / "idx"), (0, 1), 200_000_000, 1, progress=False)
     out["index_w1"] = rates(common.now() - t, n, 0, mpix, 1, cpu_now() - c)
     return out
+
+
+def step_times(paths: list[str], cfg: ShardBuildConfig, repeats: int) -> dict[str, float]:
+    """Where an image's time goes: milliseconds per image of each step of ``process_image`` and of
+    the shard write, each step timed on its own over all images (best of ``repeats``), on the same
+    patches the builder keeps."""
+    import time
+
+    from dyntrain.data.shards import quality
+    from dyntrain.data.shards.patches import check_decodes, check_jpeg_structure, encode
+
+    p, qf = cfg.patch_size, cfg.quality_filter()
+    imgs = [decode_rgb(path) for path in paths]
+    boxes = [[(x, y, x + p, y + p) for _r, _c, y, x in patch_grid(im.height, im.width, p)] for im in imgs]
+    tiles = [[im.crop(b) for b in bx] for im, bx in zip(imgs, boxes)]
+    lumas = [[np.asarray(t.convert("L")) for t in ts] for ts in tiles]
+    kept = [[t for t, lum in zip(ts, ls) if quality.flat_fraction(lum, cfg.flat_block, cfg.flat_threshold)
+             <= cfg.max_flat_frac] for ts, ls in zip(tiles, lumas)]
+    kept_l = [[lum for lum in ls if quality.flat_fraction(lum, cfg.flat_block, cfg.flat_threshold)
+               <= cfg.max_flat_frac] for ls in lumas]
+    data = [[encode(t, "jpg", cfg.jpeg_quality, full_check=False) for t in ts] for ts in kept]
+    samples = [(f"{i:07d}_{j:03d}", (("jpg", d), ("json", b'{"key": "0000000_000_000"}' * 8)))
+               for i, ds in enumerate(data) for j, d in enumerate(ds)]
+    out = Path(tempfile.mkdtemp(prefix="shard_steps-"))
+    def each(fn, items):  # results dropped at once: a step's memory is reused, as in the build
+        def run():
+            for item in items:
+                fn(item)
+        return run
+    flat = lambda lum: quality.flat_fraction(quality.PatchLuma(lum), cfg.flat_block,  # noqa: E731
+                                             cfg.flat_threshold)
+    steps = {
+        "decode": each(decode_rgb, paths),
+        "cut (crop)": each(lambda ib: [ib[0].crop(b) for b in ib[1]], list(zip(imgs, boxes))),
+        "luma (Pillow, per patch)": each(lambda t: np.asarray(t.convert("L")), sum(tiles, [])),
+        "flat detector": each(flat, sum(lumas, [])),
+        "scores (kept)": each(lambda lum: qf.scores(None, quality.PatchLuma(lum)), sum(kept_l, [])),
+        "JPEG encode (kept)": each(lambda t: encode(t, "jpg", cfg.jpeg_quality, full_check=False),
+                                   sum(kept, [])),
+        "structure check (kept)": each(lambda d: check_jpeg_structure(d, p, p), sum(data, [])),
+        "decode check (1 a image)": each(check_decodes, [ds[0] for ds in data if ds]),
+        "tar + index + SHA-256": lambda: write_tar(out / "steps.tar", samples),
+    }
+    times = {}
+    try:
+        for name, fn in steps.items():
+            best = float("inf")
+            for _ in range(repeats):
+                t = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t)
+            times[name] = best * 1e3 / len(paths)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return times
 
 
 def main() -> None:
@@ -151,6 +233,8 @@ def main() -> None:
             one = one_round(work, sources, cfg, n, mpix, patches_plain)
             rounds.append({"load_1min": load,
                            "ratio": one["builder_w1"]["images_per_s"] / one["plain"]["images_per_s"],
+                           "crop_ratio": one["builder_w1"]["images_per_s"]
+                           / one["plain_crop"]["images_per_s"],
                            "cpu_ratio": one["plain"]["cpu_seconds"] / one["builder_w1"]["cpu_seconds"],
                            "two_worker_scaling": one["builder_w2"]["images_per_s"]
                            / one["builder_w1"]["images_per_s"],
@@ -159,6 +243,7 @@ def main() -> None:
             for name, r in one.items():
                 if name not in results or r["seconds"] < results[name]["seconds"]:
                     results[name] = r
+        steps = step_times(sources, ShardBuildConfig(**cfg), max(3, args.rounds))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"{n} images {w}x{h} ({h * w / 1e6:.2f} MP, JPEG q95), patch {args.patch_size}, "
@@ -171,12 +256,18 @@ def main() -> None:
               f"{r['mpix_per_s_per_worker']:>8.2f}")
     for i, r in enumerate(rounds):
         print(f"round {i}: load {r['load_1min']:.2f}, builder/plain {r['ratio']:.3f} "
+              f"(/plain_crop {r['crop_ratio']:.3f}) "
               f"(CPU time {r['cpu_ratio']:.3f}), 2 workers/1 {r['two_worker_scaling']:.2f}")
+    print("ms per image, step by step (each timed alone, best of the rounds):")
+    for name, ms in steps.items():
+        print(f"  {name:<26} {ms:7.2f}")
     ratio = results["builder_w1"]["images_per_s"] / results["plain"]["images_per_s"]
+    crop_ratio = results["builder_w1"]["images_per_s"] / results["plain_crop"]["images_per_s"]
     scaling = results["builder_w2"]["images_per_s"] / results["builder_w1"]["images_per_s"]
     cpu_ratio = (min(r["cpu_seconds"]["plain"] for r in rounds)
                  / min(r["cpu_seconds"]["builder_w1"] for r in rounds))
-    print(f"builder(1 worker) / plain loop = {ratio:.3f} (CPU seconds: {cpu_ratio:.3f}); "
+    print(f"builder(1 worker) / plain loop = {ratio:.3f} (CPU seconds: {cpu_ratio:.3f}), "
+          f"/ plain loop cutting with Pillow = {crop_ratio:.3f}; "
           f"2 workers / 1 worker = {scaling:.2f}; "
           f"2 parts + merge / 1 worker = "
           f"{results['builder_w1']['seconds'] / (results['parts_2x1']['seconds'] + results['parts_2x1']['merge_seconds']):.3f}")
@@ -198,9 +289,11 @@ def main() -> None:
     common.write_json(args.json, {"images": n, "size": [h, w], "patch_size": args.patch_size,
                                   "results": results, "builder_vs_plain_ratio": ratio,
                                   "builder_vs_plain_cpu_ratio": cpu_ratio,
+                                  "builder_vs_plain_crop_ratio": crop_ratio,
                                   "two_worker_scaling": scaling, "mean_mp": args.mean_mp,
                                   "cores_per_node": args.cores, "projection": projection,
                                   "rounds": rounds, "cpu_count": os.cpu_count(),
+                                  "step_ms_per_image": steps,
                                   "command": "python " + " ".join(sys.argv)})
     common.headline("builder_vs_plain_ratio", ratio)
 

@@ -325,8 +325,14 @@ def test_shard_build_bench_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     r = result["results"]
-    assert set(r) == {"plain", "builder_w1", "builder_w2", "parts_2x1", "index_w1"}
-    assert r["plain"]["patches_per_s"] == pytest.approx(12 * r["plain"]["images_per_s"])  # 12 a photo
+    assert set(r) == {"plain", "plain_crop", "builder_w1", "builder_w2", "parts_2x1", "index_w1"}
+    for plain in ("plain", "plain_crop"):  # 12 patches a photo
+        assert r[plain]["patches_per_s"] == pytest.approx(12 * r[plain]["images_per_s"])
+    assert result["builder_vs_plain_crop_ratio"] == pytest.approx(
+        r["builder_w1"]["images_per_s"] / r["plain_crop"]["images_per_s"])
+    steps = result["step_ms_per_image"]
+    assert set(steps) >= {"decode", "flat detector", "JPEG encode (kept)", "decode check (1 a image)"}
+    assert all(ms > 0 for ms in steps.values())
     ratio = r["builder_w1"]["images_per_s"] / r["plain"]["images_per_s"]
     assert proc.stdout.strip().splitlines()[-1] == f"builder_vs_plain_ratio={ratio:.4g}"
     (rnd,) = result["rounds"]  # one round: its load, ratios and CPU seconds are the result's
