@@ -39,6 +39,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable, Iterator
 
 import common
 import numpy as np
@@ -57,15 +58,28 @@ from dyntrain.images import decode_rgb, read_image
 PAPER_IMAGES = 2_090_000
 
 
-def plain_loop(paths: list[str], out: Path, patch: int, shard_samples: int) -> int:
+def numpy_cut(path: str, patch: int) -> Iterator[tuple[int, int, Image.Image]]:
+    """``read_image``, then per patch a contiguous copy and ``Image.fromarray`` (the issue's cut)."""
+    rgb = read_image(path)
+    for row, col, y, x in patch_grid(rgb.shape[0], rgb.shape[1], patch):
+        yield row, col, Image.fromarray(np.ascontiguousarray(rgb[y:y + patch, x:x + patch]))
+
+
+def pillow_cut(path: str, patch: int) -> Iterator[tuple[int, int, Image.Image]]:
+    """``decode_rgb``, then Pillow's ``crop`` per patch: the same pixels, no numpy copies."""
+    img = decode_rgb(path)
+    for row, col, y, x in patch_grid(img.height, img.width, patch):
+        yield row, col, img.crop((x, y, x + patch, y + patch))
+
+
+def plain_loop(paths: list[str], out: Path, patch: int, shard_samples: int,
+               cut: Callable[[str, int], Iterator] = numpy_cut) -> int:
     """Decode, cut, encode (JPEG q95 4:4:4) and write tars in one process; returns the patches."""
     pending, shards, total = [], 0, 0
     for i, path in enumerate(paths):
-        rgb = read_image(path)
-        for row, col, y, x in patch_grid(rgb.shape[0], rgb.shape[1], patch):
+        for row, col, tile in cut(path, patch):
             buf = io.BytesIO()
-            Image.fromarray(np.ascontiguousarray(rgb[y:y + patch, x:x + patch])).save(
-                buf, "JPEG", quality=95, subsampling=0)
+            tile.save(buf, "JPEG", quality=95, subsampling=0)
             pending.append((f"{i:07d}_{row:03d}_{col:03d}", (("jpg", buf.getvalue()),)))
             total += 1
             if len(pending) == shard_samples:
@@ -73,25 +87,6 @@ def plain_loop(paths: list[str], out: Path, patch: int, shard_samples: int) -> i
                 pending, shards = [], shards + 1
     if pending:
         write_tar(out / f"plain-{shards:06d}.tar", pending)
-    return total
-
-
-def plain_crop_loop(paths: list[str], out: Path, patch: int, shard_samples: int) -> int:
-    """``plain_loop`` cutting with Pillow (``crop`` of the decoded image, no numpy copies): the same
-    pixels and bytes, the cheapest cut this bench knows - the stricter floor."""
-    pending, shards, total = [], 0, 0
-    for i, path in enumerate(paths):
-        img = decode_rgb(path)
-        for row, col, y, x in patch_grid(img.height, img.width, patch):
-            buf = io.BytesIO()
-            img.crop((x, y, x + patch, y + patch)).save(buf, "JPEG", quality=95, subsampling=0)
-            pending.append((f"{i:07d}_{row:03d}_{col:03d}", (("jpg", buf.getvalue()),)))
-            total += 1
-            if len(pending) == shard_samples:
-                write_tar(out / f"crop-{shards:06d}.tar", pending)
-                pending, shards = [], shards + 1
-    if pending:
-        write_tar(out / f"crop-{shards:06d}.tar", pending)
     return total
 
 
@@ -123,7 +118,7 @@ def one_round(work: Path, sources: list[str], cfg: dict, n: int, mpix: float, pa
     out["plain"] = rates(common.now() - t, n, patches, mpix, 1, cpu_now() - c)
     t, c = common.now(), cpu_now()
     (work / "crop").mkdir()
-    assert plain_crop_loop(sources, work / "crop", cfg["patch_size"], cfg["shard_samples"]) == patches
+    assert plain_loop(sources, work / "crop", cfg["patch_size"], cfg["shard_samples"], pillow_cut) == patches
     out["plain_crop"] = rates(common.now() - t, n, patches, mpix, 1, cpu_now() - c)
     for workers in (1, 2):
         t, c = common.now(), cpu_now()
