@@ -149,7 +149,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--jpeg-quality", type=int, default=95)
     p.add_argument("--flat-block", type=int, default=16, help="cell side of the flat detector")
     p.add_argument("--flat-threshold", type=float, default=4.0,
-                   help="RMS luminance gradient (8-bit levels/pixel) below which a cell is flat")
+                   help="RMS gradient of the 8-bit luma (levels/pixel) below which a cell is flat")
     p.add_argument("--max-flat-frac", type=float, default=0.5,
                    help="drop a patch whose flat fraction exceeds this")
     p.add_argument("--min-sharpness", type=float, default=None,
