@@ -61,6 +61,10 @@ export MLFLOW_AUTH_CONFIG_PATH="$ROOT/basic_auth.ini"
 export MLFLOW_AUTH_ADMIN_PASSWORD="$MLFLOW_TRACKING_PASSWORD"
 MLFLOW_FLASK_SERVER_SECRET_KEY=$(cat "$ROOT/flask_secret_key")
 export MLFLOW_FLASK_SERVER_SECRET_KEY
+# MLflow 3 starts a job runner and seven huey consumers (up to 47 threads) for its GenAI jobs with
+# every server, and leaves their queue folder in /dev/shm at each stop; dyntrain runs none of those
+# jobs. Off unless the environment turns them on.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
 echo "tracking_server: MLflow with authentication on http://$HOST:$PORT (admin $MLFLOW_TRACKING_USERNAME), store in $ROOT"
 exec "$PY" -m mlflow server --app-name basic-auth --host "$HOST" --port "$PORT" \
     --backend-store-uri "${BACKEND:-sqlite:///$ROOT/mlflow.db}" --artifacts-destination "$ROOT/artifacts" \

@@ -254,12 +254,16 @@ def test_nan_loss_stops_with_step_and_variant_and_saves_nothing_after(tmp_path, 
     import urllib.error
     import urllib.request
 
+    import psutil
     from conftest import AuthMlflowServer
     from mlflow.tracking import MlflowClient
 
     server = AuthMlflowServer(tmp_path / "server")
     try:
         uri = server.uri
+        # the server alone: no MLflow job runner or huey consumers (and no queue left in /dev/shm)
+        kids = [" ".join(k.cmdline()) for k in psutil.Process(server.proc.pid).children(recursive=True)]
+        assert not [k for k in kids if "huey" in k or "_job_runner" in k], kids
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
         assert refused.value.code == 401
