@@ -68,6 +68,7 @@ def numpy_cut(path: str, patch: int) -> Iterator[tuple[int, int, Image.Image]]:
 def pillow_cut(path: str, patch: int) -> Iterator[tuple[int, int, Image.Image]]:
     """``decode_rgb``, then Pillow's ``crop`` per patch: the same pixels, no numpy copies."""
     img = decode_rgb(path)
+    img.info = {}  # as the builder: no source comment in the patches
     for row, col, y, x in patch_grid(img.height, img.width, patch):
         yield row, col, img.crop((x, y, x + patch, y + patch))
 

@@ -371,6 +371,12 @@ def test_builder_patches_equal_the_plain_reference(tmp_path, monkeypatch, patch_
                       ("grey.png", rng.integers(0, 256, (210, 205), dtype=np.uint8))):
         Image.fromarray(img).save(tmp_path / name)
         paths.append(str(tmp_path / name))
+    # a camera JPEG's metadata (a comment, an ICC profile, EXIF) must not follow the pixels
+    exif = Image.Exif()
+    exif[0x010F] = "a camera"
+    Image.fromarray(texture(rng, 220, 300)).save(tmp_path / "camera.jpg", quality=90, comment=b"a note",
+                                                 icc_profile=b"\0" * 300, exif=exif)
+    paths.append(str(tmp_path / "camera.jpg"))
     cfg = ShardBuildConfig(patch_size=patch_size, flat_block=block, max_flat_frac=0.3)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # init_worker sets it
     init_worker(cfg)

@@ -221,6 +221,7 @@ def process_image(task: tuple[int, str, dict]) -> dict[str, Any]:
     if img is None:
         result["status"] = "too_large"
         return result
+    img.info = {}  # the source's metadata (a JPEG comment above all) stays out of the patches
     w, h = img.size
     result["size"] = [w, h]
     grid = patch_grid(h, w, cfg.patch_size)
