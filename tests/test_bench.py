@@ -186,6 +186,7 @@ def test_train_step_bench_mfu_with_a_given_peak(tmp_path):
     assert r["mfu"] == pytest.approx(r["train_flops_per_step"] / r["step_s"] / 1e12)
 
 
+@pytest.mark.slow  # ~30 s (a 1-process engine, three phases): in the full tier, so the fast one stays under 6 min
 def test_dynamic_vs_separate_bench_cpu(tmp_path):
     # compiled blocks (a quick backend) and channels-last inside the DeepSpeed engine
     result, last = run_bench("dynamic_vs_separate.py", tmp_path, "--dim", "8", "--crop", "32",
