@@ -159,10 +159,10 @@ def step_times(paths: list[str], cfg: ShardBuildConfig, repeats: int) -> dict[st
     boxes = [[(x, y, x + p, y + p) for _r, _c, y, x in patch_grid(im.height, im.width, p)] for im in imgs]
     tiles = [[im.crop(b) for b in bx] for im, bx in zip(imgs, boxes)]
     lumas = [[np.asarray(t.convert("L")) for t in ts] for ts in tiles]
-    kept = [[t for t, lum in zip(ts, ls) if quality.flat_fraction(lum, cfg.flat_block, cfg.flat_threshold)
-             <= cfg.max_flat_frac] for ts, ls in zip(tiles, lumas)]
-    kept_l = [[lum for lum in ls if quality.flat_fraction(lum, cfg.flat_block, cfg.flat_threshold)
-               <= cfg.max_flat_frac] for ls in lumas]
+    keep = [[quality.flat_fraction(lum, cfg.flat_block, cfg.flat_threshold) <= cfg.max_flat_frac
+             for lum in ls] for ls in lumas]
+    kept = [[t for t, k in zip(ts, ks) if k] for ts, ks in zip(tiles, keep)]
+    kept_l = [[lum for lum, k in zip(ls, ks) if k] for ls, ks in zip(lumas, keep)]
     data = [[encode(t, "jpg", cfg.jpeg_quality, full_check=False) for t in ts] for ts in kept]
     samples = [(f"{i:07d}_{j:03d}", (("jpg", d), ("json", b'{"key": "0000000_000_000"}' * 8)))
                for i, ds in enumerate(data) for j, d in enumerate(ds)]

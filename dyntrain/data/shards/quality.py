@@ -163,12 +163,6 @@ def cell_gradient_energy(luma: np.ndarray | PatchLuma, block: int) -> np.ndarray
     return total
 
 
-def block_gradient_rms(luma: np.ndarray | PatchLuma, block: int) -> np.ndarray:
-    """(H, W) luma (or RGB) -> (H // block, W // block) RMS gradient per cell (differences inside
-    cells), in float64 from the exact sums."""
-    return np.sqrt(cell_gradient_energy(luma, block) / float(block * (block - 1)))
-
-
 @functools.lru_cache(maxsize=None)
 def flat_energy_bound(block: int, threshold: float) -> int:
     """The least integer energy that is not flat: rms < threshold <=> energy < this bound, exactly
@@ -268,7 +262,7 @@ class QualityFilter:
     def scores(self, rgb: Optional[np.ndarray], luma: Optional[np.ndarray] = None) -> dict[str, float]:
         """Built-in scores (from ``luma`` = ``luma8(rgb)`` when given) and the hook's (from
         ``rgb``, made contiguous; ``rgb`` may be None without a hook)."""
-        y = luma8(rgb) if luma is None else luma
+        y = _patch(luma8(rgb) if luma is None else luma)  # the differences shared by the scores
         out = {name: round(fn(y), 4) for name, fn in BUILTIN_SCORES.items()}
         if self.hook is not None:
             extra = self.hook(np.ascontiguousarray(rgb))

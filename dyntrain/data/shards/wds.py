@@ -56,7 +56,7 @@ class TarWritten:
 
 def write_tar(path: str | Path, samples: Iterable[Sample]) -> TarWritten:
     """Write a deterministic WebDataset tar: ``key.<component>`` per component, in order."""
-    lines: list[str] = []
+    lines: list[list[tuple[str, int, int, str]]] = []
     with open(path, "wb") as raw:
         out = _Hashing(raw)
         with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT,
@@ -69,12 +69,9 @@ def write_tar(path: str | Path, samples: Iterable[Sample]) -> TarWritten:
                     tf.addfile(info, io.BytesIO(payload))
                     # the member's data is the last ceil(size / 512) blocks written
                     data_at = tf.offset - -(-len(payload) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-                    line.append(f"{component} {data_at} {len(payload)} {info.name}")
-                lines.append(" ".join(line))
-    if not lines:
-        raise ValueError(f"{path}: empty shard")
-    index = "\n".join([f"{INDEX_VERSION} {len(lines)}", *lines]) + "\n"
-    return TarWritten(index, out.sha.hexdigest(), out.size)
+                    line.append((component, data_at, len(payload), info.name))
+                lines.append(line)
+    return TarWritten(_index_text(path, lines), out.sha.hexdigest(), out.size)
 
 
 def make_index(tar_path: str | Path) -> str:
@@ -95,6 +92,11 @@ def make_index(tar_path: str | Path) -> str:
                 samples.append([])
                 last = stem
             samples[-1].append((ext, m.offset_data, m.size, m.name))
+    return _index_text(tar_path, samples)
+
+
+def _index_text(tar_path: str | Path, samples: list[list[tuple[str, int, int, str]]]) -> str:
+    """The index of a tar's samples, each a list of (component, data offset, size, member name)."""
     if not samples:
         raise ValueError(f"{tar_path}: empty shard")
     lines = [f"{INDEX_VERSION} {len(samples)}"]
